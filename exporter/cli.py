@@ -1,0 +1,182 @@
+"""Command line: serve, once, check, generate, demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from exporter import __version__
+from exporter.config import ConfigError, Settings, load_settings
+from exporter.logs import redact, setup
+
+# Flags that map one-to-one onto settings; everything else is set in the file or environment.
+_SETTING_FLAGS: tuple[tuple[str, str, type, str], ...] = (
+    ("--dsn", "dsn", str, "PostgreSQL connection string (default: $DATABASE_URL)"),
+    ("--listen", "listen", str, "address to listen on (default 0.0.0.0)"),
+    ("--port", "port", int, "port to serve /metrics on (default 9853)"),
+    ("--interval", "interval_seconds", float, "seconds between refreshes (default 30)"),
+    ("--timezone", "timezone", str, "IANA zone whose calendar days define 'today' (default UTC)"),
+    ("--window-days", "window_days", int, "days in the rankings/provider/waste window (30)"),
+    ("--grace-hours", "grace_hours", float, "hours before an idle task may count as waste (6)"),
+    ("--max-quests", "max_quests", int, "quests that keep their own label (default 50)"),
+    ("--statement-timeout", "statement_timeout_seconds", float, "seconds per query (30)"),
+    ("--log-level", "log_level", str, "DEBUG, INFO, WARNING or ERROR (default INFO)"),
+)
+
+
+def _settings_parser() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--config", type=Path, metavar="FILE", help="YAML file of settings")
+    for flag, dest, kind, text in _SETTING_FLAGS:
+        parent.add_argument(flag, dest=dest, type=kind, default=None, help=text)
+    return parent
+
+
+def build_parser() -> argparse.ArgumentParser:
+    settings = _settings_parser()
+    parser = argparse.ArgumentParser(
+        prog="resource-exporter",
+        description="Export LLM spend, tokens, impact and waste of SciDEX to Prometheus.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", parents=[settings], help="refresh on an interval and serve /metrics")
+    sub.add_parser(
+        "once",
+        parents=[settings],
+        help="refresh once and print the exposition; exit 1 if a query failed",
+    )
+    sub.add_parser(
+        "check",
+        parents=[settings],
+        help="validate the configuration and the ledger contract of the database",
+    )
+    gen = sub.add_parser("generate", help="load a synthetic ledger into a database")
+    gen.add_argument("--dsn", required=True, help="PostgreSQL connection string")
+    gen.add_argument("--rows", type=int, required=True, help="number of cost_ledger rows")
+    gen.add_argument("--seed", type=int, default=7, help="random seed (default 7)")
+    gen.add_argument("--days", type=int, default=30, help="days of history (default 30)")
+    gen.add_argument(
+        "--end",
+        type=datetime.fromisoformat,
+        default=None,
+        help="timestamp of the newest row, ISO 8601 (default: now)",
+    )
+    demo = sub.add_parser(
+        "demo",
+        parents=[settings],
+        help="embedded PostgreSQL + synthetic ledger + live spend + /metrics",
+    )
+    demo.add_argument("--rows", type=int, default=200_000, help="ledger size (default 200000)")
+    demo.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="keep the demo database here (default: a temporary directory)",
+    )
+    demo.add_argument(
+        "--append-every",
+        type=float,
+        default=5.0,
+        help="seconds between batches of new spend (default 5)",
+    )
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    flags = {dest: getattr(args, dest) for _, dest, _, _ in _SETTING_FLAGS}
+    return load_settings(flags, config_file=args.config)
+
+
+def _serve(settings: Settings) -> int:
+    from exporter.service import Exporter
+
+    settings.dsn_value()
+    Exporter(settings).run_until_signal()
+    return 0
+
+
+def _once(settings: Settings) -> int:
+    from exporter.refresh import Refresher
+
+    settings.dsn_value()
+    refresher = Refresher(settings)
+    ok = refresher.refresh()
+    refresher.close()
+    sys.stdout.buffer.write(refresher.snapshot.text)
+    return 0 if ok else 1
+
+
+def _check(settings: Settings) -> int:
+    from exporter.contract import check_relations
+
+    print("configuration: ok")
+    try:
+        with psycopg.connect(
+            settings.dsn_value(), connect_timeout=settings.connect_timeout_seconds
+        ) as conn:
+            problems = check_relations(conn)
+    except psycopg.Error as exc:
+        print(f"database: cannot connect: {redact(str(exc).strip())}", file=sys.stderr)
+        return 1
+    for problem in problems:
+        print(f"ledger contract: {problem}", file=sys.stderr)
+    if not problems:
+        print("ledger contract: ok")
+    return 1 if problems else 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from exporter import generate
+
+    if args.rows < 0:
+        raise ConfigError("--rows must be >= 0")
+    with psycopg.connect(args.dsn, autocommit=True) as conn:
+        progress = generate.Progress(args.rows) if args.rows >= 100_000 else None
+        p = generate.load(
+            conn,
+            args.rows,
+            seed=args.seed,
+            end=args.end,
+            days=args.days,
+            progress=progress.update if progress else None,
+        )
+    print(f"loaded {args.rows:,} cost rows, {len(p.tasks):,} tasks, {len(p.quests)} quests")
+    return 0
+
+
+def _demo(args: argparse.Namespace, settings: Settings) -> int:
+    from exporter import demo
+
+    demo.run(settings, args.rows, args.data_dir, args.append_every)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the process exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            setup("INFO")
+            return _generate(args)
+        settings = _settings(args)
+        setup(settings.log_level)
+        handlers: dict[str, Any] = {
+            "serve": lambda: _serve(settings),
+            "once": lambda: _once(settings),
+            "check": lambda: _check(settings),
+            "demo": lambda: _demo(args, settings),
+        }
+        return int(handlers[args.command]())
+    except ConfigError as exc:
+        print(f"resource-exporter: {exc}", file=sys.stderr)
+        return 2
+    except psycopg.Error as exc:
+        print(f"resource-exporter: database error: {redact(str(exc).strip())}", file=sys.stderr)
+        return 1

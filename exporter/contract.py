@@ -1,0 +1,84 @@
+"""The ledger contract: relations, columns and accepted types, and a check of a live database.
+
+Users map their own tables through views, so types are checked by family (any integer type
+where the DDL says bigint, any text type where it says text), not by exact name.
+"""
+
+from __future__ import annotations
+
+from importlib.resources import files
+from typing import Any
+
+import psycopg
+
+INTEGER = ("bigint", "integer", "smallint", "numeric")
+NUMBER = ("numeric", "double precision", "real", "bigint", "integer", "smallint")
+TEXT = ("text", "character varying", "character")
+TIMESTAMPTZ = ("timestamp with time zone",)
+DATE = ("date",)
+
+CONTRACT: dict[str, dict[str, tuple[str, ...]]] = {
+    "cost_ledger": {
+        "id": INTEGER,
+        "ts": TIMESTAMPTZ,
+        "task_id": TEXT,
+        "quest": TEXT,
+        "layer": TEXT,
+        "provider": TEXT,
+        "model": TEXT,
+        "input_tokens": INTEGER,
+        "output_tokens": INTEGER,
+        "cost_usd": NUMBER,
+    },
+    "impact_ledger": {
+        "task_id": TEXT,
+        "title": TEXT,
+        "quest": TEXT,
+        "layer": TEXT,
+        "impact_score": NUMBER,
+        "measured_at": TIMESTAMPTZ,
+    },
+    "quest_budget_allocations": {
+        "quest": TEXT,
+        "day": DATE,
+        "allocated_usd": NUMBER,
+    },
+}
+
+_COLUMNS = """
+    SELECT a.attname AS name, format_type(a.atttypid, NULL) AS type
+    FROM pg_attribute a
+    WHERE a.attrelid = %(oid)s AND a.attnum > 0 AND NOT a.attisdropped
+"""
+
+
+def schema_sql() -> str:
+    """Return the DDL that creates the contract's tables and indexes."""
+    return files("exporter").joinpath("sql/schema.sql").read_text(encoding="utf-8")
+
+
+def check_relations(conn: psycopg.Connection[Any]) -> list[str]:
+    """Return one message per contract violation; an empty list means the ledger conforms."""
+    problems: list[str] = []
+    for relation, columns in CONTRACT.items():
+        row = conn.execute(
+            "SELECT to_regclass(%(r)s)::oid AS oid,"
+            " CASE WHEN to_regclass(%(r)s) IS NOT NULL"
+            " THEN has_table_privilege(to_regclass(%(r)s), 'SELECT') END AS readable",
+            {"r": relation},
+        ).fetchone()
+        oid, readable = (row[0], row[1]) if row else (None, None)
+        if oid is None:
+            problems.append(f"{relation}: relation does not exist (create it or a view)")
+            continue
+        if not readable:
+            problems.append(f"{relation}: the exporter's role has no SELECT privilege on it")
+        found = {r[0]: r[1] for r in conn.execute(_COLUMNS, {"oid": oid}).fetchall()}
+        for column, accepted in columns.items():
+            if column not in found:
+                problems.append(f"{relation}.{column}: column is missing")
+            elif found[column] not in accepted:
+                problems.append(
+                    f"{relation}.{column}: type {found[column]} is not one of {', '.join(accepted)}"
+                )
+    return problems

@@ -1,0 +1,324 @@
+"""A deterministic, realistic synthetic ledger, loaded with COPY.
+
+Shapes that matter for the dashboards are deliberate: ~40 quests with Zipf-skewed budgets, five
+layers, the platform's provider strings plus unknown ones, heavy-tailed task sizes, zero-cost
+subscription calls, tasks that are still running or were never measured, and wasteful tasks.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from typing import Any, TextIO
+
+import psycopg
+
+from exporter.contract import schema_sql
+
+LAYERS = ("Agora", "Exchange", "Forge", "Atlas", "Senate")
+LAYER_WEIGHTS = (0.25, 0.15, 0.35, 0.15, 0.10)
+
+_TOPICS = (
+    "protein-folding",
+    "drug-repurposing",
+    "crispr-screens",
+    "climate-models",
+    "battery-cathodes",
+    "dark-matter",
+    "sepsis-biomarkers",
+    "gut-microbiome",
+    "alzheimers-tau",
+    "perovskite-cells",
+    "fusion-plasma",
+    "antibiotic-discovery",
+    "quantum-error",
+    "soil-carbon",
+    "malaria-vaccine",
+    "exoplanet-atmos",
+    "graphene-membranes",
+    "cancer-neoantigens",
+    "ocean-acidification",
+    "enzyme-design",
+    "long-covid",
+    "room-temp-superconductors",
+    "coral-bleaching",
+    "mrna-stability",
+    "wildfire-spread",
+    "parkinsons-alpha-syn",
+    "catalyst-screening",
+    "sleep-genetics",
+    "seismic-forecast",
+    "photosynthesis-boost",
+    "aging-clocks",
+    "hydrogen-storage",
+    "rare-disease-dx",
+    "materials-discovery",
+    "pandemic-surveillance",
+    "neural-decoding",
+    "crop-drought",
+    "plastic-degradation",
+    "autism-genomics",
+    "lithium-extraction",
+)
+
+# (raw provider string, model, weight, USD per 1M input tokens, USD per 1M output tokens).
+# Subscription plans (max, codex) log cost 0 with real tokens.
+PROVIDERS: tuple[tuple[str, str | None, float, float, float], ...] = (
+    ("max/claude-opus-4", "claude-opus-4", 0.12, 0.0, 0.0),
+    ("max/claude-sonnet-4", "claude-sonnet-4", 0.10, 0.0, 0.0),
+    ("codex:gpt-5-codex", "gpt-5-codex", 0.12, 0.0, 0.0),
+    ("bedrock/us.anthropic.claude-sonnet-4", "claude-sonnet-4", 0.22, 3.0, 15.0),
+    ("bedrock/us.anthropic.claude-opus-4", "claude-opus-4", 0.06, 15.0, 75.0),
+    ("MiniMax-M2", "MiniMax-M2", 0.14, 0.3, 1.2),
+    ("glm-4.6", "glm-4.6", 0.12, 0.6, 2.2),
+    ("openrouter/deepseek-v3.1", "deepseek-v3.1", 0.05, 0.27, 1.1),
+    ("local/llama-3.1-70b", "llama-3.1-70b", 0.04, 0.05, 0.05),
+    ("together:qwen3-coder", None, 0.03, 0.4, 1.6),
+)
+
+MIN_DAILY_BUDGET_USD = 5.0
+COPY_COST = (
+    "COPY cost_ledger (ts, task_id, quest, layer, provider, model, input_tokens, output_tokens,"
+    " cost_usd) FROM STDIN"
+)
+
+
+@dataclass(frozen=True)
+class Quest:
+    name: str
+    weight: float
+
+
+@dataclass
+class Task:
+    task_id: str
+    quest: str
+    layer: str
+    providers: list[int]
+    start: datetime
+    calls: int
+    wasteful: bool
+    last_ts: datetime | None = None
+    cost: float = 0.0
+    tokens: int = 0
+
+
+@dataclass
+class LedgerPlan:
+    """What one seeded generation will produce."""
+
+    seed: int
+    rows: int
+    end: datetime
+    days: int
+    quests: list[Quest] = field(default_factory=list)
+    tasks: list[Task] = field(default_factory=list)
+
+
+def plan(rows: int, *, seed: int = 7, end: datetime | None = None, days: int = 30) -> LedgerPlan:
+    """Decide quests and tasks (and their call counts, summing to ``rows``)."""
+    rng = random.Random(seed)
+    end = (end or datetime.now(UTC)).astimezone(UTC)
+    quests = [Quest(f"q-{topic}", 1.0 / (i + 1) ** 1.1) for i, topic in enumerate(_TOPICS)]
+    weights = [q.weight for q in quests]
+    p = LedgerPlan(seed=seed, rows=rows, end=end, days=days, quests=quests)
+    remaining, n = rows, 0
+    span = days * 86400.0
+    while remaining > 0:
+        # Heavy tail: most tasks make a handful of calls, a few make hundreds.
+        calls = min(remaining, max(1, int(rng.paretovariate(1.3) * 6)))
+        quest = rng.choices(quests, weights)[0].name
+        primary = rng.choices(range(len(PROVIDERS)), [x[2] for x in PROVIDERS])[0]
+        providers = [primary] if rng.random() < 0.8 else [primary, rng.randrange(len(PROVIDERS))]
+        p.tasks.append(
+            Task(
+                task_id=f"t-{seed}-{n:07d}",
+                quest=quest,
+                layer=rng.choices(LAYERS, LAYER_WEIGHTS)[0],
+                providers=providers,
+                start=end - timedelta(seconds=rng.random() * span),
+                calls=calls,
+                wasteful=rng.random() < 0.12,
+            )
+        )
+        remaining -= calls
+        n += 1
+    return p
+
+
+def cost_rows(p: LedgerPlan) -> Iterator[tuple[Any, ...]]:
+    """Yield (ts, task_id, quest, layer, provider, model, input, output, cost) rows."""
+    rng = random.Random(p.seed + 1)
+    for t in p.tasks:
+        ts = t.start
+        scale = 4.0 if t.wasteful else 1.0
+        for _ in range(t.calls):
+            ts = min(ts + timedelta(seconds=rng.expovariate(1 / 90)), p.end)
+            raw, model, _, price_in, price_out = PROVIDERS[rng.choice(t.providers)]
+            tokens_in = int(rng.lognormvariate(8.0, 1.0) * scale)
+            tokens_out = int(rng.lognormvariate(6.5, 1.1) * scale)
+            cost = round((tokens_in * price_in + tokens_out * price_out) / 1e6, 6)
+            t.last_ts, t.cost, t.tokens = ts, t.cost + cost, t.tokens + tokens_in + tokens_out
+            yield (ts, t.task_id, t.quest, t.layer, raw, model, tokens_in, tokens_out, cost)
+
+
+def impact_rows(p: LedgerPlan) -> Iterator[tuple[Any, ...]]:
+    """Yield (task_id, title, quest, layer, impact_score, measured_at) for measured tasks.
+
+    Call after ``cost_rows`` has been consumed: recent tasks are still running (no row).
+    """
+    rng = random.Random(p.seed + 2)
+    for t in p.tasks:
+        if t.last_ts is None or t.last_ts > p.end - timedelta(hours=4) or rng.random() < 0.2:
+            continue  # still running, or never measured
+        if rng.random() < 0.05:
+            score = None  # measurement pending
+        elif t.wasteful:
+            score = round(rng.random() * 0.5, 4)
+        else:
+            score = round(rng.lognormvariate(0.3, 1.0), 4)
+        title = f"{t.quest.removeprefix('q-').replace('-', ' ')} #{t.task_id[-5:]}"
+        yield (t.task_id, title, t.quest, t.layer, score, t.last_ts + timedelta(minutes=30))
+
+
+def budget_rows(p: LedgerPlan) -> Iterator[tuple[str, date, float]]:
+    """Yield (quest, day, allocated_usd) for every quest and day of the ledger, today included.
+
+    Budgets follow each quest's generated spend with a quest-specific slack between 0.6x and
+    1.5x, so some quests run over budget and others leave money on the table. Call after
+    ``cost_rows`` has been consumed.
+    """
+    rng = random.Random(p.seed + 3)
+    spend: dict[str, float] = {q.name: 0.0 for q in p.quests}
+    for t in p.tasks:
+        spend[t.quest] += t.cost
+    last = p.end.date()
+    for q in p.quests:
+        base = max(MIN_DAILY_BUDGET_USD, spend[q.name] / max(p.days, 1) * rng.uniform(0.6, 1.5))
+        for d in range(p.days + 1):
+            day = last - timedelta(days=p.days - d)
+            yield (q.name, day, round(base * rng.uniform(0.9, 1.1), 2))
+
+
+def create_schema(conn: psycopg.Connection[Any]) -> None:
+    """Create the contract's tables and indexes if they do not exist."""
+    conn.execute(schema_sql())  # type: ignore[arg-type]
+
+
+class Progress:
+    """A progress bar on a terminal; a line every 10% otherwise."""
+
+    def __init__(self, total: int, stream: TextIO = sys.stderr, label: str = "rows") -> None:
+        self.total, self.stream, self.label = total, stream, label
+        self.tty = stream.isatty()
+        self._shown = -1
+
+    def update(self, done: int) -> None:
+        pct = int(100 * done / self.total) if self.total else 100
+        step = pct if self.tty else pct // 10 * 10
+        if step == self._shown:
+            return
+        self._shown = step
+        bar = "#" * (pct // 4)
+        end = "\r" if self.tty and done < self.total else "\n"
+        self.stream.write(f"[{bar:<25}] {pct:3d}% {done:,}/{self.total:,} {self.label}{end}")
+        self.stream.flush()
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return r"\N"
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return str(value)
+
+
+def load(
+    conn: psycopg.Connection[Any],
+    rows: int,
+    *,
+    seed: int = 7,
+    end: datetime | None = None,
+    days: int = 30,
+    progress: Callable[[int], None] | None = None,
+) -> LedgerPlan:
+    """Create the schema and load a generated ledger with ``rows`` cost rows, in one transaction."""
+    p = plan(rows, seed=seed, end=end, days=days)
+    with conn.transaction(), conn.cursor() as cur:
+        create_schema(conn)
+        with cur.copy(COPY_COST) as copy:
+            chunk: list[str] = []
+            for i, row in enumerate(cost_rows(p), 1):
+                chunk.append("\t".join(map(_text, row)))
+                if len(chunk) == 20000:
+                    copy.write("\n".join(chunk) + "\n")
+                    chunk.clear()
+                    if progress:
+                        progress(i)
+            if chunk:
+                copy.write("\n".join(chunk) + "\n")
+        if progress:
+            progress(rows)
+        with cur.copy(
+            "COPY impact_ledger (task_id, title, quest, layer, impact_score,"
+            " measured_at) FROM STDIN"
+        ) as copy:
+            for row in impact_rows(p):
+                copy.write_row(row)
+        cur.executemany(
+            "INSERT INTO quest_budget_allocations (quest, day, allocated_usd) VALUES (%s, %s, %s)"
+            " ON CONFLICT (quest, day) DO UPDATE SET allocated_usd = EXCLUDED.allocated_usd",
+            list(budget_rows(p)),
+        )
+    conn.execute("ANALYZE cost_ledger")
+    conn.execute("ANALYZE impact_ledger")
+    return p
+
+
+class LiveTraffic:
+    """Append new spend to a loaded ledger so the demo's numbers move."""
+
+    def __init__(self, p: LedgerPlan, seed: int = 11) -> None:
+        self.rng = random.Random(seed)
+        self.plan = p
+        self.active: list[Task] = []
+        self.serial = 0
+
+    def batch(self, now: datetime, calls: int = 25) -> list[tuple[Any, ...]]:
+        """Return ``calls`` rows at ``now``: some tasks continue, some start."""
+        rng, out = self.rng, []
+        weights = [q.weight for q in self.plan.quests]
+        for _ in range(calls):
+            if not self.active or rng.random() < 0.15:
+                self.serial += 1
+                self.active.append(
+                    Task(
+                        task_id=f"live-{self.plan.seed}-{self.serial:06d}",
+                        quest=rng.choices(self.plan.quests, weights)[0].name,
+                        layer=rng.choices(LAYERS, LAYER_WEIGHTS)[0],
+                        providers=[
+                            rng.choices(range(len(PROVIDERS)), [x[2] for x in PROVIDERS])[0]
+                        ],
+                        start=now,
+                        calls=0,
+                        wasteful=False,
+                    )
+                )
+                self.active = self.active[-30:]
+            t = rng.choice(self.active)
+            raw, model, _, price_in, price_out = PROVIDERS[t.providers[0]]
+            tokens_in = int(rng.lognormvariate(8.0, 1.0))
+            tokens_out = int(rng.lognormvariate(6.5, 1.1))
+            cost = round((tokens_in * price_in + tokens_out * price_out) / 1e6, 6)
+            out.append((now, t.task_id, t.quest, t.layer, raw, model, tokens_in, tokens_out, cost))
+        return out
+
+    def append(self, conn: psycopg.Connection[Any], now: datetime) -> int:
+        rows = self.batch(now)
+        with conn.transaction(), conn.cursor() as cur, cur.copy(COPY_COST) as copy:
+            for row in rows:
+                copy.write_row(row)
+        return len(rows)

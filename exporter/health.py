@@ -1,0 +1,71 @@
+"""The exporter's own health: per-query outcomes, refresh counters and timestamps.
+
+Totals and failures are separate families (never a status label), so ``rate()`` works on each.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass, field
+
+from prometheus_client.metrics_core import Metric as Family
+
+from exporter import __version__
+from exporter import catalog as c
+from exporter.families import LedgerFamilies, family_of, new_family
+
+
+@dataclass
+class QueryHealth:
+    """Outcome of one named query, across refreshes."""
+
+    success: bool = False
+    duration: float = 0.0
+    last_success: float | None = None
+    errors: int = 0
+
+
+@dataclass
+class Health:
+    """Everything the exporter reports about itself."""
+
+    interval: float
+    queries: dict[str, QueryHealth]
+    refreshes: int = 0
+    failures: int = 0
+    skipped: int = 0
+    refresh_duration: float = 0.0
+    last_refresh: float | None = None
+    last_success: float | None = None
+    database_up: bool = False
+    ledger: LedgerFamilies = field(default_factory=LedgerFamilies)
+
+    def families(self) -> list[Family]:
+        """Build the health families of the current state."""
+        info = new_family(c.BUILD_INFO)
+        info.add_metric([], {"version": __version__, "python_version": platform.python_version()})
+        qs = sorted(self.queries.items())
+        fams = [
+            info,
+            family_of(c.QUERY_SUCCESS, {(n,): float(h.success) for n, h in qs}),
+            family_of(c.QUERY_DURATION, {(n,): h.duration for n, h in qs}),
+            family_of(
+                c.QUERY_LAST_SUCCESS,
+                {(n,): h.last_success for n, h in qs if h.last_success is not None},
+            ),
+            family_of(c.QUERY_ERRORS, {(n,): float(h.errors) for n, h in qs}),
+            family_of(c.REFRESHES, {(): float(self.refreshes)}),
+            family_of(c.REFRESH_FAILURES, {(): float(self.failures)}),
+            family_of(c.REFRESH_SKIPPED, {(): float(self.skipped)}),
+            family_of(c.REFRESH_DURATION, {(): self.refresh_duration}),
+            family_of(c.REFRESH_INTERVAL, {(): self.interval}),
+            family_of(c.DATABASE_UP, {(): float(self.database_up)}),
+            family_of(c.FOLDED_LABELS, {(k,): float(v) for k, v in self.ledger.folded.items()}),
+            family_of(c.CLEANED_LABELS, {(k,): float(v) for k, v in self.ledger.cleaned.items()}),
+            family_of(c.SERIES, {(): float(self.ledger.series)}),
+        ]
+        if self.last_refresh is not None:
+            fams.append(family_of(c.LAST_REFRESH, {(): self.last_refresh}))
+        if self.last_success is not None:
+            fams.append(family_of(c.LAST_SUCCESS, {(): self.last_success}))
+        return fams

@@ -1,0 +1,169 @@
+"""Every SQL statement the exporter runs against the ledger, in refresh order.
+
+Each query is set-based and feeds one group of metric families from one scan. Values always
+travel as bind parameters; the only composition here is of constant fragments below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Why a cost_ledger row is left out of every sum, tested in this order; a row that passes all
+# checks is valid. NaN compares greater than every number in PostgreSQL, hence its own test.
+COST_ROW_CHECKS: tuple[tuple[str, str], ...] = (
+    ("null_timestamp", "c.ts IS NULL"),
+    ("null_cost", "c.cost_usd IS NULL"),
+    ("nan_cost", "c.cost_usd = 'NaN'"),
+    ("negative_cost", "c.cost_usd < 0"),
+    ("infinite_cost", "c.cost_usd = 'Infinity'"),
+    (
+        "invalid_tokens",
+        "c.input_tokens IS NULL OR c.output_tokens IS NULL"
+        " OR c.input_tokens < 0 OR c.output_tokens < 0",
+    ),
+)
+_EXCLUSION_REASON = (
+    "CASE " + " ".join(f"WHEN {test} THEN '{reason}'" for reason, test in COST_ROW_CHECKS) + " END"
+)
+
+_VALID = f"({_EXCLUSION_REASON}) IS NULL"
+
+# Tokens are summed as numeric: two counts near the bigint limit must not overflow.
+_TOKENS = "(c.input_tokens::numeric + c.output_tokens)"
+
+# A task is in the window when its latest valid row is, i.e. when any valid row is.
+_RECENT_TASKS = f"""
+    recent AS (
+        SELECT DISTINCT c.task_id
+        FROM cost_ledger c
+        WHERE c.ts >= %(window_start)s AND {_VALID}
+    )"""
+
+
+@dataclass(frozen=True)
+class Query:
+    """A named statement; the name is the ``query`` label of the health metrics."""
+
+    name: str
+    sql: str
+
+
+SPEND_TOTALS = Query(
+    "spend_totals",
+    f"""
+    WITH rows AS (
+        SELECT c.quest, c.layer, c.provider, c.ts, c.cost_usd, c.input_tokens, c.output_tokens,
+               {_EXCLUSION_REASON} AS reason
+        FROM cost_ledger c
+    )
+    SELECT quest, layer, provider, reason,
+           count(*) AS calls,
+           sum(cost_usd) FILTER (WHERE reason IS NULL) AS cost,
+           sum(input_tokens) FILTER (WHERE reason IS NULL) AS input_tokens,
+           sum(output_tokens) FILTER (WHERE reason IS NULL) AS output_tokens,
+           sum(cost_usd) FILTER (WHERE reason IS NULL AND ts >= %(window_start)s) AS cost_window,
+           sum(cost_usd) FILTER (WHERE reason IS NULL AND ts >= %(today_start)s) AS cost_today,
+           max(ts) FILTER (WHERE reason IS NULL) AS last_ts
+    FROM rows
+    GROUP BY quest, layer, provider, reason
+    """,
+)
+
+BUDGET_TODAY = Query(
+    "budget_today",
+    """
+    SELECT b.quest,
+           sum(b.allocated_usd) FILTER (WHERE b.allocated_usd >= 0
+                                        AND b.allocated_usd < 'Infinity') AS allocated,
+           count(*) FILTER (WHERE b.allocated_usd IS NULL OR NOT (b.allocated_usd >= 0
+                                        AND b.allocated_usd < 'Infinity')) AS excluded
+    FROM quest_budget_allocations b
+    WHERE b.day = %(today)s
+    GROUP BY b.quest
+    """,
+)
+
+# Rankings, waste and per-quest impact share one per-task aggregate. Ties break on task_id in
+# byte order (COLLATE "C") so the ranking does not depend on the server's locale.
+WINDOW_TASKS = Query(
+    "window_tasks",
+    f"""
+    WITH {_RECENT_TASKS},
+    tasks AS (
+        SELECT c.task_id,
+               (array_agg(c.quest ORDER BY c.ts DESC, c.id DESC))[1] AS quest,
+               (array_agg(c.layer ORDER BY c.ts DESC, c.id DESC))[1] AS layer,
+               sum(c.cost_usd) AS cost,
+               sum({_TOKENS}) AS tokens,
+               max(c.ts) AS last_ts
+        FROM cost_ledger c JOIN recent USING (task_id)
+        WHERE {_VALID}
+        GROUP BY c.task_id
+    ),
+    scored AS (
+        SELECT t.*,
+               (SELECT CASE WHEN i.impact_score IN ('NaN', 'Infinity', '-Infinity') THEN NULL
+                            ELSE i.impact_score END
+                FROM impact_ledger i
+                WHERE i.task_id = t.task_id
+                ORDER BY i.measured_at DESC NULLS LAST
+                LIMIT 1) AS impact
+        FROM tasks t
+    ),
+    wasted AS (
+        SELECT * FROM scored
+        WHERE tokens > %(waste_min_tokens)s
+          AND (impact IS NULL OR impact <= %(waste_max_impact)s)
+          AND last_ts < %(grace_cutoff)s
+    )
+    (SELECT 'efficiency' AS kind, task_id, quest, layer, cost, tokens, impact, 1::bigint AS tasks
+     FROM scored
+     WHERE cost > 0 AND impact > 0
+     ORDER BY impact / cost::float8 DESC, task_id COLLATE "C"
+     LIMIT %(top_efficiency)s)
+    UNION ALL
+    (SELECT 'waste', task_id, quest, layer, cost, tokens, impact, 1
+     FROM wasted
+     ORDER BY tokens DESC, task_id COLLATE "C"
+     LIMIT %(top_waste)s)
+    UNION ALL
+    SELECT 'waste_total', NULL, quest, layer, sum(cost), sum(tokens), NULL, count(*)
+    FROM wasted
+    GROUP BY quest, layer
+    UNION ALL
+    SELECT 'quest', NULL, quest, NULL, sum(cost), sum(tokens), sum(impact), count(*)
+    FROM scored
+    GROUP BY quest
+    """,
+)
+
+# Provider families come from Python regex rules; the raw -> family map travels as two arrays.
+PROVIDERS = Query(
+    "providers",
+    f"""
+    WITH {_RECENT_TASKS},
+    families AS (
+        SELECT * FROM unnest(%(raw_providers)s::text[], %(families)s::text[]) AS f(provider, family)
+    )
+    SELECT coalesce(f.family, %(other)s) AS family,
+           sum(c.cost_usd) AS cost,
+           count(DISTINCT c.task_id) AS tasks,
+           sum({_TOKENS}) AS tokens
+    FROM cost_ledger c
+    JOIN recent USING (task_id)
+    LEFT JOIN families f ON f.provider = c.provider
+    WHERE {_VALID}
+    GROUP BY 1
+    """,
+)
+
+ALL_QUERIES: tuple[Query, ...] = (SPEND_TOTALS, BUDGET_TODAY, WINDOW_TASKS, PROVIDERS)
+
+EXCLUSION_REASONS: tuple[tuple[str, str], ...] = (
+    *(("cost_ledger", reason) for reason, _ in COST_ROW_CHECKS),
+    ("quest_budget_allocations", "invalid_allocation"),
+)
+"""Every (relation, reason) the excluded-rows family reports, zeros included."""
+
+QUERY_OF_RELATION = {"cost_ledger": SPEND_TOTALS, "quest_budget_allocations": BUDGET_TODAY}
+"""The query that counts each relation's excluded rows."""

@@ -1,0 +1,211 @@
+"""Run the ledger queries and publish a new snapshot; scrapes never touch the database.
+
+One refresh is one REPEATABLE READ, READ ONLY transaction, so every family describes the same
+instant of the ledger. Each query runs under its own savepoint: one failing query keeps its last
+good rows and does not stop the others.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import psycopg
+from psycopg.rows import namedtuple_row
+
+from exporter import queries as q
+from exporter.config import Settings
+from exporter.families import build_ledger, provider_params
+from exporter.health import Health, QueryHealth
+from exporter.labels import ProviderFamilies
+from exporter.logs import error_fields, event
+from exporter.snapshot import Snapshot
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Instants:
+    """The boundaries one refresh computes its windows from."""
+
+    now: datetime
+    today: date
+    today_start: datetime
+    window_start: datetime
+    grace_cutoff: datetime
+
+    @classmethod
+    def at(cls, now: datetime, settings: Settings) -> Instants:
+        local = now.astimezone(settings.zone)
+        midnight = datetime.combine(local.date(), datetime.min.time(), settings.zone)
+        return cls(
+            now=now,
+            today=local.date(),
+            today_start=midnight.astimezone(UTC),
+            window_start=now - timedelta(days=settings.window_days),
+            grace_cutoff=now - timedelta(hours=settings.grace_hours),
+        )
+
+
+def connect(settings: Settings) -> psycopg.Connection[Any]:
+    """Open a read-only session with the exporter's timeouts."""
+    conn = psycopg.connect(
+        settings.dsn_value(),
+        connect_timeout=settings.connect_timeout_seconds,
+        fallback_application_name="resource-exporter",
+        row_factory=namedtuple_row,
+    )
+    try:
+        conn.execute(
+            "SELECT set_config('default_transaction_read_only', 'on', false) AS read_only,"
+            " set_config('statement_timeout', %s, false) AS statement_timeout,"
+            " set_config('TimeZone', 'UTC', false) AS timezone",
+            [f"{int(settings.statement_timeout_seconds * 1000)}ms"],
+        )
+        conn.commit()
+        conn.read_only = True
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+class Refresher:
+    """Owns the database session, the last good rows per query, and the current snapshot."""
+
+    def __init__(self, settings: Settings, clock: Any = time.time) -> None:
+        self.settings = settings
+        self.providers = ProviderFamilies(settings.providers)
+        self._clock = clock
+        self._conn: psycopg.Connection[Any] | None = None
+        self._running = threading.Lock()
+        self._rows: dict[str, list[Any]] = {}
+        self.health = Health(
+            interval=settings.interval_seconds,
+            queries={query.name: QueryHealth() for query in q.ALL_QUERIES},
+        )
+        self.snapshot = Snapshot.of(self.health.families())
+
+    def refresh(self, now: datetime | None = None) -> bool:
+        """Run every query once and publish a snapshot; return True if all succeeded.
+
+        A call made while another refresh runs returns False at once and is counted as skipped.
+        """
+        if not self._running.acquire(blocking=False):
+            self.health.skipped += 1
+            event(log, logging.WARNING, "refresh skipped: the previous refresh is still running")
+            return False
+        try:
+            return self._refresh(now or datetime.fromtimestamp(self._clock(), UTC))
+        finally:
+            self._running.release()
+
+    def _refresh(self, now: datetime) -> bool:
+        started = time.perf_counter()
+        instants = Instants.at(now, self.settings)
+        ok = self._run_all(instants)
+        h = self.health
+        h.refreshes += 1
+        h.failures += 0 if ok else 1
+        h.refresh_duration = time.perf_counter() - started
+        h.last_refresh = self._clock()
+        if ok:
+            h.last_success = h.last_refresh
+        h.ledger = build_ledger(self._rows, self.settings, self.providers)
+        self.snapshot = Snapshot.of(h.ledger.families + h.families())
+        return ok
+
+    def _run_all(self, instants: Instants) -> bool:
+        for health in self.health.queries.values():
+            health.success = False
+        try:
+            conn = self._connection()
+        except (psycopg.Error, OSError) as exc:
+            self._fail_all(exc)
+            return False
+        ok = True
+        try:
+            with conn.transaction():
+                for query in q.ALL_QUERIES:
+                    ok &= self._run(conn, query, instants)
+        except psycopg.Error as exc:
+            if not conn.broken:
+                raise
+            # The connection itself broke: every query not yet recorded failed with it.
+            self._drop_connection()
+            self._fail_all(exc)
+            return False
+        return ok
+
+    def _run(self, conn: psycopg.Connection[Any], query: q.Query, instants: Instants) -> bool:
+        health = self.health.queries[query.name]
+        started = time.perf_counter()
+        try:
+            with conn.transaction(), conn.cursor() as cur:
+                cur.execute(query.sql, self._params(query, instants))
+                rows = cur.fetchall()
+        except psycopg.Error as exc:
+            health.duration = time.perf_counter() - started
+            if conn.broken:
+                raise
+            health.errors += 1
+            event(log, logging.ERROR, "query failed", query=query.name, **error_fields(exc))
+            return False
+        health.duration = time.perf_counter() - started
+        health.success = True
+        health.last_success = self._clock()
+        self._rows[query.name] = rows
+        return True
+
+    def _params(self, query: q.Query, instants: Instants) -> dict[str, Any]:
+        s = self.settings
+        params: dict[str, Any] = {
+            "today": instants.today,
+            "today_start": instants.today_start,
+            "window_start": instants.window_start,
+            "grace_cutoff": instants.grace_cutoff,
+            "waste_min_tokens": s.waste_min_tokens,
+            "waste_max_impact": s.waste_max_impact,
+            "top_efficiency": s.top_efficiency_tasks,
+            "top_waste": s.top_waste_tasks,
+        }
+        if query is q.PROVIDERS:
+            params |= provider_params(self._rows.get(q.SPEND_TOTALS.name, ()), self.providers)
+        return params
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        if self._conn is None or self._conn.closed:
+            self._conn = connect(self.settings)
+        self.health.database_up = True
+        return self._conn
+
+    def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    def _fail_all(self, exc: BaseException) -> None:
+        """Count a failure for every query that has not succeeded in this refresh."""
+        self.health.database_up = False
+        event(log, logging.ERROR, "database unavailable", **error_fields(exc))
+        for health in self.health.queries.values():
+            if not health.success:
+                health.errors += 1
+
+    def close(self) -> None:
+        """Cancel a running query and close the session (used on shutdown)."""
+        conn = self._conn
+        if conn is not None and not conn.closed:
+            with contextlib.suppress(psycopg.Error):
+                conn.cancel_safe(timeout=1.0)
+        if self._running.acquire(timeout=5):
+            try:
+                self._drop_connection()
+            finally:
+                self._running.release()

@@ -1,0 +1,99 @@
+"""HTTP endpoint: serves the latest snapshot's bytes and never touches the database."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Protocol
+
+from exporter.snapshot import OPENMETRICS_CONTENT_TYPE, TEXT_CONTENT_TYPE, Snapshot
+
+log = logging.getLogger(__name__)
+
+LANDING_PAGE = b"""<!doctype html>
+<html><head><title>Resource Intelligence exporter</title></head>
+<body><h1>Resource Intelligence exporter</h1>
+<p>LLM spend, tokens, impact and waste of the SciDEX ledger.</p>
+<p><a href="/metrics">Metrics</a></p></body></html>
+"""
+
+
+class SnapshotSource(Protocol):
+    snapshot: Snapshot
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    protocol_version = "HTTP/1.1"
+    server_version = "resource-exporter"
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics":
+            self._metrics()
+        elif path == "/":
+            self._send(200, "text/html; charset=utf-8", LANDING_PAGE)
+        elif path in ("/-/healthy", "/-/ready"):
+            self._send(200, "text/plain; charset=utf-8", b"OK\n")
+        else:
+            self._send(404, "text/plain; charset=utf-8", b"Not Found\n")
+
+    def do_HEAD(self) -> None:
+        self.do_GET()
+
+    def _metrics(self) -> None:
+        snapshot = self.server.source.snapshot
+        openmetrics = "application/openmetrics-text" in self.headers.get("Accept", "")
+        compressed = "gzip" in self.headers.get("Accept-Encoding", "")
+        body = snapshot.body(openmetrics=openmetrics, compressed=compressed)
+        content_type = OPENMETRICS_CONTENT_TYPE if openmetrics else TEXT_CONTENT_TYPE
+        self._send(200, content_type, body, gzip=compressed)
+
+    def _send(self, status: int, content_type: str, body: bytes, gzip: bool = False) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        if gzip:
+            self.send_header("Content-Encoding", "gzip")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        log.debug("http " + format, *args)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    source: SnapshotSource
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+class MetricsServer:
+    """Serve ``/metrics`` from ``source.snapshot`` in a background thread."""
+
+    def __init__(self, source: SnapshotSource, listen: str, port: int) -> None:
+        server_class = _Server6 if ":" in listen else _Server
+        self._httpd = server_class((listen, port), _Handler)
+        self._httpd.source = source
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, name="metrics-http", daemon=True
+        )
+
+    @property
+    def port(self) -> int:
+        return self._httpd.server_address[1]
+
+    def start(self) -> MetricsServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=2)

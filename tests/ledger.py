@@ -1,0 +1,388 @@
+"""Test ledgers: rows to insert, and a reference model of every ledger family.
+
+The reference model re-derives each metric from the rows in plain Python, written from the
+metric contract and not from the exporter's code, so the two can disagree.
+"""
+
+from __future__ import annotations
+
+import math
+import unicodedata
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+from prometheus_client.parser import text_string_to_metric_families
+
+# Provider strings the tests use, with the family the default rules must give them.
+FAMILY_OF = {
+    "max/claude-opus-4": "max",
+    "max/claude-sonnet-4": "max",
+    "MAX/Claude-Opus-4": "max",
+    "codex:gpt-5-codex": "codex",
+    "bedrock/us.anthropic.claude-sonnet-4": "bedrock",
+    "bedrock/us.anthropic.claude-opus-4": "bedrock",
+    "MiniMax-M2": "minimax",
+    "minimax/abab7": "minimax",
+    "glm-4.6": "glm",
+    "zhipu/glm-4.5-air": "glm",
+    "openrouter/deepseek-v3.1": "other",
+    "local/llama-3.1-70b": "other",
+    "together:qwen3-coder": "other",
+    "maximal-model": "other",
+}
+FAMILIES = ("bedrock", "codex", "minimax", "glm", "max", "other")
+
+
+@dataclass
+class Call:
+    """One cost_ledger row."""
+
+    ts: datetime | None
+    task_id: str | None
+    quest: str | None = "q-a"
+    layer: str | None = "Forge"
+    provider: str | None = "bedrock/us.anthropic.claude-sonnet-4"
+    input_tokens: int | None = 100
+    output_tokens: int | None = 50
+    cost_usd: Decimal | None = Decimal("1")
+    model: str | None = None
+
+
+@dataclass
+class Impact:
+    """One impact_ledger row."""
+
+    task_id: str
+    impact_score: float | None
+    measured_at: datetime | None = None
+    quest: str | None = None
+    layer: str | None = None
+    title: str | None = None
+
+
+@dataclass
+class Budget:
+    """One quest_budget_allocations row."""
+
+    quest: str
+    day: date
+    allocated_usd: Decimal | None
+
+
+def relax(dsn: str) -> None:
+    """Drop NOT NULL and the impact primary key, as a user's view might have none of them."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for col in (
+            "ts",
+            "task_id",
+            "quest",
+            "layer",
+            "provider",
+            "input_tokens",
+            "output_tokens",
+            "cost_usd",
+        ):
+            conn.execute(f"ALTER TABLE cost_ledger ALTER COLUMN {col} DROP NOT NULL")
+        conn.execute("ALTER TABLE impact_ledger DROP CONSTRAINT impact_ledger_pkey")
+
+
+def insert(
+    dsn: str,
+    calls: list[Call],
+    impacts: list[Impact] = (),  # type: ignore[assignment]
+    budgets: list[Budget] = (),
+) -> None:  # type: ignore[assignment]
+    with psycopg.connect(dsn, autocommit=True) as conn, conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO cost_ledger (ts, task_id, quest, layer, provider, model, input_tokens,"
+            " output_tokens, cost_usd) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            [
+                (
+                    c.ts,
+                    c.task_id,
+                    c.quest,
+                    c.layer,
+                    c.provider,
+                    c.model,
+                    c.input_tokens,
+                    c.output_tokens,
+                    c.cost_usd,
+                )
+                for c in calls
+            ],
+        )
+        cur.executemany(
+            "INSERT INTO impact_ledger (task_id, title, quest, layer, impact_score, measured_at)"
+            " VALUES (%s, %s, %s, %s, %s, %s)",
+            [
+                (i.task_id, i.title, i.quest, i.layer, i.impact_score, i.measured_at)
+                for i in impacts
+            ],
+        )
+        cur.executemany(
+            "INSERT INTO quest_budget_allocations (quest, day, allocated_usd) VALUES (%s, %s, %s)",
+            [(b.quest, b.day, b.allocated_usd) for b in budgets],
+        )
+
+
+Sample = tuple[str, frozenset[tuple[str, str]]]
+
+
+def parse(exposition: bytes) -> dict[Sample, float]:
+    """Parse a text exposition into {(sample name, labels): value}."""
+    out: dict[Sample, float] = {}
+    for fam in text_string_to_metric_families(exposition.decode("utf-8")):
+        for s in fam.samples:
+            key = (s.name, frozenset(s.labels.items()))
+            assert key not in out, f"duplicate series {key}"
+            out[key] = s.value
+    return out
+
+
+def key(name: str, **labels: str) -> Sample:
+    return (name, frozenset(labels.items()))
+
+
+# --------------------------------------------------------------------------------------------
+# Reference model
+
+
+@dataclass
+class Rules:
+    """The defaults of the metric contract."""
+
+    window: timedelta = timedelta(days=30)
+    grace: timedelta = timedelta(hours=6)
+    waste_tokens: int = 1000
+    waste_impact: float = 0.5
+    top_eff: int = 15
+    top_waste: int = 20
+    max_quests: int = 50
+    max_layers: int = 10
+    max_len: int = 128
+
+
+def _label(v: str | None, max_len: int) -> str:
+    if v is None:
+        return "unknown"
+    s = "".join(ch for ch in v if unicodedata.category(ch) != "Cc")[:max_len]
+    return s if s.strip() else "unknown"
+
+
+def _valid(c: Call) -> bool:
+    if c.ts is None or c.cost_usd is None:
+        return False
+    cost = Decimal(c.cost_usd)
+    if cost.is_nan() or cost < 0 or cost.is_infinite():
+        return False
+    return not (
+        c.input_tokens is None
+        or c.output_tokens is None
+        or c.input_tokens < 0
+        or c.output_tokens < 0
+    )
+
+
+def expected(
+    calls: list[Call],
+    impacts: list[Impact],
+    budgets: list[Budget],
+    now: datetime,
+    today: date,
+    today_start: datetime,
+    r: Rules | None = None,
+) -> dict[Sample, float]:
+    """Every ledger sample the exporter must publish for these rows at ``now``."""
+    r = r or Rules()
+    lab = lambda v: _label(v, r.max_len)  # noqa: E731
+    valid = [c for c in calls if _valid(c)]
+    out: dict[Sample, float] = {}
+
+    def add(name: str, value: float, **labels: str) -> None:
+        k = key(name, **labels)
+        out[k] = out.get(k, 0.0) + value
+
+    # Cardinality guard: weights are 30-day spend by row time.
+    window_start = now - r.window
+    qw: dict[str, float] = defaultdict(float)
+    lw: dict[str, float] = defaultdict(float)
+    for c in valid:
+        w = float(c.cost_usd) if c.ts >= window_start else 0.0  # type: ignore[arg-type,operator]
+        qw[lab(c.quest)] += w
+        lw[lab(c.layer)] += w
+
+    # Per task, over all valid rows; in the window if any valid row is.
+    tasks: dict[str, dict[str, Any]] = {}
+    for c in sorted(valid, key=lambda c: c.ts):  # type: ignore[arg-type,return-value]
+        if c.task_id is None:
+            continue
+        t = tasks.setdefault(c.task_id, {"cost": Decimal(0), "tokens": 0, "fams": set()})
+        t["cost"] += Decimal(c.cost_usd)  # type: ignore[arg-type]
+        t["tokens"] += c.input_tokens + c.output_tokens  # type: ignore[operator]
+        t["last"] = c.ts
+        t["quest"], t["layer"] = c.quest, c.layer
+    in_window = {tid: t for tid, t in tasks.items() if t["last"] >= window_start}
+    impact_of: dict[str, float | None] = {}
+    for i in sorted(impacts, key=lambda i: (i.measured_at is not None, i.measured_at or now)):
+        score = i.impact_score
+        impact_of[i.task_id] = None if score is None or not math.isfinite(score) else score
+    waste = {
+        tid: t
+        for tid, t in in_window.items()
+        if t["tokens"] > r.waste_tokens
+        and t["last"] < now - r.grace
+        and (impact_of.get(tid) is None or impact_of[tid] <= r.waste_impact)  # type: ignore[operator]
+    }
+    for t in waste.values():
+        qw[lab(t["quest"])] += 0.0
+        lw[lab(t["layer"])] += 0.0
+    for t in in_window.values():
+        qw[lab(t["quest"])] += 0.0
+    for b in budgets:
+        if b.day == today:
+            qw[lab(b.quest)] += 0.0
+    kept_q = {k for k, _ in sorted(qw.items(), key=lambda kv: (-kv[1], kv[0]))[: r.max_quests]}
+    kept_l = {k for k, _ in sorted(lw.items(), key=lambda kv: (-kv[1], kv[0]))[: r.max_layers]}
+    fq = lambda v: lab(v) if lab(v) in kept_q else "other"  # noqa: E731
+    fl = lambda v: lab(v) if lab(v) in kept_l else "other"  # noqa: E731
+
+    # Cumulative counters and today's spend.
+    spend_today: dict[str, float] = {}
+    for c in valid:
+        labels = {
+            "quest": fq(c.quest),
+            "layer": fl(c.layer),
+            "provider": FAMILY_OF.get(c.provider or "", "other"),
+        }
+        add("scidex_spend_usd_total", float(c.cost_usd), **labels)  # type: ignore[arg-type]
+        add("scidex_llm_calls_total", 1, **labels)
+        add("scidex_tokens_total", c.input_tokens, direction="input", **labels)  # type: ignore[arg-type]
+        add("scidex_tokens_total", c.output_tokens, direction="output", **labels)  # type: ignore[arg-type]
+        if c.ts >= today_start:  # type: ignore[operator]
+            spend_today[fq(c.quest)] = spend_today.get(fq(c.quest), 0.0) + float(c.cost_usd)  # type: ignore[arg-type]
+    if valid:
+        out[key("scidex_ledger_last_call_timestamp_seconds")] = max(c.ts.timestamp() for c in valid)  # type: ignore[union-attr]
+    reasons = [
+        "null_timestamp",
+        "null_cost",
+        "nan_cost",
+        "negative_cost",
+        "infinite_cost",
+        "invalid_tokens",
+    ]
+    for reason in reasons:
+        out[key("scidex_ledger_excluded_rows", relation="cost_ledger", reason=reason)] = 0.0
+    for c in calls:
+        if not _valid(c):
+            reason = _reason(c)
+            add("scidex_ledger_excluded_rows", 1, relation="cost_ledger", reason=reason)
+
+    # Today's budget.
+    alloc: dict[str, float] = {}
+    bad_budget = 0
+    for b in budgets:
+        if b.day != today:
+            continue
+        a = None if b.allocated_usd is None else Decimal(b.allocated_usd)
+        if a is None or a.is_nan() or a < 0 or a.is_infinite():
+            bad_budget += 1
+            continue
+        alloc[fq(b.quest)] = alloc.get(fq(b.quest), 0.0) + float(a)
+    out[
+        key(
+            "scidex_ledger_excluded_rows",
+            relation="quest_budget_allocations",
+            reason="invalid_allocation",
+        )
+    ] = float(bad_budget)
+    for quest, a in alloc.items():
+        out[key("scidex_budget_allocated_usd", quest=quest)] = a
+        spend_today.setdefault(quest, 0.0)
+        if a > 0:
+            out[key("scidex_budget_utilization_ratio", quest=quest)] = spend_today[quest] / a
+    for quest, v in spend_today.items():
+        out[key("scidex_quest_spend_today_usd", quest=quest)] = v
+
+    # Efficiency ranking, by ratio then task_id in code point order.
+    ranked = sorted(
+        (
+            (impact_of[tid] / float(t["cost"]), tid)
+            for tid, t in in_window.items()  # type: ignore[operator]
+            if t["cost"] > 0 and (impact_of.get(tid) or 0) > 0
+        ),
+        key=lambda x: (-x[0], x[1]),
+    )[: r.top_eff]
+    for ratio, tid in ranked:
+        t = in_window[tid]
+        labels = {"task_id": lab(tid), "quest": lab(t["quest"]), "layer": lab(t["layer"])}
+        out[key("scidex_task_impact_per_usd", **labels)] = ratio
+        out[key("scidex_task_cost_usd", **labels)] = float(t["cost"])
+        out[key("scidex_task_impact_score", **labels)] = impact_of[tid]  # type: ignore[assignment]
+
+    # Waste.
+    for tid in sorted(waste, key=lambda tid: (-waste[tid]["tokens"], tid))[: r.top_waste]:
+        t = waste[tid]
+        labels = {"task_id": lab(tid), "quest": lab(t["quest"]), "layer": lab(t["layer"])}
+        out[key("scidex_task_wasted_tokens", **labels)] = float(t["tokens"])
+        out[key("scidex_task_wasted_usd", **labels)] = float(t["cost"])
+    for t in waste.values():
+        labels = {"quest": fq(t["quest"]), "layer": fl(t["layer"])}
+        add("scidex_wasted_tokens", t["tokens"], **labels)
+        add("scidex_wasted_usd", float(t["cost"]), **labels)
+        add("scidex_wasted_tasks", 1, **labels)
+
+    # Per-quest impact over the window.
+    qcost: dict[str, float] = defaultdict(float)
+    qimpact: dict[str, float] = defaultdict(float)
+    for tid, t in in_window.items():
+        qcost[fq(t["quest"])] += float(t["cost"])
+        qimpact[fq(t["quest"])] += impact_of.get(tid) or 0.0
+    for quest in qcost:
+        out[key("scidex_quest_window_spend_usd", quest=quest)] = qcost[quest]
+        out[key("scidex_quest_window_impact_score", quest=quest)] = qimpact[quest]
+        if qcost[quest] > 0:
+            out[key("scidex_quest_impact_per_usd", quest=quest)] = qimpact[quest] / qcost[quest]
+
+    # Provider families over the tasks in the window (all of their rows).
+    pcost: dict[str, float] = defaultdict(float)
+    ptokens: dict[str, float] = defaultdict(float)
+    ptasks: dict[str, set[str]] = defaultdict(set)
+    for c in valid:
+        if c.task_id in in_window:
+            fam = FAMILY_OF.get(c.provider or "", "other")
+            pcost[fam] += float(c.cost_usd)  # type: ignore[arg-type]
+            ptokens[fam] += c.input_tokens + c.output_tokens  # type: ignore[operator]
+            ptasks[fam].add(c.task_id)
+    for fam in FAMILIES:
+        out[key("scidex_provider_spend_usd", provider=fam)] = pcost[fam]
+        out[key("scidex_provider_tokens", provider=fam)] = ptokens[fam]
+        out[key("scidex_provider_tasks", provider=fam)] = float(len(ptasks[fam]))
+        if ptasks[fam]:
+            out[key("scidex_provider_avg_cost_per_task_usd", provider=fam)] = pcost[fam] / len(
+                ptasks[fam]
+            )
+    return out
+
+
+def _reason(c: Call) -> str:
+    if c.ts is None:
+        return "null_timestamp"
+    if c.cost_usd is None:
+        return "null_cost"
+    cost = Decimal(c.cost_usd)
+    if cost.is_nan():
+        return "nan_cost"
+    if cost < 0:
+        return "negative_cost"
+    if cost.is_infinite():
+        return "infinite_cost"
+    return "invalid_tokens"
+
+
+def ledger_samples(samples: dict[Sample, float]) -> dict[Sample, float]:
+    """Drop the exporter's own health samples, keeping the ledger families."""
+    return {k: v for k, v in samples.items() if not k[0].startswith("scidex_exporter_")}

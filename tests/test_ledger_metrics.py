@@ -1,0 +1,339 @@
+"""Every ledger family against numbers computed independently from the inserted rows."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+import pytest
+
+from exporter import generate
+from exporter.config import load_settings
+from exporter.refresh import Refresher
+from tests.ledger import (
+    FAMILY_OF,
+    Budget,
+    Call,
+    Impact,
+    expected,
+    insert,
+    key,
+    ledger_samples,
+    parse,
+    relax,
+)
+
+NOW = datetime(2026, 11, 20, 15, 0, tzinfo=UTC)
+TODAY = NOW.date()
+MIDNIGHT = datetime(2026, 11, 20, tzinfo=UTC)
+D = Decimal
+
+
+def ago(**kw: float) -> datetime:
+    return NOW - timedelta(**kw)
+
+
+def scrape(dsn: str, now: datetime = NOW, **settings: Any) -> dict[Any, float]:
+    """Refresh once at ``now`` and parse the exposition a scrape would get."""
+    refresher = Refresher(load_settings({"dsn": dsn, **settings}, env={}))
+    try:
+        assert refresher.refresh(now), refresher.health.queries
+    finally:
+        refresher.close()
+    return parse(refresher.snapshot.text)
+
+
+def assert_matches(got: dict[Any, float], want: dict[Any, float]) -> None:
+    got = ledger_samples(got)
+    assert set(got) - set(want) == set(), "unexpected series"
+    assert set(want) - set(got) == set(), "missing series"
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, rel=1e-9, abs=1e-9), k
+
+
+# --- whole-ledger comparisons ----------------------------------------------------------------
+
+
+def test_generated_ledger_matches_reference_model(dsn: str) -> None:
+    plan = generate.plan(4000, seed=3, end=NOW)
+    calls = [
+        Call(
+            ts=ts,
+            task_id=t,
+            quest=q,
+            layer=la,
+            provider=p,
+            model=m,
+            input_tokens=i,
+            output_tokens=o,
+            cost_usd=D(str(c)),
+        )
+        for ts, t, q, la, p, m, i, o, c in generate.cost_rows(plan)
+    ]
+    impacts = [
+        Impact(task_id=t, title=ti, quest=q, layer=la, impact_score=s, measured_at=at)
+        for t, ti, q, la, s, at in generate.impact_rows(plan)
+    ]
+    budgets = [Budget(q, d, D(str(a))) for q, d, a in generate.budget_rows(plan)]
+    insert(dsn, calls, impacts, budgets)
+    assert len(calls) == 4000
+    assert {c.provider for c in calls} <= set(FAMILY_OF)
+    want = expected(calls, impacts, budgets, NOW, TODAY, MIDNIGHT)
+    assert any(k[0] == "scidex_task_wasted_tokens" for k in want)
+    assert any(k[0] == "scidex_task_impact_per_usd" for k in want)
+    assert_matches(scrape(dsn), want)
+
+
+def test_hostile_rows_are_excluded_counted_and_valid_totals_exact(dsn: str) -> None:
+    relax(dsn)
+    calls = [
+        Call(ago(hours=8), "t1", cost_usd=D("2.5"), input_tokens=2000, output_tokens=10),
+        Call(ago(hours=8), "t1", cost_usd=D("NaN")),
+        Call(ago(hours=8), "t1", cost_usd=D("-3")),
+        Call(ago(hours=8), "t1", cost_usd=None),
+        Call(ago(hours=8), "t1", cost_usd=D("Infinity")),
+        Call(ago(hours=8), "t1", input_tokens=-5),
+        Call(ago(hours=8), "t1", output_tokens=None),
+        Call(None, "t1"),
+        Call(
+            ago(hours=9),
+            "t2",
+            quest='we"ird\\que\nst',
+            layer="",
+            provider=None,
+            cost_usd=D("1e15"),
+            input_tokens=2**62,
+            output_tokens=2**62,
+        ),
+        Call(ago(hours=9), None, quest=None, cost_usd=D("0.25")),
+        Call(ago(hours=9), "t3", quest="🚀 مرحبا" + "x" * 10_000, cost_usd=D("0")),
+        Call(ago(hours=9), "t3", quest="🚀 مرحبا" + "x" * 10_000, cost_usd=D("0")),
+        Call(ago(hours=10), "t4", quest="q\x01\x07\x1b-ctl", cost_usd=D("4")),
+    ]
+    impacts = [
+        Impact("t1", float("nan")),
+        Impact("t2", 0.3, measured_at=ago(hours=2)),
+        Impact("t2", 9.0, measured_at=ago(hours=1)),  # the latest measurement wins
+        Impact("t5-no-spend", 3.0),
+    ]
+    budgets = [
+        Budget("q-a", TODAY, D("0")),
+        Budget("q-b", TODAY, D("NaN")),
+        Budget("q-c", TODAY, None),
+        Budget("q-d", TODAY, D("-1")),
+    ]
+    insert(dsn, calls, impacts, budgets)
+    got = scrape(dsn)
+    assert_matches(got, expected(calls, impacts, budgets, NOW, TODAY, MIDNIGHT))
+    excluded = {k[1]: v for k, v in got.items() if k[0] == "scidex_ledger_excluded_rows"}
+    assert excluded[frozenset({("relation", "cost_ledger"), ("reason", "nan_cost")})] == 1
+    assert (
+        excluded[
+            frozenset({("relation", "quest_budget_allocations"), ("reason", "invalid_allocation")})
+        ]
+        == 3
+    )
+    spend = sum(v for k, v in got.items() if k[0] == "scidex_spend_usd_total")
+    assert spend == pytest.approx(2.5 + 1e15 + 0.25 + 4)
+    assert got[key("scidex_budget_allocated_usd", quest="q-a")] == 0
+    assert key("scidex_budget_utilization_ratio", quest="q-a") not in got
+    assert got[key("scidex_exporter_cleaned_label_values", label="quest")] == 4
+
+
+# --- one rule at a time, with hand-computed numbers ------------------------------------------
+
+
+def test_task_in_window_by_latest_row_with_cost_over_all_rows(dsn: str) -> None:
+    insert(
+        dsn,
+        [
+            Call(ago(days=40), "old-then-recent", cost_usd=D("3")),
+            Call(ago(days=29), "old-then-recent", cost_usd=D("2")),
+            Call(ago(days=31), "only-old", cost_usd=D("7")),
+            Call(ago(days=31), "only-old", cost_usd=D("1"), provider="glm-4.6"),
+        ],
+    )
+    got = scrape(dsn)
+    assert got[key("scidex_provider_spend_usd", provider="bedrock")] == 5
+    assert got[key("scidex_provider_tasks", provider="bedrock")] == 1
+    assert got[key("scidex_provider_tokens", provider="bedrock")] == 300
+    assert got[key("scidex_provider_avg_cost_per_task_usd", provider="bedrock")] == 5
+    assert got[key("scidex_provider_spend_usd", provider="glm")] == 0
+    assert key("scidex_provider_avg_cost_per_task_usd", provider="glm") not in got
+    assert got[key("scidex_quest_window_spend_usd", quest="q-a")] == 5
+    # The counters are cumulative over the whole ledger.
+    assert got[key("scidex_spend_usd_total", quest="q-a", layer="Forge", provider="bedrock")] == 12
+    assert got[key("scidex_spend_usd_total", quest="q-a", layer="Forge", provider="glm")] == 1
+
+
+def test_provider_tasks_count_each_task_once_per_family(dsn: str) -> None:
+    insert(
+        dsn,
+        [
+            Call(
+                ago(hours=1), "t1", provider="bedrock/us.anthropic.claude-sonnet-4", cost_usd=D("1")
+            ),
+            Call(
+                ago(hours=1), "t1", provider="bedrock/us.anthropic.claude-opus-4", cost_usd=D("2")
+            ),
+            Call(ago(hours=1), "t1", provider="MiniMax-M2", cost_usd=D("0.5")),
+            Call(ago(hours=1), "t2", provider="max/claude-opus-4", cost_usd=D("0")),
+            Call(ago(hours=1), "t3", provider="maximal-model", cost_usd=D("0.1")),
+            Call(ago(hours=1), "t4", provider="some-new-vendor/x", cost_usd=D("0.2")),
+        ],
+    )
+    got = scrape(dsn)
+    tasks = {
+        p: got[key("scidex_provider_tasks", provider=p)]
+        for p in ("bedrock", "minimax", "max", "other", "codex", "glm")
+    }
+    assert tasks == {"bedrock": 1, "minimax": 1, "max": 1, "other": 2, "codex": 0, "glm": 0}
+    assert got[key("scidex_provider_spend_usd", provider="bedrock")] == 3
+    assert got[key("scidex_provider_avg_cost_per_task_usd", provider="max")] == 0
+    assert got[key("scidex_provider_avg_cost_per_task_usd", provider="other")] == pytest.approx(
+        0.15
+    )
+
+
+def test_waste_rules_tokens_impact_and_grace(dsn: str) -> None:
+    big = {"input_tokens": 900, "output_tokens": 200}  # 1100 tokens
+    insert(
+        dsn,
+        [
+            Call(ago(hours=7), "no-impact-row", cost_usd=D("1"), **big),
+            Call(ago(hours=7), "null-score", cost_usd=D("2"), **big),
+            Call(ago(hours=7), "score-at-threshold", cost_usd=D("3"), **big),
+            Call(ago(hours=7), "score-above", cost_usd=D("4"), **big),
+            Call(ago(hours=5), "still-running", cost_usd=D("5"), **big),
+            Call(ago(hours=7), "exactly-1000", input_tokens=1000, output_tokens=0),
+            Call(ago(days=31), "outside-window", cost_usd=D("6"), **big),
+        ],
+        [
+            Impact("null-score", None),
+            Impact("score-at-threshold", 0.5),
+            Impact("score-above", 0.51),
+        ],
+    )
+    got = scrape(dsn)
+    wasted = {dict(k[1])["task_id"]: v for k, v in got.items() if k[0] == "scidex_task_wasted_usd"}
+    assert wasted == {"no-impact-row": 1, "null-score": 2, "score-at-threshold": 3}
+    assert got[key("scidex_wasted_usd", quest="q-a", layer="Forge")] == 6
+    assert got[key("scidex_wasted_tokens", quest="q-a", layer="Forge")] == 3300
+    assert got[key("scidex_wasted_tasks", quest="q-a", layer="Forge")] == 3
+
+
+def test_waste_top_n_by_tokens_ties_by_task_id(dsn: str) -> None:
+    calls = [
+        Call(
+            ago(hours=8),
+            f"t{i:02d}",
+            input_tokens=2000 + (i // 2) * 10,
+            output_tokens=0,
+            cost_usd=D("1"),
+        )
+        for i in range(24)
+    ]
+    insert(dsn, calls)
+    got = scrape(dsn)
+    top = {dict(k[1])["task_id"]: v for k, v in got.items() if k[0] == "scidex_task_wasted_tokens"}
+    # 24 tasks, tokens rise by 10 every second task; the four smallest drop out.
+    assert sorted(top) == [f"t{i:02d}" for i in range(4, 24)]
+    assert top["t23"] == 2110
+    assert got[key("scidex_wasted_tasks", quest="q-a", layer="Forge")] == 24
+
+
+def test_efficiency_top_15_by_ratio_with_ties_by_task_id(dsn: str) -> None:
+    calls, impacts = [], []
+    for i in range(20):
+        calls.append(Call(ago(hours=1), f"e{i:02d}", cost_usd=D("2")))
+        impacts.append(Impact(f"e{i:02d}", float(i // 2 + 1)))  # ratios tie in pairs
+    calls += [
+        Call(ago(hours=1), "zero-cost", cost_usd=D("0")),
+        Call(ago(hours=1), "negative-impact", cost_usd=D("1")),
+        Call(ago(hours=1), "unmeasured", cost_usd=D("1")),
+    ]
+    impacts += [Impact("zero-cost", 100.0), Impact("negative-impact", -1.0)]
+    insert(dsn, calls, impacts)
+    got = scrape(dsn)
+    ranked = {
+        dict(k[1])["task_id"]: v for k, v in got.items() if k[0] == "scidex_task_impact_per_usd"
+    }
+    # e18/e19 ratio 5.0 ... e06/e07 ratio 2.0 fill 14 places; e04 and e05 tie at 1.5 for the
+    # last one, and the smaller task_id wins it.
+    assert sorted(ranked) == ["e04", *(f"e{i:02d}" for i in range(6, 20))]
+    assert ranked["e19"] == 5.0 and ranked["e04"] == 1.5
+    labels = {"task_id": "e19", "quest": "q-a", "layer": "Forge"}
+    assert got[key("scidex_task_cost_usd", **labels)] == 2
+    assert got[key("scidex_task_impact_score", **labels)] == 10
+    # Quest impact per $: all measured impact over all window cost (unmeasured included).
+    impact_sum = sum(i // 2 + 1 for i in range(20)) + 100 - 1
+    assert got[key("scidex_quest_impact_per_usd", quest="q-a")] == pytest.approx(impact_sum / 42)
+
+
+def test_quests_beyond_50_fold_into_other(dsn: str) -> None:
+    calls = [
+        Call(ago(hours=1), f"t{i}", quest=f"quest-{i:02d}", cost_usd=D(i + 1)) for i in range(55)
+    ]
+    budgets = [Budget(f"quest-{i:02d}", TODAY, D(100)) for i in range(55)]
+    insert(dsn, calls, budgets=budgets)
+    got = scrape(dsn)
+    quests = {dict(k[1])["quest"] for k in got if k[0] == "scidex_spend_usd_total"}
+    assert len(quests) == 51 and "other" in quests
+    assert {f"quest-{i:02d}" for i in range(5)}.isdisjoint(quests)
+    other = {"quest": "other", "layer": "Forge", "provider": "bedrock"}
+    assert got[key("scidex_spend_usd_total", **other)] == 1 + 2 + 3 + 4 + 5
+    assert got[key("scidex_budget_allocated_usd", quest="other")] == 500
+    assert got[key("scidex_budget_utilization_ratio", quest="other")] == pytest.approx(15 / 500)
+    assert got[key("scidex_exporter_folded_label_values", label="quest")] == 5
+    got = scrape(dsn, max_quests=10)
+    assert got[key("scidex_exporter_folded_label_values", label="quest")] == 45
+
+
+def test_today_follows_the_configured_timezone(dsn: str) -> None:
+    # 15:00 UTC on Nov 20 is already Nov 21 in Tokyo (00:00 there = 15:00 UTC on Nov 20).
+    insert(
+        dsn,
+        [
+            Call(ago(hours=1), "t1", cost_usd=D("3")),  # 14:00 UTC
+            Call(ago(minutes=30) + timedelta(minutes=45), "t1", cost_usd=D("4")),
+        ],
+        budgets=[
+            Budget("q-a", date(2026, 11, 20), D("10")),
+            Budget("q-a", date(2026, 11, 21), D("8")),
+        ],
+    )
+    utc = scrape(dsn)
+    assert utc[key("scidex_quest_spend_today_usd", quest="q-a")] == 7
+    assert utc[key("scidex_budget_utilization_ratio", quest="q-a")] == pytest.approx(0.7)
+    tokyo = scrape(dsn, now=NOW + timedelta(minutes=20), timezone="Asia/Tokyo")
+    assert tokyo[key("scidex_quest_spend_today_usd", quest="q-a")] == 4
+    assert tokyo[key("scidex_budget_allocated_usd", quest="q-a")] == 8
+    assert tokyo[key("scidex_budget_utilization_ratio", quest="q-a")] == pytest.approx(0.5)
+
+
+def test_a_failed_query_keeps_its_last_values_and_others_refresh(dsn: str) -> None:
+    insert(dsn, [Call(ago(hours=1), "t1", cost_usd=D("3"))], [Impact("t1", 6.0)])
+    refresher = Refresher(load_settings({"dsn": dsn}, env={}))
+    assert refresher.refresh(NOW)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("ALTER TABLE impact_ledger RENAME TO impact_ledger_moved")
+        conn.execute(
+            "INSERT INTO cost_ledger (ts, task_id, quest, layer, provider,"
+            " input_tokens, output_tokens, cost_usd)"
+            " VALUES (%s, 't1', 'q-a', 'Forge', 'glm-4.6', 1, 1, 1)",
+            [ago(minutes=5)],
+        )
+    assert not refresher.refresh(NOW)
+    refresher.close()
+    got = parse(refresher.snapshot.text)
+    assert got[key("scidex_exporter_query_success", query="window_tasks")] == 0
+    assert got[key("scidex_exporter_query_errors_total", query="window_tasks")] == 1
+    assert got[key("scidex_exporter_query_success", query="spend_totals")] == 1
+    assert got[key("scidex_exporter_refresh_failures_total")] == 1
+    assert got[key("scidex_exporter_database_up")] == 1
+    # spend moved on; the window families still show what they last knew.
+    assert got[key("scidex_spend_usd_total", quest="q-a", layer="Forge", provider="glm")] == 1
+    t1 = {"task_id": "t1", "quest": "q-a", "layer": "Forge"}
+    assert got[key("scidex_task_impact_per_usd", **t1)] == 2
