@@ -30,6 +30,10 @@ _SETTING_FLAGS: tuple[tuple[str, str, type, str], ...] = (
 )
 
 
+DEMO_INTERVAL_SECONDS = 5.0
+"""The demo refreshes faster than a real deployment so its numbers visibly move."""
+
+
 def _settings_parser() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     parent.add_argument("--config", type=Path, metavar="FILE", help="YAML file of settings")
@@ -91,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _settings(args: argparse.Namespace) -> Settings:
     flags = {dest: getattr(args, dest) for _, dest, _, _ in _SETTING_FLAGS}
-    return load_settings(flags, config_file=args.config)
+    names = {dest: flag for flag, dest, _, _ in _SETTING_FLAGS}
+    return load_settings(flags, config_file=args.config, flag_names=names)
 
 
 def _serve(settings: Settings) -> int:
@@ -154,6 +159,8 @@ def _generate(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace, settings: Settings) -> int:
     from exporter import demo
 
+    if args.interval_seconds is None:
+        settings = settings.model_copy(update={"interval_seconds": DEMO_INTERVAL_SECONDS})
     demo.run(settings, args.rows, args.data_dir, args.append_every)
     return 0
 

@@ -68,7 +68,7 @@ class Settings(BaseModel):
 
     dsn: SecretStr | None = None
     listen: str = "0.0.0.0"
-    port: int = Field(9853, ge=1, le=65535)
+    port: int = Field(9853, ge=0, le=65535)  # 0 picks a free port
     interval_seconds: float = Field(30.0, gt=0, le=86400)
     timezone: str = "UTC"
     window_days: int = Field(30, ge=1, le=3660)
@@ -154,8 +154,12 @@ def load_settings(
     flags: Mapping[str, Any] | None = None,
     env: Mapping[str, str] | None = None,
     config_file: Path | None = None,
+    flag_names: Mapping[str, str] | None = None,
 ) -> Settings:
-    """Merge file, environment and flags (highest wins) and validate them."""
+    """Merge file, environment and flags (highest wins) and validate them.
+
+    ``flag_names`` maps a setting to the command-line flag that set it, for error messages.
+    """
     env = os.environ if env is None else env
     merged: dict[str, tuple[Any, str]] = {}
     if config_file is not None:
@@ -163,7 +167,8 @@ def load_settings(
     merged.update(_from_env(env))
     for key, value in (flags or {}).items():
         if value is not None:
-            merged[key] = (value, f"flag --{key.replace('_', '-')}")
+            flag = (flag_names or {}).get(key, f"--{key.replace('_', '-')}")
+            merged[key] = (value, f"flag {flag}")
     try:
         return Settings.model_validate({k: v for k, (v, _) in merged.items()})
     except ValidationError as exc:

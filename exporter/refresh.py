@@ -85,6 +85,7 @@ class Refresher:
         self._clock = clock
         self._conn: psycopg.Connection[Any] | None = None
         self._running = threading.Lock()
+        self._closing = threading.Event()
         self._rows: dict[str, list[Any]] = {}
         self.health = Health(
             interval=settings.interval_seconds,
@@ -155,7 +156,10 @@ class Refresher:
             if conn.broken:
                 raise
             health.errors += 1
-            event(log, logging.ERROR, "query failed", query=query.name, **error_fields(exc))
+            if self._closing.is_set():
+                event(log, logging.INFO, "query cancelled by shutdown", query=query.name)
+            else:
+                event(log, logging.ERROR, "query failed", query=query.name, **error_fields(exc))
             return False
         health.duration = time.perf_counter() - started
         health.success = True
@@ -200,6 +204,7 @@ class Refresher:
 
     def close(self) -> None:
         """Cancel a running query and close the session (used on shutdown)."""
+        self._closing.set()
         conn = self._conn
         if conn is not None and not conn.closed:
             with contextlib.suppress(psycopg.Error):

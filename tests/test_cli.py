@@ -1,0 +1,301 @@
+"""The command line, run as a real process."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from tests.conftest import require_binary
+from tests.ledger import key, parse, relax
+
+END = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
+
+
+def cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "exporter", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
+
+
+@contextmanager
+def spawn(*args: str) -> Iterator[subprocess.Popen[str]]:
+    """Run the CLI in the background; kill it if the test left it running."""
+    with subprocess.Popen(
+        [sys.executable, "-m", "exporter", *args],
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    ) as proc:
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+
+
+def wait_for_line(proc: subprocess.Popen[str], pattern: str, timeout: float = 60) -> re.Match:
+    deadline = time.monotonic() + timeout
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if match := re.search(pattern, line):
+            return match
+        if not line and proc.poll() is not None:
+            break
+    proc.kill()
+    raise AssertionError(f"no line matching {pattern!r}; stderr: {proc.stderr.read()}")  # type: ignore[union-attr]
+
+
+def scrape(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return parse(resp.read())
+
+
+def processes_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if text in cmdline:
+                found.append(int(entry.name))
+    return found
+
+
+def test_generate_loads_the_requested_rows_deterministically(empty_dsn: str) -> None:
+    result = cli("generate", "--dsn", empty_dsn, "--rows", "3000", "--end", END.isoformat())
+    assert result.returncode == 0, result.stderr
+    assert "loaded 3,000 cost rows" in result.stdout
+    with psycopg.connect(empty_dsn) as conn:
+        stats = conn.execute(
+            "SELECT count(*), count(DISTINCT quest), count(DISTINCT layer), max(ts),"
+            " count(*) FILTER (WHERE cost_usd = 0), count(DISTINCT provider)"
+            " FROM cost_ledger"
+        ).fetchone()
+        budgets = conn.execute(
+            "SELECT count(DISTINCT day) FROM quest_budget_allocations"
+        ).fetchone()
+        digest = conn.execute(
+            "SELECT md5(string_agg(task_id || cost_usd::text, ',' ORDER BY id)) FROM cost_ledger"
+        ).fetchone()
+    count, quests, layers, newest, free_calls, providers = stats  # type: ignore[misc]
+    assert count == 3000 and layers == 5 and 30 <= quests <= 40 and newest <= END
+    assert free_calls > 0 and providers == 10
+    assert budgets == (31,)
+    # The same seed gives the same ledger.
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        conn.execute("TRUNCATE cost_ledger, impact_ledger, quest_budget_allocations")
+    assert (
+        cli("generate", "--dsn", empty_dsn, "--rows", "3000", "--end", END.isoformat()).returncode
+        == 0
+    )
+    with psycopg.connect(empty_dsn) as conn:
+        assert (
+            conn.execute(
+                "SELECT md5(string_agg(task_id || cost_usd::text, ',' ORDER BY id))"
+                " FROM cost_ledger"
+            ).fetchone()
+            == digest
+        )
+
+
+def test_once_prints_a_promtool_clean_exposition(empty_dsn: str, tmp_path: Path) -> None:
+    assert cli("generate", "--dsn", empty_dsn, "--rows", "20000").returncode == 0
+    result = cli("once", "--dsn", empty_dsn)
+    assert result.returncode == 0, result.stderr
+    samples = parse(result.stdout.encode())
+    assert samples[key("scidex_exporter_query_success", query="window_tasks")] == 1
+    with psycopg.connect(empty_dsn) as conn:
+        total = conn.execute("SELECT sum(cost_usd) FROM cost_ledger").fetchone()[0]  # type: ignore[index]
+    spend = sum(v for k, v in samples.items() if k[0] == "scidex_spend_usd_total")
+    assert spend == pytest.approx(float(total), rel=1e-9)
+    promtool = require_binary("promtool")
+    check = subprocess.run(
+        [promtool, "check", "metrics"],
+        input=result.stdout,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert check.returncode == 0 and check.stdout + check.stderr == "", check.stderr
+
+
+def test_once_on_a_hostile_ledger_is_promtool_clean(dsn: str) -> None:
+    relax(dsn)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO cost_ledger (ts, task_id, quest, layer, provider, input_tokens,"
+            " output_tokens, cost_usd) VALUES"
+            " (now() - interval '8 hours', E'ta\\\\sk\"\\n', E'q\\\\\"\\n\\t', '',"
+            "  NULL, 5000, 0, 1),"
+            " (now(), repeat('t', 10000), repeat('🚀', 5000), E'\\u202eevil', 'x', 1, 1, 'NaN')"
+        )
+    result = cli("once", "--dsn", dsn)
+    assert result.returncode == 0, result.stderr
+    promtool = require_binary("promtool")
+    check = subprocess.run(
+        [promtool, "check", "metrics"],
+        input=result.stdout,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    samples = parse(result.stdout.encode())
+    assert (
+        samples[key("scidex_task_wasted_tokens", task_id='ta\\sk"', quest='q\\"', layer="unknown")]
+        == 5000
+    )
+
+
+def test_once_exits_non_zero_when_a_query_fails(empty_dsn: str) -> None:
+    result = cli("once", "--dsn", empty_dsn)
+    assert result.returncode == 1
+    assert 'scidex_exporter_query_success{query="spend_totals"} 0.0' in result.stdout
+    assert re.search(
+        r'msg="query failed" query=spend_totals error_kind=UndefinedTable '
+        r'error="relation \\"cost_ledger\\" does not exist',
+        result.stderr,
+    )
+
+
+def test_check_accepts_the_shipped_schema(dsn: str) -> None:
+    result = cli("check", "--dsn", dsn)
+    assert result.returncode == 0, result.stderr
+    assert "ledger contract: ok" in result.stdout
+
+
+def test_check_names_each_problem(empty_dsn: str) -> None:
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE spend (id int, ts timestamp, task_id text, quest text,"
+            " layer text, provider text, input_tokens int, output_tokens int,"
+            " cost_usd text)"
+        )
+        conn.execute("CREATE VIEW cost_ledger AS SELECT * FROM spend")
+        conn.execute(
+            "CREATE TABLE quest_budget_allocations (quest text, day date, allocated_usd numeric)"
+        )
+    result = cli("check", "--dsn", empty_dsn)
+    assert result.returncode == 1
+    problems = [line.removeprefix("ledger contract: ") for line in result.stderr.splitlines()]
+    assert problems == [
+        "cost_ledger.ts: type timestamp without time zone is not one of timestamp with time zone",
+        "cost_ledger.model: column is missing",
+        "cost_ledger.cost_usd: type text is not one of numeric, double precision, real, bigint,"
+        " integer, smallint",
+        "impact_ledger: relation does not exist (create it or a view)",
+    ]
+
+
+def test_bad_configuration_exits_2_naming_the_setting() -> None:
+    result = cli("serve", "--dsn", "postgresql://x@y/z", "--interval", "0")
+    assert result.returncode == 2
+    assert "setting 'interval_seconds' (from flag --interval)" in result.stderr
+    result = cli("serve", env={"DATABASE_URL": ""})
+    assert result.returncode == 2 and "--dsn or set DATABASE_URL" in result.stderr
+
+
+def test_password_never_reaches_output() -> None:
+    dsn = "postgresql://alice:s3cr3t-pw@127.0.0.1:1/ledger?connect_timeout=1"
+    result = cli("once", "--dsn", dsn)
+    assert result.returncode == 1
+    assert "s3cr3t-pw" not in result.stdout + result.stderr
+    assert "database unavailable" in result.stderr
+    assert "s3cr3t-pw" not in cli("check", "--dsn", dsn).stderr
+    help_text = cli("serve", "--help", env={"DATABASE_URL": dsn}).stdout
+    assert "--dsn" in help_text and "s3cr3t-pw" not in help_text
+
+
+def test_serve_stops_cleanly_on_sigterm(dsn: str) -> None:
+    with spawn(
+        "serve",
+        "--dsn",
+        dsn,
+        "--port",
+        "0",
+        "--listen",
+        "127.0.0.1",
+        "--interval",
+        "0.5",
+        "--log-level",
+        "INFO",
+    ) as proc:
+        port = None
+        deadline = time.monotonic() + 30
+        assert proc.stderr is not None
+        while port is None and time.monotonic() < deadline:
+            if m := re.search(r"msg=serving .* port=(\d+)", proc.stderr.readline()):
+                port = int(m.group(1))
+        assert port, "the exporter did not say where it serves"
+        deadline = time.monotonic() + 10
+        samples: dict = {}
+        while time.monotonic() < deadline:
+            samples = scrape(f"http://127.0.0.1:{port}/metrics")
+            if samples.get(key("scidex_exporter_refreshes_total"), 0) >= 1:
+                break
+            time.sleep(0.1)
+        assert samples[key("scidex_exporter_query_success", query="providers")] == 1
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=5) == 0
+        assert time.monotonic() - started < 2.0
+    with psycopg.connect(dsn) as conn:
+        left = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'resource-exporter'"
+        ).fetchone()
+    assert left == (0,)
+
+
+def test_demo_serves_moving_numbers_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    data = tmp_path / "demo"
+    with spawn(
+        "demo",
+        "--rows",
+        "20000",
+        "--port",
+        "0",
+        "--listen",
+        "127.0.0.1",
+        "--interval",
+        "0.5",
+        "--append-every",
+        "0.3",
+        "--data-dir",
+        str(data),
+    ) as proc:
+        url = wait_for_line(proc, r"scrape (http://\S+/metrics)").group(1)
+        spent: list[float] = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (len(spent) < 2 or spent[-1] <= spent[0]):
+            samples = scrape(url)
+            total = sum(v for k, v in samples.items() if k[0] == "scidex_spend_usd_total")
+            if total:
+                spent.append(total)
+            time.sleep(0.3)
+        assert len(spent) >= 2 and spent[-1] > spent[0], spent
+        assert processes_mentioning(str(data / "pgdata"))
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 0
+    assert processes_mentioning(str(data / "pgdata")) == []

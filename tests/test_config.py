@@ -1,0 +1,89 @@
+"""Configuration precedence and errors that name the setting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from exporter.config import ConfigError, load_settings
+
+
+def test_defaults_match_the_contract() -> None:
+    s = load_settings(env={})
+    assert (s.interval_seconds, s.window_days, s.grace_hours) == (30, 30, 6)
+    assert (s.waste_min_tokens, s.waste_max_impact) == (1000, 0.5)
+    assert (s.top_efficiency_tasks, s.top_waste_tasks, s.max_quests) == (15, 20, 50)
+    assert s.timezone == "UTC"
+    assert [r.family for r in s.providers] == ["bedrock", "codex", "minimax", "glm", "max"]
+
+
+def test_flags_beat_environment_beat_file(tmp_path: Path) -> None:
+    f = tmp_path / "c.yml"
+    f.write_text("port: 1111\ninterval_seconds: 10\nwindow_days: 7\n")
+    env = {
+        "RESOURCE_EXPORTER_PORT": "2222",
+        "RESOURCE_EXPORTER_INTERVAL_SECONDS": "20",
+        "DATABASE_URL": "postgresql://u@h/db",
+    }
+    s = load_settings({"port": 3333}, env=env, config_file=f)
+    assert (s.port, s.interval_seconds, s.window_days) == (3333, 20, 7)
+    assert s.dsn_value() == "postgresql://u@h/db"
+
+
+def test_provider_rules_from_file(tmp_path: Path) -> None:
+    f = tmp_path / "c.yml"
+    f.write_text("providers:\n  - {family: openai, pattern: '^openai/'}\n")
+    s = load_settings(env={}, config_file=f)
+    assert [(r.family, r.pattern) for r in s.providers] == [("openai", "^openai/")]
+
+
+@pytest.mark.parametrize(
+    ("flags", "env", "message"),
+    [
+        ({"port": 70000}, {}, "setting 'port' (from flag --port)"),
+        (
+            {},
+            {"RESOURCE_EXPORTER_INTERVAL_SECONDS": "-1"},
+            "setting 'interval_seconds' (from environment RESOURCE_EXPORTER_INTERVAL_SECONDS)",
+        ),
+        ({"timezone": "Mars/Olympus"}, {}, "unknown time zone 'Mars/Olympus'"),
+        (
+            {},
+            {"RESOURCE_EXPORTER_PROVIDERS": '[{"family": "x", "pattern": "("}]'},
+            "setting 'providers.0.pattern'",
+        ),
+        (
+            {},
+            {"RESOURCE_EXPORTER_PROVIDERS": '[{"family": "other", "pattern": "a"}]'},
+            "implicit family",
+        ),
+        ({}, {"RESOURCE_EXPORTER_PROVIDERS": "not json"}, "not valid JSON"),
+        ({"log_level": "LOUD"}, {}, "setting 'log_level'"),
+    ],
+)
+def test_bad_values_are_refused_naming_the_setting(
+    flags: dict[str, object], env: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_settings(flags, env=env)
+
+
+def test_unknown_key_in_file_is_refused(tmp_path: Path) -> None:
+    f = tmp_path / "c.yml"
+    f.write_text("intervall_seconds: 10\n")
+    with pytest.raises(
+        ConfigError,
+        match=f"setting 'intervall_seconds' \\(from config file {f}\\): unknown setting",
+    ):
+        load_settings(env={}, config_file=f)
+
+
+def test_missing_dsn_says_how_to_set_it() -> None:
+    with pytest.raises(ConfigError, match="--dsn or set DATABASE_URL"):
+        load_settings(env={}).dsn_value()
+
+
+def test_dsn_is_secret_in_repr() -> None:
+    s = load_settings({"dsn": "postgresql://u:hunter2@h/db"}, env={})
+    assert "hunter2" not in repr(s) and "hunter2" not in str(s.model_dump())

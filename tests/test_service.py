@@ -1,0 +1,184 @@
+"""Serving: scrapes read the snapshot only, refreshes never overlap, HTTP behaves."""
+
+from __future__ import annotations
+
+import gzip
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import psycopg
+import pytest
+
+from exporter.config import load_settings
+from exporter.refresh import Refresher
+from exporter.server import MetricsServer
+from exporter.service import Exporter
+from tests.ledger import Call, Impact, insert, key, parse
+
+NOW = datetime.now(UTC)
+TABLES = "cost_ledger, impact_ledger, quest_budget_allocations"
+
+
+def get(
+    url: str, headers: dict[str, str] | None = None, timeout: float = 2.0
+) -> tuple[int, dict[str, str], bytes]:
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers), err.read()
+
+
+@pytest.fixture
+def ledger(dsn: str) -> str:
+    insert(
+        dsn,
+        [
+            Call(NOW - timedelta(hours=1), "t1", cost_usd=Decimal("2.5")),
+            Call(NOW - timedelta(hours=2), "t2", provider="glm-4.6", cost_usd=Decimal("1")),
+        ],
+        [Impact("t1", 5.0)],
+    )
+    return dsn
+
+
+@pytest.fixture
+def served(ledger: str) -> Iterator[tuple[Refresher, str]]:
+    refresher = Refresher(load_settings({"dsn": ledger}, env={}))
+    assert refresher.refresh()
+    server = MetricsServer(refresher, "127.0.0.1", 0).start()
+    try:
+        yield refresher, f"http://127.0.0.1:{server.port}"
+    finally:
+        server.stop()
+        refresher.close()
+
+
+def hold_locks(dsn: str) -> psycopg.Connection:
+    """Open a transaction that holds ACCESS EXCLUSIVE locks on every ledger relation."""
+    conn = psycopg.connect(dsn)
+    conn.execute(f"LOCK TABLE {TABLES} IN ACCESS EXCLUSIVE MODE")
+    return conn
+
+
+def test_scrapes_never_touch_the_database(served: tuple[Refresher, str], ledger: str) -> None:
+    refresher, url = served
+    expected = refresher.snapshot.text
+    blocker = hold_locks(ledger)
+    try:
+        started = time.perf_counter()
+        for _ in range(20):
+            status, _, body = get(url + "/metrics", timeout=1.0)
+            assert status == 200 and body == expected
+        assert time.perf_counter() - started < 2.0
+    finally:
+        blocker.close()
+    samples = parse(expected)
+    assert (
+        samples[key("scidex_spend_usd_total", quest="q-a", layer="Forge", provider="bedrock")]
+        == 2.5
+    )
+    assert samples[key("scidex_provider_tasks", provider="glm")] == 1
+
+
+def test_a_refresh_while_one_runs_is_skipped_not_overlapped(ledger: str) -> None:
+    refresher = Refresher(load_settings({"dsn": ledger}, env={}))
+    blocker = hold_locks(ledger)
+    results: list[bool] = []
+    first = threading.Thread(target=lambda: results.append(refresher.refresh()))
+    first.start()
+    try:
+        time.sleep(0.5)  # the first refresh is now waiting for the lock
+        assert first.is_alive()
+        assert refresher.refresh() is False
+        assert refresher.health.skipped == 1
+    finally:
+        blocker.close()
+    first.join(timeout=10)
+    assert results == [True]
+    refresher.close()
+    samples = parse(refresher.snapshot.text)
+    assert samples[key("scidex_exporter_refreshes_total")] == 1
+    assert samples[key("scidex_exporter_refresh_skipped_total")] == 1
+
+
+def _active_exporter_backends(conn: psycopg.Connection) -> int:
+    row = conn.execute(
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE application_name = 'resource-exporter' AND state = 'active'"
+    ).fetchone()
+    return row[0] if row else 0
+
+
+def test_scheduler_never_runs_two_refreshes_at_once(ledger: str) -> None:
+    settings = load_settings(
+        {"dsn": ledger, "interval_seconds": 0.2, "port": 0, "listen": "127.0.0.1"}, env={}
+    )
+    blocker = hold_locks(ledger)
+    exporter = Exporter(settings).start()
+    try:
+        with psycopg.connect(ledger, autocommit=True) as watcher:
+            peak = 0
+            deadline = time.monotonic() + 1.5
+            while time.monotonic() < deadline:
+                peak = max(peak, _active_exporter_backends(watcher))
+                time.sleep(0.05)
+        assert peak == 1
+        assert exporter.refresher.health.skipped >= 3
+        assert exporter.refresher.health.refreshes == 0
+    finally:
+        blocker.close()
+    deadline = time.monotonic() + 5
+    while exporter.refresher.health.refreshes == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    exporter.stop()
+    assert exporter.refresher.health.refreshes >= 1
+
+
+def test_http_negotiates_openmetrics_and_gzip(served: tuple[Refresher, str]) -> None:
+    refresher, url = served
+    status, headers, body = get(url + "/metrics")
+    assert status == 200
+    assert headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+    assert body == refresher.snapshot.text
+    _, headers, body = get(url + "/metrics", {"Accept-Encoding": "gzip"})
+    assert headers["Content-Encoding"] == "gzip"
+    assert gzip.decompress(body) == refresher.snapshot.text
+    _, headers, body = get(
+        url + "/metrics", {"Accept": "application/openmetrics-text; version=1.0.0"}
+    )
+    assert headers["Content-Type"].startswith("application/openmetrics-text; version=1.0.0")
+    assert body.endswith(b"# EOF\n")
+    assert b"scidex_spend_usd_total{" in body
+    assert get(url + "/")[0] == 200
+    assert get(url + "/-/healthy")[0] == 200
+    assert get(url + "/nope")[0] == 404
+
+
+def test_database_down_at_start_serves_health_saying_so(empty_dsn: str) -> None:
+    dead = "postgresql://nobody@127.0.0.1:1/none?connect_timeout=1"
+    refresher = Refresher(load_settings({"dsn": dead}, env={}))
+    assert refresher.refresh() is False
+    samples = parse(refresher.snapshot.text)
+    assert samples[key("scidex_exporter_database_up")] == 0
+    assert samples[key("scidex_exporter_query_errors_total", query="spend_totals")] == 1
+    assert samples[key("scidex_exporter_refresh_failures_total")] == 1
+    assert not [k for k in samples if k[0] == "scidex_spend_usd_total"]
+
+
+def test_exporter_session_is_read_only(ledger: str) -> None:
+    from exporter.refresh import connect
+
+    conn = connect(load_settings({"dsn": ledger}, env={}))
+    try:
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+            conn.execute("DELETE FROM cost_ledger")
+    finally:
+        conn.close()
+    with psycopg.connect(ledger) as check:
+        assert check.execute("SELECT count(*) FROM cost_ledger").fetchone() == (2,)
