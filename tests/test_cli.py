@@ -295,6 +295,15 @@ def test_demo_serves_moving_numbers_and_leaves_nothing_behind(tmp_path: Path) ->
                 spent.append(total)
             time.sleep(0.3)
         assert len(spent) >= 2 and spent[-1] > spent[0], spent
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            exposition = resp.read()
+        check = subprocess.run(
+            [require_binary("promtool"), "check", "metrics"],
+            input=exposition,
+            capture_output=True,
+            check=False,
+        )
+        assert check.returncode == 0 and check.stdout + check.stderr == b"", check.stderr
         assert processes_mentioning(str(data / "pgdata"))
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=20) == 0
