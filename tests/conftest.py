@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +28,17 @@ def require_binary(name: str) -> str:
     if IN_CI:
         pytest.fail(f"{name} is required in CI (install Debian's prometheus package)")
     pytest.skip(f"{name} not installed")
+
+
+def assert_promtool_clean(exposition: bytes) -> None:
+    """Fail unless ``promtool check metrics`` accepts the exposition without a single remark."""
+    check = subprocess.run(
+        [require_binary("promtool"), "check", "metrics"],
+        input=exposition,
+        capture_output=True,
+        check=False,
+    )
+    assert check.returncode == 0 and check.stdout + check.stderr == b"", check.stdout + check.stderr
 
 
 @pytest.fixture(scope="session")

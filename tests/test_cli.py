@@ -17,7 +17,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.conftest import require_binary
+from tests.conftest import assert_promtool_clean
 from tests.ledger import key, parse, relax
 
 END = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
@@ -130,15 +130,7 @@ def test_once_prints_a_promtool_clean_exposition(empty_dsn: str, tmp_path: Path)
         total = conn.execute("SELECT sum(cost_usd) FROM cost_ledger").fetchone()[0]  # type: ignore[index]
     spend = sum(v for k, v in samples.items() if k[0] == "scidex_spend_usd_total")
     assert spend == pytest.approx(float(total), rel=1e-9)
-    promtool = require_binary("promtool")
-    check = subprocess.run(
-        [promtool, "check", "metrics"],
-        input=result.stdout,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert check.returncode == 0 and check.stdout + check.stderr == "", check.stderr
+    assert_promtool_clean(result.stdout.encode())
 
 
 def test_once_on_a_hostile_ledger_is_promtool_clean(dsn: str) -> None:
@@ -153,15 +145,7 @@ def test_once_on_a_hostile_ledger_is_promtool_clean(dsn: str) -> None:
         )
     result = cli("once", "--dsn", dsn)
     assert result.returncode == 0, result.stderr
-    promtool = require_binary("promtool")
-    check = subprocess.run(
-        [promtool, "check", "metrics"],
-        input=result.stdout,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert check.returncode == 0, check.stdout + check.stderr
+    assert_promtool_clean(result.stdout.encode())
     samples = parse(result.stdout.encode())
     assert (
         samples[key("scidex_task_wasted_tokens", task_id='ta\\sk"', quest='q\\"', layer="unknown")]
@@ -297,13 +281,7 @@ def test_demo_serves_moving_numbers_and_leaves_nothing_behind(tmp_path: Path) ->
         assert len(spent) >= 2 and spent[-1] > spent[0], spent
         with urllib.request.urlopen(url, timeout=5) as resp:
             exposition = resp.read()
-        check = subprocess.run(
-            [require_binary("promtool"), "check", "metrics"],
-            input=exposition,
-            capture_output=True,
-            check=False,
-        )
-        assert check.returncode == 0 and check.stdout + check.stderr == b"", check.stderr
+        assert_promtool_clean(exposition)
         assert processes_mentioning(str(data / "pgdata"))
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=20) == 0
