@@ -3,16 +3,28 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+SCHEMA := dashboards/schema/node_modules/.package-lock.json
 
-.PHONY: all demo test lint fmt system-deps clean
+# Install Debian packages as root, through sudo, or say why not (tests then skip outside CI).
+apt_install = if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null; then SUDO=sudo; \
+	else echo "warning: cannot install $(1) (not root, no sudo)"; exit 0; fi; \
+	$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive \
+	apt-get install -y -qq --no-install-recommends $(1) >/dev/null
 
-all: fmt lint test
+.PHONY: all demo test lint fmt dashboards system-deps clean
+
+all: fmt dashboards lint test
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,demo]'
+	$(BIN)/pip install --quiet -e '.[test,demo,dashboards]'
 	touch $(STAMP)
+
+# Grafana's own dashboard types (npm @grafana/schema + tsc) for the dashboard schema test.
+$(SCHEMA): dashboards/schema/package-lock.json
+	@command -v npm >/dev/null || { $(call apt_install,nodejs npm); }
+	npm ci --prefix dashboards/schema --no-audit --no-fund --silent
 
 ## demo: start an embedded PostgreSQL with a synthetic ledger and serve /metrics on :9853
 demo: $(STAMP)
@@ -20,15 +32,10 @@ demo: $(STAMP)
 
 ## system-deps: Debian's prometheus package (promtool and prometheus for the tests)
 system-deps:
-	@if command -v promtool >/dev/null && command -v prometheus >/dev/null; then :; \
-	elif [ "$$(id -u)" = 0 ]; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; \
-	elif command -v sudo >/dev/null; then \
-		sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; \
-	else echo "warning: cannot install Debian's prometheus package; its tests will be skipped"; fi
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { $(call apt_install,prometheus); }
 
 ## test: install everything, lint, and run the whole suite
-test: $(STAMP) system-deps lint
+test: $(STAMP) $(SCHEMA) system-deps lint
 	$(BIN)/pytest
 
 lint: $(STAMP)
@@ -39,5 +46,9 @@ fmt: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+## dashboards: regenerate the committed dashboard JSON
+dashboards: $(STAMP)
+	$(BIN)/python -m dashboards
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis dashboards/schema/node_modules

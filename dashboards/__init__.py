@@ -1,0 +1,1 @@
+"""Grafana dashboards as code, generated into provisioning/ by ``python -m dashboards``."""

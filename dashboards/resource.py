@@ -1,0 +1,415 @@
+"""The Resource Dashboard: where the platform's LLM money and tokens go.
+
+Every query is built from the exporter's metric catalog with :func:`sel`, which adds the
+``quest``/``layer``/``provider`` variable filters wherever the metric has that label.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grafanalib.core as G
+
+from dashboards import grafana as g
+from dashboards.grafana import sel, target
+from exporter import catalog as c
+
+UID = "scidex-resources"
+TITLE = "Resource Dashboard"
+TOP_QUESTS = 8
+
+LAYER_COLORS = {
+    "Agora": "blue",
+    "Exchange": "green",
+    "Forge": "orange",
+    "Atlas": "purple",
+    "Senate": "red",
+}
+PROVIDER_COLORS = {
+    "max": "purple",
+    "codex": "green",
+    "bedrock": "orange",
+    "minimax": "blue",
+    "glm": "red",
+    c.OTHER: "#8e8e8e",
+}
+
+# --- Queries shared by several panels ---------------------------------------------------------
+SPEND_TODAY = f"sum({sel(c.QUEST_SPEND_TODAY)})"
+BUDGET_TODAY = f"sum({sel(c.BUDGET_ALLOCATED)})"
+WINDOW_SPEND = f"sum({sel(c.QUEST_WINDOW_SPEND)})"
+WASTED_USD = f"sum({sel(c.WASTED_USD)})"
+TOP_ALLOCATIONS = f"topk({TOP_QUESTS}, sum by (quest) ({sel(c.BUDGET_ALLOCATED)}))"
+
+RED_OVER_BUDGET = g.thresholds((None, "green"), (0.8, "yellow"), (1.0, "red"))
+
+
+def _provider_overrides() -> list[dict[str, Any]]:
+    return [
+        g.override(family, color=g.fixed_color(color)) for family, color in PROVIDER_COLORS.items()
+    ]
+
+
+def _colored(column: str, colors: dict[str, str]) -> dict[str, Any]:
+    return g.override(column, mappings=g.value_colors(colors), cellOptions={"type": "color-text"})
+
+
+def overview(layout: g.Layout) -> None:
+    layout.row("Overview")
+    panels = [
+        g.stat(
+            "Spend today",
+            "LLM cost since midnight (UTC) of the selected quests.",
+            [target(SPEND_TODAY, "spent", instant=True)],
+            "currencyUSD",
+        ),
+        g.stat(
+            "Budget today",
+            "Sum of today's allocations of the selected quests.",
+            [target(BUDGET_TODAY, "budget", instant=True)],
+            "currencyUSD",
+        ),
+        g.stat(
+            "Budget utilization",
+            "Spend today / budget today over the selected quests; red above 100 %.",
+            [target(f"{SPEND_TODAY} / {BUDGET_TODAY}", instant=True)],
+            "percentunit",
+            steps=RED_OVER_BUDGET,
+            decimals=1,
+        ),
+        g.stat(
+            "Spend, 30 days",
+            "Cost of the tasks active in the last 30 days (each task's cost over all its calls).",
+            [target(WINDOW_SPEND, instant=True)],
+            "currencyUSD",
+        ),
+        g.stat(
+            "Impact per $1",
+            "Measured impact of the tasks active in the last 30 days "
+            "divided by their cost (unmeasured tasks add cost, no impact).",
+            [target(f"sum({sel(c.QUEST_WINDOW_IMPACT)}) / {WINDOW_SPEND}", instant=True)],
+            "none",
+            decimals=2,
+        ),
+        g.stat(
+            "Wasted, 30 days",
+            "Cost of tasks with > 1000 tokens and impact <= 0.5 or unknown, idle for over 6 h.",
+            [target(WASTED_USD, instant=True)],
+            "currencyUSD",
+            steps=g.thresholds((None, "text")),
+        ),
+        g.stat(
+            "Waste share",
+            "Wasted $ / 30-day spend of the selected quests (and layers).",
+            [target(f"{WASTED_USD} / {WINDOW_SPEND}", instant=True)],
+            "percentunit",
+            steps=g.thresholds((None, "green"), (0.1, "yellow"), (0.25, "red")),
+            decimals=1,
+        ),
+        g.stat(
+            "Tokens, 30 days",
+            "Input + output tokens of the tasks active in the last 30 days, selected providers.",
+            [target(f"sum({sel(c.PROVIDER_TOKENS)})", instant=True)],
+            "short",
+        ),
+    ]
+    for panel in panels:
+        layout.add(panel, w=3, h=4)
+
+
+def budget_allocation(layout: g.Layout) -> None:
+    layout.row("Budget allocation")
+    layout.add(
+        g.piechart(
+            "Today's allocation by quest",
+            f"Today's budget per quest: the {TOP_QUESTS} largest, and Other for the rest (the "
+            "slices add up to the total).",
+            [
+                target(TOP_ALLOCATIONS, "{{quest}}", instant=True),
+                target(f"{BUDGET_TODAY} - sum({TOP_ALLOCATIONS})", "Other", instant=True),
+            ],
+            "currencyUSD",
+        ),
+        w=12,
+        h=10,
+    )
+    layout.add(
+        g.bargauge(
+            "Utilization today by quest",
+            "Spend today / today's allocation per quest; quests without a positive allocation are "
+            "not shown.",
+            [target(f"sort_desc({sel(c.BUDGET_UTILIZATION)})", "{{quest}}", instant=True)],
+            "percentunit",
+            steps=RED_OVER_BUDGET,
+            min_value=0,
+        ),
+        w=12,
+        h=10,
+    )
+
+
+def utilization_timeline(layout: g.Layout) -> None:
+    layout.row("Utilization timeline")
+    layout.add(
+        g.timeseries(
+            "Daily spend vs budget",
+            "Bars: cost per UTC day (increase of the spend counter over each day). Line: the "
+            "day's total allocation.",
+            [
+                target(f"sum(increase({sel(c.SPEND)}[1d]))", "spend", interval="1d"),
+                target(
+                    f"sum(avg_over_time({sel(c.BUDGET_ALLOCATED)}[1d]))", "budget", interval="1d"
+                ),
+            ],
+            "currencyUSD",
+            bars=True,
+            overrides=[
+                g.override(
+                    "budget",
+                    **{
+                        "custom.drawStyle": "line",
+                        "custom.fillOpacity": 0,
+                        "color": g.fixed_color("red"),
+                    },
+                )
+            ],
+        ),
+        w=24,
+        h=9,
+    )
+
+
+def efficiency(layout: g.Layout) -> None:
+    layout.row("Efficiency rankings")
+    layout.add(
+        g.table(
+            "Top tasks by impact per $1",
+            "Tasks active in the last 30 days with cost > 0 and impact > 0, by impact / cost (top "
+            "15, ties by task id).",
+            [
+                target(sel(c.TASK_IMPACT_PER_USD), table=True),
+                target(sel(c.TASK_COST), table=True),
+                target(sel(c.TASK_IMPACT), table=True),
+            ],
+            columns={
+                "task_id": "Task",
+                "quest": "Quest",
+                "layer": "Layer",
+                "Value #A": "Impact per $1",
+                "Value #B": "Cost",
+                "Value #C": "Impact",
+            },
+            sort_by="Impact per $1",
+            overrides=[
+                g.override("Impact per $1", unit="none", decimals=2),
+                g.override("Cost", unit="currencyUSD"),
+                g.override("Impact", unit="none", decimals=2),
+                _colored("Layer", LAYER_COLORS),
+            ],
+        ),
+        w=16,
+        h=10,
+    )
+    layout.add(
+        g.bargauge(
+            "Impact per $1 by quest",
+            "Measured impact / cost of each quest's tasks active in the last 30 days (top 10).",
+            [target(f"topk(10, {sel(c.QUEST_IMPACT_PER_USD)})", "{{quest}}", instant=True)],
+            "none",
+            color={"mode": "continuous-GrYlRd"},
+        ),
+        w=8,
+        h=10,
+    )
+
+
+def providers(layout: g.Layout) -> None:
+    layout.row("Provider breakdown")
+    layout.add(
+        g.table(
+            "Providers, last 30 days",
+            "Per provider family: cost, tasks that called it, tokens, and cost per task, over the "
+            "tasks active in the last 30 days.",
+            [
+                target(sel(c.PROVIDER_SPEND), table=True),
+                target(sel(c.PROVIDER_TASKS), table=True),
+                target(sel(c.PROVIDER_TOKENS), table=True),
+                target(sel(c.PROVIDER_AVG_COST), table=True),
+            ],
+            columns={
+                "provider": "Provider",
+                "Value #A": "Spend",
+                "Value #B": "Tasks",
+                "Value #C": "Tokens",
+                "Value #D": "Avg cost / task",
+            },
+            sort_by="Spend",
+            overrides=[
+                g.override("Spend", unit="currencyUSD"),
+                g.override("Tasks", unit="short"),
+                g.override("Tokens", unit="short"),
+                g.override("Avg cost / task", unit="currencyUSD"),
+                _colored("Provider", PROVIDER_COLORS),
+            ],
+        ),
+        w=12,
+        h=8,
+    )
+    layout.add(
+        g.piechart(
+            "Spend by provider",
+            "Cost of the tasks active in the last 30 days, by provider family (subscription "
+            "families max and codex log $0).",
+            [target(f"sum by (provider) ({sel(c.PROVIDER_SPEND)})", "{{provider}}", instant=True)],
+            "currencyUSD",
+            overrides=_provider_overrides(),
+        ),
+        w=6,
+        h=8,
+    )
+    layout.add(
+        g.bargauge(
+            "Tokens by provider",
+            "Input + output tokens of the tasks active in the last 30 days, by provider family.",
+            [
+                target(
+                    f"sort_desc(sum by (provider) ({sel(c.PROVIDER_TOKENS)}))",
+                    "{{provider}}",
+                    instant=True,
+                )
+            ],
+            "short",
+            overrides=_provider_overrides(),
+            color={"mode": "palette-classic"},
+        ),
+        w=6,
+        h=8,
+    )
+
+
+def waste(layout: g.Layout) -> None:
+    layout.row("Wasted resources")
+    layout.add(
+        g.table(
+            "Top wasted tasks",
+            "Tasks with > 1000 tokens and impact <= 0.5 or unknown, idle for over 6 h (top 20 by "
+            "tokens).",
+            [
+                target(sel(c.TASK_WASTED_TOKENS), table=True),
+                target(sel(c.TASK_WASTED_USD), table=True),
+            ],
+            columns={
+                "task_id": "Task",
+                "quest": "Quest",
+                "layer": "Layer",
+                "Value #A": "Tokens",
+                "Value #B": "Cost",
+            },
+            sort_by="Tokens",
+            overrides=[
+                g.override("Tokens", unit="short"),
+                g.override("Cost", unit="currencyUSD"),
+                _colored("Layer", LAYER_COLORS),
+            ],
+        ),
+        w=14,
+        h=10,
+    )
+    layout.add(
+        g.bargauge(
+            "Waste by quest",
+            "Cost of all wasted tasks per quest over the last 30 days.",
+            [target(f"sort_desc(sum by (quest) ({sel(c.WASTED_USD)}))", "{{quest}}", instant=True)],
+            "currencyUSD",
+            color={"mode": "continuous-YlRd"},
+        ),
+        w=10,
+        h=10,
+    )
+
+
+def exporter_health(layout: g.Layout) -> None:
+    layout.row("Exporter")
+    stale = g.thresholds((None, "green"), (120, "yellow"), (600, "red"))
+    panels = [
+        g.stat(
+            "Data age",
+            "Seconds since the exporter last read every query successfully.",
+            [target(f"time() - max({c.LAST_SUCCESS.name})", instant=True)],
+            "s",
+            steps=stale,
+        ),
+        g.stat(
+            "Failed queries",
+            "Exporter queries that failed in the last refresh.",
+            [target(f"count({c.QUERY_SUCCESS.name} == 0) or vector(0)", instant=True)],
+            "short",
+            steps=g.thresholds((None, "green"), (1, "red")),
+        ),
+        g.stat(
+            "Newest ledger call",
+            "Seconds since the newest valid cost_ledger row: a stalled platform shows here.",
+            [target(f"time() - max({c.LEDGER_LAST_CALL.name})", instant=True)],
+            "s",
+            steps=g.thresholds((None, "green"), (3600, "yellow"), (6 * 3600, "red")),
+        ),
+        g.stat(
+            "Refresh duration",
+            "Duration of the exporter's last refresh, all queries.",
+            [target(f"max({c.REFRESH_DURATION.name})", instant=True)],
+            "s",
+        ),
+        g.stat(
+            "Excluded rows",
+            "Ledger rows left out of every sum (NULL/NaN/negative cost, "
+            "bad tokens, bad allocations).",
+            [target(f"sum({c.LEDGER_EXCLUDED_ROWS.name})", instant=True)],
+            "short",
+            steps=g.thresholds((None, "green"), (1, "yellow")),
+        ),
+        g.stat(
+            "Series exported",
+            "Ledger series in the exporter's last exposition.",
+            [target(f"sum({c.SERIES.name})", instant=True)],
+            "short",
+        ),
+    ]
+    for panel in panels:
+        layout.add(panel, w=4, h=4)
+
+
+SECTIONS = (
+    overview,
+    budget_allocation,
+    utilization_timeline,
+    efficiency,
+    providers,
+    waste,
+    exporter_health,
+)
+
+
+def dashboard() -> G.Dashboard:
+    """Build the Resource Dashboard."""
+    layout = g.Layout()
+    for section in SECTIONS:
+        section(layout)
+    return G.Dashboard(
+        title=TITLE,
+        uid=UID,
+        description="Where SciDEX's LLM money and tokens go: budgets, efficiency, providers "
+        "and waste.",
+        tags=["scidex", "resource-intelligence"],
+        timezone="utc",
+        time=G.Time("now-30d", "now"),
+        refresh="1m",
+        panels=layout.panels,
+        templating=G.Templating(
+            list=[
+                g.datasource_variable(),
+                g.query_variable("quest", "Quest", c.SPEND),
+                g.query_variable("layer", "Layer", c.SPEND),
+                g.query_variable("provider", "Provider", c.PROVIDER_SPEND),
+            ]
+        ),
+    )
