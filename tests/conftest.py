@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -63,22 +64,32 @@ def _with_dbname(dsn: str, dbname: str) -> str:
     return make_conninfo(**params)
 
 
-@pytest.fixture
-def empty_dsn(pg_server: str) -> Iterator[str]:
-    """Yield the DSN of a fresh, empty database (dropped afterwards)."""
+@contextmanager
+def temporary_database(admin_dsn: str, schema: bool = False) -> Iterator[str]:
+    """Yield the DSN of a fresh database (with the ledger schema if asked), then drop it."""
     name = f"ri_test_{os.getpid()}_{next(_counter)}"
-    with psycopg.connect(pg_server, autocommit=True) as admin:
+    with psycopg.connect(admin_dsn, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
+    dsn = _with_dbname(admin_dsn, name)
     try:
-        yield _with_dbname(pg_server, name)
+        if schema:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                create_schema(conn)
+        yield dsn
     finally:
-        with psycopg.connect(pg_server, autocommit=True) as admin:
+        with psycopg.connect(admin_dsn, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture
-def dsn(empty_dsn: str) -> str:
-    """Return the DSN of a fresh database holding the ledger schema."""
-    with psycopg.connect(empty_dsn, autocommit=True) as conn:
-        create_schema(conn)
-    return empty_dsn
+def empty_dsn(pg_server: str) -> Iterator[str]:
+    """Yield the DSN of a fresh, empty database."""
+    with temporary_database(pg_server) as dsn:
+        yield dsn
+
+
+@pytest.fixture
+def dsn(pg_server: str) -> Iterator[str]:
+    """Yield the DSN of a fresh database holding the ledger schema."""
+    with temporary_database(pg_server, schema=True) as dsn:
+        yield dsn
