@@ -72,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="timestamp of the newest row, ISO 8601 (default: now)",
     )
+    gen.add_argument(
+        "--if-empty",
+        action="store_true",
+        help="do nothing when cost_ledger already has rows (first-start seeding)",
+    )
     demo = sub.add_parser(
         "demo",
         parents=[settings],
@@ -143,6 +148,9 @@ def _generate(args: argparse.Namespace) -> int:
     if args.rows < 0:
         raise ConfigError("--rows must be >= 0")
     with psycopg.connect(args.dsn, autocommit=True) as conn:
+        if args.if_empty and generate.has_rows(conn):
+            print("cost_ledger already has rows; nothing loaded")
+            return 0
         progress = generate.Progress(args.rows) if args.rows >= 100_000 else None
         p = generate.load(
             conn,

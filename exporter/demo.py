@@ -55,13 +55,11 @@ def run(settings: Settings, rows: int, data_dir: Path | None, append_every: floa
     try:
         dsn = server.get_uri()
         with psycopg.connect(dsn, autocommit=True) as conn:
-            generate.create_schema(conn)
-            loaded = conn.execute("SELECT count(*) FROM cost_ledger").fetchone()
-            if loaded and loaded[0] == 0:
+            if generate.has_rows(conn):
+                plan = generate.plan(0)
+            else:
                 print(f"loading a synthetic ledger of {rows:,} LLM calls ...", flush=True)
                 plan = generate.load(conn, rows, progress=generate.Progress(rows).update)
-            else:
-                plan = generate.plan(0)
         appender = threading.Thread(
             target=_append_forever,
             name="demo-append",

@@ -208,6 +208,12 @@ def create_schema(conn: psycopg.Connection[Any]) -> None:
     conn.execute(schema_sql())  # type: ignore[arg-type]
 
 
+def has_rows(conn: psycopg.Connection[Any]) -> bool:
+    """Create the schema if needed and return True if cost_ledger holds at least one row."""
+    create_schema(conn)
+    return conn.execute("SELECT EXISTS (SELECT 1 FROM cost_ledger)").fetchone() == (True,)
+
+
 class Progress:
     """A progress bar on a terminal; a line every 10% otherwise."""
 
