@@ -30,9 +30,10 @@ $(SCHEMA): dashboards/schema/package-lock.json
 demo: $(STAMP)
 	$(BIN)/resource-exporter demo
 
-## system-deps: Debian's prometheus package (promtool and prometheus for the tests)
+## system-deps: Debian's prometheus and alertmanager packages (prometheus, promtool, amtool)
 system-deps:
-	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { $(call apt_install,prometheus); }
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null && command -v amtool >/dev/null \
+		|| { $(call apt_install,prometheus prometheus-alertmanager); }
 
 ## test: install everything, lint, and run the whole suite
 test: $(STAMP) $(SCHEMA) system-deps lint

@@ -11,6 +11,7 @@ from typing import Any
 import grafanalib.core as G
 
 from dashboards import grafana as g
+from dashboards import rules
 from dashboards.grafana import sel, target
 from exporter import catalog as c
 
@@ -40,6 +41,9 @@ BUDGET_TODAY = f"sum({sel(c.BUDGET_ALLOCATED)})"
 WINDOW_SPEND = f"sum({sel(c.QUEST_WINDOW_SPEND)})"
 WASTED_USD = f"sum({sel(c.WASTED_USD)})"
 TOP_ALLOCATIONS = f"topk({TOP_QUESTS}, sum by (quest) ({sel(c.BUDGET_ALLOCATED)}))"
+
+ALERTS = "ALERTS"
+"""Prometheus's own series of firing and pending alerts."""
 
 RED_OVER_BUDGET = g.thresholds((None, "green"), (0.8, "yellow"), (1.0, "red"))
 
@@ -117,6 +121,34 @@ def overview(layout: g.Layout) -> None:
         layout.add(panel, w=3, h=4)
 
 
+def alerts(layout: g.Layout) -> None:
+    """The alerts table, at the foot of the Overview row."""
+    names = "|".join(dict.fromkeys(rules.ALERT_NAMES))
+    layout.add(
+        g.table(
+            "Firing and pending alerts",
+            "The Resource Intelligence alerts Prometheus is evaluating now: firing, or pending "
+            "until their 'for' duration passes. See the runbook in the README.",
+            [target(f'{ALERTS}{{alertname=~"{names}"}}', table=True)],
+            columns={
+                "alertname": "Alert",
+                "alertstate": "State",
+                "severity": "Severity",
+                "quest": "Quest",
+                "provider": "Provider",
+                "instance": "Instance",
+            },
+            sort_by="Severity",
+            overrides=[
+                _colored("State", {"firing": "red", "pending": "orange"}),
+                _colored("Severity", {"critical": "red", "warning": "orange"}),
+            ],
+        ),
+        w=24,
+        h=6,
+    )
+
+
 def budget_allocation(layout: g.Layout) -> None:
     layout.row("Budget allocation")
     layout.add(
@@ -130,7 +162,7 @@ def budget_allocation(layout: g.Layout) -> None:
             ],
             "currencyUSD",
         ),
-        w=12,
+        w=8,
         h=10,
     )
     layout.add(
@@ -143,7 +175,20 @@ def budget_allocation(layout: g.Layout) -> None:
             steps=RED_OVER_BUDGET,
             min_value=0,
         ),
-        w=12,
+        w=8,
+        h=10,
+    )
+    layout.add(
+        g.bargauge(
+            "Hours until today's budget runs out",
+            "What is left of today's allocation divided by the last hour's spend rate "
+            "(recording rule); quests that spent nothing in the last hour are not shown.",
+            [target(f"sort({sel(rules.QUEST_EXHAUSTION_HOURS)})", "{{quest}}", instant=True)],
+            "h",
+            steps=g.thresholds((None, "red"), (2, "orange"), (6, "green")),
+            min_value=0,
+        ),
+        w=8,
         h=10,
     )
 
@@ -153,12 +198,14 @@ def utilization_timeline(layout: g.Layout) -> None:
     layout.add(
         g.timeseries(
             "Daily spend vs budget",
-            "Bars: cost per UTC day (increase of the spend counter over each day). Line: the "
-            "day's total allocation.",
+            "Bars: cost per UTC day (increase of the spend counter over the day ending at each "
+            "bar). Line: that day's total allocation (its last value before midnight).",
             [
                 target(f"sum(increase({sel(c.SPEND)}[1d]))", "spend", interval="1d"),
                 target(
-                    f"sum(avg_over_time({sel(c.BUDGET_ALLOCATED)}[1d]))", "budget", interval="1d"
+                    f"sum(last_over_time({sel(c.BUDGET_ALLOCATED)}[1d] offset 1s))",
+                    "budget",
+                    interval="1d",
                 ),
             ],
             "currencyUSD",
@@ -265,6 +312,25 @@ def providers(layout: g.Layout) -> None:
             overrides=_provider_overrides(),
         ),
         w=6,
+        h=8,
+    )
+    layout.add(
+        g.timeseries(
+            "Daily spend by provider",
+            "Cost per UTC day by provider family (increase of the spend counter over each "
+            "day; each bar is the day ending at its timestamp).",
+            [
+                target(
+                    f"sum by (provider) (increase({sel(c.SPEND)}[1d]))",
+                    "{{provider}}",
+                    interval="1d",
+                )
+            ],
+            "currencyUSD",
+            bars=True,
+            overrides=_provider_overrides(),
+        ),
+        w=24,
         h=8,
     )
     layout.add(
@@ -380,6 +446,7 @@ def exporter_health(layout: g.Layout) -> None:
 
 SECTIONS = (
     overview,
+    alerts,
     budget_allocation,
     utilization_timeline,
     efficiency,

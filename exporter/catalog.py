@@ -314,6 +314,13 @@ LAST_SUCCESS = _m(
     (),
     "dateTimeAsIso",
 )
+START_TIME = _m(
+    "exporter_start_time_seconds",
+    "gauge",
+    "Unix time the exporter started; staleness before a first success counts from here.",
+    (),
+    "dateTimeAsIso",
+)
 REFRESH_INTERVAL = _m(
     "exporter_refresh_interval_seconds",
     "gauge",
@@ -358,6 +365,7 @@ HEALTH_METRICS: tuple[Metric, ...] = (
     REFRESH_DURATION,
     LAST_REFRESH,
     LAST_SUCCESS,
+    START_TIME,
     REFRESH_INTERVAL,
     DATABASE_UP,
     FOLDED_LABELS,

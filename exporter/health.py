@@ -31,6 +31,7 @@ class Health:
 
     interval: float
     queries: dict[str, QueryHealth]
+    started: float = 0.0
     refreshes: int = 0
     failures: int = 0
     skipped: int = 0
@@ -58,6 +59,7 @@ class Health:
             family_of(c.REFRESH_FAILURES, {(): float(self.failures)}),
             family_of(c.REFRESH_SKIPPED, {(): float(self.skipped)}),
             family_of(c.REFRESH_DURATION, {(): self.refresh_duration}),
+            family_of(c.START_TIME, {(): self.started}),
             family_of(c.REFRESH_INTERVAL, {(): self.interval}),
             family_of(c.DATABASE_UP, {(): float(self.database_up)}),
             family_of(c.FOLDED_LABELS, {(k,): float(v) for k, v in self.ledger.folded.items()}),

