@@ -77,6 +77,23 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do nothing when cost_ledger already has rows (first-start seeding)",
     )
+    back = sub.add_parser(
+        "backfill",
+        parents=[settings],
+        help="write the metric history of the ledger as OpenMetrics for promtool",
+    )
+    back.add_argument("--days", type=int, default=30, help="days of history (default 30)")
+    back.add_argument("--out", type=Path, default=None, help="output file (default: stdout)")
+    back.add_argument(
+        "--job",
+        default="resource-exporter",
+        help="the job label Prometheus gives the exporter (default resource-exporter)",
+    )
+    back.add_argument(
+        "--instance",
+        default="exporter:9853",
+        help="the instance label of the exporter's target (default exporter:9853)",
+    )
     demo = sub.add_parser(
         "demo",
         parents=[settings],
@@ -164,6 +181,25 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _backfill(args: argparse.Namespace, settings: Settings) -> int:
+    from exporter.backfill import backfill
+
+    settings.dsn_value()
+    if not 1 <= args.days <= 3660:
+        raise ConfigError("--days must be between 1 and 3660")
+    if args.out is None:
+        summary = backfill(settings, args.days, sys.stdout, job=args.job, instance=args.instance)
+    else:
+        with args.out.open("w", encoding="utf-8") as out:
+            summary = backfill(settings, args.days, out, job=args.job, instance=args.instance)
+    print(
+        f"backfilled {summary.series:,} series, {summary.samples:,} samples from "
+        f"{summary.start:%Y-%m-%d %H:%M} to {summary.end:%Y-%m-%d %H:%M} UTC",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def _demo(args: argparse.Namespace, settings: Settings) -> int:
     from exporter import demo
 
@@ -187,6 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "once": lambda: _once(settings),
             "check": lambda: _check(settings),
             "demo": lambda: _demo(args, settings),
+            "backfill": lambda: _backfill(args, settings),
         }
         return int(handlers[args.command]())
     except ConfigError as exc:

@@ -64,7 +64,7 @@ class LedgerFamilies:
         return sum(len(f.samples) for f in self.families)
 
 
-class _Labels:
+class LabelGuard:
     """Cleaning and folding of the quest and layer labels for one refresh."""
 
     def __init__(self, settings: Settings, rows: Mapping[str, Rows]) -> None:
@@ -116,7 +116,7 @@ def build_ledger(
 
     A query missing from ``rows`` (never succeeded) leaves its families out entirely.
     """
-    labels = _Labels(settings, rows)
+    labels = LabelGuard(settings, rows)
     out = LedgerFamilies()
     excluded: Series = {}
     for relation, reason in q.EXCLUSION_REASONS:
@@ -142,7 +142,7 @@ def build_ledger(
 
 def _spend(
     rows: Rows,
-    labels: _Labels,
+    labels: LabelGuard,
     providers: ProviderFamilies,
     excluded: Series,
     spend_today: Series,
@@ -172,7 +172,7 @@ def _spend(
     return families
 
 
-def _budget(rows: Rows, labels: _Labels, excluded: Series, spend_today: Series) -> list[Family]:
+def _budget(rows: Rows, labels: LabelGuard, excluded: Series, spend_today: Series) -> list[Family]:
     allocated: Series = defaultdict(float)
     for r in rows:
         if r.excluded:
@@ -188,7 +188,7 @@ def _budget(rows: Rows, labels: _Labels, excluded: Series, spend_today: Series) 
     return [family_of(c.BUDGET_ALLOCATED, allocated), family_of(c.BUDGET_UTILIZATION, utilization)]
 
 
-def _window(rows: Rows, labels: _Labels) -> list[Family]:
+def _window(rows: Rows, labels: LabelGuard) -> list[Family]:
     ranked: dict[str, dict[tuple[str, ...], Any]] = {"efficiency": {}, "waste": {}}
     waste: dict[str, Series] = {
         "tokens": defaultdict(float),

@@ -158,6 +158,38 @@ PROVIDERS = Query(
 )
 
 ALL_QUERIES: tuple[Query, ...] = (SPEND_TOTALS, BUDGET_TODAY, WINDOW_TASKS, PROVIDERS)
+"""The queries of one refresh, in order."""
+
+# --- Backfill (a one-off history export, not part of a refresh) ------------------------------
+
+# Valid rows per hour from %(start)s to %(end)s, and one row per series of everything before.
+HOURLY_SPEND = Query(
+    "hourly_spend",
+    f"""
+    SELECT CASE WHEN c.ts < %(start)s THEN NULL
+                ELSE date_bin('1 hour', c.ts, %(start)s) END AS hour,
+           c.quest, c.layer, c.provider,
+           count(*) AS calls,
+           sum(c.cost_usd) AS cost,
+           sum(c.input_tokens) AS input_tokens,
+           sum(c.output_tokens) AS output_tokens
+    FROM cost_ledger c
+    WHERE c.ts < %(end)s AND {_VALID}
+    GROUP BY 1, 2, 3, 4
+    ORDER BY 1 NULLS FIRST
+    """,
+)
+
+BUDGET_DAYS = Query(
+    "budget_days",
+    """
+    SELECT b.quest, b.day, sum(b.allocated_usd) AS allocated
+    FROM quest_budget_allocations b
+    WHERE b.day BETWEEN %(first_day)s AND %(last_day)s
+      AND b.allocated_usd >= 0 AND b.allocated_usd < 'Infinity'
+    GROUP BY b.quest, b.day
+    """,
+)
 
 EXCLUSION_REASONS: tuple[tuple[str, str], ...] = (
     *(("cost_ledger", reason) for reason, _ in COST_ROW_CHECKS),

@@ -11,8 +11,10 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
+from types import MappingProxyType
 from typing import Any
 
 import psycopg
@@ -107,6 +109,11 @@ class Refresher:
             return self._refresh(now or datetime.fromtimestamp(self._clock(), UTC))
         finally:
             self._running.release()
+
+    @property
+    def rows(self) -> Mapping[str, list[Any]]:
+        """The latest good rows of each query (what the published families were built from)."""
+        return MappingProxyType(self._rows)
 
     def _refresh(self, now: datetime) -> bool:
         started = time.perf_counter()

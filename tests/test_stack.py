@@ -88,10 +88,10 @@ def test_dockerfile_runs_unprivileged_and_checks_health() -> None:
 
 def test_container_commands_are_valid_exporter_commands() -> None:
     parser = build_parser()
-    for name in ("seed", "exporter"):
+    for name in ("seed", "exporter", "backfill-export"):
         command = [re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(a)) for a in SERVICES[name]["command"]]
         args = parser.parse_args(command)
-        assert args.command in ("generate", "serve")
+        assert args.command in ("generate", "serve", "backfill")
     serve = parser.parse_args(SERVICES["exporter"]["command"])
     assert serve.port == 9853
 
@@ -182,6 +182,25 @@ def test_alertmanager_config_is_valid_and_wired_to_prometheus() -> None:
     receivers = {r["name"] for r in config["receivers"]}
     assert config["route"]["receiver"] in receivers
     assert {r["receiver"] for r in config["route"]["routes"]} <= receivers
+
+
+def test_backfill_step_feeds_the_prometheus_volume() -> None:
+    export, blocks = SERVICES["backfill-export"], SERVICES["backfill-blocks"]
+    out = export["command"][export["command"].index("--out") + 1]
+    assert blocks["command"][-2:] == [out, "/prometheus"]
+    assert blocks["image"] == SERVICES["prometheus"]["image"]  # the same promtool as the server
+    assert "prometheus-data:/prometheus" in blocks["volumes"]
+    assert "prometheus-data:/prometheus" in SERVICES["prometheus"]["volumes"]
+    job = yaml.safe_load(_in_container("prometheus", "/etc/prometheus/prometheus.yml").read_text())[
+        "scrape_configs"
+    ][0]
+    command = export["command"]
+    assert command[command.index("--job") + 1] == job["job_name"]
+    assert [command[command.index("--instance") + 1]] == job["static_configs"][0]["targets"]
+    assert (
+        "RUN" in (ROOT / "exporter" / "Dockerfile").read_text()
+        and "/backfill" in (ROOT / "exporter" / "Dockerfile").read_text()
+    )
 
 
 def test_postgres_init_creates_a_select_only_exporter_role(dsn: str, pg_server: str) -> None:

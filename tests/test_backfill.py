@@ -1,0 +1,203 @@
+"""Backfill + live: past days equal the ledger's daily sums, and the seam has no jump."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from dashboards import __main__ as generator
+from dashboards import grafana, resource, rules
+from exporter import generate
+from exporter.config import load_settings
+from exporter.refresh import Refresher
+from exporter.server import MetricsServer
+from tests.conftest import require_binary, temporary_database
+from tests.ledger import FAMILY_OF
+from tests.prom import running_prometheus
+from tests.promql import panel_queries
+from tests.test_dashboards_e2e import ALL, HISTORY, substitute
+
+BOARD = grafana.render(resource.dashboard())
+DAYS = 4
+
+
+def _query(title: str, ref: str = "A") -> str:
+    for panel, target in panel_queries(BOARD):
+        if panel["title"] == title and target["refId"] == ref:
+            return substitute(target["expr"], ALL)
+    raise KeyError((title, ref))
+
+
+def _ledger(dsn: str) -> tuple[list[Any], list[Any]]:
+    """Read back the valid cost rows and the allocations, to sum them in Python."""
+    with psycopg.connect(dsn) as conn:
+        calls = conn.execute("SELECT ts, quest, provider, cost_usd FROM cost_ledger").fetchall()
+        budgets = conn.execute(
+            "SELECT quest, day, allocated_usd FROM quest_budget_allocations"
+        ).fetchall()
+    return calls, budgets
+
+
+def _value(result: list[dict[str, Any]]) -> float:
+    (sample,) = result
+    return float(sample["value"][1])
+
+
+@pytest.fixture(scope="module")
+def backfilled(pg_server: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    tmp = Path(tmp_path_factory.mktemp("backfill"))
+    with temporary_database(pg_server, schema=True) as dsn:
+        now = datetime.now(UTC)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            generate.load(conn, 4000, seed=9, end=now, days=DAYS + 1)
+        refresher = Refresher(load_settings({"dsn": dsn}, env={}))
+        assert refresher.refresh(now)
+        server = MetricsServer(refresher, "127.0.0.1", 0).start()
+        try:
+            history = tmp / "history.om"
+            run = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "exporter",
+                    "backfill",
+                    "--dsn",
+                    dsn,
+                    "--days",
+                    str(DAYS),
+                    "--out",
+                    str(history),
+                    "--instance",
+                    f"127.0.0.1:{server.port}",
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            assert run.returncode == 0, run.stderr
+            blocks = subprocess.run(
+                [
+                    require_binary("promtool"),
+                    "tsdb",
+                    "create-blocks-from",
+                    "openmetrics",
+                    str(history),
+                    str(tmp / "data"),
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            assert blocks.returncode == 0, blocks.stderr
+            with running_prometheus(
+                tmp,
+                [f"127.0.0.1:{server.port}"],
+                rule_files=[generator.RULES],
+                storage=tmp / "data",
+            ) as prom:
+                prom.wait_for("count_over_time(scidex_exporter_build_info[1m]) >= 2")
+                prom.wait_for(rules.QUEST_SPEND_RATE["1h"].name)
+                yield prom, dsn, now
+        finally:
+            server.stop()
+            refresher.close()
+
+
+def _past_days(now: datetime) -> list[date]:
+    """The whole UTC days the backfill covers, before today."""
+    first = (now - timedelta(days=DAYS)).date() + timedelta(days=1)
+    return [first + timedelta(days=i) for i in range((now.date() - first).days)]
+
+
+def _midnight_after(day: date) -> float:
+    return datetime.combine(day + timedelta(days=1), datetime.min.time(), UTC).timestamp()
+
+
+@pytest.mark.prometheus
+def test_timeline_shows_each_past_day_as_in_the_ledger(backfilled: Any) -> None:
+    prom, dsn, now = backfilled
+    calls, budgets = _ledger(dsn)
+    spend: dict[date, float] = defaultdict(float)
+    for ts, _, _, cost in calls:
+        spend[ts.astimezone(UTC).date()] += float(cost)
+    budget: dict[date, float] = defaultdict(float)
+    for _, day, allocated in budgets:
+        budget[day] += float(allocated)
+    days = _past_days(now)
+    assert len(days) >= DAYS - 1
+    for day in days:
+        at = _midnight_after(day)
+        got = _value(prom.query(_query("Daily spend vs budget", "A"), at=at))
+        assert got == pytest.approx(spend[day], rel=1e-9), day
+        got = _value(prom.query(_query("Daily spend vs budget", "B"), at=at))
+        assert got == pytest.approx(budget[day], rel=1e-9), day
+
+
+@pytest.mark.prometheus
+def test_provider_timeline_shows_each_past_day_as_in_the_ledger(backfilled: Any) -> None:
+    prom, dsn, now = backfilled
+    calls, _ = _ledger(dsn)
+    spend: dict[tuple[date, str], float] = defaultdict(float)
+    for ts, _, provider, cost in calls:
+        spend[(ts.astimezone(UTC).date(), FAMILY_OF[provider])] += float(cost)
+    for day in _past_days(now):
+        result = prom.query(_query("Daily spend by provider"), at=_midnight_after(day))
+        got = {s["metric"]["provider"]: float(s["value"][1]) for s in result}
+        want = {family: v for (d, family), v in spend.items() if d == day}
+        assert set(want) <= set(got)
+        for family in set(got) | set(want):
+            assert got[family] == pytest.approx(want.get(family, 0.0), rel=1e-9), (day, family)
+
+
+@pytest.mark.prometheus
+def test_no_reset_and_no_jump_at_the_backfill_live_seam(backfilled: Any) -> None:
+    prom, dsn, now = backfilled
+    seam = now.replace(minute=0, second=0, microsecond=0)  # the last backfilled sample
+    (live,) = prom.query("max(timestamp(scidex_spend_usd_total))")
+    live_at = float(live["value"][1])
+    assert live_at > seam.timestamp()
+    window = f"{round((live_at - seam.timestamp()) * 1000)}ms"
+    resets = prom.query(f"sum(resets(scidex_spend_usd_total[{DAYS + 1}d]))", at=live_at)
+    assert _value(resets) == 0
+    calls, _ = _ledger(dsn)
+    since_seam = sum(float(cost) for ts, _, _, cost in calls if ts >= seam)
+    got = _value(prom.query(f"sum(increase(scidex_spend_usd_total[{window}]))", at=live_at))
+    assert got == pytest.approx(since_seam, rel=1e-9)
+    before = _value(prom.query("sum(scidex_spend_usd_total)", at=seam.timestamp()))
+    after = _value(prom.query("sum(scidex_spend_usd_total)", at=live_at))
+    assert after - before == pytest.approx(since_seam, rel=1e-9)
+
+
+@pytest.mark.prometheus
+def test_budget_exhaustion_forecast_from_history(backfilled: Any) -> None:
+    """The forecast panel: what is left of today's budget over the last hour's spend rate."""
+    assert ("Hours until today's budget runs out", "A") in HISTORY
+    prom, dsn, now = backfilled
+    calls, budgets = _ledger(dsn)
+    midnight = datetime.combine(now.date(), datetime.min.time(), UTC)
+    spent: dict[str, float] = defaultdict(float)
+    for ts, quest, _, cost in calls:
+        if ts >= midnight:
+            spent[quest] += float(cost)
+    allocated = {quest: float(a) for quest, day, a in budgets if day == now.date()}
+    prom.wait_for(rules.QUEST_EXHAUSTION_HOURS.name)
+    at = time.time()  # both recorded series from the same rule evaluation
+    rates = {
+        s["metric"]["quest"]: float(s["value"][1])
+        for s in prom.query(rules.QUEST_SPEND_RATE["1h"].name, at=at)
+    }
+    result = prom.query(_query("Hours until today's budget runs out"), at=at)
+    got = {s["metric"]["quest"]: float(s["value"][1]) for s in result}
+    assert got, "no forecast on a ledger with spend in the last hour"
+    assert set(got) == {q for q, r in rates.items() if r > 0 and q in allocated}
+    for quest, hours in got.items():
+        left = max(allocated[quest] - spent[quest], 0.0)
+        assert hours == pytest.approx(left / (rates[quest] * 3600), rel=1e-6), quest
