@@ -104,7 +104,15 @@ def backfill(
     finally:
         conn.close()
     hours = [start + i * HOUR for i in range(int((end - start) / HOUR) + 1)]
-    spend_by_hour = _counters(history, hourly, guard, refresher.providers.family, hours)
+    family = refresher.providers.family
+    # Every series the live exporter has, even one whose first row came after the last full
+    # hour, gets a history (of zeros) so increase() sees it start from 0 rather than appear.
+    live = {
+        (*guard.ql(r.quest, r.layer), family(r.provider))
+        for r in refresher.rows[q.SPEND_TOTALS.name]
+        if r.reason is None
+    }
+    spend_by_hour = _counters(history, hourly, live, guard, family, hours)
     _budgets(history, budgets, spend_by_hour, guard, settings, hours)
     return _write(history, out, start, end)
 
@@ -112,23 +120,28 @@ def backfill(
 def _counters(
     history: _History,
     rows: list[Any],
+    live: Iterable[tuple[str, str, str]],
     guard: LabelGuard,
     family: Callable[[str | None], str],
     hours: list[datetime],
 ) -> dict[tuple[datetime, str], float]:
-    """Emit the cumulative counters; return each folded quest's spend per hour bucket."""
-    totals: dict[tuple[str, str, str], list[Decimal]] = defaultdict(lambda: [Decimal(0)] * 4)
+    """Emit the cumulative counters; return each folded quest's spend per hour bucket.
+
+    ``rows`` are hourly sums (``hour`` is None for everything before the start); every series
+    in ``live`` or ``rows`` is emitted from the start, at 0 until its first row.
+    """
+    totals: dict[tuple[str, str, str], list[Decimal]] = {key: [Decimal(0)] * 4 for key in live}
     buckets: dict[datetime, list[Any]] = defaultdict(list)
     spend_by_hour: dict[tuple[datetime, str], float] = defaultdict(float)
     for r in rows:
         quest, layer = guard.ql(r.quest, r.layer)
         key = (quest, layer, family(r.provider))
+        values = totals.setdefault(key, [Decimal(0)] * 4)
         if r.hour is None:
-            _accumulate(totals[key], r)
+            _accumulate(values, r)
         else:
             buckets[r.hour].append((key, r))
             spend_by_hour[(r.hour, quest)] += float(r.cost)
-            totals[key]  # a series that starts later still gets its 0 at the start
     last: dict[tuple[str, str, str], list[Decimal]] = {}
     for at in hours:
         midnight = at.hour == 0

@@ -7,6 +7,7 @@ import sys
 import time
 from collections import defaultdict
 from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from exporter.config import load_settings
 from exporter.refresh import Refresher
 from exporter.server import MetricsServer
 from tests.conftest import require_binary, temporary_database
-from tests.ledger import FAMILY_OF
+from tests.ledger import FAMILY_OF, Call, insert
 from tests.prom import running_prometheus
 from tests.promql import panel_queries
 from tests.test_dashboards_e2e import ALL, HISTORY, substitute
@@ -57,7 +58,18 @@ def backfilled(pg_server: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
     with temporary_database(pg_server, schema=True) as dsn:
         now = datetime.now(UTC)
         with psycopg.connect(dsn, autocommit=True) as conn:
-            generate.load(conn, 4000, seed=9, end=now, days=DAYS + 1)
+            plan = generate.load(conn, 4000, seed=9, end=now, days=DAYS + 1)
+        # Spend after the last full hour whatever the minute, so the 1h rates are not zero.
+        recent = [q.name for q in plan.quests[:3]]
+        insert(
+            dsn,
+            [
+                Call(
+                    now - timedelta(seconds=1), f"recent-{i}", quest=quest, cost_usd=Decimal("0.5")
+                )
+                for i, quest in enumerate(recent)
+            ],
+        )
         refresher = Refresher(load_settings({"dsn": dsn}, env={}))
         assert refresher.refresh(now)
         server = MetricsServer(refresher, "127.0.0.1", 0).start()
