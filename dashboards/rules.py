@@ -76,6 +76,9 @@ QUEST_WASTE_SHARE = _rec(
 QUEST_WINDOW_SPEND = _rec(
     "quest:scidex_quest_window_spend_usd:sum", "30-day spend.", "quest", "currencyUSD"
 )
+QUEST_DAILY_SPEND = _rec(
+    "quest:scidex_spend_usd:increase1d", "Spend over the last 24 hours.", "quest", "currencyUSD"
+)
 PROVIDER_SPEND_RATE = {
     w: _rec(
         f"provider:scidex_spend_usd:rate{w}",
@@ -94,6 +97,7 @@ RECORDED_METRICS: tuple[c.Metric, ...] = (
     QUEST_EXHAUSTION_HOURS,
     QUEST_WASTE_SHARE,
     QUEST_WINDOW_SPEND,
+    QUEST_DAILY_SPEND,
     *PROVIDER_SPEND_RATE.values(),
 )
 RECORDED = frozenset(m.name for m in RECORDED_METRICS)
@@ -143,11 +147,14 @@ def recording_rules(cfg: RulesConfig = CONFIG) -> list[dict[str, Any]]:
 
 
 def slow_recording_rules(cfg: RulesConfig = CONFIG) -> list[dict[str, Any]]:
-    """Long-window rates, evaluated every 5 minutes: they change slowly and read many samples."""
+    """Long windows, evaluated every 5 minutes: they change slowly and read many samples."""
     j = cfg.sel
     return [
-        _record(PROVIDER_SPEND_RATE[w], f"sum by (provider) (rate({c.SPEND}{{{j}}}[{w}]))")
-        for w in ("3h", "7d")
+        _record(QUEST_DAILY_SPEND, f"sum by (quest) (increase({c.SPEND}{{{j}}}[1d]))"),
+        *(
+            _record(PROVIDER_SPEND_RATE[w], f"sum by (provider) (rate({c.SPEND}{{{j}}}[{w}]))")
+            for w in ("3h", "7d")
+        ),
     ]
 
 
