@@ -23,6 +23,8 @@ class QueryHealth:
     duration: float = 0.0
     last_success: float | None = None
     errors: int = 0
+    failing: int = 0
+    """Consecutive failures; logs back off on it."""
 
 
 @dataclass

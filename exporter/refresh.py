@@ -22,6 +22,7 @@ from psycopg.rows import namedtuple_row
 
 from exporter import queries as q
 from exporter.config import Settings
+from exporter.contract import check_relations
 from exporter.families import build_ledger, provider_params
 from exporter.health import Health, QueryHealth
 from exporter.labels import ProviderFamilies
@@ -88,6 +89,7 @@ class Refresher:
         self._conn: psycopg.Connection[Any] | None = None
         self._running = threading.Lock()
         self._closing = threading.Event()
+        self._outage = 0  # consecutive refreshes that could not reach the database
         self._rows: dict[str, list[Any]] = {}
         self.health = Health(
             interval=settings.interval_seconds,
@@ -126,9 +128,22 @@ class Refresher:
         h.last_refresh = self._clock()
         if ok:
             h.last_success = h.last_refresh
-        h.ledger = build_ledger(self._rows, self.settings, self.providers)
+        h.ledger = build_ledger(self._fresh_rows(), self.settings, self.providers)
         self.snapshot = Snapshot.of(h.ledger.families + h.families())
         return ok
+
+    def _fresh_rows(self) -> dict[str, list[Any]]:
+        """The rows of queries that succeeded within the maximum staleness.
+
+        Older ones are left out, so their families disappear (a gap in Grafana) instead of
+        showing a flat line of old numbers; the health families say why.
+        """
+        limit = self._clock() - self.settings.max_staleness_seconds
+        return {
+            name: rows
+            for name, rows in self._rows.items()
+            if (self.health.queries[name].last_success or 0.0) >= limit
+        }
 
     def _run_all(self, instants: Instants) -> bool:
         for health in self.health.queries.values():
@@ -164,14 +179,26 @@ class Refresher:
             if conn.broken:
                 raise
             health.errors += 1
+            health.failing += 1
             if self._closing.is_set():
                 event(log, logging.INFO, "query cancelled by shutdown", query=query.name)
-            else:
-                event(log, logging.ERROR, "query failed", query=query.name, **error_fields(exc))
+            elif _log_now(health.failing):
+                event(
+                    log,
+                    logging.ERROR,
+                    "query failed",
+                    query=query.name,
+                    failures=health.failing,
+                    **error_fields(exc),
+                    **_contract(conn, exc),
+                )
             return False
         health.duration = time.perf_counter() - started
         health.success = True
         health.last_success = self._clock()
+        if health.failing:
+            event(log, logging.INFO, "query recovered", query=query.name, failures=health.failing)
+            health.failing = 0
         self._rows[query.name] = rows
         return True
 
@@ -194,6 +221,9 @@ class Refresher:
     def _connection(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed:
             self._conn = connect(self.settings)
+            if self._outage:
+                event(log, logging.INFO, "database available again", attempts=self._outage)
+        self._outage = 0
         self.health.database_up = True
         return self._conn
 
@@ -205,7 +235,15 @@ class Refresher:
     def _fail_all(self, exc: BaseException) -> None:
         """Count a failure for every query that has not succeeded in this refresh."""
         self.health.database_up = False
-        event(log, logging.ERROR, "database unavailable", **error_fields(exc))
+        self._outage += 1
+        if _log_now(self._outage):
+            event(
+                log,
+                logging.ERROR,
+                "database unavailable",
+                attempts=self._outage,
+                **error_fields(exc),
+            )
         for health in self.health.queries.values():
             if not health.success:
                 health.errors += 1
@@ -222,3 +260,19 @@ class Refresher:
                 self._drop_connection()
             finally:
                 self._running.release()
+
+
+def _log_now(failures: int) -> bool:
+    """Log the 1st, 2nd, 4th, 8th... consecutive failure: a clear line, not a flood."""
+    return failures & (failures - 1) == 0
+
+
+def _contract(conn: psycopg.Connection[Any], exc: psycopg.Error) -> dict[str, str]:
+    """Name the relation and column a user's view lacks, when that is why a query failed."""
+    if not isinstance(exc, psycopg.errors.UndefinedTable | psycopg.errors.UndefinedColumn):
+        return {}
+    try:
+        problems = check_relations(conn)
+    except psycopg.Error:
+        return {}
+    return {"contract": "; ".join(problems)} if problems else {}

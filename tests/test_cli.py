@@ -158,8 +158,9 @@ def test_once_exits_non_zero_when_a_query_fails(empty_dsn: str) -> None:
     assert result.returncode == 1
     assert 'scidex_exporter_query_success{query="spend_totals"} 0.0' in result.stdout
     assert re.search(
-        r'msg="query failed" query=spend_totals error_kind=UndefinedTable '
-        r'error="relation \\"cost_ledger\\" does not exist',
+        r'msg="query failed" query=spend_totals failures=1 error_kind=UndefinedTable '
+        r'error="relation \\"cost_ledger\\" does not exist" '
+        r'contract="cost_ledger: relation does not exist \(create it or a view\);',
         result.stderr,
     )
 
