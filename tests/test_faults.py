@@ -1,0 +1,170 @@
+"""Database faults, each against a real PostgreSQL: down, lost, slow, and a broken view."""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import psycopg
+import pytest
+
+from exporter.config import load_settings
+from exporter.refresh import Refresher
+from exporter.service import Exporter
+from tests.conftest import StoppableServer
+from tests.ledger import Call, Impact, insert, key, parse
+
+NOW = datetime.now(UTC)
+SPEND = key("scidex_spend_usd_total", quest="q-a", layer="Forge", provider="bedrock")
+
+
+class Clock:
+    """A clock the test moves."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _ledger(dsn: str) -> None:
+    insert(dsn, [Call(NOW - timedelta(hours=1), "t1", cost_usd=Decimal("4"))], [Impact("t1", 2.0)])
+
+
+def _log_lines(caplog: pytest.LogCaptureFixture, message: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.getMessage() == message]
+
+
+def test_database_down_at_start_then_up_within_one_interval(
+    own_server: StoppableServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    _ledger(own_server.dsn)
+    own_server.stop()
+    interval = 0.5
+    settings = load_settings(
+        {"dsn": own_server.dsn, "interval_seconds": interval, "port": 0, "listen": "127.0.0.1"},
+        env={},
+    )
+    caplog.set_level(logging.INFO, logger="exporter")
+    exporter = Exporter(settings).start()
+    try:
+        deadline = time.monotonic() + 10
+        while exporter.refresher.health.refreshes < 8 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        health = exporter.refresher.health
+        assert health.refreshes >= 8 and not health.database_up
+        samples = parse(exporter.refresher.snapshot.text)
+        assert samples[key("scidex_exporter_database_up")] == 0
+        assert SPEND not in samples
+        # One line per failed attempt, backing off: attempts 1, 2, 4 and 8 for 8-15 attempts.
+        attempts = [r.fields["attempts"] for r in _log_lines(caplog, "database unavailable")]
+        assert attempts == [1, 2, 4, 8][: len(attempts)] and len(attempts) <= 4
+        own_server.start()
+        up_at = time.monotonic()
+        while health.last_success is None and time.monotonic() < up_at + 10:
+            time.sleep(0.02)
+        assert time.monotonic() - up_at <= interval + 0.5
+        samples = parse(exporter.refresher.snapshot.text)
+        assert samples[SPEND] == 4
+        assert _log_lines(caplog, "database available again")
+    finally:
+        exporter.stop()
+
+
+def test_connection_killed_keeps_last_values_and_reconnects(dsn: str) -> None:
+    _ledger(dsn)
+    refresher = Refresher(load_settings({"dsn": dsn}, env={}))
+    assert refresher.refresh()
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        killed = admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE application_name = 'resource-exporter' AND datname = current_database()"
+        ).fetchall()
+    assert killed == [(True,)]
+    assert refresher.refresh() is False
+    samples = parse(refresher.snapshot.text)
+    assert samples[SPEND] == 4  # the last good value
+    assert samples[key("scidex_exporter_database_up")] == 0
+    assert samples[key("scidex_exporter_query_success", query="spend_totals")] == 0
+    assert samples[key("scidex_exporter_refresh_failures_total")] == 1
+    assert refresher.refresh() is True  # reconnected by itself
+    samples = parse(refresher.snapshot.text)
+    assert samples[key("scidex_exporter_database_up")] == 1
+    refresher.close()
+
+
+def test_server_stopped_mid_run_serves_old_values_then_a_gap(own_server: StoppableServer) -> None:
+    _ledger(own_server.dsn)
+    clock = Clock()
+    settings = load_settings({"dsn": own_server.dsn, "max_staleness_seconds": 300}, env={})
+    refresher = Refresher(settings, clock=clock)
+    assert refresher.refresh()
+    good_at = clock.now
+    own_server.stop()
+    clock.now += 120
+    assert refresher.refresh() is False
+    samples = parse(refresher.snapshot.text)
+    assert samples[SPEND] == 4
+    assert samples[key("scidex_exporter_last_successful_refresh_timestamp_seconds")] == good_at
+    assert samples[key("scidex_exporter_database_up")] == 0
+    clock.now += 200  # 320 s since the last success: past the maximum staleness
+    assert refresher.refresh() is False
+    samples = parse(refresher.snapshot.text)
+    assert not [k for k in samples if not k[0].startswith("scidex_exporter_")]
+    assert samples[key("scidex_exporter_query_errors_total", query="window_tasks")] == 2
+    own_server.start()
+    assert refresher.refresh() is True
+    assert parse(refresher.snapshot.text)[SPEND] == 4
+    refresher.close()
+
+
+def test_a_hung_query_is_cancelled_and_the_others_refresh(
+    dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    _ledger(dsn)
+    refresher = Refresher(load_settings({"dsn": dsn, "statement_timeout_seconds": 0.5}, env={}))
+    blocker = psycopg.connect(dsn)
+    blocker.execute("LOCK TABLE impact_ledger IN ACCESS EXCLUSIVE MODE")
+    try:
+        started = time.monotonic()
+        assert refresher.refresh() is False
+        assert time.monotonic() - started < 3
+    finally:
+        blocker.close()
+    refresher.close()
+    samples = parse(refresher.snapshot.text)
+    assert samples[key("scidex_exporter_query_success", query="window_tasks")] == 0
+    assert samples[key("scidex_exporter_query_duration_seconds", query="window_tasks")] >= 0.5
+    for other in ("spend_totals", "budget_today", "providers"):
+        assert samples[key("scidex_exporter_query_success", query=other)] == 1
+    assert samples[SPEND] == 4
+    assert samples[key("scidex_provider_spend_usd", provider="bedrock")] == 4
+    (line,) = _log_lines(caplog, "query failed")
+    assert line.fields["query"] == "window_tasks"
+    assert line.fields["error_kind"] == "QueryCanceled"
+    assert "statement timeout" in line.fields["error"]
+
+
+def test_a_view_missing_a_column_is_named_and_the_rest_works(
+    dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    _ledger(dsn)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("ALTER TABLE impact_ledger RENAME TO impact_raw")
+        conn.execute(
+            "CREATE VIEW impact_ledger AS SELECT task_id, title, quest, layer,"
+            " measured_at FROM impact_raw"
+        )
+    refresher = Refresher(load_settings({"dsn": dsn}, env={}))
+    assert refresher.refresh() is False
+    refresher.close()
+    (line,) = _log_lines(caplog, "query failed")
+    assert line.fields["query"] == "window_tasks"
+    assert line.fields["error_kind"] == "UndefinedColumn"
+    assert line.fields["contract"] == "impact_ledger.impact_score: column is missing"
+    samples = parse(refresher.snapshot.text)
+    assert samples[SPEND] == 4
+    assert samples[key("scidex_provider_tasks", provider="bedrock")] == 1
