@@ -27,6 +27,12 @@ _SETTING_FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--max-quests", "max_quests", int, "quests that keep their own label (default 50)"),
     ("--statement-timeout", "statement_timeout_seconds", float, "seconds per query (30)"),
     ("--log-level", "log_level", str, "DEBUG, INFO, WARNING or ERROR (default INFO)"),
+    (
+        "--web.config.file",
+        "web_config_file",
+        Path,
+        "web-config.yml with TLS and basic auth for /metrics (exporter-toolkit format)",
+    ),
 )
 
 
@@ -143,6 +149,10 @@ def _once(settings: Settings) -> int:
 def _check(settings: Settings) -> int:
     from exporter.contract import check_relations
 
+    if settings.web_config_file is not None:
+        from exporter.webconfig import load_web_config
+
+        load_web_config(settings.web_config_file)
     print("configuration: ok")
     try:
         with psycopg.connect(

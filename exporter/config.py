@@ -84,6 +84,7 @@ class Settings(BaseModel):
     max_staleness_seconds: float = Field(900.0, gt=0)
     connect_timeout_seconds: int = Field(5, ge=1, le=300)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    web_config_file: Path | None = None
     providers: tuple[ProviderRule, ...] = DEFAULT_PROVIDER_RULES
 
     @field_validator("timezone")

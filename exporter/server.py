@@ -5,10 +5,13 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Protocol
 
 from exporter.snapshot import OPENMETRICS_CONTENT_TYPE, TEXT_CONTENT_TYPE, Snapshot
+from exporter.webconfig import BasicAuth, load_web_config, tls_context
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +23,10 @@ LANDING_PAGE = b"""<!doctype html>
 """
 
 
+PUBLIC_PATHS = ("/-/healthy", "/-/ready")
+"""Liveness endpoints stay open under basic auth (container health checks), and say nothing."""
+
+
 class SnapshotSource(Protocol):
     snapshot: Snapshot
 
@@ -28,15 +35,23 @@ class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
     server_version = "resource-exporter"
+    timeout = 30  # a silent client (or a stalled TLS handshake) does not hold a thread forever
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
-        if path == "/metrics":
+        if path in PUBLIC_PATHS:
+            self._send(200, "text/plain; charset=utf-8", b"OK\n")
+        elif self.server.auth is not None and not self.server.auth(
+            self.headers.get("Authorization")
+        ):
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Basic realm="resource-exporter"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif path == "/metrics":
             self._metrics()
         elif path == "/":
             self._send(200, "text/html; charset=utf-8", LANDING_PAGE)
-        elif path in ("/-/healthy", "/-/ready"):
-            self._send(200, "text/plain; charset=utf-8", b"OK\n")
         else:
             self._send(404, "text/plain; charset=utf-8", b"Not Found\n")
 
@@ -68,6 +83,7 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     source: SnapshotSource
+    auth: Callable[[str | None], bool] | None = None
 
 
 class _Server6(_Server):
@@ -77,10 +93,24 @@ class _Server6(_Server):
 class MetricsServer:
     """Serve ``/metrics`` from ``source.snapshot`` in a background thread."""
 
-    def __init__(self, source: SnapshotSource, listen: str, port: int) -> None:
+    def __init__(
+        self, source: SnapshotSource, listen: str, port: int, web_config: Path | None = None
+    ) -> None:
         server_class = _Server6 if ":" in listen else _Server
         self._httpd = server_class((listen, port), _Handler)
         self._httpd.source = source
+        self.tls = False
+        if web_config is not None:
+            config = load_web_config(web_config)
+            if config.basic_auth_users:
+                self._httpd.auth = BasicAuth(config.basic_auth_users)
+            if config.tls_server_config is not None:
+                ctx = tls_context(config.tls_server_config, web_config.parent)
+                # The handshake runs in the request's thread, on its first read.
+                self._httpd.socket = ctx.wrap_socket(
+                    self._httpd.socket, server_side=True, do_handshake_on_connect=False
+                )
+                self.tls = True
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, name="metrics-http", daemon=True
         )

@@ -25,7 +25,9 @@ class Exporter:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.refresher = Refresher(settings)
-        self.server = MetricsServer(self.refresher, settings.listen, settings.port)
+        self.server = MetricsServer(
+            self.refresher, settings.listen, settings.port, settings.web_config_file
+        )
         self.scheduler = BackgroundScheduler(timezone=UTC)
         self.scheduler.add_job(
             self.refresher.refresh,
@@ -52,6 +54,7 @@ class Exporter:
             "serving",
             listen=self.settings.listen,
             port=self.server.port,
+            tls=self.server.tls,
             interval_seconds=self.settings.interval_seconds,
         )
         return self
