@@ -319,6 +319,9 @@ def expected(
     for ratio, tid in ranked:
         t = in_window[tid]
         labels = {"task_id": lab(tid), "quest": lab(t["quest"]), "layer": lab(t["layer"])}
+        # Two ids that clean to the same labels: the better-ranked one keeps the series.
+        if key("scidex_task_impact_per_usd", **labels) in out:
+            continue
         out[key("scidex_task_impact_per_usd", **labels)] = ratio
         out[key("scidex_task_cost_usd", **labels)] = float(t["cost"])
         out[key("scidex_task_impact_score", **labels)] = impact_of[tid]  # type: ignore[assignment]
@@ -327,6 +330,8 @@ def expected(
     for tid in sorted(waste, key=lambda tid: (-waste[tid]["tokens"], tid))[: r.top_waste]:
         t = waste[tid]
         labels = {"task_id": lab(tid), "quest": lab(t["quest"]), "layer": lab(t["layer"])}
+        if key("scidex_task_wasted_tokens", **labels) in out:
+            continue
         out[key("scidex_task_wasted_tokens", **labels)] = float(t["tokens"])
         out[key("scidex_task_wasted_usd", **labels)] = float(t["cost"])
     for t in waste.values():
