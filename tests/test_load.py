@@ -1,0 +1,45 @@
+"""Load: concurrent scrapers while refreshes run on a large, growing ledger (bounded run)."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import defaultdict
+
+import psycopg
+
+from bench.load import exporter_process, growing, hammer, rss_kib
+from exporter import generate
+from tests.ledger import parse
+
+SCRAPERS = 20
+SECONDS = 8.0
+MAX_REQUESTS = 4000
+LEDGER_ROWS = 200_000
+
+
+def test_concurrent_scrapes_during_refreshes(empty_dsn: str) -> None:
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        plan = generate.load(conn, LEDGER_ROWS, seed=3)
+    bodies: dict[float, set[bytes]] = defaultdict(set)
+
+    def record(body: bytes) -> None:
+        refresh = re.search(rb"^scidex_exporter_refreshes_total (\S+)$", body, re.M)
+        assert refresh and body.endswith(b"\n"), "a torn or truncated exposition"
+        bodies[float(refresh.group(1))].add(body)
+
+    with exporter_process(empty_dsn, interval=0.5) as (url, pid), growing(empty_dsn, plan):
+        time.sleep(2)  # a few refreshes to warm up
+        rss_before = rss_kib(pid)
+        result = hammer(url, SCRAPERS, SECONDS, MAX_REQUESTS, record)
+        rss_after = rss_kib(pid)
+    assert result.errors == []
+    assert result.requests >= 200, "the scrapers barely ran"
+    assert len(bodies) >= 5, "refreshes did not run during the load"
+    spends = []
+    for refresh in sorted(bodies):
+        (body,) = bodies[refresh]  # one refresh, one body: nothing torn or mixed
+        samples = parse(body)  # parses, with no duplicate series
+        spends.append(sum(v for k, v in samples.items() if k[0] == "scidex_spend_usd_total"))
+    assert spends == sorted(spends) and spends[-1] > spends[0], "the numbers did not move"
+    assert rss_after <= rss_before * 1.25 + 10_000, (rss_before, rss_after)
