@@ -29,25 +29,24 @@ class _Families:
 class Snapshot:
     """One refresh's metric families and their rendered exposition.
 
-    The text format is rendered eagerly so a scrape only copies bytes; the other encodings are
-    rendered on first use and then cached with the snapshot.
+    The text format and its gzip (what Prometheus asks for) are rendered once, by the refresh,
+    so a scrape only copies bytes and a burst of scrapers on a new snapshot does not compress
+    it fifty times over; OpenMetrics is rendered on first use and cached.
     """
 
     families: tuple[Family, ...]
     text: bytes
+    text_gzip: bytes
 
     @classmethod
     def of(cls, families: Sequence[Family]) -> Snapshot:
         fams = tuple(families)
-        return cls(fams, generate_latest(_Families(fams)))  # type: ignore[arg-type]
+        text = generate_latest(_Families(fams))  # type: ignore[arg-type]
+        return cls(fams, text, gzip.compress(text, compresslevel=6, mtime=0))
 
     @cached_property
     def openmetrics(self) -> bytes:
         return generate_openmetrics(_Families(self.families))
-
-    @cached_property
-    def text_gzip(self) -> bytes:
-        return gzip.compress(self.text, compresslevel=6, mtime=0)
 
     @cached_property
     def openmetrics_gzip(self) -> bytes:

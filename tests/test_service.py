@@ -193,7 +193,8 @@ def test_a_client_hanging_up_mid_response_is_one_debug_line(
 
     from exporter.snapshot import Snapshot
 
-    big = SimpleNamespace(snapshot=Snapshot((), b"# many series\n" * 400_000))
+    big = SimpleNamespace(snapshot=Snapshot.of(()))
+    big.snapshot = Snapshot((), b"# many series\n" * 400_000, b"")
     server = MetricsServer(big, "127.0.0.1", 0).start()  # type: ignore[arg-type]
     try:
         for _ in range(5):
