@@ -4,14 +4,17 @@
 
 Starts an embedded PostgreSQL, loads a synthetic ledger, runs the real exporter process
 (``resource-exporter serve``), keeps appending spend, and hammers /metrics from loopback for a
-bounded time and number of requests. Prints requests/s, latency percentiles, refreshes seen and
-the exporter's memory before and after. tests/test_load.py runs a smaller version of it.
+bounded time and number of requests: first with ``wrk`` (Debian's package; plain and gzip
+responses) when it is installed, then with Python threads that also check every body. Prints
+requests/s, latency percentiles, refreshes seen and the exporter's memory before and after.
+tests/test_load.py runs a smaller version of it.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -157,6 +160,20 @@ def exporter_process(dsn: str, interval: float) -> Iterator[tuple[str, int]]:
             proc.wait(timeout=10)
 
 
+def _wrk(url: str, connections: int, seconds: float, headers: list[str]) -> str:
+    out = subprocess.run(
+        ["wrk", "-t2", f"-c{connections}", f"-d{int(seconds)}s", "--latency", *headers, url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    rate = re.search(r"Requests/sec:\s+(\S+)", out).group(1)  # type: ignore[union-attr]
+    p50 = re.search(r"50%\s+(\S+)", out).group(1)  # type: ignore[union-attr]
+    p99 = re.search(r"99%\s+(\S+)", out).group(1)  # type: ignore[union-attr]
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: (.*)", out)
+    return f"{float(rate):,.0f} req/s, p50 {p50}, p99 {p99}, errors: {bad.group(0) if bad else 0}"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
@@ -181,6 +198,9 @@ def main() -> int:
                 m = re.search(rb"^scidex_exporter_refreshes_total (\S+)$", body, re.M)
                 refreshes.add(m.group(1) if m else b"?")
 
+            if shutil.which("wrk"):
+                for label, headers in (("plain", []), ("gzip", ["-H", "Accept-Encoding: gzip"])):
+                    print(f"wrk {label:<14} {_wrk(url, args.scrapers, args.seconds, headers)}")
             result = hammer(url, args.scrapers, args.seconds, args.max_requests, seen)
             after = rss_kib(pid)
         ms = 1000
