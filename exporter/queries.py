@@ -48,24 +48,54 @@ class Query:
     sql: str
 
 
+# The snapshot of the refresh's transaction: every transaction with an xid below ``xmin`` has
+# finished; ``xmax`` is the first xid not yet assigned when the snapshot was taken.
+SNAPSHOT = Query(
+    "snapshot",
+    """
+    SELECT pg_snapshot_xmin(pg_current_snapshot())::text::numeric AS xmin,
+           pg_snapshot_xmax(pg_current_snapshot())::text::numeric AS xmax
+    """,
+)
+
+# Cumulative sums of the rows after id %(after)s (an index range scan of the primary key), split
+# into rows that are final (id <= %(safe)s: folded into the exporter's running totals) and the
+# tail (added to them for this refresh only). after = -1 recomputes the whole ledger.
 SPEND_TOTALS = Query(
     "spend_totals",
     f"""
     WITH rows AS (
-        SELECT c.quest, c.layer, c.provider, c.ts, c.cost_usd, c.input_tokens, c.output_tokens,
+        SELECT c.id, c.quest, c.layer, c.provider, c.cost_usd, c.input_tokens, c.output_tokens,
                {_EXCLUSION_REASON} AS reason
         FROM cost_ledger c
+        WHERE c.id > %(after)s
     )
-    SELECT quest, layer, provider, reason,
+    SELECT id <= %(safe)s AS final, quest, layer, provider, reason,
            count(*) AS calls,
            sum(cost_usd) FILTER (WHERE reason IS NULL) AS cost,
            sum(input_tokens) FILTER (WHERE reason IS NULL) AS input_tokens,
            sum(output_tokens) FILTER (WHERE reason IS NULL) AS output_tokens,
-           sum(cost_usd) FILTER (WHERE reason IS NULL AND ts >= %(window_start)s) AS cost_window,
-           sum(cost_usd) FILTER (WHERE reason IS NULL AND ts >= %(today_start)s) AS cost_today,
-           max(ts) FILTER (WHERE reason IS NULL) AS last_ts
+           max(id) AS max_id
     FROM rows
-    GROUP BY quest, layer, provider, reason
+    GROUP BY 1, 2, 3, 4, 5
+    """,
+)
+
+# What depends on time, not on the history: the window's spend (the label guard's weights) and
+# today's, from the ts index; and the newest valid call, from the end of that index.
+SPEND_RECENT = Query(
+    "spend_recent",
+    f"""
+    SELECT 'series' AS kind, c.quest, c.layer, c.provider,
+           sum(c.cost_usd) AS cost_window,
+           sum(c.cost_usd) FILTER (WHERE c.ts >= %(today_start)s) AS cost_today,
+           NULL::timestamptz AS last_ts
+    FROM cost_ledger c
+    WHERE c.ts >= %(window_start)s AND {_VALID}
+    GROUP BY c.quest, c.layer, c.provider
+    UNION ALL
+    SELECT 'newest', NULL, NULL, NULL, NULL, NULL,
+           (SELECT c.ts FROM cost_ledger c WHERE {_VALID} ORDER BY c.ts DESC LIMIT 1)
     """,
 )
 
@@ -157,7 +187,13 @@ PROVIDERS = Query(
     """,
 )
 
-ALL_QUERIES: tuple[Query, ...] = (SPEND_TOTALS, BUDGET_TODAY, WINDOW_TASKS, PROVIDERS)
+ALL_QUERIES: tuple[Query, ...] = (
+    SPEND_TOTALS,
+    SPEND_RECENT,
+    BUDGET_TODAY,
+    WINDOW_TASKS,
+    PROVIDERS,
+)
 """The queries of one refresh, in order."""
 
 # --- Backfill (a one-off history export, not part of a refresh) ------------------------------

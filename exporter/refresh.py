@@ -25,6 +25,7 @@ from exporter.config import Settings
 from exporter.contract import check_relations
 from exporter.families import build_ledger, provider_params
 from exporter.health import Health, QueryHealth
+from exporter.incremental import Plan, SpendTotals, merge
 from exporter.labels import ProviderFamilies
 from exporter.logs import error_fields, event
 from exporter.snapshot import Snapshot
@@ -90,6 +91,9 @@ class Refresher:
         self._running = threading.Lock()
         self._closing = threading.Event()
         self._outage = 0  # consecutive refreshes that could not reach the database
+        self._spend = SpendTotals(settings.reconcile_interval_seconds)
+        self._plan: Plan | None = None
+        self._recent: list[Any] | None = None
         self._rows: dict[str, list[Any]] = {}
         self.health = Health(
             interval=settings.interval_seconds,
@@ -156,6 +160,8 @@ class Refresher:
         ok = True
         try:
             with conn.transaction():
+                snap = conn.execute(q.SNAPSHOT.sql).fetchone()
+                self._plan = self._spend.plan(int(snap.xmin), int(snap.xmax), self._clock())
                 for query in q.ALL_QUERIES:
                     ok &= self._run(conn, query, instants)
         except psycopg.Error as exc:
@@ -199,7 +205,7 @@ class Refresher:
         if health.failing:
             event(log, logging.INFO, "query recovered", query=query.name, failures=health.failing)
             health.failing = 0
-        self._rows[query.name] = rows
+        self._store(query, rows)
         return True
 
     def _params(self, query: q.Query, instants: Instants) -> dict[str, Any]:
@@ -214,9 +220,23 @@ class Refresher:
             "top_efficiency": s.top_efficiency_tasks,
             "top_waste": s.top_waste_tasks,
         }
-        if query is q.PROVIDERS:
+        if query is q.SPEND_TOTALS:
+            params |= {"after": self._plan.after, "safe": self._plan.safe}
+        elif query is q.PROVIDERS:
             params |= provider_params(self._rows.get(q.SPEND_TOTALS.name, ()), self.providers)
         return params
+
+    def _store(self, query: q.Query, rows: list[Any]) -> None:
+        """Keep a query's rows; the two spend queries combine into the spend_totals rows."""
+        if query is q.SPEND_TOTALS:
+            self._spend.apply(self._plan, rows, self._clock())
+        elif query is q.SPEND_RECENT:
+            self._recent = rows
+        else:
+            self._rows[query.name] = rows
+            return
+        if self._recent is not None and self._spend.last_full is not None:
+            self._rows[q.SPEND_TOTALS.name] = merge(self._spend.totals, self._recent)
 
     def _connection(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed:
