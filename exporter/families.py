@@ -147,9 +147,12 @@ def _spend(
     excluded: Series,
     spend_today: Series,
 ) -> list[Family]:
-    spend: Series = defaultdict(float)
-    calls: Series = defaultdict(float)
-    tokens: Series = defaultdict(float)
+    # Counters are summed exactly and converted to float once: float sums in a different order
+    # (several raw providers fold into one family) can differ in the last bit between refreshes,
+    # and a counter that steps back by one ulp is a reset to Prometheus.
+    spend: dict[tuple[str, ...], Decimal] = defaultdict(Decimal)
+    calls: dict[tuple[str, ...], Decimal] = defaultdict(Decimal)
+    tokens: dict[tuple[str, ...], Decimal] = defaultdict(Decimal)
     last_ts: float | None = None
     for r in rows:
         if r.reason is not None:
@@ -158,15 +161,19 @@ def _spend(
             continue
         quest, layer = labels.ql(r.quest, r.layer)
         key = (quest, layer, providers.family(r.provider))
-        spend[key] += _f(r.cost)
+        spend[key] += r.cost or 0
         calls[key] += r.calls
-        tokens[(*key, "input")] += _f(r.input_tokens)
-        tokens[(*key, "output")] += _f(r.output_tokens)
+        tokens[(*key, "input")] += r.input_tokens or 0
+        tokens[(*key, "output")] += r.output_tokens or 0
         if r.cost_today is not None:
             spend_today[(quest,)] = spend_today.get((quest,), 0.0) + _f(r.cost_today)
         if r.last_ts is not None:
             last_ts = max(last_ts or 0.0, r.last_ts.timestamp())
-    families = [family_of(c.SPEND, spend), family_of(c.TOKENS, tokens), family_of(c.CALLS, calls)]
+    families = [
+        family_of(c.SPEND, {k: float(v) for k, v in spend.items()}),
+        family_of(c.TOKENS, {k: float(v) for k, v in tokens.items()}),
+        family_of(c.CALLS, {k: float(v) for k, v in calls.items()}),
+    ]
     if last_ts is not None:
         families.append(family_of(c.LEDGER_LAST_CALL, {(): last_ts}))
     return families

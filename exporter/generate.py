@@ -7,6 +7,7 @@ subscription calls, tasks that are still running or were never measured, and was
 
 from __future__ import annotations
 
+import heapq
 import random
 import sys
 from collections.abc import Callable, Iterator
@@ -150,19 +151,45 @@ def plan(rows: int, *, seed: int = 7, end: datetime | None = None, days: int = 3
 
 
 def cost_rows(p: LedgerPlan) -> Iterator[tuple[Any, ...]]:
-    """Yield (ts, task_id, quest, layer, provider, model, input, output, cost) rows."""
-    rng = random.Random(p.seed + 1)
-    for t in p.tasks:
-        ts = t.start
-        scale = 4.0 if t.wasteful else 1.0
-        for _ in range(t.calls):
-            ts = min(ts + timedelta(seconds=rng.expovariate(1 / 90)), p.end)
-            raw, model, _, price_in, price_out = PROVIDERS[rng.choice(t.providers)]
-            tokens_in = int(rng.lognormvariate(8.0, 1.0) * scale)
-            tokens_out = int(rng.lognormvariate(6.5, 1.1) * scale)
-            cost = round((tokens_in * price_in + tokens_out * price_out) / 1e6, 6)
-            t.last_ts, t.cost, t.tokens = ts, t.cost + cost, t.tokens + tokens_in + tokens_out
-            yield (ts, t.task_id, t.quest, t.layer, raw, model, tokens_in, tokens_out, cost)
+    """Yield (ts, task_id, quest, layer, provider, model, input, output, cost) rows in time order.
+
+    A real ledger is appended as calls happen, so its physical order follows ``ts``, which the
+    planner counts on for window scans. Tasks overlap in time: a sweep keeps a heap of the tasks
+    under way (memory follows concurrency, not ledger size) and emits their calls merged.
+    """
+    order = sorted(range(len(p.tasks)), key=lambda i: (p.tasks[i].start, i))
+    heap: list[tuple[datetime, int, tuple[Any, ...], Iterator[tuple[Any, ...]]]] = []
+    admitted = 0
+    while admitted < len(order) or heap:
+        # A task starting before the earliest pending call may have an earlier call itself.
+        while admitted < len(order) and (not heap or p.tasks[order[admitted]].start <= heap[0][0]):
+            index = order[admitted]
+            calls = _task_calls(p, index)
+            first = next(calls, None)
+            if first is not None:
+                heapq.heappush(heap, (first[0], index, first, calls))
+            admitted += 1
+        _, index, row, calls = heapq.heappop(heap)
+        yield row
+        following = next(calls, None)
+        if following is not None:
+            heapq.heappush(heap, (following[0], index, following, calls))
+
+
+def _task_calls(p: LedgerPlan, index: int) -> Iterator[tuple[Any, ...]]:
+    """One task's calls; its own random stream keeps the ledger deterministic in any order."""
+    t = p.tasks[index]
+    rng = random.Random(p.seed * 1_000_003 + index)
+    ts = t.start
+    scale = 4.0 if t.wasteful else 1.0
+    for _ in range(t.calls):
+        ts = min(ts + timedelta(seconds=rng.expovariate(1 / 90)), p.end)
+        raw, model, _, price_in, price_out = PROVIDERS[rng.choice(t.providers)]
+        tokens_in = int(rng.lognormvariate(8.0, 1.0) * scale)
+        tokens_out = int(rng.lognormvariate(6.5, 1.1) * scale)
+        cost = round((tokens_in * price_in + tokens_out * price_out) / 1e6, 6)
+        t.last_ts, t.cost, t.tokens = ts, t.cost + cost, t.tokens + tokens_in + tokens_out
+        yield (ts, t.task_id, t.quest, t.layer, raw, model, tokens_in, tokens_out, cost)
 
 
 def impact_rows(p: LedgerPlan) -> Iterator[tuple[Any, ...]]:

@@ -35,7 +35,7 @@ def test_concurrent_scrapes_during_refreshes(empty_dsn: str) -> None:
         rss_after = rss_kib(pid)
     assert result.errors == []
     assert result.requests >= 200, "the scrapers barely ran"
-    assert len(bodies) >= 5, "refreshes did not run during the load"
+    assert len(bodies) >= 3, "refreshes did not run during the load"
     spends = []
     for refresh in sorted(bodies):
         (body,) = bodies[refresh]  # one refresh, one body: nothing torn or mixed
