@@ -163,6 +163,8 @@ class Refresher:
                 snap = conn.execute(q.SNAPSHOT.sql).fetchone()
                 self._plan = self._spend.plan(int(snap.xmin), int(snap.xmax), self._clock())
                 for query in q.ALL_QUERIES:
+                    if self._closing.is_set():  # shutting down: start no further query
+                        return False
                     ok &= self._run(conn, query, instants)
         except psycopg.Error as exc:
             if not conn.broken:

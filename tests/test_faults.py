@@ -168,3 +168,30 @@ def test_a_view_missing_a_column_is_named_and_the_rest_works(
     samples = parse(refresher.snapshot.text)
     assert samples[SPEND] == 4
     assert samples[key("scidex_provider_tasks", provider="bedrock")] == 1
+
+
+def test_stop_during_a_long_refresh_starts_no_further_query(dsn: str) -> None:
+    """Shutdown cancels the running query and does not start the next ones (each may be slow)."""
+    _ledger(dsn)
+    settings = load_settings(
+        {"dsn": dsn, "interval_seconds": 60, "port": 0, "listen": "127.0.0.1"}, env={}
+    )
+    blocker = psycopg.connect(dsn)
+    blocker.execute("LOCK TABLE cost_ledger IN ACCESS EXCLUSIVE MODE")  # every spend query waits
+    exporter = Exporter(settings).start()
+    try:
+        with psycopg.connect(dsn, autocommit=True) as watcher:
+            deadline = time.monotonic() + 10
+            while (
+                time.monotonic() < deadline
+                and not watcher.execute(
+                    "SELECT 1 FROM pg_stat_activity WHERE application_name = 'resource-exporter'"
+                    " AND wait_event_type = 'Lock'"
+                ).fetchone()
+            ):
+                time.sleep(0.05)
+        started = time.monotonic()
+        exporter.stop()
+        assert time.monotonic() - started < 2.0
+    finally:
+        blocker.close()
