@@ -73,6 +73,32 @@ class Budget:
     allocated_usd: Decimal | None
 
 
+def from_plan(plan: Any) -> tuple[list[Call], list[Impact], list[Budget]]:
+    """The rows of a generated ledger (exporter.generate), as test rows."""
+    from exporter import generate
+
+    calls = [
+        Call(
+            ts=ts,
+            task_id=t,
+            quest=q,
+            layer=la,
+            provider=p,
+            model=m,
+            input_tokens=i,
+            output_tokens=o,
+            cost_usd=Decimal(str(c)),
+        )
+        for ts, t, q, la, p, m, i, o, c in generate.cost_rows(plan)
+    ]
+    impacts = [
+        Impact(task_id=t, title=ti, quest=q, layer=la, impact_score=s, measured_at=at)
+        for t, ti, q, la, s, at in generate.impact_rows(plan)
+    ]
+    budgets = [Budget(q, d, Decimal(str(a))) for q, d, a in generate.budget_rows(plan)]
+    return calls, impacts, budgets
+
+
 def relax(dsn: str) -> None:
     """Drop NOT NULL and the impact primary key, as a user's view might have none of them."""
     with psycopg.connect(dsn, autocommit=True) as conn:

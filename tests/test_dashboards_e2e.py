@@ -18,7 +18,7 @@ from exporter.config import load_settings
 from exporter.refresh import Refresher
 from exporter.server import MetricsServer
 from tests.conftest import temporary_database
-from tests.ledger import Budget, Call, Impact, expected, insert
+from tests.ledger import Budget, Call, expected, from_plan, insert
 from tests.prom import Prometheus, running_prometheus
 from tests.promql import panel_queries
 
@@ -173,30 +173,6 @@ def expected_alerts(want: Want) -> Series:
 EXPECTED[("Firing and pending alerts", "A")] = (ALERT_KEY, expected_alerts)
 
 
-def _generated_ledger(now: datetime) -> tuple[list[Call], list[Impact], list[Budget]]:
-    plan = generate.plan(3000, seed=5, end=now)
-    calls = [
-        Call(
-            ts=ts,
-            task_id=t,
-            quest=q,
-            layer=la,
-            provider=p,
-            model=m,
-            input_tokens=i,
-            output_tokens=o,
-            cost_usd=Decimal(str(c)),
-        )
-        for ts, t, q, la, p, m, i, o, c in generate.cost_rows(plan)
-    ]
-    impacts = [
-        Impact(task_id=t, title=ti, quest=q, layer=la, impact_score=s, measured_at=at)
-        for t, ti, q, la, s, at in generate.impact_rows(plan)
-    ]
-    budgets = [Budget(q, d, Decimal(str(a))) for q, d, a in generate.budget_rows(plan)]
-    return calls, impacts, budgets
-
-
 @pytest.fixture(scope="module")
 def stack(
     pg_server: str, tmp_path_factory: pytest.TempPathFactory
@@ -208,7 +184,7 @@ def stack(
 
 def _serve_and_scrape(dsn: str, tmp: Path) -> Iterator[tuple[Prometheus, Want, datetime]]:
     now = datetime.now(UTC)
-    calls, impacts, budgets = _generated_ledger(now)
+    calls, impacts, budgets = from_plan(generate.plan(3000, seed=5, end=now))
     # A quest certain to be over today's budget, so an alert is pending during the run.
     calls.append(Call(now, "t-over", quest="q-over", cost_usd=Decimal("5")))
     budgets.append(Budget("q-over", now.date(), Decimal("1")))

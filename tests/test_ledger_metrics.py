@@ -18,6 +18,7 @@ from tests.ledger import (
     Call,
     Impact,
     expected,
+    from_plan,
     insert,
     key,
     ledger_samples,
@@ -57,26 +58,7 @@ def assert_matches(got: dict[Any, float], want: dict[Any, float]) -> None:
 
 
 def test_generated_ledger_matches_reference_model(dsn: str) -> None:
-    plan = generate.plan(4000, seed=3, end=NOW)
-    calls = [
-        Call(
-            ts=ts,
-            task_id=t,
-            quest=q,
-            layer=la,
-            provider=p,
-            model=m,
-            input_tokens=i,
-            output_tokens=o,
-            cost_usd=D(str(c)),
-        )
-        for ts, t, q, la, p, m, i, o, c in generate.cost_rows(plan)
-    ]
-    impacts = [
-        Impact(task_id=t, title=ti, quest=q, layer=la, impact_score=s, measured_at=at)
-        for t, ti, q, la, s, at in generate.impact_rows(plan)
-    ]
-    budgets = [Budget(q, d, D(str(a))) for q, d, a in generate.budget_rows(plan)]
+    calls, impacts, budgets = from_plan(generate.plan(4000, seed=3, end=NOW))
     insert(dsn, calls, impacts, budgets)
     assert len(calls) == 4000
     assert {c.provider for c in calls} <= set(FAMILY_OF)
