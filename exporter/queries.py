@@ -39,6 +39,23 @@ _RECENT_TASKS = f"""
         WHERE c.ts >= %(window_start)s AND {_VALID}
     )"""
 
+# Every valid row of every recent task, found through the task_id index one task at a time
+# (OFFSET 0 keeps the planner from flattening the LATERAL into a join that scans the table):
+# the window families cost what the window's tasks hold, not what the ledger holds.
+_RECENT_ROWS = f"""
+    {_RECENT_TASKS},
+    task_rows AS (
+        SELECT c.*
+        FROM recent r
+        CROSS JOIN LATERAL (
+            SELECT c.id, c.task_id, c.ts, c.quest, c.layer, c.provider, c.cost_usd,
+                   c.input_tokens, c.output_tokens
+            FROM cost_ledger c
+            WHERE c.task_id = r.task_id AND {_VALID}
+            OFFSET 0
+        ) c
+    )"""
+
 
 @dataclass(frozen=True)
 class Query:
@@ -118,7 +135,7 @@ BUDGET_TODAY = Query(
 WINDOW_TASKS = Query(
     "window_tasks",
     f"""
-    WITH {_RECENT_TASKS},
+    WITH {_RECENT_ROWS},
     tasks AS (
         SELECT c.task_id,
                (array_agg(c.quest ORDER BY c.ts DESC, c.id DESC))[1] AS quest,
@@ -126,8 +143,7 @@ WINDOW_TASKS = Query(
                sum(c.cost_usd) AS cost,
                sum({_TOKENS}) AS tokens,
                max(c.ts) AS last_ts
-        FROM cost_ledger c JOIN recent USING (task_id)
-        WHERE {_VALID}
+        FROM task_rows c
         GROUP BY c.task_id
     ),
     scored AS (
@@ -171,7 +187,7 @@ WINDOW_TASKS = Query(
 PROVIDERS = Query(
     "providers",
     f"""
-    WITH {_RECENT_TASKS},
+    WITH {_RECENT_ROWS},
     families AS (
         SELECT * FROM unnest(%(raw_providers)s::text[], %(families)s::text[]) AS f(provider, family)
     )
@@ -179,10 +195,8 @@ PROVIDERS = Query(
            sum(c.cost_usd) AS cost,
            count(DISTINCT c.task_id) AS tasks,
            sum({_TOKENS}) AS tokens
-    FROM cost_ledger c
-    JOIN recent USING (task_id)
+    FROM task_rows c
     LEFT JOIN families f ON f.provider = c.provider
-    WHERE {_VALID}
     GROUP BY 1
     """,
 )
