@@ -29,7 +29,15 @@ from pathlib import Path
 
 import psycopg
 
-from exporter import generate
+from exporter import catalog, generate
+
+_REFRESHES = re.compile(rb"^" + catalog.REFRESHES.name.encode() + rb" (\S+)$", re.M)
+
+
+def refreshes(body: bytes) -> float | None:
+    """The refresh count an exposition reports (which refresh it comes from)."""
+    m = _REFRESHES.search(body)
+    return float(m.group(1)) if m else None
 
 
 @dataclass
@@ -150,7 +158,8 @@ def exporter_process(dsn: str, interval: float) -> Iterator[tuple[str, int]]:
                     break
             url = f"http://127.0.0.1:{m.group(1)}/metrics"
             deadline = time.monotonic() + 300
-            while b"scidex_spend_usd_total{" not in urllib.request.urlopen(url, timeout=10).read():
+            ready = f"{catalog.SPEND.name}{{".encode()
+            while ready not in urllib.request.urlopen(url, timeout=10).read():
                 if time.monotonic() > deadline:
                     raise RuntimeError("no ledger metrics after 300 s")
                 time.sleep(0.2)
@@ -192,11 +201,10 @@ def main() -> int:
         with exporter_process(dsn, args.interval) as (url, pid), growing(dsn, plan):
             time.sleep(2 * args.interval)
             before = rss_kib(pid)
-            refreshes: set[bytes] = set()
+            seen_refreshes: set[float | None] = set()
 
             def seen(body: bytes) -> None:
-                m = re.search(rb"^scidex_exporter_refreshes_total (\S+)$", body, re.M)
-                refreshes.add(m.group(1) if m else b"?")
+                seen_refreshes.add(refreshes(body))
 
             if shutil.which("wrk"):
                 for label, headers in (("plain", []), ("gzip", ["-H", "Accept-Encoding: gzip"])):
@@ -214,7 +222,7 @@ def main() -> int:
             f"latency p50/p99    {result.percentile(50) * ms:.2f} / "
             f"{result.percentile(99) * ms:.2f} ms"
         )
-        print(f"refreshes seen     {len(refreshes)}")
+        print(f"refreshes seen     {len(seen_refreshes)}")
         print(f"exporter RSS       {before / 1024:.1f} MiB before, {after / 1024:.1f} MiB after")
     finally:
         server.cleanup()

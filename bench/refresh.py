@@ -32,7 +32,7 @@ from typing import Any
 
 import psycopg
 
-from bench.load import exporter_process
+from bench.load import exporter_process, refreshes
 from exporter import generate
 from exporter import queries as q
 from exporter.config import load_settings
@@ -104,7 +104,7 @@ def psql_floor(dsn: str, runs: int) -> float:
         cur = psycopg.ClientCursor(conn)
         script = ["BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY;", q.SNAPSHOT.sql + ";"]
         for query in q.ALL_QUERIES:
-            script.append(cur.mogrify(query.sql, refresher._params(query, instants)) + ";")
+            script.append(cur.mogrify(query.sql, refresher.params(query, instants)) + ";")
         script.append("COMMIT;")
     refresher.close()
     path = Path(tempfile.mkdtemp()) / "refresh.sql"
@@ -187,14 +187,8 @@ def query_exporter(dsn: str, runs: int, expected_seconds: float) -> float | None
 def peak_rss(dsn: str) -> float:
     """Peak RSS (MiB) of the exporter process after a few refreshes."""
     with exporter_process(dsn, interval=1.0) as (url, pid):
-        body = urllib.request.urlopen(url).read()
-        first = re.search(rb"^scidex_exporter_refreshes_total (\S+)$", body, re.M)
-        target = float(first.group(1)) + 3 if first else 3
-        while True:
-            body = urllib.request.urlopen(url).read()
-            m = re.search(rb"^scidex_exporter_refreshes_total (\S+)$", body, re.M)
-            if m and float(m.group(1)) >= target:
-                break
+        target = (refreshes(urllib.request.urlopen(url).read()) or 0) + 3
+        while (refreshes(urllib.request.urlopen(url).read()) or 0) < target:
             time.sleep(0.5)
         status = Path(f"/proc/{pid}/status").read_text()
         return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024  # type: ignore[union-attr]

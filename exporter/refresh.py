@@ -180,7 +180,7 @@ class Refresher:
         started = time.perf_counter()
         try:
             with conn.transaction(), conn.cursor() as cur:
-                cur.execute(query.sql, self._params(query, instants))
+                cur.execute(query.sql, self.params(query, instants))
                 rows = cur.fetchall()
         except psycopg.Error as exc:
             health.duration = time.perf_counter() - started
@@ -210,7 +210,8 @@ class Refresher:
         self._store(query, rows)
         return True
 
-    def _params(self, query: q.Query, instants: Instants) -> dict[str, Any]:
+    def params(self, query: q.Query, instants: Instants) -> dict[str, Any]:
+        """The bind parameters of ``query`` in the current refresh (also for bench/)."""
         s = self.settings
         params: dict[str, Any] = {
             "today": instants.today,

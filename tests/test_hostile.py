@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from exporter.config import load_settings
 from exporter.refresh import Refresher
 from exporter.server import MetricsServer
-from tests.conftest import assert_promtool_clean
+from tests.conftest import assert_promtool_clean, temporary_database
 from tests.ledger import (
     FAMILY_OF,
     Budget,
@@ -103,8 +103,6 @@ def ledgers(draw: Any) -> tuple[list[Call], list[Impact], list[Budget]]:
 
 @pytest.fixture(scope="module")
 def hostile_dsn(pg_server: str) -> Any:
-    from tests.conftest import temporary_database
-
     with temporary_database(pg_server, schema=True) as dsn:
         relax(dsn)  # a user's view may allow NULLs anywhere
         yield dsn
