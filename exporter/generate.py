@@ -134,13 +134,18 @@ def plan(rows: int, *, seed: int = 7, end: datetime | None = None, days: int = 3
         quest = rng.choices(quests, weights)[0].name
         primary = rng.choices(range(len(PROVIDERS)), [x[2] for x in PROVIDERS])[0]
         providers = [primary] if rng.random() < 0.8 else [primary, rng.randrange(len(PROVIDERS))]
+        layer = rng.choices(LAYERS, LAYER_WEIGHTS)[0]
+        left = rng.random() * span
+        # A task still running at ``end`` has made only the calls that fit so far (~90 s apart):
+        # without this cap a long ledger piled a heavy-tailed task's later calls onto ``end``.
+        calls = min(calls, max(1, int(left / 90)))
         p.tasks.append(
             Task(
                 task_id=f"t-{seed}-{n:07d}",
                 quest=quest,
-                layer=rng.choices(LAYERS, LAYER_WEIGHTS)[0],
+                layer=layer,
                 providers=providers,
-                start=end - timedelta(seconds=rng.random() * span),
+                start=end - timedelta(seconds=left),
                 calls=calls,
                 wasteful=rng.random() < 0.12,
             )
