@@ -81,6 +81,7 @@ class Settings(BaseModel):
     max_layers: int = Field(10, ge=1, le=1000)
     max_label_length: int = Field(128, ge=8, le=4096)
     statement_timeout_seconds: float = Field(30.0, gt=0, le=3600)
+    work_mem_mb: int = Field(64, ge=1, le=65536)
     max_staleness_seconds: float = Field(900.0, gt=0)
     reconcile_interval_seconds: float = Field(3600.0, ge=0)
     connect_timeout_seconds: int = Field(5, ge=1, le=300)

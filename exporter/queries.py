@@ -36,13 +36,12 @@ _VALID = """(c.ts IS NOT NULL AND c.cost_usd >= 0 AND c.cost_usd < 'Infinity'
 # Tokens are summed as numeric: two counts near the bigint limit must not overflow.
 _TOKENS = "(c.input_tokens::numeric + c.output_tokens)"
 
-# A task is in the window when its latest valid row is, i.e. when any valid row is.
-_RECENT_TASKS = f"""
-    recent AS (
-        SELECT DISTINCT c.task_id
-        FROM cost_ledger c
-        WHERE c.ts >= %(window_start)s AND {_VALID}
-    )"""
+# The window's tasks are those with a valid row since %(window_start)s. Their rows in the window
+# come from one scan of the ts index; what each spent before the window, from a probe of the
+# (task_id, ts) index that finds nothing for most tasks. The cost follows the window's rows, not
+# the ledger's history: joining recent tasks to their whole history made the planner hash-join
+# (scan) the whole ledger once the history outgrew the window.
+_BEFORE_WINDOW = f"c.task_id = w.task_id AND c.ts < %(window_start)s AND {_VALID}"
 
 
 @dataclass(frozen=True)
@@ -66,22 +65,28 @@ SNAPSHOT = Query(
 # Cumulative sums of the rows after id %(after)s (an index range scan of the primary key), split
 # into rows that are final (id <= %(safe)s: folded into the exporter's running totals) and the
 # tail (added to them for this refresh only). after = -1 recomputes the whole ledger.
+#
+# Valid rows and excluded rows are two branches: the exclusion reason is computed only for the
+# few rows that fail the plain validity test, and the valid branch groups by columns and one
+# boolean, which the planner estimates right (a few thousand groups: a hash aggregate). Grouping
+# every row by the reason expression made it guess one group per row and sort the whole ledger.
 SPEND_TOTALS = Query(
     "spend_totals",
     f"""
-    WITH rows AS (
-        SELECT c.id, c.quest, c.layer, c.provider, c.cost_usd, c.input_tokens, c.output_tokens,
-               {_EXCLUSION_REASON} AS reason
-        FROM cost_ledger c
-        WHERE c.id > %(after)s
-    )
-    SELECT id <= %(safe)s AS final, quest, layer, provider, reason,
+    SELECT c.id <= %(safe)s AS final, c.quest, c.layer, c.provider, NULL AS reason,
            count(*) AS calls,
-           sum(cost_usd) FILTER (WHERE reason IS NULL) AS cost,
-           sum(input_tokens) FILTER (WHERE reason IS NULL) AS input_tokens,
-           sum(output_tokens) FILTER (WHERE reason IS NULL) AS output_tokens,
-           max(id) AS max_id
-    FROM rows
+           sum(c.cost_usd) AS cost,
+           sum(c.input_tokens) AS input_tokens,
+           sum(c.output_tokens) AS output_tokens,
+           max(c.id) AS max_id
+    FROM cost_ledger c
+    WHERE c.id > %(after)s AND {_VALID}
+    GROUP BY 1, 2, 3, 4
+    UNION ALL
+    SELECT c.id <= %(safe)s, c.quest, c.layer, c.provider, {_EXCLUSION_REASON},
+           count(*), NULL, NULL, NULL, max(c.id)
+    FROM cost_ledger c
+    WHERE c.id > %(after)s AND {_VALID} IS NOT TRUE
     GROUP BY 1, 2, 3, 4, 5
     """,
 )
@@ -123,17 +128,41 @@ BUDGET_TODAY = Query(
 WINDOW_TASKS = Query(
     "window_tasks",
     f"""
-    WITH {_RECENT_TASKS},
-    tasks AS (
+    WITH win AS (
         SELECT c.task_id,
-               (array_agg(c.quest ORDER BY c.ts DESC, c.id DESC))[1] AS quest,
-               (array_agg(c.layer ORDER BY c.ts DESC, c.id DESC))[1] AS layer,
+               min(c.quest COLLATE "C") AS quest, max(c.quest COLLATE "C") AS quest_max,
+               min(c.layer COLLATE "C") AS layer, max(c.layer COLLATE "C") AS layer_max,
+               bool_and(c.quest IS NOT NULL AND c.layer IS NOT NULL) AS labelled,
                sum(c.cost_usd) AS cost,
                sum({_TOKENS}) AS tokens,
                max(c.ts) AS last_ts
-        FROM cost_ledger c JOIN recent USING (task_id)
-        WHERE {_VALID}
+        FROM cost_ledger c
+        WHERE c.ts >= %(window_start)s AND c.task_id IS NOT NULL AND {_VALID}
         GROUP BY c.task_id
+    ),
+    tasks AS (
+        SELECT w.task_id,
+               CASE WHEN latest.found THEN latest.quest ELSE w.quest END COLLATE "default" AS quest,
+               CASE WHEN latest.found THEN latest.layer ELSE w.layer END COLLATE "default" AS layer,
+               w.cost + coalesce(before.cost, 0) AS cost,
+               w.tokens + coalesce(before.tokens, 0) AS tokens,
+               w.last_ts
+        FROM win w
+        -- A task is labelled by its latest valid row: looked up only when its rows disagree
+        -- (hashing beats sorting the window by task and time to find it).
+        LEFT JOIN LATERAL (
+            SELECT true AS found, c.quest, c.layer
+            FROM cost_ledger c
+            WHERE NOT (w.labelled AND w.quest = w.quest_max AND w.layer = w.layer_max)
+              AND c.task_id = w.task_id AND c.ts = w.last_ts AND {_VALID}
+            ORDER BY c.id DESC
+            LIMIT 1
+        ) latest ON true
+        LEFT JOIN LATERAL (
+            SELECT sum(c.cost_usd) AS cost, sum({_TOKENS}) AS tokens
+            FROM cost_ledger c
+            WHERE {_BEFORE_WINDOW}
+        ) before ON true
     ),
     scored AS (
         SELECT t.*,
@@ -176,18 +205,31 @@ WINDOW_TASKS = Query(
 PROVIDERS = Query(
     "providers",
     f"""
-    WITH {_RECENT_TASKS},
+    WITH win AS (
+        SELECT c.task_id, c.provider, sum(c.cost_usd) AS cost, sum({_TOKENS}) AS tokens
+        FROM cost_ledger c
+        WHERE c.ts >= %(window_start)s AND c.task_id IS NOT NULL AND {_VALID}
+        GROUP BY c.task_id, c.provider
+    ),
+    before AS (
+        SELECT b.*
+        FROM (SELECT DISTINCT task_id FROM win) w
+        CROSS JOIN LATERAL (
+            SELECT c.task_id, c.provider, sum(c.cost_usd) AS cost, sum({_TOKENS}) AS tokens
+            FROM cost_ledger c
+            WHERE {_BEFORE_WINDOW}
+            GROUP BY c.task_id, c.provider
+        ) b
+    ),
     families AS (
         SELECT * FROM unnest(%(raw_providers)s::text[], %(families)s::text[]) AS f(provider, family)
     )
     SELECT coalesce(f.family, %(other)s) AS family,
-           sum(c.cost_usd) AS cost,
-           count(DISTINCT c.task_id) AS tasks,
-           sum({_TOKENS}) AS tokens
-    FROM cost_ledger c
-    JOIN recent USING (task_id)
-    LEFT JOIN families f ON f.provider = c.provider
-    WHERE {_VALID}
+           sum(x.cost) AS cost,
+           count(DISTINCT x.task_id) AS tasks,
+           sum(x.tokens) AS tokens
+    FROM (SELECT * FROM win UNION ALL SELECT * FROM before) x
+    LEFT JOIN families f ON f.provider = x.provider
     GROUP BY 1
     """,
 )

@@ -68,8 +68,9 @@ def connect(settings: Settings) -> psycopg.Connection[Any]:
         conn.execute(
             "SELECT set_config('default_transaction_read_only', 'on', false) AS read_only,"
             " set_config('statement_timeout', %s, false) AS statement_timeout,"
-            " set_config('TimeZone', 'UTC', false) AS timezone",
-            [f"{int(settings.statement_timeout_seconds * 1000)}ms"],
+            " set_config('TimeZone', 'UTC', false) AS timezone,"
+            " set_config('work_mem', %s, false) AS work_mem",
+            [f"{int(settings.statement_timeout_seconds * 1000)}ms", f"{settings.work_mem_mb}MB"],
         )
         conn.commit()
         conn.read_only = True

@@ -12,7 +12,7 @@ import pytest
 
 from exporter import queries as q
 from exporter.config import load_settings
-from exporter.refresh import Refresher
+from exporter.refresh import Instants, Refresher
 from tests.ledger import ledger_samples, parse
 
 NOW = datetime(2026, 11, 20, 15, 0, tzinfo=UTC)
@@ -171,3 +171,41 @@ def test_the_steady_state_reads_only_the_new_rows(dsn: str) -> None:
         _spend_families(incremental)
     assert incremental._spend.frozen_id == top
     incremental.close()
+
+
+def _rows_read(plan: dict[str, Any], relation: str) -> float:
+    """Rows that the scans of ``relation`` in an EXPLAIN ANALYZE plan produced or filtered out."""
+    own = 0.0
+    if plan.get("Relation Name") == relation:
+        produced = plan["Actual Rows"] + plan.get("Rows Removed by Filter", 0)
+        own = produced * plan["Actual Loops"]
+    return own + sum(_rows_read(child, relation) for child in plan.get("Plans", []))
+
+
+@pytest.mark.parametrize("query", [q.WINDOW_TASKS, q.PROVIDERS], ids=lambda x: x.name)
+def test_the_window_families_read_the_window_not_the_history(dsn: str, query: q.Query) -> None:
+    from exporter import generate
+
+    with psycopg.connect(dsn, autocommit=True) as writer:
+        generate.load(writer, 40_000, days=300, end=NOW)
+        writer.execute("VACUUM ANALYZE cost_ledger")
+    refresher = Refresher(load_settings({"dsn": dsn}, env={}))
+    try:
+        instants = Instants.at(NOW, refresher.settings)
+        with psycopg.connect(dsn) as conn:
+            sql = psycopg.ClientCursor(conn).mogrify(query.sql, refresher.params(query, instants))
+            [(plan,)] = conn.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + sql).fetchall()
+            window, history = conn.execute(
+                "SELECT count(*) FILTER (WHERE ts >= %(start)s),"
+                " count(*) FILTER (WHERE ts < %(start)s AND task_id IN"
+                "   (SELECT task_id FROM cost_ledger WHERE ts >= %(start)s))"
+                " FROM cost_ledger",
+                {"start": instants.window_start},
+            ).fetchone()
+    finally:
+        refresher.close()
+    read = _rows_read(plan[0]["Plan"], "cost_ledger")
+    # The window's rows plus the earlier rows of the window's tasks (a tenth of the ledger
+    # here), never the whole history.
+    assert window > 2000
+    assert read <= 1.2 * (window + history) + 50, (read, window, history)

@@ -150,6 +150,33 @@ def test_task_in_window_by_latest_row_with_cost_over_all_rows(dsn: str) -> None:
     assert got[key("scidex_spend_usd_total", quest="q-a", layer="Forge", provider="glm")] == 1
 
 
+def test_a_relabelled_task_takes_its_latest_valid_rows_quest_and_layer(dsn: str) -> None:
+    tie = ago(hours=3)
+    calls = [
+        # History before the window under other labels and another provider.
+        Call(ago(days=45), "moved", quest="q-old", layer="Atlas", provider="glm-4.6"),
+        Call(ago(days=2), "moved", quest="q-mid", layer="Agora"),
+        Call(ago(hours=5), "moved", quest="q-new", layer="Senate", cost_usd=D("0.5")),
+        # The latest row is invalid: the one before it labels the task.
+        Call(ago(hours=1), "moved", quest="q-zzz", layer="Exchange", cost_usd=D("NaN")),
+        # Two rows at the same instant: the later id wins, whatever the order of the names.
+        Call(tie, "tied", quest="q-b", layer="Forge"),
+        Call(tie, "tied", quest="q-a", layer="Atlas"),
+        Call(ago(hours=2), "steady", quest="q-c", layer="Forge", cost_usd=D("2")),
+        Call(ago(days=40), "steady", quest="q-c", layer="Forge", cost_usd=D("3")),
+    ]
+    insert(dsn, calls)
+    got = scrape(dsn)
+    assert_matches(got, expected(calls, [], [], NOW, TODAY, MIDNIGHT))
+    # Independently of the model: "moved" spent 1 + 1 + 0.5 under q-new, "tied" 2 under q-a.
+    assert got[key("scidex_quest_window_spend_usd", quest="q-new")] == 2.5
+    assert got[key("scidex_quest_window_spend_usd", quest="q-a")] == 2
+    assert got[key("scidex_quest_window_spend_usd", quest="q-c")] == 5
+    assert got[key("scidex_provider_spend_usd", provider="glm")] == 1
+    assert got[key("scidex_provider_tasks", provider="glm")] == 1
+    assert got[key("scidex_provider_spend_usd", provider="bedrock")] == 1 + 0.5 + 2 + 2 + 3
+
+
 def test_provider_tasks_count_each_task_once_per_family(dsn: str) -> None:
     insert(
         dsn,

@@ -13,9 +13,13 @@ CREATE TABLE IF NOT EXISTS cost_ledger (
     output_tokens bigint      NOT NULL,
     cost_usd      numeric     NOT NULL   -- 0 for subscription providers (max, codex)
 );
--- Window families find recent tasks by time, then sum each task's whole history.
+-- Window families scan the window by time, then look up what each of its tasks spent before it.
+-- The lookup reads only this index (INCLUDE): a long-running task's earlier calls sit together in
+-- its leaf pages instead of one heap page per call. Plain (task_id, ts) also works, at about 40%
+-- of the size and up to ~2x the lookup time for tasks that run for weeks.
 CREATE INDEX IF NOT EXISTS cost_ledger_ts_idx ON cost_ledger (ts);
-CREATE INDEX IF NOT EXISTS cost_ledger_task_id_idx ON cost_ledger (task_id);
+CREATE INDEX IF NOT EXISTS cost_ledger_task_ts_idx ON cost_ledger (task_id, ts)
+    INCLUDE (provider, cost_usd, input_tokens, output_tokens);
 
 CREATE TABLE IF NOT EXISTS impact_ledger (
     task_id      text PRIMARY KEY,
