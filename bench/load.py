@@ -7,7 +7,11 @@ Starts an embedded PostgreSQL, loads a synthetic ledger, runs the real exporter 
 bounded time and number of requests: first with ``wrk`` (Debian's package; plain and gzip
 responses) when it is installed, then with Python threads that also check every body. Prints
 requests/s, latency percentiles, refreshes seen and the exporter's memory before and after.
-tests/test_load.py runs a smaller version of it.
+
+With ``wrk``, it then serves one refresh's families twice, one server after the other, from a
+process of its own: from the exporter's cached snapshot, and the way prometheus-client serves a
+collector by default (``start_http_server``: rendered on every scrape); and prints both side by
+side with their ratio. tests/test_load.py runs a smaller version of the first part.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -169,7 +174,20 @@ def exporter_process(dsn: str, interval: float) -> Iterator[tuple[str, int]]:
             proc.wait(timeout=10)
 
 
-def _wrk(url: str, connections: int, seconds: float, headers: list[str]) -> str:
+@dataclass
+class WrkRun:
+    """What one ``wrk`` run measured."""
+
+    rate: float
+    p50: str
+    p99: str
+    errors: str
+
+    def __str__(self) -> str:
+        return f"{self.rate:,.0f} req/s, p50 {self.p50}, p99 {self.p99}, errors: {self.errors}"
+
+
+def wrk(url: str, connections: int, seconds: float, headers: list[str]) -> WrkRun:
     out = subprocess.run(
         ["wrk", "-t2", f"-c{connections}", f"-d{int(seconds)}s", "--latency", *headers, url],
         capture_output=True,
@@ -177,10 +195,65 @@ def _wrk(url: str, connections: int, seconds: float, headers: list[str]) -> str:
         check=True,
     ).stdout
     rate = re.search(r"Requests/sec:\s+(\S+)", out).group(1)  # type: ignore[union-attr]
-    p50 = re.search(r"50%\s+(\S+)", out).group(1)  # type: ignore[union-attr]
-    p99 = re.search(r"99%\s+(\S+)", out).group(1)  # type: ignore[union-attr]
+    p50 = re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1)  # type: ignore[union-attr]
+    p99 = re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1)  # type: ignore[union-attr]
     bad = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: (.*)", out)
-    return f"{float(rate):,.0f} req/s, p50 {p50}, p99 {p99}, errors: {bad.group(0) if bad else 0}"
+    return WrkRun(float(rate), p50, p99, bad.group(0) if bad else "0")
+
+
+GZIP = ["-H", "Accept-Encoding: gzip"]
+
+
+def baseline(dsn: str, scrapers: int, seconds: float) -> None:
+    """The same families from the cached snapshot and from prometheus-client's own server."""
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    from exporter.config import load_settings
+    from exporter.refresh import Refresher
+    from exporter.server import MetricsServer
+    from exporter.snapshot import SnapshotCollector
+
+    refresher = Refresher(load_settings({"dsn": dsn}, env={}))
+    try:
+        if not refresher.refresh():
+            raise RuntimeError("refresh failed")
+        series = refresher.snapshot.text.count(b"\n") - 2 * len(refresher.snapshot.families)
+        ours = MetricsServer(refresher, "127.0.0.1", 0).start()
+        try:
+            url = f"http://127.0.0.1:{ours.port}/metrics"
+            cached = {
+                label: wrk(url, scrapers, seconds, h)
+                for label, h in (("plain", []), ("gzip", GZIP))
+            }
+        finally:
+            ours.stop()
+        registry = CollectorRegistry()
+        registry.register(SnapshotCollector(refresher))  # type: ignore[arg-type]
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        httpd, thread = start_http_server(port, "127.0.0.1", registry)
+        try:
+            url = f"http://127.0.0.1:{port}/metrics"
+            rendered = {
+                label: wrk(url, scrapers, seconds, h)
+                for label, h in (("plain", []), ("gzip", GZIP))
+            }
+        finally:
+            httpd.shutdown()
+            httpd.server_close()
+            thread.join(timeout=5)
+    finally:
+        refresher.close()
+    print(f"\nsame {series:,} series, {scrapers} connections, {seconds:.0f} s each (wrk)")
+    print("| response | exporter (cached snapshot) | prometheus-client start_http_server | ratio |")
+    print("|---|---|---|---|")
+    for label in cached:
+        a, b = cached[label], rendered[label]
+        print(
+            f"| {label} | {a.rate:,.0f} req/s, p50 {a.p50}, p99 {a.p99} "
+            f"| {b.rate:,.0f} req/s, p50 {b.p50}, p99 {b.p99} | {a.rate / b.rate:.1f}x |"
+        )
 
 
 def main() -> int:
@@ -207,8 +280,8 @@ def main() -> int:
                 seen_refreshes.add(refreshes(body))
 
             if shutil.which("wrk"):
-                for label, headers in (("plain", []), ("gzip", ["-H", "Accept-Encoding: gzip"])):
-                    print(f"wrk {label:<14} {_wrk(url, args.scrapers, args.seconds, headers)}")
+                for label, headers in (("plain", []), ("gzip", GZIP)):
+                    print(f"wrk {label:<14} {wrk(url, args.scrapers, args.seconds, headers)}")
             result = hammer(url, args.scrapers, args.seconds, args.max_requests, seen)
             after = rss_kib(pid)
         ms = 1000
@@ -224,6 +297,8 @@ def main() -> int:
         )
         print(f"refreshes seen     {len(seen_refreshes)}")
         print(f"exporter RSS       {before / 1024:.1f} MiB before, {after / 1024:.1f} MiB after")
+        if shutil.which("wrk"):
+            baseline(dsn, args.scrapers, args.seconds)
     finally:
         server.cleanup()
     return 0
