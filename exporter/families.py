@@ -133,8 +133,9 @@ def build_ledger(
         out.families.append(family_of(c.LEDGER_EXCLUDED_ROWS, excluded))
     if q.WINDOW_TASKS.name in rows:
         out.families += _window(rows[q.WINDOW_TASKS.name], labels)
-    if q.PROVIDERS.name in rows:
-        out.families += _providers(rows[q.PROVIDERS.name], providers)
+        out.families += _providers(
+            [r for r in rows[q.WINDOW_TASKS.name] if r.kind == "provider"], providers
+        )
     out.folded = labels.folded
     out.cleaned = labels.cleaned()
     return out
@@ -214,7 +215,7 @@ def _window(rows: Rows, labels: LabelGuard) -> list[Family]:
             waste["tokens"][key] += _f(r.tokens)
             waste["usd"][key] += _f(r.cost)
             waste["tasks"][key] += r.tasks
-        else:
+        elif r.kind == "quest":
             key = (labels.q(r.quest),)
             quest_cost[key] += _f(r.cost)
             quest_impact[key] += _f(r.impact)
@@ -257,7 +258,7 @@ def _providers(rows: Rows, providers: ProviderFamilies) -> list[Family]:
 
 
 def provider_params(rows: Iterable[Any], providers: ProviderFamilies) -> dict[str, Any]:
-    """Return the raw -> family arrays the providers query joins on."""
+    """Return the raw -> family arrays the window query joins its providers on."""
     raw = sorted({r.provider for r in rows if r.provider is not None})
     return {
         "raw_providers": raw,

@@ -123,13 +123,15 @@ BUDGET_TODAY = Query(
     """,
 )
 
-# Rankings, waste and per-quest impact share one per-task aggregate. Ties break on task_id in
-# byte order (COLLATE "C") so the ranking does not depend on the server's locale.
+# Rankings, waste, per-quest impact and the provider families share one scan of the window,
+# aggregated per task and raw provider. Ties break on task_id in byte order (COLLATE "C") so
+# the ranking does not depend on the server's locale. Provider families come from Python regex
+# rules; the raw -> family map travels as two arrays.
 WINDOW_TASKS = Query(
     "window_tasks",
     f"""
     WITH win AS (
-        SELECT c.task_id,
+        SELECT c.task_id, c.provider,
                min(c.quest COLLATE "C") AS quest, max(c.quest COLLATE "C") AS quest_max,
                min(c.layer COLLATE "C") AS layer, max(c.layer COLLATE "C") AS layer_max,
                bool_and(c.quest IS NOT NULL AND c.layer IS NOT NULL) AS labelled,
@@ -138,16 +140,35 @@ WINDOW_TASKS = Query(
                max(c.ts) AS last_ts
         FROM cost_ledger c
         WHERE c.ts >= %(window_start)s AND c.task_id IS NOT NULL AND {_VALID}
-        GROUP BY c.task_id
+        GROUP BY c.task_id, c.provider
+    ),
+    win_tasks AS (
+        SELECT task_id, min(quest) AS quest, max(quest_max) AS quest_max,
+               min(layer) AS layer, max(layer_max) AS layer_max, bool_and(labelled) AS labelled,
+               sum(cost) AS cost, sum(tokens) AS tokens, max(last_ts) AS last_ts
+        FROM win
+        GROUP BY task_id
+    ),
+    before AS (
+        SELECT b.*
+        FROM win_tasks w
+        CROSS JOIN LATERAL (
+            SELECT c.task_id, c.provider, sum(c.cost_usd) AS cost, sum({_TOKENS}) AS tokens
+            FROM cost_ledger c
+            WHERE {_BEFORE_WINDOW}
+            GROUP BY c.task_id, c.provider
+        ) b
     ),
     tasks AS (
         SELECT w.task_id,
                CASE WHEN latest.found THEN latest.quest ELSE w.quest END COLLATE "default" AS quest,
                CASE WHEN latest.found THEN latest.layer ELSE w.layer END COLLATE "default" AS layer,
-               w.cost + coalesce(before.cost, 0) AS cost,
-               w.tokens + coalesce(before.tokens, 0) AS tokens,
+               w.cost + coalesce(b.cost, 0) AS cost,
+               w.tokens + coalesce(b.tokens, 0) AS tokens,
                w.last_ts
-        FROM win w
+        FROM win_tasks w
+        LEFT JOIN (SELECT task_id, sum(cost) AS cost, sum(tokens) AS tokens
+                   FROM before GROUP BY task_id) b USING (task_id)
         -- A task is labelled by its latest valid row: looked up only when its rows disagree
         -- (hashing beats sorting the window by task and time to find it).
         LEFT JOIN LATERAL (
@@ -158,11 +179,6 @@ WINDOW_TASKS = Query(
             ORDER BY c.id DESC
             LIMIT 1
         ) latest ON true
-        LEFT JOIN LATERAL (
-            SELECT sum(c.cost_usd) AS cost, sum({_TOKENS}) AS tokens
-            FROM cost_ledger c
-            WHERE {_BEFORE_WINDOW}
-        ) before ON true
     ),
     scored AS (
         SELECT t.*,
@@ -179,58 +195,43 @@ WINDOW_TASKS = Query(
         WHERE tokens > %(waste_min_tokens)s
           AND (impact IS NULL OR impact <= %(waste_max_impact)s)
           AND last_ts < %(grace_cutoff)s
+    ),
+    families AS (
+        SELECT * FROM unnest(%(raw_providers)s::text[], %(families)s::text[]) AS f(provider, family)
+    ),
+    providers AS (
+        SELECT coalesce(f.family, %(other)s) AS family,
+               sum(x.cost) AS cost,
+               count(DISTINCT x.task_id) AS tasks,
+               sum(x.tokens) AS tokens
+        FROM (SELECT task_id, provider, cost, tokens FROM win
+              UNION ALL
+              SELECT task_id, provider, cost, tokens FROM before) x
+        LEFT JOIN families f ON f.provider = x.provider
+        GROUP BY 1
     )
-    (SELECT 'efficiency' AS kind, task_id, quest, layer, cost, tokens, impact, 1::bigint AS tasks
+    (SELECT 'efficiency' AS kind, task_id, quest, layer, cost, tokens, impact, 1::bigint AS tasks,
+            NULL AS family
      FROM scored
      WHERE cost > 0 AND impact > 0
      ORDER BY impact / cost::float8 DESC, task_id COLLATE "C"
      LIMIT %(top_efficiency)s)
     UNION ALL
-    (SELECT 'waste', task_id, quest, layer, cost, tokens, impact, 1
+    (SELECT 'waste', task_id, quest, layer, cost, tokens, impact, 1, NULL
      FROM wasted
      ORDER BY tokens DESC, task_id COLLATE "C"
      LIMIT %(top_waste)s)
     UNION ALL
-    SELECT 'waste_total', NULL, quest, layer, sum(cost), sum(tokens), NULL, count(*)
+    SELECT 'waste_total', NULL, quest, layer, sum(cost), sum(tokens), NULL, count(*), NULL
     FROM wasted
     GROUP BY quest, layer
     UNION ALL
-    SELECT 'quest', NULL, quest, NULL, sum(cost), sum(tokens), sum(impact), count(*)
+    SELECT 'quest', NULL, quest, NULL, sum(cost), sum(tokens), sum(impact), count(*), NULL
     FROM scored
     GROUP BY quest
-    """,
-)
-
-# Provider families come from Python regex rules; the raw -> family map travels as two arrays.
-PROVIDERS = Query(
-    "providers",
-    f"""
-    WITH win AS (
-        SELECT c.task_id, c.provider, sum(c.cost_usd) AS cost, sum({_TOKENS}) AS tokens
-        FROM cost_ledger c
-        WHERE c.ts >= %(window_start)s AND c.task_id IS NOT NULL AND {_VALID}
-        GROUP BY c.task_id, c.provider
-    ),
-    before AS (
-        SELECT b.*
-        FROM (SELECT DISTINCT task_id FROM win) w
-        CROSS JOIN LATERAL (
-            SELECT c.task_id, c.provider, sum(c.cost_usd) AS cost, sum({_TOKENS}) AS tokens
-            FROM cost_ledger c
-            WHERE {_BEFORE_WINDOW}
-            GROUP BY c.task_id, c.provider
-        ) b
-    ),
-    families AS (
-        SELECT * FROM unnest(%(raw_providers)s::text[], %(families)s::text[]) AS f(provider, family)
-    )
-    SELECT coalesce(f.family, %(other)s) AS family,
-           sum(x.cost) AS cost,
-           count(DISTINCT x.task_id) AS tasks,
-           sum(x.tokens) AS tokens
-    FROM (SELECT * FROM win UNION ALL SELECT * FROM before) x
-    LEFT JOIN families f ON f.provider = x.provider
-    GROUP BY 1
+    UNION ALL
+    SELECT 'provider', NULL, NULL, NULL, cost, tokens, NULL, tasks, family
+    FROM providers
     """,
 )
 
@@ -239,7 +240,6 @@ ALL_QUERIES: tuple[Query, ...] = (
     SPEND_RECENT,
     BUDGET_TODAY,
     WINDOW_TASKS,
-    PROVIDERS,
 )
 """The queries of one refresh, in order."""
 

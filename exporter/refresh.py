@@ -226,7 +226,7 @@ class Refresher:
         }
         if query is q.SPEND_TOTALS:
             params |= {"after": self._plan.after, "safe": self._plan.safe}
-        elif query is q.PROVIDERS:
+        elif query is q.WINDOW_TASKS:
             params |= provider_params(self._rows.get(q.SPEND_TOTALS.name, ()), self.providers)
         return params
 

@@ -241,7 +241,7 @@ def test_serve_stops_cleanly_on_sigterm(dsn: str) -> None:
             if samples.get(key("scidex_exporter_refreshes_total"), 0) >= 1:
                 break
             time.sleep(0.1)
-        assert samples[key("scidex_exporter_query_success", query="providers")] == 1
+        assert samples[key("scidex_exporter_query_success", query="window_tasks")] == 1
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=5) == 0

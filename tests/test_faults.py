@@ -138,10 +138,11 @@ def test_a_hung_query_is_cancelled_and_the_others_refresh(
     samples = parse(refresher.snapshot.text)
     assert samples[key("scidex_exporter_query_success", query="window_tasks")] == 0
     assert samples[key("scidex_exporter_query_duration_seconds", query="window_tasks")] >= 0.5
-    for other in ("spend_totals", "budget_today", "providers"):
+    for other in ("spend_totals", "spend_recent", "budget_today"):
         assert samples[key("scidex_exporter_query_success", query=other)] == 1
     assert samples[SPEND] == 4
-    assert samples[key("scidex_provider_spend_usd", provider="bedrock")] == 4
+    # The provider families come from the same scan of the window: not there yet either.
+    assert key("scidex_provider_spend_usd", provider="bedrock") not in samples
     (line,) = _log_lines(caplog, "query failed")
     assert line.fields["query"] == "window_tasks"
     assert line.fields["error_kind"] == "QueryCanceled"
@@ -167,7 +168,7 @@ def test_a_view_missing_a_column_is_named_and_the_rest_works(
     assert line.fields["contract"] == "impact_ledger.impact_score: column is missing"
     samples = parse(refresher.snapshot.text)
     assert samples[SPEND] == 4
-    assert samples[key("scidex_provider_tasks", provider="bedrock")] == 1
+    assert samples[key("scidex_exporter_query_success", query="budget_today")] == 1
 
 
 def test_stop_during_a_long_refresh_starts_no_further_query(dsn: str) -> None:
