@@ -218,13 +218,17 @@ def baseline(dsn: str, scrapers: int, seconds: float) -> None:
         if not refresher.refresh():
             raise RuntimeError("refresh failed")
         series = refresher.snapshot.text.count(b"\n") - 2 * len(refresher.snapshot.families)
-        ours = MetricsServer(refresher, "127.0.0.1", 0).start()
-        try:
-            url = f"http://127.0.0.1:{ours.port}/metrics"
-            cached = {
+
+        def both(port: int) -> dict[str, WrkRun]:
+            url = f"http://127.0.0.1:{port}/metrics"
+            return {
                 label: wrk(url, scrapers, seconds, h)
                 for label, h in (("plain", []), ("gzip", GZIP))
             }
+
+        ours = MetricsServer(refresher, "127.0.0.1", 0).start()
+        try:
+            cached = both(ours.port)
         finally:
             ours.stop()
         registry = CollectorRegistry()
@@ -234,11 +238,7 @@ def baseline(dsn: str, scrapers: int, seconds: float) -> None:
             port = probe.getsockname()[1]
         httpd, thread = start_http_server(port, "127.0.0.1", registry)
         try:
-            url = f"http://127.0.0.1:{port}/metrics"
-            rendered = {
-                label: wrk(url, scrapers, seconds, h)
-                for label, h in (("plain", []), ("gzip", GZIP))
-            }
+            rendered = both(port)
         finally:
             httpd.shutdown()
             httpd.server_close()
