@@ -201,7 +201,10 @@ def test_budget_exhaustion_forecast_from_history(backfilled: Any) -> None:
             spent[quest] += float(cost)
     allocated = {quest: float(a) for quest, day, a in budgets if day == now.date()}
     prom.wait_for(rules.QUEST_EXHAUSTION_HOURS.name)
-    at = time.time()  # both recorded series from the same rule evaluation
+    # Both recorded series from the same rule evaluation: Prometheus commits each rule's samples
+    # as it goes, so "now" can see the rate of an evaluation still under way and the forecast of
+    # the one before. Half an evaluation interval back, every evaluation up to then is complete.
+    at = time.time() - 0.5
     rates = {
         s["metric"]["quest"]: float(s["value"][1])
         for s in prom.query(rules.QUEST_SPEND_RATE["1h"].name, at=at)
