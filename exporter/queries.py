@@ -66,27 +66,35 @@ SNAPSHOT = Query(
 # into rows that are final (id <= %(safe)s: folded into the exporter's running totals) and the
 # tail (added to them for this refresh only). after = -1 recomputes the whole ledger.
 #
-# Valid rows and excluded rows are two branches: the exclusion reason is computed only for the
-# few rows that fail the plain validity test, and the valid branch groups by columns and one
-# boolean, which the planner estimates right (a few thousand groups: a hash aggregate). Grouping
-# every row by the reason expression made it guess one group per row and sort the whole ledger.
+# One hash aggregate over (final, quest, layer, provider, valid): grouping by columns and
+# booleans lets the planner estimate a few thousand groups. Grouping every row by the exclusion
+# reason made it guess one group per row and sort the whole ledger, so the reasons come from a
+# second, filtered scan that runs only when the first one saw excluded rows (an init plan the
+# executor checks before starting that scan).
 SPEND_TOTALS = Query(
     "spend_totals",
     f"""
-    SELECT c.id <= %(safe)s AS final, c.quest, c.layer, c.provider, NULL AS reason,
-           count(*) AS calls,
-           sum(c.cost_usd) AS cost,
-           sum(c.input_tokens) AS input_tokens,
-           sum(c.output_tokens) AS output_tokens,
-           max(c.id) AS max_id
-    FROM cost_ledger c
-    WHERE c.id > %(after)s AND {_VALID}
-    GROUP BY 1, 2, 3, 4
+    WITH g AS MATERIALIZED (
+        SELECT c.id <= %(safe)s AS final, c.quest, c.layer, c.provider, {_VALID} IS TRUE AS valid,
+               count(*) AS calls,
+               sum(c.cost_usd) AS cost,
+               sum(c.input_tokens) AS input_tokens,
+               sum(c.output_tokens) AS output_tokens,
+               max(c.id) AS max_id
+        FROM cost_ledger c
+        WHERE c.id > %(after)s
+        GROUP BY 1, 2, 3, 4, 5
+    )
+    SELECT final, quest, layer, provider, NULL AS reason,
+           calls, cost, input_tokens, output_tokens, max_id
+    FROM g
+    WHERE valid
     UNION ALL
     SELECT c.id <= %(safe)s, c.quest, c.layer, c.provider, {_EXCLUSION_REASON},
            count(*), NULL, NULL, NULL, max(c.id)
     FROM cost_ledger c
-    WHERE c.id > %(after)s AND {_VALID} IS NOT TRUE
+    WHERE EXISTS (SELECT FROM g WHERE NOT g.valid)
+      AND c.id > %(after)s AND {_VALID} IS NOT TRUE
     GROUP BY 1, 2, 3, 4, 5
     """,
 )

@@ -209,3 +209,32 @@ def test_the_window_families_read_the_window_not_the_history(dsn: str) -> None:
     # here), never the whole history.
     assert window > 2000
     assert read <= 1.2 * (window + history) + 50, (read, window, history)
+
+
+def test_excluded_rows_are_classified_only_when_there_are_some(dsn: str) -> None:
+    """The reason scan is skipped on a clean range: a full recomputation reads the ledger once."""
+    rng = random.Random(5)
+    with psycopg.connect(dsn, autocommit=True) as writer:
+        writer.cursor().executemany(
+            f"INSERT INTO cost_ledger {COLUMNS} VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+            _rows(rng, 500),
+        )
+        writer.execute("UPDATE cost_ledger SET cost_usd = 0.5, output_tokens = 10")  # all valid
+
+        def ledger_scans() -> int:
+            sql = psycopg.ClientCursor(writer).mogrify(
+                q.SPEND_TOTALS.sql, {"after": -1, "safe": 10**9}
+            )
+            [(plan,)] = writer.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + sql).fetchall()
+            return _scans_run(plan[0]["Plan"], "cost_ledger")
+
+        clean = ledger_scans()
+        writer.execute("UPDATE cost_ledger SET cost_usd = 'NaN' WHERE id = 7")
+        dirty = ledger_scans()
+    assert (clean, dirty) == (1, 2)
+
+
+def _scans_run(plan: dict[str, Any], relation: str) -> int:
+    """Scans of ``relation`` that the executor started (EXPLAIN ANALYZE's loops > 0)."""
+    own = int(plan.get("Relation Name") == relation and plan["Actual Loops"] > 0)
+    return own + sum(_scans_run(child, relation) for child in plan.get("Plans", []))
