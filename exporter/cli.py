@@ -147,7 +147,7 @@ def _once(settings: Settings) -> int:
 
 
 def _check(settings: Settings) -> int:
-    from exporter.contract import check_relations
+    from exporter.contract import check_relations, performance_advice
 
     if settings.web_config_file is not None:
         from exporter.webconfig import load_web_config
@@ -159,6 +159,7 @@ def _check(settings: Settings) -> int:
             settings.dsn_value(), connect_timeout=settings.connect_timeout_seconds
         ) as conn:
             problems = check_relations(conn)
+            advice = [] if problems else performance_advice(conn)
     except psycopg.Error as exc:
         print(f"database: cannot connect: {redact(str(exc).strip())}", file=sys.stderr)
         return 1
@@ -166,6 +167,8 @@ def _check(settings: Settings) -> int:
         print(f"ledger contract: {problem}", file=sys.stderr)
     if not problems:
         print("ledger contract: ok")
+    for line in advice:
+        print(f"ledger performance: {line}")  # advice, not a failure
     return 1 if problems else 0
 
 

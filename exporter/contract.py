@@ -82,3 +82,55 @@ def check_relations(conn: psycopg.Connection[Any]) -> list[str]:
                     f"{relation}.{column}: type {found[column]} is not one of {', '.join(accepted)}"
                 )
     return problems
+
+
+_ADVICE = """
+    WITH t AS (
+        SELECT c.oid, c.relkind,
+               (SELECT attnum FROM pg_attribute WHERE attrelid = c.oid AND attname = 'ts') AS ts,
+               (SELECT attnum FROM pg_attribute
+                WHERE attrelid = c.oid AND attname = 'task_id') AS task,
+               (SELECT attnum FROM pg_attribute
+                WHERE attrelid = c.oid AND attname = 'provider') AS provider
+        FROM pg_class c
+        WHERE c.oid = to_regclass('cost_ledger')
+    )
+    SELECT t.relkind IN ('r', 'p') AS is_table,
+           EXISTS (SELECT FROM pg_index i WHERE i.indrelid = t.oid AND i.indkey[0] = t.ts)
+               AS ts_index,
+           EXISTS (SELECT FROM pg_index i
+                   WHERE i.indrelid = t.oid AND i.indkey[0] = t.task AND i.indkey[1] = t.ts)
+               AS task_ts_index,
+           EXISTS (SELECT FROM pg_statistic_ext s
+                   WHERE s.stxrelid = t.oid AND 'd' = ANY (s.stxkind)
+                     AND s.stxkeys::int2[] @> ARRAY[t.task, t.provider]::int2[])
+               AS task_provider_stats
+    FROM t
+"""
+
+ADVICE = {
+    "ts_index": "no index on cost_ledger (ts): every window query scans the whole ledger",
+    "task_ts_index": (
+        "no index on cost_ledger (task_id, ts): each window task's earlier spend is found by"
+        " scanning the ledger"
+    ),
+    "task_provider_stats": (
+        "no ndistinct statistics on cost_ledger (task_id, provider): the window is sorted"
+        " instead of hashed"
+    ),
+}
+"""What ``schema.sql`` creates for the exporter's queries, and what its absence costs."""
+
+
+def performance_advice(conn: psycopg.Connection[Any]) -> list[str]:
+    """Return one line per index or statistics object of ``schema.sql`` that cost_ledger lacks.
+
+    Only for a table: a view's indexes live on its base tables, which this cannot see.
+    """
+    row = conn.execute(_ADVICE).fetchone()
+    if row is None or not row[0]:
+        return []
+    found = dict(zip(("ts_index", "task_ts_index", "task_provider_stats"), row[1:], strict=True))
+    return [
+        f"{text} (see exporter/sql/schema.sql)" for key, text in ADVICE.items() if not found[key]
+    ]

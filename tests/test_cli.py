@@ -169,6 +169,24 @@ def test_check_accepts_the_shipped_schema(dsn: str) -> None:
     result = cli("check", "--dsn", dsn)
     assert result.returncode == 0, result.stderr
     assert "ledger contract: ok" in result.stdout
+    assert "ledger performance" not in result.stdout
+
+
+def test_check_says_which_index_or_statistics_the_ledger_lacks(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("DROP INDEX cost_ledger_task_ts_idx")
+        conn.execute("DROP STATISTICS cost_ledger_task_provider_stats")
+    result = cli("check", "--dsn", dsn)
+    assert result.returncode == 0, result.stderr  # advice, not a failure
+    advice = [line for line in result.stdout.splitlines() if "ledger performance" in line]
+    assert len(advice) == 2
+    assert "cost_ledger (task_id, ts)" in advice[0] and "(task_id, provider)" in advice[1]
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("DROP INDEX cost_ledger_ts_idx")
+        conn.execute("ALTER TABLE cost_ledger RENAME TO ledger_base")
+        conn.execute("CREATE VIEW cost_ledger AS SELECT * FROM ledger_base")
+    result = cli("check", "--dsn", dsn)
+    assert result.returncode == 0 and "ledger performance" not in result.stdout  # a view
 
 
 def test_check_names_each_problem(empty_dsn: str) -> None:
