@@ -217,7 +217,8 @@ def baseline(dsn: str, scrapers: int, seconds: float) -> None:
     try:
         if not refresher.refresh():
             raise RuntimeError("refresh failed")
-        series = refresher.snapshot.text.count(b"\n") - 2 * len(refresher.snapshot.families)
+        lines = refresher.snapshot.text.splitlines()
+        series = sum(1 for line in lines if line and not line.startswith(b"#"))
 
         def both(port: int) -> dict[str, WrkRun]:
             url = f"http://127.0.0.1:{port}/metrics"

@@ -10,6 +10,7 @@ from importlib.resources import files
 from typing import Any
 
 import psycopg
+from psycopg.rows import dict_row
 
 INTEGER = ("bigint", "integer", "smallint", "numeric")
 NUMBER = ("numeric", "double precision", "real", "bigint", "integer", "smallint")
@@ -127,10 +128,9 @@ def performance_advice(conn: psycopg.Connection[Any]) -> list[str]:
 
     Only for a table: a view's indexes live on its base tables, which this cannot see.
     """
-    row = conn.execute(_ADVICE).fetchone()
-    if row is None or not row[0]:
+    found = conn.cursor(row_factory=dict_row).execute(_ADVICE).fetchone()
+    if found is None or not found["is_table"]:
         return []
-    found = dict(zip(("ts_index", "task_ts_index", "task_provider_stats"), row[1:], strict=True))
     return [
         f"{text} (see exporter/sql/schema.sql)" for key, text in ADVICE.items() if not found[key]
     ]

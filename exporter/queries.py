@@ -36,13 +36,6 @@ _VALID = """(c.ts IS NOT NULL AND c.cost_usd >= 0 AND c.cost_usd < 'Infinity'
 # Tokens are summed as numeric: two counts near the bigint limit must not overflow.
 _TOKENS = "(c.input_tokens::numeric + c.output_tokens)"
 
-# The window's tasks are those with a valid row since %(window_start)s. Their rows in the window
-# come from one scan of the ts index; what each spent before the window, from a probe of the
-# (task_id, ts) index that finds nothing for most tasks. The cost follows the window's rows, not
-# the ledger's history: joining recent tasks to their whole history made the planner hash-join
-# (scan) the whole ledger once the history outgrew the window.
-_BEFORE_WINDOW = f"c.task_id = w.task_id AND c.ts < %(window_start)s AND {_VALID}"
-
 
 @dataclass(frozen=True)
 class Query:
@@ -131,10 +124,14 @@ BUDGET_TODAY = Query(
     """,
 )
 
-# Rankings, waste, per-quest impact and the provider families share one scan of the window,
-# aggregated per task and raw provider. Ties break on task_id in byte order (COLLATE "C") so
-# the ranking does not depend on the server's locale. Provider families come from Python regex
-# rules; the raw -> family map travels as two arrays.
+# Rankings, waste, per-quest impact and the provider families share one scan of the window
+# (the tasks with a valid row since %(window_start)s), aggregated per task and raw provider.
+# What each of those tasks spent before the window comes from a probe of the (task_id, ts)
+# index that finds nothing for most tasks, so the cost follows the window, not the history:
+# joining the window's tasks to their whole history made the planner hash-join (scan) the
+# whole ledger once the history outgrew the window. Ties break on task_id in byte order
+# (COLLATE "C") so the ranking does not depend on the server's locale. Provider families come
+# from Python regex rules; the raw -> family map travels as two arrays.
 WINDOW_TASKS = Query(
     "window_tasks",
     f"""
@@ -163,7 +160,7 @@ WINDOW_TASKS = Query(
         CROSS JOIN LATERAL (
             SELECT c.task_id, c.provider, sum(c.cost_usd) AS cost, sum({_TOKENS}) AS tokens
             FROM cost_ledger c
-            WHERE {_BEFORE_WINDOW}
+            WHERE c.task_id = w.task_id AND c.ts < %(window_start)s AND {_VALID}
             GROUP BY c.task_id, c.provider
         ) b
     ),

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from email.utils import formatdate
+from functools import lru_cache
 from pathlib import Path
 from typing import Protocol
 
@@ -92,7 +93,6 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.buffer = b""
         self.waiting = False  # a login is being checked; later requests wait their turn
-        self.paused = False  # the client is not reading; stop reading its requests
         self.last_active = time.monotonic()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -110,12 +110,11 @@ class _Connection(asyncio.Protocol):
         self.transport = None
 
     def pause_writing(self) -> None:
-        self.paused = True
+        """The client is not reading: stop reading (and answering) its requests meanwhile."""
         if self.transport is not None:
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        self.paused = False
         self.last_active = time.monotonic()
         if self.transport is not None:
             self.transport.resume_reading()
@@ -227,7 +226,7 @@ def _response(
     lines = [
         f"HTTP/1.1 {status} {_REASONS[status]}",
         "Server: resource-exporter",
-        f"Date: {_date()}",
+        f"Date: {_http_date(int(time.time()))}",
         f"Content-Type: {content_type}",
         f"Content-Length: {len(body)}",
     ]
@@ -243,16 +242,10 @@ def _response(
     return head if head_only else head + body
 
 
-_date_cache: tuple[int, str] = (0, "")
-
-
-def _date() -> str:
+@lru_cache(maxsize=2)
+def _http_date(second: int) -> str:
     """The Date header, formatted once per second."""
-    global _date_cache
-    now = int(time.time())
-    if _date_cache[0] != now:
-        _date_cache = (now, formatdate(now, usegmt=True))
-    return _date_cache[1]
+    return formatdate(second, usegmt=True)
 
 
 class MetricsServer:
