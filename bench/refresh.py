@@ -101,11 +101,11 @@ def psql_floor(dsn: str, runs: int) -> float:
     refresher = Refresher(settings)
     instants = Instants.at(datetime.now(UTC), settings)
     with psycopg.connect(dsn) as conn:
-        refresher.refresh()  # a first, full refresh: its plan (after = -1) and provider map
+        refresher.refresh()  # a first refresh: the plan of a full one (nothing final yet)
         cur = psycopg.ClientCursor(conn)
         script = ["BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY;", q.SNAPSHOT.sql + ";"]
         for query in q.ALL_QUERIES:
-            script.append(cur.mogrify(query.sql, refresher.params(query, instants)) + ";")
+            script.append(cur.mogrify(*refresher.statement(query, instants)) + ";")
         script.append("COMMIT;")
     refresher.close()
     path = Path(tempfile.mkdtemp()) / "refresh.sql"

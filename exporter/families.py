@@ -9,7 +9,7 @@ the same label are summed instead of producing a duplicate series.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -255,13 +255,3 @@ def _providers(rows: Rows, providers: ProviderFamilies) -> list[Family]:
         family_of(c.PROVIDER_TOKENS, tokens),
         family_of(c.PROVIDER_AVG_COST, avg),
     ]
-
-
-def provider_params(rows: Iterable[Any], providers: ProviderFamilies) -> dict[str, Any]:
-    """Return the raw -> family arrays the window query joins its providers on."""
-    raw = sorted({r.provider for r in rows if r.provider is not None})
-    return {
-        "raw_providers": raw,
-        "families": [providers.family(p) for p in raw],
-        "other": c.OTHER,
-    }

@@ -124,19 +124,42 @@ BUDGET_TODAY = Query(
     """,
 )
 
-# Rankings, waste, per-quest impact and the provider families share one scan of the window
-# (the tasks with a valid row since %(window_start)s), aggregated per task and raw provider.
-# What each of those tasks spent before the window comes from a probe of the (task_id, ts)
-# index that finds nothing for most tasks, so the cost follows the window, not the history:
-# joining the window's tasks to their whole history made the planner hash-join (scan) the
-# whole ledger once the history outgrew the window. Ties break on task_id in byte order
-# (COLLATE "C") so the ranking does not depend on the server's locale. Provider families come
-# from Python regex rules; the raw -> family map travels as two arrays.
+# The window families (rankings, waste, per-quest impact, providers) are computed in Python
+# from per-task lifetime sums that the exporter keeps, like the cumulative sums, as a final
+# part (ids <= the watermark) plus a tail re-read each refresh (exporter/window.py). Both
+# statements return rows of three kinds:
+#   'sum'    (part, task_id, provider, cost, tokens): valid spend of a task on one raw provider;
+#   'label'  (part, task_id, quest, layer, last_ts): the task's latest valid row, by (ts, id);
+#   'impact' (task_id, impact): the latest measured impact of a task that may be in the window.
+# part 0 is final (ids the exporter already holds, or up to %(safe)s when rebuilding), 1 the
+# tail rows that became final (ids up to %(safe)s), 2 the open tail; a later part holds larger
+# ids, so it wins a tie on ts.
+
+
+def _impacts(tasks: str) -> str:
+    return f"""
+    SELECT 'impact', NULL, k.task_id, NULL, NULL, NULL, NULL, NULL, NULL,
+           (SELECT CASE WHEN i.impact_score IN ('NaN', 'Infinity', '-Infinity') THEN NULL
+                        ELSE i.impact_score END
+            FROM impact_ledger i
+            WHERE i.task_id = k.task_id
+            ORDER BY i.measured_at DESC NULLS LAST
+            LIMIT 1)
+    FROM ({tasks}) k
+    """
+
+
+# Rebuild from the window: the tasks with a valid row since %(window_start)s (one scan of the ts
+# index, hashed per task and raw provider), with what each spent before the window from a probe
+# of the (task_id, ts) index that finds nothing for most tasks. Joining the window's tasks to
+# their whole history made the planner hash-join (scan) the whole ledger once the history
+# outgrew the window. The latest valid row is looked up only when a task's rows disagree on the
+# labels (hashing beats sorting the window by task and time to find it).
 WINDOW_TASKS = Query(
     "window_tasks",
     f"""
     WITH win AS (
-        SELECT c.task_id, c.provider,
+        SELECT c.id <= %(safe)s AS final, c.task_id, c.provider,
                min(c.quest COLLATE "C") AS quest, max(c.quest COLLATE "C") AS quest_max,
                min(c.layer COLLATE "C") AS layer, max(c.layer COLLATE "C") AS layer_max,
                bool_and(c.quest IS NOT NULL AND c.layer IS NOT NULL) AS labelled,
@@ -145,100 +168,103 @@ WINDOW_TASKS = Query(
                max(c.ts) AS last_ts
         FROM cost_ledger c
         WHERE c.ts >= %(window_start)s AND c.task_id IS NOT NULL AND {_VALID}
-        GROUP BY c.task_id, c.provider
+        GROUP BY 1, 2, 3
     ),
     win_tasks AS (
-        SELECT task_id, min(quest) AS quest, max(quest_max) AS quest_max,
+        SELECT final, task_id, min(quest) AS quest, max(quest_max) AS quest_max,
                min(layer) AS layer, max(layer_max) AS layer_max, bool_and(labelled) AS labelled,
-               sum(cost) AS cost, sum(tokens) AS tokens, max(last_ts) AS last_ts
+               max(last_ts) AS last_ts
         FROM win
-        GROUP BY task_id
+        GROUP BY final, task_id
     ),
-    before AS (
-        SELECT b.*
-        FROM win_tasks w
-        CROSS JOIN LATERAL (
-            SELECT c.task_id, c.provider, sum(c.cost_usd) AS cost, sum({_TOKENS}) AS tokens
-            FROM cost_ledger c
-            WHERE c.task_id = w.task_id AND c.ts < %(window_start)s AND {_VALID}
-            GROUP BY c.task_id, c.provider
-        ) b
-    ),
-    tasks AS (
-        SELECT w.task_id,
-               CASE WHEN latest.found THEN latest.quest ELSE w.quest END COLLATE "default" AS quest,
-               CASE WHEN latest.found THEN latest.layer ELSE w.layer END COLLATE "default" AS layer,
-               w.cost + coalesce(b.cost, 0) AS cost,
-               w.tokens + coalesce(b.tokens, 0) AS tokens,
-               w.last_ts
-        FROM win_tasks w
-        LEFT JOIN (SELECT task_id, sum(cost) AS cost, sum(tokens) AS tokens
-                   FROM before GROUP BY task_id) b USING (task_id)
-        -- A task is labelled by its latest valid row: looked up only when its rows disagree
-        -- (hashing beats sorting the window by task and time to find it).
-        LEFT JOIN LATERAL (
-            SELECT true AS found, c.quest, c.layer
-            FROM cost_ledger c
-            WHERE NOT (w.labelled AND w.quest = w.quest_max AND w.layer = w.layer_max)
-              AND c.task_id = w.task_id AND c.ts = w.last_ts AND {_VALID}
-            ORDER BY c.id DESC
-            LIMIT 1
-        ) latest ON true
-    ),
-    scored AS (
-        SELECT t.*,
-               (SELECT CASE WHEN i.impact_score IN ('NaN', 'Infinity', '-Infinity') THEN NULL
-                            ELSE i.impact_score END
-                FROM impact_ledger i
-                WHERE i.task_id = t.task_id
-                ORDER BY i.measured_at DESC NULLS LAST
-                LIMIT 1) AS impact
-        FROM tasks t
-    ),
-    wasted AS (
-        SELECT * FROM scored
-        WHERE tokens > %(waste_min_tokens)s
-          AND (impact IS NULL OR impact <= %(waste_max_impact)s)
-          AND last_ts < %(grace_cutoff)s
-    ),
-    families AS (
-        SELECT * FROM unnest(%(raw_providers)s::text[], %(families)s::text[]) AS f(provider, family)
-    ),
-    providers AS (
-        SELECT coalesce(f.family, %(other)s) AS family,
-               sum(x.cost) AS cost,
-               count(DISTINCT x.task_id) AS tasks,
-               sum(x.tokens) AS tokens
-        FROM (SELECT task_id, provider, cost, tokens FROM win
-              UNION ALL
-              SELECT task_id, provider, cost, tokens FROM before) x
-        LEFT JOIN families f ON f.provider = x.provider
-        GROUP BY 1
-    )
-    (SELECT 'efficiency' AS kind, task_id, quest, layer, cost, tokens, impact, 1::bigint AS tasks,
-            NULL AS family
-     FROM scored
-     WHERE cost > 0 AND impact > 0
-     ORDER BY impact / cost::float8 DESC, task_id COLLATE "C"
-     LIMIT %(top_efficiency)s)
+    tracked AS (SELECT DISTINCT task_id FROM win_tasks)
+    SELECT 'sum' AS kind, CASE WHEN final THEN 0 ELSE 2 END AS part, task_id, provider,
+           NULL AS quest, NULL AS layer, cost, tokens, NULL::timestamptz AS last_ts,
+           NULL::float8 AS impact
+    FROM win
     UNION ALL
-    (SELECT 'waste', task_id, quest, layer, cost, tokens, impact, 1, NULL
-     FROM wasted
-     ORDER BY tokens DESC, task_id COLLATE "C"
-     LIMIT %(top_waste)s)
+    SELECT 'sum', CASE WHEN b.final THEN 0 ELSE 2 END, t.task_id, b.provider, NULL, NULL,
+           b.cost, b.tokens, NULL, NULL
+    FROM tracked t
+    CROSS JOIN LATERAL (
+        SELECT c.id <= %(safe)s AS final, c.provider,
+               sum(c.cost_usd) AS cost, sum({_TOKENS}) AS tokens
+        FROM cost_ledger c
+        WHERE c.task_id = t.task_id AND c.ts < %(window_start)s AND {_VALID}
+        GROUP BY 1, 2
+    ) b
     UNION ALL
-    SELECT 'waste_total', NULL, quest, layer, sum(cost), sum(tokens), NULL, count(*), NULL
-    FROM wasted
-    GROUP BY quest, layer
+    SELECT 'label', CASE WHEN w.final THEN 0 ELSE 2 END, w.task_id, NULL,
+           CASE WHEN latest.found THEN latest.quest ELSE w.quest END COLLATE "default",
+           CASE WHEN latest.found THEN latest.layer ELSE w.layer END COLLATE "default",
+           NULL, NULL, w.last_ts, NULL
+    FROM win_tasks w
+    LEFT JOIN LATERAL (
+        SELECT true AS found, c.quest, c.layer
+        FROM cost_ledger c
+        WHERE NOT (w.labelled AND w.quest = w.quest_max AND w.layer = w.layer_max)
+          AND c.task_id = w.task_id AND c.ts = w.last_ts AND (c.id <= %(safe)s) = w.final
+          AND {_VALID}
+        ORDER BY c.id DESC
+        LIMIT 1
+    ) latest ON true
     UNION ALL
-    SELECT 'quest', NULL, quest, NULL, sum(cost), sum(tokens), sum(impact), count(*), NULL
-    FROM scored
-    GROUP BY quest
-    UNION ALL
-    SELECT 'provider', NULL, NULL, NULL, cost, tokens, NULL, tasks, family
-    FROM providers
+    {_impacts("SELECT task_id FROM tracked")}
     """,
 )
+"""Rebuilds the per-task sums of the window's tasks (first refresh and reconciliation)."""
+
+# Add the rows after %(after)s (a primary-key range scan) to the tasks the exporter holds
+# (%(tracked)s, a JSON array: tens of thousands of ids dump and parse faster than a text[]).
+# For a tail task it does not hold (a new task, or an old one back in the window), read
+# everything up to %(after)s once.
+WINDOW_TASKS_STEADY = Query(
+    "window_tasks",
+    f"""
+    WITH tracked AS (SELECT json_array_elements_text(%(tracked)s::json) AS task_id),
+    tail AS MATERIALIZED (
+        SELECT CASE WHEN c.id <= %(safe)s THEN 1 ELSE 2 END AS part, c.id, c.task_id,
+               c.provider, c.quest, c.layer, c.ts, c.cost_usd, {_TOKENS} AS tokens
+        FROM cost_ledger c
+        WHERE c.id > %(after)s AND c.task_id IS NOT NULL AND {_VALID}
+    ),
+    fresh AS (
+        SELECT DISTINCT t.task_id FROM tail t
+        WHERE NOT EXISTS (SELECT FROM tracked k WHERE k.task_id = t.task_id)
+    )
+    SELECT 'sum' AS kind, 0 AS part, f.task_id, h.provider, NULL AS quest, NULL AS layer,
+           h.cost, h.tokens, NULL::timestamptz AS last_ts, NULL::float8 AS impact
+    FROM fresh f
+    CROSS JOIN LATERAL (
+        SELECT c.provider, sum(c.cost_usd) AS cost, sum({_TOKENS}) AS tokens
+        FROM cost_ledger c
+        WHERE c.task_id = f.task_id AND c.id <= %(after)s AND {_VALID}
+        GROUP BY c.provider
+    ) h
+    UNION ALL
+    SELECT 'label', 0, f.task_id, NULL, h.quest, h.layer, NULL, NULL, h.ts, NULL
+    FROM fresh f
+    CROSS JOIN LATERAL (
+        SELECT c.quest, c.layer, c.ts
+        FROM cost_ledger c
+        WHERE c.task_id = f.task_id AND c.id <= %(after)s AND {_VALID}
+        ORDER BY c.ts DESC, c.id DESC
+        LIMIT 1
+    ) h
+    UNION ALL
+    SELECT 'sum', part, task_id, provider, NULL, NULL, sum(cost_usd), sum(tokens), NULL, NULL
+    FROM tail
+    GROUP BY part, task_id, provider
+    UNION ALL
+    (SELECT DISTINCT ON (part, task_id)
+            'label', part, task_id, NULL, quest, layer, NULL, NULL, ts, NULL
+     FROM tail
+     ORDER BY part, task_id, ts DESC, id DESC)
+    UNION ALL
+    {_impacts("SELECT task_id FROM tracked UNION SELECT task_id FROM tail")}
+    """,
+)
+"""Adds the rows after the watermark to the per-task sums the exporter holds."""
 
 ALL_QUERIES: tuple[Query, ...] = (
     SPEND_TOTALS,

@@ -23,12 +23,13 @@ from psycopg.rows import namedtuple_row
 from exporter import queries as q
 from exporter.config import Settings
 from exporter.contract import check_relations
-from exporter.families import build_ledger, provider_params
+from exporter.families import build_ledger
 from exporter.health import Health, QueryHealth
 from exporter.incremental import Plan, SpendTotals, merge
 from exporter.labels import ProviderFamilies
 from exporter.logs import error_fields, event
 from exporter.snapshot import Snapshot
+from exporter.window import Limits, WindowTasks, summarize
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,7 @@ class Refresher:
         self._closing = threading.Event()
         self._outage = 0  # consecutive refreshes that could not reach the database
         self._spend = SpendTotals(settings.reconcile_interval_seconds)
+        self._window = WindowTasks()
         self._plan: Plan | None = None
         self._recent: list[Any] | None = None
         self._rows: dict[str, list[Any]] = {}
@@ -181,8 +183,7 @@ class Refresher:
         started = time.perf_counter()
         try:
             with conn.transaction(), conn.cursor() as cur:
-                cur.execute(query.sql, self.params(query, instants))
-                rows = cur.fetchall()
+                rows = self._read(cur, query, instants)
         except psycopg.Error as exc:
             health.duration = time.perf_counter() - started
             if conn.broken:
@@ -211,8 +212,27 @@ class Refresher:
         self._store(query, rows)
         return True
 
-    def params(self, query: q.Query, instants: Instants) -> dict[str, Any]:
-        """The bind parameters of ``query`` in the current refresh (also for bench/)."""
+    def _read(self, cur: psycopg.Cursor[Any], query: q.Query, instants: Instants) -> list[Any]:
+        sql, params = self.statement(query, instants)
+        if query is not q.WINDOW_TASKS:
+            cur.execute(sql, params)
+            return cur.fetchall()
+        # A rebuild returns rows for every task of the window: they are folded into the
+        # per-task sums as they arrive instead of being held all at once.
+        tasks, impacts = self._window.apply(
+            self._plan, cur.stream(sql, params, size=2000), instants.window_start, self.providers
+        )
+        limits = Limits(
+            top_efficiency=self.settings.top_efficiency_tasks,
+            top_waste=self.settings.top_waste_tasks,
+            waste_min_tokens=self.settings.waste_min_tokens,
+            waste_max_impact=self.settings.waste_max_impact,
+            grace_cutoff=instants.grace_cutoff,
+        )
+        return summarize(tasks, impacts, limits)
+
+    def statement(self, query: q.Query, instants: Instants) -> tuple[str, dict[str, Any]]:
+        """The SQL and bind parameters of ``query`` in the current refresh (also for bench/)."""
         s = self.settings
         params: dict[str, Any] = {
             "today": instants.today,
@@ -227,8 +247,12 @@ class Refresher:
         if query is q.SPEND_TOTALS:
             params |= {"after": self._plan.after, "safe": self._plan.safe}
         elif query is q.WINDOW_TASKS:
-            params |= provider_params(self._rows.get(q.SPEND_TOTALS.name, ()), self.providers)
-        return params
+            full, after, safe = self._window.bounds(self._plan)
+            params |= {"after": after, "safe": safe}
+            if not full:
+                params["tracked"] = self._window.tracked()
+                return q.WINDOW_TASKS_STEADY.sql, params
+        return query.sql, params
 
     def _store(self, query: q.Query, rows: list[Any]) -> None:
         """Keep a query's rows; the two spend queries combine into the spend_totals rows."""

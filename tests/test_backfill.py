@@ -201,6 +201,7 @@ def test_budget_exhaustion_forecast_from_history(backfilled: Any) -> None:
             spent[quest] += float(cost)
     allocated = {quest: float(a) for quest, day, a in budgets if day == now.date()}
     prom.wait_for(rules.QUEST_EXHAUSTION_HOURS.name)
+    time.sleep(0.6)  # so the instant read below comes after the first evaluation with a result
     # Both recorded series from the same rule evaluation: Prometheus commits each rule's samples
     # as it goes, so "now" can see the rate of an evaluation still under way and the forecast of
     # the one before. Half an evaluation interval back, every evaluation up to then is complete.

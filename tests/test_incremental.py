@@ -28,7 +28,9 @@ def _rows(rng: random.Random, n: int) -> list[tuple[Any, ...]]:
         cost = rng.choice([Decimal(rng.randint(0, 5000)) / 1000, Decimal("-1"), Decimal("NaN")])
         out.append(
             (
-                NOW - timedelta(minutes=rng.randint(0, 60 * 24 * 40)),
+                # Whole days, so rows of one task often tie on ts (ids break the tie); up to 8
+                # days ahead, for the tests that move the clock on.
+                NOW - timedelta(days=rng.randint(-8, 40)),
                 f"t{rng.randint(0, 30)}",
                 f"q{rng.randint(0, 5)}",
                 rng.choice(["Forge", "Agora"]),
@@ -47,27 +49,16 @@ def _insert(conn: psycopg.Connection, rows: list[tuple[Any, ...]]) -> None:
     )
 
 
-def _spend_families(refresher: Refresher) -> dict[Any, float]:
-    assert refresher.refresh(NOW), refresher.health.queries
-    return {
-        k: v
-        for k, v in ledger_samples(parse(refresher.snapshot.text)).items()
-        if k[0]
-        in (
-            "scidex_spend_usd_total",
-            "scidex_tokens_total",
-            "scidex_llm_calls_total",
-            "scidex_ledger_excluded_rows",
-            "scidex_quest_spend_today_usd",
-            "scidex_ledger_last_call_timestamp_seconds",
-        )
-    }
+def _families(refresher: Refresher, now: datetime = NOW) -> dict[Any, float]:
+    """Every ledger family (cumulative and window) after one refresh at ``now``."""
+    assert refresher.refresh(now), refresher.health.queries
+    return ledger_samples(parse(refresher.snapshot.text))
 
 
-def _full(dsn: str) -> dict[Any, float]:
+def _full(dsn: str, now: datetime = NOW) -> dict[Any, float]:
     fresh = Refresher(load_settings({"dsn": dsn, "reconcile_interval_seconds": 0}, env={}))
     try:
-        return _spend_families(fresh)
+        return _families(fresh, now)
     finally:
         fresh.close()
 
@@ -80,12 +71,12 @@ def test_a_late_commit_with_a_smaller_id_is_never_skipped(dsn: str) -> None:
         late_ids = late.execute("SELECT min(id), max(id) FROM cost_ledger").fetchone()
         _insert(writer, _rows(rng, 5))  # larger ids, committed first
         for _ in range(3):
-            assert _spend_families(incremental) == _full(dsn)
+            assert _families(incremental) == _full(dsn)
             assert incremental._spend.frozen_id < late_ids[0]  # never past the open rows
         late.commit()
         _insert(writer, _rows(rng, 3))
         for _ in range(3):
-            assert _spend_families(incremental) == _full(dsn)
+            assert _families(incremental) == _full(dsn)
         # Once the late transaction is over, the watermark moves past its rows.
         assert incremental._spend.frozen_id >= late_ids[1]
     incremental.close()
@@ -98,7 +89,9 @@ def test_random_batches_and_commit_orders_match_a_full_recomputation(dsn: str, s
     open_txns: list[psycopg.Connection] = []
     with psycopg.connect(dsn, autocommit=True) as writer:
         try:
-            for _ in range(25):
+            for step in range(25):
+                # Time moves on too: tasks leave the window, and come back with new rows.
+                now = NOW + timedelta(days=2 * step)
                 op = rng.random()
                 if op < 0.4:
                     _insert(writer, _rows(rng, rng.randint(1, 20)))
@@ -110,11 +103,18 @@ def test_random_batches_and_commit_orders_match_a_full_recomputation(dsn: str, s
                     conn = open_txns.pop(rng.randrange(len(open_txns)))
                     conn.rollback() if rng.random() < 0.2 else conn.commit()
                     conn.close()
-                assert _spend_families(incremental) == _full(dsn)
+                assert _families(incremental, now) == _full(dsn, now)
+                # Tasks that left the window are dropped: what is kept follows the window.
+                (in_window,) = writer.execute(
+                    "SELECT count(DISTINCT task_id) FROM cost_ledger WHERE ts >= %s",
+                    [now - timedelta(days=30)],
+                ).fetchone()  # type: ignore[misc]
+                assert len(incremental._window.final) <= in_window
         finally:
             for conn in open_txns:
                 conn.close()
     assert incremental._spend.frozen_id > 0, "the watermark never moved: nothing incremental"
+    assert incremental._window.frozen_id > 0, "the window's tasks were rebuilt every time"
     incremental.close()
 
 
@@ -128,7 +128,7 @@ def test_reconciliation_catches_ids_assigned_out_of_sequence(dsn: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as writer:
         _insert(writer, _rows(rng, 20))
         for _ in range(3):
-            _spend_families(incremental)
+            _families(incremental)
             clock[0] += 30
         frozen = incremental._spend.frozen_id
         assert frozen >= 20
@@ -144,9 +144,9 @@ def test_reconciliation_catches_ids_assigned_out_of_sequence(dsn: str) -> None:
         "scidex_spend_usd_total",
         frozenset({("quest", "q-late"), ("layer", "Forge"), ("provider", "glm")}),
     )
-    assert late not in _spend_families(incremental)
+    assert late not in _families(incremental)
     clock[0] += 600  # ...until the periodic full reconciliation
-    got = _spend_families(incremental)
+    got = _families(incremental)
     assert got[late] == 7
     assert got == _full(dsn)
     incremental.close()
@@ -154,8 +154,9 @@ def test_reconciliation_catches_ids_assigned_out_of_sequence(dsn: str) -> None:
 
 def test_the_steady_state_reads_only_the_new_rows(dsn: str) -> None:
     rng = random.Random(3)
+    old = [(NOW - timedelta(days=100), "t-old", "q1", "Forge", "glm-4.6", 5, 5, 1)] * 30
     with psycopg.connect(dsn, autocommit=True) as writer:
-        _insert(writer, _rows(rng, 5000))
+        _insert(writer, _rows(rng, 5000) + old)
         writer.execute("ANALYZE cost_ledger")
         top = writer.execute("SELECT max(id) FROM cost_ledger").fetchone()[0]  # type: ignore[index]
         plan = "\n".join(
@@ -167,13 +168,26 @@ def test_the_steady_state_reads_only_the_new_rows(dsn: str) -> None:
     assert "cost_ledger_pkey" in plan, plan  # an index range scan, not a scan of the history
     incremental = Refresher(load_settings({"dsn": dsn}, env={}))
     for _ in range(3):
-        _spend_families(incremental)
-    assert incremental._spend.frozen_id == top
+        _families(incremental)
+    assert incremental._spend.frozen_id == incremental._window.frozen_id == top
+    # New rows of tracked tasks, of a new task, and of a task back in the window after 100
+    # days: the window statement reads them, and the old task's history once.
+    new = [*_rows(rng, 10), (NOW, "t-new", "q1", "Forge", "glm-4.6", 5, 5, 1), (NOW, *old[0][1:])]
+    with psycopg.connect(dsn, autocommit=True) as writer:
+        _insert(writer, new)
+        assert incremental.refresh(NOW)
+        with psycopg.connect(dsn) as conn:
+            sql, params = incremental.statement(
+                q.WINDOW_TASKS, Instants.at(NOW, incremental.settings)
+            )
+            assert sql == q.WINDOW_TASKS_STEADY.sql
+            read = _rows_read(_explain_analyze(conn, sql, params), "cost_ledger")
+    assert read <= 2 * (len(new) + len(old)) + 10, read
     incremental.close()
 
 
-def _explain_analyze(conn: psycopg.Connection, query: q.Query, params: dict[str, Any]) -> Any:
-    sql = psycopg.ClientCursor(conn).mogrify(query.sql, params)
+def _explain_analyze(conn: psycopg.Connection, sql: str, params: dict[str, Any]) -> Any:
+    sql = psycopg.ClientCursor(conn).mogrify(sql, params)
     [(plan,)] = conn.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + sql).fetchall()
     return plan[0]["Plan"]
 
@@ -184,6 +198,13 @@ def _scans(plan: dict[str, Any], relation: str) -> Iterator[dict[str, Any]]:
         yield plan
     for child in plan.get("Plans", []):
         yield from _scans(child, relation)
+
+
+def _rows_read(plan: dict[str, Any], relation: str) -> float:
+    return sum(
+        (n["Actual Rows"] + n.get("Rows Removed by Filter", 0)) * n["Actual Loops"]
+        for n in _scans(plan, relation)
+    )
 
 
 def test_the_window_families_read_the_window_not_the_history(dsn: str) -> None:
@@ -216,12 +237,11 @@ def test_the_window_families_read_the_window_not_the_history(dsn: str) -> None:
         writer.execute("VACUUM ANALYZE cost_ledger")
     refresher = Refresher(load_settings({"dsn": dsn}, env={}))
     try:
+        assert refresher.refresh(NOW)
         instants = Instants.at(NOW, refresher.settings)
         assert instants.window_start == window_start
         with psycopg.connect(dsn) as conn:
-            plan = _explain_analyze(
-                conn, q.WINDOW_TASKS, refresher.params(q.WINDOW_TASKS, instants)
-            )
+            plan = _explain_analyze(conn, *refresher.statement(q.WINDOW_TASKS, instants))
             total, window, history = conn.execute(
                 "SELECT count(*), count(*) FILTER (WHERE ts >= %(start)s),"
                 " count(*) FILTER (WHERE ts < %(start)s AND task_id IN"
@@ -231,10 +251,7 @@ def test_the_window_families_read_the_window_not_the_history(dsn: str) -> None:
             ).fetchone()
     finally:
         refresher.close()
-    read = sum(
-        (n["Actual Rows"] + n.get("Rows Removed by Filter", 0)) * n["Actual Loops"]
-        for n in _scans(plan, "cost_ledger")
-    )
+    read = _rows_read(plan, "cost_ledger")
     # The window's rows plus the earlier rows of the window's tasks, not the whole history.
     assert window > 2000 and history >= 1500 and total > 5 * (window + history)
     assert read <= 1.2 * (window + history) + 50, (read, window, history)
@@ -248,7 +265,7 @@ def test_excluded_rows_are_classified_only_when_there_are_some(dsn: str) -> None
         writer.execute("UPDATE cost_ledger SET cost_usd = 0.5, output_tokens = 10")  # all valid
 
         def ledger_scans() -> int:
-            plan = _explain_analyze(writer, q.SPEND_TOTALS, {"after": -1, "safe": 10**9})
+            plan = _explain_analyze(writer, q.SPEND_TOTALS.sql, {"after": -1, "safe": 10**9})
             return sum(1 for n in _scans(plan, "cost_ledger") if n["Actual Loops"] > 0)
 
         clean = ledger_scans()

@@ -1,0 +1,262 @@
+"""Per-task lifetime sums of the window's tasks, kept so a refresh reads only the new rows.
+
+The window families rank, sum and classify the tasks with a valid row in the window by what
+each spent over its whole life. Reading that from the ledger every refresh costs the window
+plus every earlier row of long-running tasks. Instead the exporter keeps, per window task, the
+sums over ids <= a watermark (the same snapshot-safe watermark as the cumulative sums, see
+exporter/incremental.py) and re-reads the rows after it; a task that enters the window (a new
+task, or an old one with a new row) has its history read once. Tasks leave when their latest
+row falls out of the window. The periodic full reconciliation rebuilds everything.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import math
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, NamedTuple
+
+from exporter.incremental import Plan
+from exporter.labels import ProviderFamilies
+
+
+@dataclass(slots=True)
+class Task:
+    """One task's valid spend, by provider family, and its latest valid row's labels.
+
+    Kept small (tens of thousands are held): most tasks use one provider family, so the
+    per-family split is a dict only for the few that use several.
+    """
+
+    cost: Decimal = Decimal(0)
+    tokens: int = 0
+    last_ts: datetime | None = None
+    quest: str | None = None
+    layer: str | None = None
+    family: str | None = None  # the only family so far (None: none yet, or several)
+    shares: dict[str, list[Any]] | None = None  # family -> [cost, tokens], once several
+
+    def add(self, family: str, cost: Decimal, tokens: int) -> None:
+        if self.shares is None and self.family != family:
+            if self.family is None and not self.cost and not self.tokens:
+                self.family = family
+            else:
+                self.shares = {self.family or family: [self.cost, self.tokens]}
+                self.family = None
+        if self.shares is not None:
+            acc = self.shares.setdefault(family, [Decimal(0), 0])
+            acc[0] += cost
+            acc[1] += tokens
+        self.cost += cost
+        self.tokens += tokens
+
+    def by_family(self) -> Iterable[tuple[str, Decimal, int]]:
+        if self.shares is not None:
+            return ((f, c, t) for f, (c, t) in self.shares.items())
+        return ((self.family, self.cost, self.tokens),) if self.family is not None else ()
+
+    def label(self, last_ts: datetime, quest: str | None, layer: str | None) -> None:
+        """Take the labels of a later row; on a tie the later part (larger ids) wins."""
+        if self.last_ts is None or last_ts >= self.last_ts:
+            self.last_ts, self.quest, self.layer = last_ts, _intern(quest), _intern(layer)
+
+    def merged(self, tail: Task) -> Task:
+        """This task with the rows of a later part added (a copy: self is kept as is)."""
+        out = Task(self.cost, self.tokens, self.last_ts, self.quest, self.layer, self.family)
+        if self.shares is not None:
+            out.shares = {f: list(v) for f, v in self.shares.items()}
+        for family, cost, tokens in tail.by_family():
+            out.add(family, cost, tokens)
+        if tail.last_ts is not None:
+            out.label(tail.last_ts, tail.quest, tail.layer)
+        return out
+
+
+def _intern(value: str | None) -> str | None:
+    """One string object per distinct label value, however many tasks carry it."""
+    return None if value is None else sys.intern(value)
+
+
+class WindowRow(NamedTuple):
+    """One row of the window families, in the shape exporter/families.py reads."""
+
+    kind: str  # efficiency, waste, waste_total, quest, provider
+    task_id: str | None
+    quest: str | None
+    layer: str | None
+    cost: Decimal
+    tokens: Decimal
+    impact: float | None
+    tasks: int
+    family: str | None
+
+
+@dataclass
+class WindowTasks:
+    """The final part of every window task's sums, and the watermark it is exact up to."""
+
+    final: dict[str, Task] = field(default_factory=dict)
+    frozen_id: int = -1
+    built: bool = False
+
+    def bounds(self, plan: Plan) -> tuple[bool, int, int]:
+        """Return (full, after, safe): whether to rebuild, and the ids the statement reads.
+
+        Rebuild at a reconciliation, and while nothing is final yet (the first refresh of an
+        exporter has no watermark): a tail from id -1 would be the whole ledger.
+        """
+        safe = max(plan.safe, self.frozen_id)
+        full = plan.full or not self.built or self.frozen_id < 0
+        return full, self.frozen_id, safe
+
+    def tracked(self) -> str:
+        """The tasks the final part holds, as the JSON array the steady statement reads."""
+        return json.dumps(list(self.final))
+
+    def apply(
+        self,
+        plan: Plan,
+        rows: Iterable[Any],
+        window_start: datetime,
+        providers: ProviderFamilies,
+    ) -> tuple[dict[str, Task], dict[str, float | None]]:
+        """Fold one statement's rows in; return the window's tasks and their impacts.
+
+        ``rows`` may be a stream that fails part way: nothing held changes until it is read to
+        the end. A rebuild folds rows as they arrive into new dicts; a steady refresh keeps its
+        few tail rows until then, and folds them by part (final before open, ids growing).
+        """
+        full, _, safe = self.bounds(plan)
+        final: dict[str, Task] = {}
+        open_tail: dict[str, Task] = {}
+        impacts: dict[str, float | None] = {}
+        later: list[Any] = []
+        for r in rows:
+            if r.kind == "impact":
+                impacts[r.task_id] = r.impact
+            elif full:
+                _fold(final if r.part == 0 else open_tail, r, providers)
+            else:
+                later.append(r)
+        if not full:
+            final = self.final
+            for r in sorted(later, key=lambda r: r.part):
+                _fold(final if r.part < 2 else open_tail, r, providers)
+        # One pass over what is held: tasks whose latest row left the window are dropped.
+        current = {
+            k: t for k, t in final.items() if t.last_ts is not None and t.last_ts >= window_start
+        }
+        for task_id, tail in open_tail.items():
+            base = final.get(task_id)
+            task = tail if base is None else base.merged(tail)
+            if task.last_ts is not None and task.last_ts >= window_start:
+                current[task_id] = task
+        for task_id in [k for k in final if k not in current]:
+            del final[task_id]
+        self.final = final
+        self.frozen_id = safe
+        self.built = True
+        return current, impacts
+
+
+def _fold(target: dict[str, Task], r: Any, providers: ProviderFamilies) -> None:
+    task = target.get(r.task_id)
+    if task is None:
+        task = target[r.task_id] = Task()
+    if r.kind == "sum":
+        task.add(providers.family(r.provider), r.cost, int(r.tokens))
+    else:
+        task.label(r.last_ts, r.quest, r.layer)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the window families rank and classify by (from the settings and the instants)."""
+
+    top_efficiency: int
+    top_waste: int
+    waste_min_tokens: float
+    waste_max_impact: float
+    grace_cutoff: datetime
+
+
+def summarize(
+    tasks: dict[str, Task],
+    impacts: dict[str, float | None],
+    limits: Limits,
+) -> list[WindowRow]:
+    """Rankings, waste, per-quest and per-provider sums of the window's tasks.
+
+    Ties rank by task_id in code-point order, which is the byte order of UTF-8 (PostgreSQL's
+    COLLATE "C"), so rankings do not depend on a locale.
+    """
+    scored = []
+    wasted = []
+    waste_total: dict[tuple[Any, Any], list[Any]] = {}
+    quest: dict[Any, list[Any]] = {}
+    family_sum: dict[str, list[Any]] = {}
+    zero = Decimal(0)
+    min_tokens = Decimal(limits.waste_min_tokens)  # exact, like comparing with the float
+    max_impact, grace = limits.waste_max_impact, limits.grace_cutoff
+    for task_id, t in tasks.items():
+        cost, tokens = t.cost, t.tokens
+        impact = impacts.get(task_id)
+        if impact is not None and impact > 0 and cost > zero:
+            scored.append((-(impact / float(cost)), task_id))
+        quiet = impact is None or impact <= max_impact
+        if tokens > min_tokens and quiet and t.last_ts < grace:  # type: ignore[operator]
+            wasted.append((-tokens, task_id))
+            acc = waste_total.get((t.quest, t.layer))
+            if acc is None:
+                waste_total[(t.quest, t.layer)] = [cost, tokens, 1]
+            else:
+                acc[0] += cost
+                acc[1] += tokens
+                acc[2] += 1
+        q = quest.get(t.quest)
+        if q is None:
+            q = quest[t.quest] = [zero, zero, [], 0]
+        q[0] += cost
+        q[1] += tokens
+        if impact is not None:
+            q[2].append(impact)
+        q[3] += 1
+        for family, p_cost, p_tokens in t.by_family():
+            f = family_sum.get(family)
+            if f is None:
+                f = family_sum[family] = [zero, zero, 0]
+            f[0] += p_cost
+            f[1] += p_tokens
+            f[2] += 1  # a task yields each of its families once
+
+    def ranked(kind: str, top: int, candidates: list[tuple[Any, str]]) -> list[WindowRow]:
+        rows = []
+        for _, task_id in heapq.nsmallest(top, candidates):
+            t = tasks[task_id]
+            impact = impacts.get(task_id)
+            rows.append(
+                WindowRow(kind, task_id, t.quest, t.layer, t.cost, t.tokens, impact, 1, None)
+            )
+        return rows
+
+    out = ranked("efficiency", limits.top_efficiency, scored)
+    out += ranked("waste", limits.top_waste, wasted)
+    out += [
+        WindowRow("waste_total", None, q_, l_, cost, tokens, None, n, None)
+        for (q_, l_), (cost, tokens, n) in waste_total.items()
+    ]
+    out += [
+        # fsum: the same total whatever order the tasks were folded in
+        WindowRow("quest", None, q_, None, cost, tokens, math.fsum(i) if i else None, n, None)
+        for q_, (cost, tokens, i, n) in quest.items()
+    ]
+    out += [
+        WindowRow("provider", None, None, None, cost, tokens, None, n, f)
+        for f, (cost, tokens, n) in family_sum.items()
+    ]
+    return out
