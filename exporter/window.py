@@ -102,7 +102,6 @@ class WindowTasks:
 
     final: dict[str, Task] = field(default_factory=dict)
     frozen_id: int = -1
-    built: bool = False
 
     def bounds(self, plan: Plan) -> tuple[bool, int, int]:
         """Return (full, after, safe): whether to rebuild, and the ids the statement reads.
@@ -111,7 +110,7 @@ class WindowTasks:
         exporter has no watermark): a tail from id -1 would be the whole ledger.
         """
         safe = max(plan.safe, self.frozen_id)
-        full = plan.full or not self.built or self.frozen_id < 0
+        full = plan.full or self.frozen_id < 0
         return full, self.frozen_id, safe
 
     def tracked(self) -> str:
@@ -160,7 +159,6 @@ class WindowTasks:
             del final[task_id]
         self.final = final
         self.frozen_id = safe
-        self.built = True
         return current, impacts
 
 
