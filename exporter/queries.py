@@ -195,8 +195,8 @@ WINDOW_TASKS = Query(
     ) b
     UNION ALL
     SELECT 'label', CASE WHEN w.final THEN 0 ELSE 2 END, w.task_id, NULL,
-           CASE WHEN latest.found THEN latest.quest ELSE w.quest END COLLATE "default",
-           CASE WHEN latest.found THEN latest.layer ELSE w.layer END COLLATE "default",
+           CASE WHEN latest.found THEN latest.quest ELSE w.quest END,
+           CASE WHEN latest.found THEN latest.layer ELSE w.layer END,
            NULL, NULL, w.last_ts, NULL
     FROM win_tasks w
     LEFT JOIN LATERAL (

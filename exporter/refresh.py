@@ -29,7 +29,7 @@ from exporter.incremental import Plan, SpendTotals, merge
 from exporter.labels import ProviderFamilies
 from exporter.logs import error_fields, event
 from exporter.snapshot import Snapshot
-from exporter.window import Limits, WindowTasks, summarize
+from exporter.window import WindowTasks, summarize
 
 log = logging.getLogger(__name__)
 
@@ -222,27 +222,14 @@ class Refresher:
         tasks, impacts = self._window.apply(
             self._plan, cur.stream(sql, params, size=2000), instants.window_start, self.providers
         )
-        limits = Limits(
-            top_efficiency=self.settings.top_efficiency_tasks,
-            top_waste=self.settings.top_waste_tasks,
-            waste_min_tokens=self.settings.waste_min_tokens,
-            waste_max_impact=self.settings.waste_max_impact,
-            grace_cutoff=instants.grace_cutoff,
-        )
-        return summarize(tasks, impacts, limits)
+        return summarize(tasks, impacts, self.settings, instants.grace_cutoff)
 
     def statement(self, query: q.Query, instants: Instants) -> tuple[str, dict[str, Any]]:
         """The SQL and bind parameters of ``query`` in the current refresh (also for bench/)."""
-        s = self.settings
         params: dict[str, Any] = {
             "today": instants.today,
             "today_start": instants.today_start,
             "window_start": instants.window_start,
-            "grace_cutoff": instants.grace_cutoff,
-            "waste_min_tokens": s.waste_min_tokens,
-            "waste_max_impact": s.waste_max_impact,
-            "top_efficiency": s.top_efficiency_tasks,
-            "top_waste": s.top_waste_tasks,
         }
         if query is q.SPEND_TOTALS:
             params |= {"after": self._plan.after, "safe": self._plan.safe}

@@ -21,6 +21,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any, NamedTuple
 
+from exporter.config import Settings
 from exporter.incremental import Plan
 from exporter.labels import ProviderFamilies
 
@@ -43,10 +44,10 @@ class Task:
 
     def add(self, family: str, cost: Decimal, tokens: int) -> None:
         if self.shares is None and self.family != family:
-            if self.family is None and not self.cost and not self.tokens:
+            if self.family is None:  # the first sum of this task
                 self.family = family
             else:
-                self.shares = {self.family or family: [self.cost, self.tokens]}
+                self.shares = {self.family: [self.cost, self.tokens]}
                 self.family = None
         if self.shares is not None:
             acc = self.shares.setdefault(family, [Decimal(0), 0])
@@ -172,21 +173,11 @@ def _fold(target: dict[str, Task], r: Any, providers: ProviderFamilies) -> None:
         task.label(r.last_ts, r.quest, r.layer)
 
 
-@dataclass(frozen=True)
-class Limits:
-    """What the window families rank and classify by (from the settings and the instants)."""
-
-    top_efficiency: int
-    top_waste: int
-    waste_min_tokens: float
-    waste_max_impact: float
-    grace_cutoff: datetime
-
-
 def summarize(
     tasks: dict[str, Task],
     impacts: dict[str, float | None],
-    limits: Limits,
+    settings: Settings,
+    grace_cutoff: datetime,
 ) -> list[WindowRow]:
     """Rankings, waste, per-quest and per-provider sums of the window's tasks.
 
@@ -199,15 +190,15 @@ def summarize(
     quest: dict[Any, list[Any]] = {}
     family_sum: dict[str, list[Any]] = {}
     zero = Decimal(0)
-    min_tokens = Decimal(limits.waste_min_tokens)  # exact, like comparing with the float
-    max_impact, grace = limits.waste_max_impact, limits.grace_cutoff
+    min_tokens = Decimal(settings.waste_min_tokens)  # exact, like comparing with the float
+    max_impact = settings.waste_max_impact
     for task_id, t in tasks.items():
         cost, tokens = t.cost, t.tokens
         impact = impacts.get(task_id)
         if impact is not None and impact > 0 and cost > zero:
             scored.append((-(impact / float(cost)), task_id))
         quiet = impact is None or impact <= max_impact
-        if tokens > min_tokens and quiet and t.last_ts < grace:  # type: ignore[operator]
+        if tokens > min_tokens and quiet and t.last_ts < grace_cutoff:  # type: ignore[operator]
             wasted.append((-tokens, task_id))
             acc = waste_total.get((t.quest, t.layer))
             if acc is None:
@@ -242,8 +233,8 @@ def summarize(
             )
         return rows
 
-    out = ranked("efficiency", limits.top_efficiency, scored)
-    out += ranked("waste", limits.top_waste, wasted)
+    out = ranked("efficiency", settings.top_efficiency_tasks, scored)
+    out += ranked("waste", settings.top_waste_tasks, wasted)
     out += [
         WindowRow("waste_total", None, q_, l_, cost, tokens, None, n, None)
         for (q_, l_), (cost, tokens, n) in waste_total.items()
