@@ -36,6 +36,11 @@ _VALID = """(c.ts IS NOT NULL AND c.cost_usd >= 0 AND c.cost_usd < 'Infinity'
 # Tokens are summed as numeric: two counts near the bigint limit must not overflow.
 _TOKENS = "(c.input_tokens::numeric + c.output_tokens)"
 
+# Costs are summed as numeric, also from a view whose column is a float: the sums are exact and
+# independent of row order (a counter must never step back by an ulp), and the exporter adds
+# them as Decimal. For a numeric column the cast is no operation at all.
+_COST = "c.cost_usd::numeric"
+
 
 @dataclass(frozen=True)
 class Query:
@@ -70,7 +75,7 @@ SPEND_TOTALS = Query(
     WITH g AS MATERIALIZED (
         SELECT c.id <= %(safe)s AS final, c.quest, c.layer, c.provider, {_VALID} IS TRUE AS valid,
                count(*) AS calls,
-               sum(c.cost_usd) AS cost,
+               sum({_COST}) AS cost,
                sum(c.input_tokens) AS input_tokens,
                sum(c.output_tokens) AS output_tokens,
                max(c.id) AS max_id
@@ -98,8 +103,8 @@ SPEND_RECENT = Query(
     "spend_recent",
     f"""
     SELECT 'series' AS kind, c.quest, c.layer, c.provider,
-           sum(c.cost_usd) AS cost_window,
-           sum(c.cost_usd) FILTER (WHERE c.ts >= %(today_start)s) AS cost_today,
+           sum({_COST}) AS cost_window,
+           sum({_COST}) FILTER (WHERE c.ts >= %(today_start)s) AS cost_today,
            NULL::timestamptz AS last_ts
     FROM cost_ledger c
     WHERE c.ts >= %(window_start)s AND {_VALID}
@@ -163,7 +168,7 @@ WINDOW_TASKS = Query(
                min(c.quest COLLATE "C") AS quest, max(c.quest COLLATE "C") AS quest_max,
                min(c.layer COLLATE "C") AS layer, max(c.layer COLLATE "C") AS layer_max,
                bool_and(c.quest IS NOT NULL AND c.layer IS NOT NULL) AS labelled,
-               sum(c.cost_usd) AS cost,
+               sum({_COST}) AS cost,
                sum({_TOKENS}) AS tokens,
                max(c.ts) AS last_ts
         FROM cost_ledger c
@@ -188,7 +193,7 @@ WINDOW_TASKS = Query(
     FROM tracked t
     CROSS JOIN LATERAL (
         SELECT c.id <= %(safe)s AS final, c.provider,
-               sum(c.cost_usd) AS cost, sum({_TOKENS}) AS tokens
+               sum({_COST}) AS cost, sum({_TOKENS}) AS tokens
         FROM cost_ledger c
         WHERE c.task_id = t.task_id AND c.ts < %(window_start)s AND {_VALID}
         GROUP BY 1, 2
@@ -224,7 +229,7 @@ WINDOW_TASKS_STEADY = Query(
     WITH tracked AS (SELECT json_array_elements_text(%(tracked)s::json) AS task_id),
     tail AS MATERIALIZED (
         SELECT CASE WHEN c.id <= %(safe)s THEN 1 ELSE 2 END AS part, c.id, c.task_id,
-               c.provider, c.quest, c.layer, c.ts, c.cost_usd, {_TOKENS} AS tokens
+               c.provider, c.quest, c.layer, c.ts, {_COST} AS cost_usd, {_TOKENS} AS tokens
         FROM cost_ledger c
         WHERE c.id > %(after)s AND c.task_id IS NOT NULL AND {_VALID}
     ),
@@ -236,7 +241,7 @@ WINDOW_TASKS_STEADY = Query(
            h.cost, h.tokens, NULL::timestamptz AS last_ts, NULL::float8 AS impact
     FROM fresh f
     CROSS JOIN LATERAL (
-        SELECT c.provider, sum(c.cost_usd) AS cost, sum({_TOKENS}) AS tokens
+        SELECT c.provider, sum({_COST}) AS cost, sum({_TOKENS}) AS tokens
         FROM cost_ledger c
         WHERE c.task_id = f.task_id AND c.id <= %(after)s AND {_VALID}
         GROUP BY c.provider
@@ -284,7 +289,7 @@ HOURLY_SPEND = Query(
                 ELSE date_bin('1 hour', c.ts, %(start)s) END AS hour,
            c.quest, c.layer, c.provider,
            count(*) AS calls,
-           sum(c.cost_usd) AS cost,
+           sum({_COST}) AS cost,
            sum(c.input_tokens) AS input_tokens,
            sum(c.output_tokens) AS output_tokens
     FROM cost_ledger c

@@ -177,3 +177,39 @@ def test_prometheus_scrapes_a_hostile_exposition(hostile_dsn: str, tmp_path: Pat
     finally:
         server.stop()
         refresher.close()
+
+
+@pytest.mark.parametrize("column_type", ["double precision", "real"])
+def test_a_float_cost_column_is_summed_exactly_like_numeric(
+    pg_server: str, column_type: str
+) -> None:
+    # The contract accepts float costs (a user's view may have them); the exporter keeps
+    # exact running sums, so floats must reach it as numeric, on the full and the steady path.
+    calls, impacts, budgets = HOSTILE
+    more = [
+        Call(NOW - timedelta(days=d, hours=h), f"t{d}", quest=f"q{d % 3}", cost_usd=cost)
+        for d, h, cost in [(1, 0, Decimal("0.1")), (3, 2, Decimal("0.2")), (45, 0, Decimal("2.5"))]
+    ]
+    later = [
+        Call(NOW - timedelta(hours=1), "t1", quest="q1", cost_usd=Decimal("0.3")),
+        Call(NOW - timedelta(minutes=5), "t9", quest="q0", cost_usd=Decimal("7.25")),
+    ]
+    with temporary_database(pg_server, schema=True) as dsn:
+        relax(dsn)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"ALTER TABLE cost_ledger ALTER COLUMN cost_usd TYPE {column_type}")
+        refresher = Refresher(load_settings({"dsn": dsn}, env={}))
+        try:
+            seen: list[Call] = []
+            for batch in ([*calls, *more], later[:1], later[1:]):  # rebuild, then steady
+                insert(dsn, batch, impacts if not seen else [], budgets if not seen else [])
+                seen += batch
+                assert refresher.refresh(NOW), refresher.health.queries
+                got = ledger_samples(parse(refresher.snapshot.text))
+                want = expected(seen, impacts, budgets, NOW, NOW.date(), MIDNIGHT)
+                assert set(got) == set(want)
+                for k, v in want.items():
+                    assert got[k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
+            assert refresher._window.frozen_id > 0  # the last refresh took the steady path
+        finally:
+            refresher.close()
