@@ -74,15 +74,18 @@ class SpendTotals:
         )
 
     def apply(self, plan: Plan, rows: Iterable[Any], now: float) -> None:
-        """Fold the rows of the SPEND_TOTALS query read under ``plan`` into the totals."""
-        if plan.full:
-            self.final = {}
+        """Fold the rows of the SPEND_TOTALS query read under ``plan`` into the totals.
+
+        Nothing changes unless every row folds: a row that cannot leaves the totals as they were.
+        """
+        final = {} if plan.full else {key: list(values) for key, values in self.final.items()}
         tail: dict[Key, list[Decimal]] = {}
         largest = self.largest_id
         for r in rows:
             key = (r.quest, r.layer, r.provider, r.reason)
-            _add(self.final if r.final else tail, key, r)
+            _add(final if r.final else tail, key, r)
             largest = max(largest, r.max_id)
+        self.final = final
         self.frozen_id = plan.safe
         self.pending = [(x, m) for x, m in self.pending if x > plan.xmin]
         self.pending.append((plan.xmax, largest))

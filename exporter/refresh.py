@@ -184,24 +184,21 @@ class Refresher:
         try:
             with conn.transaction(), conn.cursor() as cur:
                 rows = self._read(cur, query, instants)
+            self._store(query, rows)
         except psycopg.Error as exc:
             health.duration = time.perf_counter() - started
             if conn.broken:
                 raise
-            health.errors += 1
-            health.failing += 1
             if self._closing.is_set():
+                health.errors += 1
+                health.failing += 1
                 event(log, logging.INFO, "query cancelled by shutdown", query=query.name)
-            elif _log_now(health.failing):
-                event(
-                    log,
-                    logging.ERROR,
-                    "query failed",
-                    query=query.name,
-                    failures=health.failing,
-                    **error_fields(exc),
-                    **_contract(conn, exc),
-                )
+            else:
+                self._failed(query, "query failed", exc, **_contract(conn, exc))
+            return False
+        except Exception as exc:  # rows the exporter cannot use (a bug): keep the last good ones
+            health.duration = time.perf_counter() - started
+            self._failed(query, "query result not usable", exc)
             return False
         health.duration = time.perf_counter() - started
         health.success = True
@@ -209,8 +206,23 @@ class Refresher:
         if health.failing:
             event(log, logging.INFO, "query recovered", query=query.name, failures=health.failing)
             health.failing = 0
-        self._store(query, rows)
         return True
+
+    def _failed(self, query: q.Query, message: str, exc: Exception, **fields: Any) -> None:
+        """Count a failed query; log it on the first failure and then sparsely."""
+        health = self.health.queries[query.name]
+        health.errors += 1
+        health.failing += 1
+        if _log_now(health.failing):
+            event(
+                log,
+                logging.ERROR,
+                message,
+                query=query.name,
+                failures=health.failing,
+                **error_fields(exc),
+                **fields,
+            )
 
     def _read(self, cur: psycopg.Cursor[Any], query: q.Query, instants: Instants) -> list[Any]:
         sql, params = self.statement(query, instants)

@@ -6,10 +6,12 @@ import logging
 import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 import psycopg
 import pytest
 
+from exporter import incremental
 from exporter.config import load_settings
 from exporter.refresh import Refresher
 from exporter.service import Exporter
@@ -169,6 +171,42 @@ def test_a_view_missing_a_column_is_named_and_the_rest_works(
     samples = parse(refresher.snapshot.text)
     assert samples[SPEND] == 4
     assert samples[key("scidex_exporter_query_success", query="budget_today")] == 1
+
+
+def test_rows_the_exporter_cannot_use_fail_that_query_and_change_nothing(
+    dsn: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A processing error (a bug; a float cost once was one) is a failed query, not a crash."""
+    _ledger(dsn)
+    insert(dsn, [Call(NOW - timedelta(hours=1), "t3", quest=q) for q in ("q-b", "q-c")])
+    refresher = Refresher(load_settings({"dsn": dsn}, env={}))
+    try:
+        assert refresher.refresh()
+        insert(dsn, [Call(NOW - timedelta(minutes=5), "t2", cost_usd=Decimal("3"))])
+        real_add = incremental._add
+        folded: list[Any] = []
+
+        def add_then_fail(target: Any, key: Any, row: Any) -> None:
+            if folded:  # fail once a row has been folded into the final sums
+                raise TypeError("unsupported operand")
+            real_add(target, key, row)
+            if row.final:
+                folded.append(row)
+
+        monkeypatch.setattr(incremental, "_add", add_then_fail)
+        assert refresher.refresh() is False
+        (line,) = _log_lines(caplog, "query result not usable")
+        assert line.fields["query"] == "spend_totals" and line.fields["error_kind"] == "TypeError"
+        samples = parse(refresher.snapshot.text)
+        assert samples[SPEND] == 4  # the last good totals, not half of a fold
+        assert samples[key("scidex_exporter_query_success", query="spend_totals")] == 0
+        assert samples[key("scidex_exporter_query_success", query="window_tasks")] == 1
+        monkeypatch.undo()
+        assert refresher.refresh()
+        spend = {k: v for k, v in parse(refresher.snapshot.text).items() if k[0] == SPEND[0]}
+        assert sorted(spend.values()) == [1, 1, 7]  # q-b, q-c and q-a, each counted once
+    finally:
+        refresher.close()
 
 
 def test_stop_during_a_long_refresh_starts_no_further_query(dsn: str) -> None:
