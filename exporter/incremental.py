@@ -82,9 +82,11 @@ class SpendTotals:
         tail: dict[Key, list[Decimal]] = {}
         largest = self.largest_id
         for r in rows:
+            if r.kind == "largest":
+                largest = max(largest, -1 if r.max_id is None else r.max_id)
+                continue
             key = (r.quest, r.layer, r.provider, r.reason)
             _add(final if r.final else tail, key, r)
-            largest = max(largest, r.max_id)
         self.final = final
         self.frozen_id = plan.safe
         self.pending = [(x, m) for x, m in self.pending if x > plan.xmin]

@@ -62,13 +62,19 @@ SNAPSHOT = Query(
 
 # Cumulative sums of the rows after id %(after)s (an index range scan of the primary key), split
 # into rows that are final (id <= %(safe)s: folded into the exporter's running totals) and the
-# tail (added to them for this refresh only). after = -1 recomputes the whole ledger.
+# tail (added to them for this refresh only). after = -1 recomputes the whole ledger: the range
+# test then folds away when the statement is planned (every statement is planned with its
+# parameters), so a full scan tests no id per row.
 #
 # One hash aggregate over (final, quest, layer, provider, valid): grouping by columns and
-# booleans lets the planner estimate a few thousand groups. Grouping every row by the exclusion
-# reason made it guess one group per row and sort the whole ledger, so the reasons come from a
-# second, filtered scan that runs only when the first one saw excluded rows (an init plan the
-# executor checks before starting that scan).
+# booleans lets the planner estimate a few thousand groups and aggregate in parallel (a CASE
+# that nulls the provider of excluded rows would hash one key fewer, but the planner estimates
+# such an expression at one group per row and gives up parallelism). Grouping every row by the
+# exclusion reason made it guess one group per row and sort the whole ledger, so the reasons
+# come from a second, filtered scan that runs only when the first one saw excluded rows (an init
+# plan the executor checks before starting that scan). The largest id is read from the end of
+# the primary key, not aggregated over every row.
+_AFTER = "(%(after)s < 0 OR c.id > %(after)s)"
 SPEND_TOTALS = Query(
     "spend_totals",
     f"""
@@ -77,23 +83,25 @@ SPEND_TOTALS = Query(
                count(*) AS calls,
                sum({_COST}) AS cost,
                sum(c.input_tokens) AS input_tokens,
-               sum(c.output_tokens) AS output_tokens,
-               max(c.id) AS max_id
+               sum(c.output_tokens) AS output_tokens
         FROM cost_ledger c
-        WHERE c.id > %(after)s
+        WHERE {_AFTER}
         GROUP BY 1, 2, 3, 4, 5
     )
-    SELECT final, quest, layer, provider, NULL AS reason,
-           calls, cost, input_tokens, output_tokens, max_id
+    SELECT 'sum' AS kind, final, quest, layer, provider, NULL AS reason,
+           calls, cost, input_tokens, output_tokens, NULL::bigint AS max_id
     FROM g
     WHERE valid
     UNION ALL
-    SELECT c.id <= %(safe)s, c.quest, c.layer, c.provider, {_EXCLUSION_REASON},
-           count(*), NULL, NULL, NULL, max(c.id)
+    SELECT 'sum', c.id <= %(safe)s, c.quest, c.layer, c.provider, {_EXCLUSION_REASON},
+           count(*), NULL, NULL, NULL, NULL
     FROM cost_ledger c
     WHERE EXISTS (SELECT FROM g WHERE NOT g.valid)
-      AND c.id > %(after)s AND {_VALID} IS NOT TRUE
-    GROUP BY 1, 2, 3, 4, 5
+      AND {_AFTER} AND {_VALID} IS NOT TRUE
+    GROUP BY 1, 2, 3, 4, 5, 6
+    UNION ALL
+    SELECT 'largest', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+           (SELECT max(c.id) FROM cost_ledger c WHERE c.id > %(after)s)
     """,
 )
 

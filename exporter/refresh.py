@@ -64,6 +64,9 @@ def connect(settings: Settings) -> psycopg.Connection[Any]:
         connect_timeout=settings.connect_timeout_seconds,
         fallback_application_name="resource-exporter",
         row_factory=namedtuple_row,
+        # Plan every statement with its parameters: a generic plan of "id > $1" cannot tell the
+        # rows after a watermark (an index range) from the whole ledger (a scan).
+        prepare_threshold=None,
     )
     try:
         conn.execute(

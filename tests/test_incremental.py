@@ -187,8 +187,10 @@ def test_the_steady_state_reads_only_the_new_rows(dsn: str) -> None:
 
 
 def _explain_analyze(conn: psycopg.Connection, sql: str, params: dict[str, Any]) -> Any:
-    sql = psycopg.ClientCursor(conn).mogrify(sql, params)
-    [(plan,)] = conn.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + sql).fetchall()
+    """The plan of ``sql`` bound as the exporter binds it (server side, never prepared)."""
+    [(plan,)] = conn.execute(
+        "EXPLAIN (ANALYZE, FORMAT JSON) " + sql, params, prepare=False
+    ).fetchall()
     return plan[0]["Plan"]
 
 
@@ -264,11 +266,31 @@ def test_excluded_rows_are_classified_only_when_there_are_some(dsn: str) -> None
         _insert(writer, _rows(rng, 500))
         writer.execute("UPDATE cost_ledger SET cost_usd = 0.5, output_tokens = 10")  # all valid
 
-        def ledger_scans() -> int:
+        def ledger_reads() -> tuple[float, list[str]]:
             plan = _explain_analyze(writer, q.SPEND_TOTALS.sql, {"after": -1, "safe": 10**9})
-            return sum(1 for n in _scans(plan, "cost_ledger") if n["Actual Loops"] > 0)
+            scans = _scans(plan, "cost_ledger")
+            whole = [n for n in scans if n["Node Type"] == "Seq Scan" and n["Actual Loops"]]
+            return _rows_read(plan, "cost_ledger"), [n.get("Filter") for n in whole]
 
-        clean = ledger_scans()
+        clean, filters = ledger_reads()
+        assert filters == [None]  # one scan of the whole ledger, with no id test per row
         writer.execute("UPDATE cost_ledger SET cost_usd = 'NaN' WHERE id = 7")
-        dirty = ledger_scans()
-    assert (clean, dirty) == (1, 2)
+        dirty, _ = ledger_reads()
+    assert clean == 500 + 1  # the ledger once, and the largest id from the end of its index
+    assert dirty == 2 * 500 + 1
+
+
+def test_every_statement_is_planned_with_its_parameters(dsn: str) -> None:
+    """No server-side prepared statement: its generic plan could scan the ledger for a tail."""
+    with psycopg.connect(dsn, autocommit=True) as writer:
+        _insert(writer, _rows(random.Random(2), 50))
+    refresher = Refresher(load_settings({"dsn": dsn}, env={}))
+    try:
+        for _ in range(8):  # psycopg's default prepares a statement on its fifth execution
+            assert refresher.refresh(NOW)
+        conn = refresher._conn
+        assert conn is not None
+        prepared = conn.execute("SELECT count(*) FROM pg_prepared_statements").fetchone()
+        assert prepared is not None and prepared[0] == 0
+    finally:
+        refresher.close()
