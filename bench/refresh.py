@@ -9,8 +9,9 @@ ledger is a longer history with the same window) is loaded into an embedded Post
 * steady-state refresh: the incremental exporter after a batch of new rows;
 * floor: the same full-refresh SQL run by ``psql`` (no Python at all);
 * query-exporter: the generic SQL exporter (PyPI, in its own venv under bench/.venv-qe)
-  computing the spend, token and call families (ours: the spend_totals query, which also
-  classifies excluded rows by reason), its mean query latency;
+  computing the families of our spend_totals query with the same row validity: spend, tokens
+  and calls (its spend query), and the rows left out by reason (its excluded-rows query, a
+  second scan; ours classifies them in the same scan); the mean latency of each;
 * peak RSS of a ``resource-exporter serve`` process that refreshed a few times.
 
 Medians (query-exporter: mean of its runs) and ratios are printed as a Markdown table.
@@ -25,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 import urllib.request
 from datetime import UTC, datetime
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 from bench.load import exporter_process, refreshes
 from exporter import generate
@@ -136,24 +139,49 @@ metrics:
     type: gauge
     description: Cumulative LLM calls
     labels: [quest, layer, provider]
+  qe_excluded_rows:
+    type: gauge
+    description: Ledger rows left out of the sums, by reason
+    labels: [reason]
 queries:
-  spend:
+  {name}:
     interval: {interval}
     databases: [ledger]
-    metrics: [qe_spend_usd, qe_input_tokens, qe_output_tokens, qe_calls]
+    metrics: {metrics}
     sql: |
-      SELECT quest, layer, provider, sum(cost_usd) AS qe_spend_usd,
-             sum(input_tokens) AS qe_input_tokens, sum(output_tokens) AS qe_output_tokens,
-             count(*) AS qe_calls
-      FROM cost_ledger
-      WHERE cost_usd >= 0 AND cost_usd < 'Infinity' AND input_tokens >= 0
-        AND output_tokens >= 0
-      GROUP BY quest, layer, provider
+{sql}
 """
 
+# What a query-exporter user writes for the families of our spend query, with the same row
+# validity: the sums, and the rows left out of them by reason (a second query and scan; every
+# reason, zeros included, as ours reports them).
+QE_QUERIES = {
+    "spend": (
+        "[qe_spend_usd, qe_input_tokens, qe_output_tokens, qe_calls]",
+        f"""SELECT quest, layer, provider, sum(cost_usd) AS qe_spend_usd,
+       sum(input_tokens) AS qe_input_tokens, sum(output_tokens) AS qe_output_tokens,
+       count(*) AS qe_calls
+FROM cost_ledger c
+WHERE {q.VALID}
+GROUP BY quest, layer, provider""",
+    ),
+    "excluded": (
+        "[qe_excluded_rows]",
+        f"""SELECT k.reason, coalesce(x.n, 0) AS qe_excluded_rows
+FROM (VALUES {", ".join(f"('{reason}')" for reason, _ in q.COST_ROW_CHECKS)}) k (reason)
+LEFT JOIN (SELECT reason, count(*) AS n
+           FROM (SELECT {q.EXCLUSION_REASON} AS reason FROM cost_ledger c) r
+           WHERE reason IS NOT NULL
+           GROUP BY reason) x USING (reason)""",
+    ),
+}
 
-def query_exporter(dsn: str, runs: int, expected_seconds: float) -> float | None:
-    """Mean latency of query-exporter's spend query over ``runs`` runs, or None if absent."""
+
+def query_exporter(dsn: str, name: str, runs: int, expected_seconds: float) -> float | None:
+    """Mean latency of query-exporter's query ``name`` over ``runs`` runs, or None if absent.
+
+    Each query gets its own query-exporter run, so the two never compete for the cores.
+    """
     binary = QE_VENV / "bin" / "query-exporter"
     if not binary.exists():
         subprocess.run([sys.executable, "-m", "venv", str(QE_VENV)], check=True)
@@ -161,12 +189,26 @@ def query_exporter(dsn: str, runs: int, expected_seconds: float) -> float | None
             [str(QE_VENV / "bin" / "pip"), "install", "-q", "query-exporter", "psycopg2-binary"],
             check=True,
         )
-    host = re.search(r"host=([^&\s]+)", dsn)
-    sa_dsn = f"postgresql+psycopg2://postgres@/postgres?host={host.group(1) if host else ''}"
+    info = conninfo_to_dict(dsn)
+    sa_dsn = (
+        f"postgresql+psycopg2://{info.get('user', 'postgres')}@/{info.get('dbname', 'postgres')}"
+        f"?host={info.get('host', '')}"
+    )
     interval = max(2, int(expected_seconds * 2) + 1)
+    metrics, sql = QE_QUERIES[name]
     config = Path(tempfile.mkdtemp()) / "config.yaml"
-    config.write_text(QE_CONFIG.format(dsn=sa_dsn, interval=interval), encoding="utf-8")
+    config.write_text(
+        QE_CONFIG.format(
+            dsn=sa_dsn,
+            name=name,
+            interval=interval,
+            metrics=metrics,
+            sql=textwrap.indent(sql, " " * 6),
+        ),
+        encoding="utf-8",
+    )
     port = 9561
+    pattern = rf'query_latency_(count|sum)\{{[^}}]*query="{name}"[^}}]*\}} (\S+)'.encode()
     with subprocess.Popen(
         [str(binary), "--config", str(config), "-p", str(port), "-H", "127.0.0.1"],
         stdout=subprocess.DEVNULL,
@@ -180,10 +222,9 @@ def query_exporter(dsn: str, runs: int, expected_seconds: float) -> float | None
                     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read()
                 except OSError:
                     continue
-                count = re.search(rb'query_latency_count\{[^}]*query="spend"[^}]*\} (\S+)', text)
-                total = re.search(rb'query_latency_sum\{[^}]*query="spend"[^}]*\} (\S+)', text)
-                if count and float(count.group(1)) >= runs and total:
-                    return float(total.group(1)) / float(count.group(1))
+                found = {m.group(1): float(m.group(2)) for m in re.finditer(pattern, text)}
+                if found.get(b"count", 0) >= runs and b"sum" in found:
+                    return found[b"sum"] / found[b"count"]
             return None
         finally:
             proc.terminate()
@@ -218,13 +259,22 @@ def bench_size(rows: int, runs: int, batch: int, quick: bool = False) -> dict[st
             "spend": spend,
             "steady": steady_refresh(dsn, plan, runs, batch),
             "floor": psql_floor(dsn, runs),
-            "qe": None if quick else query_exporter(dsn, min(runs, 3), full),
+            "qe": None if quick else query_exporter(dsn, "spend", min(runs, 3), full),
+            "qe_excluded": None if quick else query_exporter(dsn, "excluded", min(runs, 3), full),
             "rss": float("nan") if quick else peak_rss(dsn),
         }
         print(result, file=sys.stderr)
         return result
     finally:
         server.cleanup()
+
+
+def _seconds(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f} s"
+
+
+def _ratio(ours: float, baseline: float | None) -> str:
+    return "n/a" if not baseline else f"{ours / baseline:.2f}"
 
 
 def main() -> int:
@@ -240,17 +290,19 @@ def main() -> int:
     base = results[0]
     print(
         f"| ledger rows | full refresh | psql floor | full / floor | steady refresh "
-        f"({args.batch} new rows) | steady / steady at {base['rows']:,} | spend/token "
-        "query (ours, full) | query-exporter, same families | ours / query-exporter | peak RSS |"
+        f"({args.batch} new rows) | steady / steady at {base['rows']:,} | our spend query, "
+        "full | query-exporter: spend query | + its excluded-rows query | ours / "
+        "query-exporter, spend query | ours / query-exporter, same families | peak RSS |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        qe = f"{r['qe']:.2f} s" if r["qe"] is not None else "n/a"
-        vs = f"{r['spend'] / r['qe']:.2f}" if r["qe"] else "n/a"
+        qe, excluded = r["qe"], r["qe_excluded"]
+        same = qe + excluded if qe is not None and excluded is not None else None
         print(
             f"| {r['rows']:,} | {r['full']:.2f} s | {r['floor']:.2f} s | "
             f"{r['full'] / r['floor']:.2f} | {r['steady'] * 1000:.0f} ms | "
-            f"{r['steady'] / base['steady']:.2f} | {r['spend']:.2f} s | {qe} | {vs} | "
+            f"{r['steady'] / base['steady']:.2f} | {r['spend']:.2f} s | {_seconds(qe)} | "
+            f"{_seconds(excluded)} | {_ratio(r['spend'], qe)} | {_ratio(r['spend'], same)} | "
             f"{r['rss']:.0f} MiB |"
         )
     return 0

@@ -22,7 +22,8 @@ COST_ROW_CHECKS: tuple[tuple[str, str], ...] = (
         " OR c.input_tokens < 0 OR c.output_tokens < 0",
     ),
 )
-_EXCLUSION_REASON = (
+# A cost_ledger row's (alias c) exclusion reason, NULL when it is valid.
+EXCLUSION_REASON = (
     "CASE " + " ".join(f"WHEN {test} THEN '{reason}'" for reason, test in COST_ROW_CHECKS) + " END"
 )
 
@@ -30,7 +31,7 @@ _EXCLUSION_REASON = (
 # estimate it from column statistics (it cannot see through the CASE, guessed 0.2 % of rows
 # valid, and chose joins that scan the whole ledger). NULLs fail every comparison, NaN fails
 # "< 'Infinity'".
-_VALID = """(c.ts IS NOT NULL AND c.cost_usd >= 0 AND c.cost_usd < 'Infinity'
+VALID = """(c.ts IS NOT NULL AND c.cost_usd >= 0 AND c.cost_usd < 'Infinity'
              AND c.input_tokens >= 0 AND c.output_tokens >= 0)"""
 
 # Tokens are summed as numeric: two counts near the bigint limit must not overflow.
@@ -79,7 +80,7 @@ SPEND_TOTALS = Query(
     "spend_totals",
     f"""
     WITH g AS MATERIALIZED (
-        SELECT c.id <= %(safe)s AS final, c.quest, c.layer, c.provider, {_VALID} IS TRUE AS valid,
+        SELECT c.id <= %(safe)s AS final, c.quest, c.layer, c.provider, {VALID} IS TRUE AS valid,
                count(*) AS calls,
                sum({_COST}) AS cost,
                sum(c.input_tokens) AS input_tokens,
@@ -93,11 +94,11 @@ SPEND_TOTALS = Query(
     FROM g
     WHERE valid
     UNION ALL
-    SELECT 'sum', c.id <= %(safe)s, c.quest, c.layer, c.provider, {_EXCLUSION_REASON},
+    SELECT 'sum', c.id <= %(safe)s, c.quest, c.layer, c.provider, {EXCLUSION_REASON},
            count(*), NULL, NULL, NULL, NULL
     FROM cost_ledger c
     WHERE EXISTS (SELECT FROM g WHERE NOT g.valid)
-      AND {_AFTER} AND {_VALID} IS NOT TRUE
+      AND {_AFTER} AND {VALID} IS NOT TRUE
     GROUP BY 1, 2, 3, 4, 5, 6
     UNION ALL
     SELECT 'largest', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
@@ -115,11 +116,11 @@ SPEND_RECENT = Query(
            sum({_COST}) FILTER (WHERE c.ts >= %(today_start)s) AS cost_today,
            NULL::timestamptz AS last_ts
     FROM cost_ledger c
-    WHERE c.ts >= %(window_start)s AND {_VALID}
+    WHERE c.ts >= %(window_start)s AND {VALID}
     GROUP BY c.quest, c.layer, c.provider
     UNION ALL
     SELECT 'newest', NULL, NULL, NULL, NULL, NULL,
-           (SELECT c.ts FROM cost_ledger c WHERE {_VALID} ORDER BY c.ts DESC LIMIT 1)
+           (SELECT c.ts FROM cost_ledger c WHERE {VALID} ORDER BY c.ts DESC LIMIT 1)
     """,
 )
 
@@ -180,7 +181,7 @@ WINDOW_TASKS = Query(
                sum({_TOKENS}) AS tokens,
                max(c.ts) AS last_ts
         FROM cost_ledger c
-        WHERE c.ts >= %(window_start)s AND c.task_id IS NOT NULL AND {_VALID}
+        WHERE c.ts >= %(window_start)s AND c.task_id IS NOT NULL AND {VALID}
         GROUP BY 1, 2, 3
     ),
     win_tasks AS (
@@ -203,7 +204,7 @@ WINDOW_TASKS = Query(
         SELECT c.id <= %(safe)s AS final, c.provider,
                sum({_COST}) AS cost, sum({_TOKENS}) AS tokens
         FROM cost_ledger c
-        WHERE c.task_id = t.task_id AND c.ts < %(window_start)s AND {_VALID}
+        WHERE c.task_id = t.task_id AND c.ts < %(window_start)s AND {VALID}
         GROUP BY 1, 2
     ) b
     UNION ALL
@@ -217,7 +218,7 @@ WINDOW_TASKS = Query(
         FROM cost_ledger c
         WHERE NOT (w.labelled AND w.quest = w.quest_max AND w.layer = w.layer_max)
           AND c.task_id = w.task_id AND c.ts = w.last_ts AND (c.id <= %(safe)s) = w.final
-          AND {_VALID}
+          AND {VALID}
         ORDER BY c.id DESC
         LIMIT 1
     ) latest ON true
@@ -239,7 +240,7 @@ WINDOW_TASKS_STEADY = Query(
         SELECT CASE WHEN c.id <= %(safe)s THEN 1 ELSE 2 END AS part, c.id, c.task_id,
                c.provider, c.quest, c.layer, c.ts, {_COST} AS cost_usd, {_TOKENS} AS tokens
         FROM cost_ledger c
-        WHERE c.id > %(after)s AND c.task_id IS NOT NULL AND {_VALID}
+        WHERE c.id > %(after)s AND c.task_id IS NOT NULL AND {VALID}
     ),
     fresh AS (
         SELECT DISTINCT t.task_id FROM tail t
@@ -251,7 +252,7 @@ WINDOW_TASKS_STEADY = Query(
     CROSS JOIN LATERAL (
         SELECT c.provider, sum({_COST}) AS cost, sum({_TOKENS}) AS tokens
         FROM cost_ledger c
-        WHERE c.task_id = f.task_id AND c.id <= %(after)s AND {_VALID}
+        WHERE c.task_id = f.task_id AND c.id <= %(after)s AND {VALID}
         GROUP BY c.provider
     ) h
     UNION ALL
@@ -260,7 +261,7 @@ WINDOW_TASKS_STEADY = Query(
     CROSS JOIN LATERAL (
         SELECT c.quest, c.layer, c.ts
         FROM cost_ledger c
-        WHERE c.task_id = f.task_id AND c.id <= %(after)s AND {_VALID}
+        WHERE c.task_id = f.task_id AND c.id <= %(after)s AND {VALID}
         ORDER BY c.ts DESC, c.id DESC
         LIMIT 1
     ) h
@@ -301,7 +302,7 @@ HOURLY_SPEND = Query(
            sum(c.input_tokens) AS input_tokens,
            sum(c.output_tokens) AS output_tokens
     FROM cost_ledger c
-    WHERE c.ts < %(end)s AND {_VALID}
+    WHERE c.ts < %(end)s AND {VALID}
     GROUP BY 1, 2, 3, 4
     ORDER BY 1 NULLS FIRST
     """,
