@@ -63,9 +63,9 @@ SNAPSHOT = Query(
 
 # Cumulative sums of the rows after id %(after)s (an index range scan of the primary key), split
 # into rows that are final (id <= %(safe)s: folded into the exporter's running totals) and the
-# tail (added to them for this refresh only). after = -1 recomputes the whole ledger: the range
-# test then folds away when the statement is planned (every statement is planned with its
-# parameters), so a full scan tests no id per row.
+# tail (added to them for this refresh only). after = NULL recomputes the whole ledger (any id,
+# negative ones too): the range test then folds away when the statement is planned (every
+# statement is planned with its parameters), so a full scan tests no id per row.
 #
 # One hash aggregate over (final, quest, layer, provider, valid): grouping by columns and
 # booleans lets the planner estimate a few thousand groups and aggregate in parallel (a CASE
@@ -75,7 +75,7 @@ SNAPSHOT = Query(
 # come from a second, filtered scan that runs only when the first one saw excluded rows (an init
 # plan the executor checks before starting that scan). The largest id is read from the end of
 # the primary key, not aggregated over every row.
-_AFTER = "(%(after)s < 0 OR c.id > %(after)s)"
+_AFTER = "(%(after)s::bigint IS NULL OR c.id > %(after)s)"
 SPEND_TOTALS = Query(
     "spend_totals",
     f"""
@@ -102,7 +102,7 @@ SPEND_TOTALS = Query(
     GROUP BY 1, 2, 3, 4, 5, 6
     UNION ALL
     SELECT 'largest', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-           (SELECT max(c.id) FROM cost_ledger c WHERE c.id > %(after)s)
+           (SELECT max(c.id) FROM cost_ledger c WHERE {_AFTER})
     """,
 )
 

@@ -247,7 +247,8 @@ class Refresher:
             "window_start": instants.window_start,
         }
         if query is q.SPEND_TOTALS:
-            params |= {"after": self._plan.after, "safe": self._plan.safe}
+            after = None if self._plan.full else self._plan.after
+            params |= {"after": after, "safe": self._plan.safe}
         elif query is q.WINDOW_TASKS:
             full, after, safe = self._window.bounds(self._plan)
             params |= {"after": after, "safe": safe}

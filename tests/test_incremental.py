@@ -152,6 +152,31 @@ def test_reconciliation_catches_ids_assigned_out_of_sequence(dsn: str) -> None:
     incremental.close()
 
 
+def test_rows_with_negative_ids_are_counted_once(dsn: str) -> None:
+    """A full recomputation reads every id; the steady path must not read them again."""
+    with psycopg.connect(dsn, autocommit=True) as writer:
+        for row_id in (-7, -2):
+            writer.execute(
+                f"INSERT INTO cost_ledger (id, {COLUMNS[1:-1]}) VALUES"
+                " (%s, %s, 't-n', 'q-neg', 'Forge', 'glm-4.6', 1, 1, 2)",
+                [row_id, NOW - timedelta(days=1)],
+            )
+    neg = (
+        "scidex_spend_usd_total",
+        frozenset({("quest", "q-neg"), ("layer", "Forge"), ("provider", "glm")}),
+    )
+    incremental = Refresher(load_settings({"dsn": dsn}, env={}))
+    try:
+        for i in range(4):
+            with psycopg.connect(dsn, autocommit=True) as writer:
+                _insert(writer, [(NOW, "t-p", "q-pos", "Forge", "glm-4.6", 1, 1, 1)])
+            got = _families(incremental)
+            assert got[neg] == 4, i
+            assert got == _full(dsn)
+    finally:
+        incremental.close()
+
+
 def test_the_steady_state_reads_only_the_new_rows(dsn: str) -> None:
     rng = random.Random(3)
     old = [(NOW - timedelta(days=100), "t-old", "q1", "Forge", "glm-4.6", 5, 5, 1)] * 30
@@ -267,7 +292,7 @@ def test_excluded_rows_are_classified_only_when_there_are_some(dsn: str) -> None
         writer.execute("UPDATE cost_ledger SET cost_usd = 0.5, output_tokens = 10")  # all valid
 
         def ledger_reads() -> tuple[float, list[str]]:
-            plan = _explain_analyze(writer, q.SPEND_TOTALS.sql, {"after": -1, "safe": 10**9})
+            plan = _explain_analyze(writer, q.SPEND_TOTALS.sql, {"after": None, "safe": 10**9})
             scans = _scans(plan, "cost_ledger")
             whole = [n for n in scans if n["Node Type"] == "Seq Scan" and n["Actual Loops"]]
             return _rows_read(plan, "cost_ledger"), [n.get("Filter") for n in whole]
