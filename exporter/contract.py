@@ -88,6 +88,7 @@ def check_relations(conn: psycopg.Connection[Any]) -> list[str]:
 _ADVICE = """
     WITH t AS (
         SELECT c.oid, c.relkind,
+               (SELECT attnum FROM pg_attribute WHERE attrelid = c.oid AND attname = 'id') AS id,
                (SELECT attnum FROM pg_attribute WHERE attrelid = c.oid AND attname = 'ts') AS ts,
                (SELECT attnum FROM pg_attribute
                 WHERE attrelid = c.oid AND attname = 'task_id') AS task,
@@ -97,6 +98,8 @@ _ADVICE = """
         WHERE c.oid = to_regclass('cost_ledger')
     )
     SELECT t.relkind IN ('r', 'p') AS is_table,
+           EXISTS (SELECT FROM pg_index i WHERE i.indrelid = t.oid AND i.indkey[0] = t.id)
+               AS id_index,
            EXISTS (SELECT FROM pg_index i WHERE i.indrelid = t.oid AND i.indkey[0] = t.ts)
                AS ts_index,
            EXISTS (SELECT FROM pg_index i
@@ -110,6 +113,10 @@ _ADVICE = """
 """
 
 ADVICE = {
+    "id_index": (
+        "no index on cost_ledger (id): every refresh scans the whole ledger instead of the rows"
+        " after its watermark"
+    ),
     "ts_index": "no index on cost_ledger (ts): every window query scans the whole ledger",
     "task_ts_index": (
         "no index on cost_ledger (task_id, ts): each window task's earlier spend is found by"

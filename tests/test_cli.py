@@ -182,6 +182,11 @@ def test_check_says_which_index_or_statistics_the_ledger_lacks(dsn: str) -> None
     assert len(advice) == 2
     assert "cost_ledger (task_id, ts)" in advice[0] and "(task_id, provider)" in advice[1]
     with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("ALTER TABLE cost_ledger DROP CONSTRAINT cost_ledger_pkey")
+    result = cli("check", "--dsn", dsn)
+    advice = [line for line in result.stdout.splitlines() if "ledger performance" in line]
+    assert len(advice) == 3 and "cost_ledger (id)" in advice[0]
+    with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("DROP INDEX cost_ledger_ts_idx")
         conn.execute("ALTER TABLE cost_ledger RENAME TO ledger_base")
         conn.execute("CREATE VIEW cost_ledger AS SELECT * FROM ledger_base")
