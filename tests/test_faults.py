@@ -68,7 +68,9 @@ def test_database_down_at_start_then_up_within_one_interval(
         up_at = time.monotonic()
         while health.last_success is None and time.monotonic() < up_at + 10:
             time.sleep(0.02)
-        assert time.monotonic() - up_at <= interval + 0.5
+        # The next scheduled attempt succeeds: at most one interval, plus that refresh itself
+        # (a first refresh connects and runs every query; slower on a busy machine).
+        assert time.monotonic() - up_at <= interval + health.refresh_duration + 0.25
         samples = parse(exporter.refresher.snapshot.text)
         assert samples[SPEND] == 4
         assert _log_lines(caplog, "database available again")
