@@ -85,15 +85,13 @@ def check_relations(conn: psycopg.Connection[Any]) -> list[str]:
     return problems
 
 
-_ADVICE = """
+_ATTNUMS = ",\n".join(
+    f"(SELECT attnum FROM pg_attribute WHERE attrelid = c.oid AND attname = '{column}') AS {alias}"
+    for alias, column in (("id", "id"), ("ts", "ts"), ("task", "task_id"), ("provider", "provider"))
+)
+_ADVICE = f"""
     WITH t AS (
-        SELECT c.oid, c.relkind,
-               (SELECT attnum FROM pg_attribute WHERE attrelid = c.oid AND attname = 'id') AS id,
-               (SELECT attnum FROM pg_attribute WHERE attrelid = c.oid AND attname = 'ts') AS ts,
-               (SELECT attnum FROM pg_attribute
-                WHERE attrelid = c.oid AND attname = 'task_id') AS task,
-               (SELECT attnum FROM pg_attribute
-                WHERE attrelid = c.oid AND attname = 'provider') AS provider
+        SELECT c.oid, c.relkind, {_ATTNUMS}
         FROM pg_class c
         WHERE c.oid = to_regclass('cost_ledger')
     )

@@ -42,11 +42,14 @@ class SpendRow:
 class Plan:
     """The id range one refresh reads, decided from its snapshot."""
 
-    after: int
+    after: int | None  # read the ids after this one; None: the whole ledger (any id)
     safe: int
     xmin: int
     xmax: int
-    full: bool
+
+    @property
+    def full(self) -> bool:
+        return self.after is None
 
 
 @dataclass
@@ -69,9 +72,7 @@ class SpendTotals:
             or now - self.last_full >= self.reconcile_seconds
         )
         safe = max([self.frozen_id, *(m for x, m in self.pending if x <= xmin)])
-        return Plan(
-            after=-1 if full else self.frozen_id, safe=safe, xmin=xmin, xmax=xmax, full=full
-        )
+        return Plan(after=None if full else self.frozen_id, safe=safe, xmin=xmin, xmax=xmax)
 
     def apply(self, plan: Plan, rows: Iterable[Any], now: float) -> None:
         """Fold the rows of the SPEND_TOTALS query read under ``plan`` into the totals.

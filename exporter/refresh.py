@@ -247,11 +247,10 @@ class Refresher:
             "window_start": instants.window_start,
         }
         if query is q.SPEND_TOTALS:
-            after = None if self._plan.full else self._plan.after
-            params |= {"after": after, "safe": self._plan.safe}
+            params |= {"after": self._plan.after, "safe": self._plan.safe}
         elif query is q.WINDOW_TASKS:
-            full, after, safe = self._window.bounds(self._plan)
-            params |= {"after": after, "safe": safe}
+            full, safe = self._window.bounds(self._plan)
+            params |= {"after": self._window.frozen_id, "safe": safe}
             if not full:
                 params["tracked"] = self._window.tracked()
                 return q.WINDOW_TASKS_STEADY.sql, params

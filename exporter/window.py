@@ -104,15 +104,14 @@ class WindowTasks:
     final: dict[str, Task] = field(default_factory=dict)
     frozen_id: int = -1
 
-    def bounds(self, plan: Plan) -> tuple[bool, int, int]:
-        """Return (full, after, safe): whether to rebuild, and the ids the statement reads.
+    def bounds(self, plan: Plan) -> tuple[bool, int]:
+        """Return (full, safe): whether to rebuild, and the id up to which rows are final.
 
-        Rebuild at a reconciliation, and while nothing is final yet (the first refresh of an
-        exporter has no watermark): a tail from id -1 would be the whole ledger.
+        A steady statement reads the ids after ``frozen_id``. Rebuild at a reconciliation, and
+        while nothing is final yet (the first refresh of an exporter has no watermark): a tail
+        from id -1 would be the whole ledger.
         """
-        safe = max(plan.safe, self.frozen_id)
-        full = plan.full or self.frozen_id < 0
-        return full, self.frozen_id, safe
+        return plan.full or self.frozen_id < 0, max(plan.safe, self.frozen_id)
 
     def tracked(self) -> str:
         """The tasks the final part holds, as the JSON array the steady statement reads."""
@@ -131,7 +130,7 @@ class WindowTasks:
         the end. A rebuild folds rows as they arrive into new dicts; a steady refresh keeps its
         few tail rows until then, and folds them by part (final before open, ids growing).
         """
-        full, _, safe = self.bounds(plan)
+        full, safe = self.bounds(plan)
         final: dict[str, Task] = {}
         open_tail: dict[str, Task] = {}
         impacts: dict[str, float | None] = {}
