@@ -1,0 +1,175 @@
+"""The edges of the documented semantics, one boundary per test, on both sides of it.
+
+Each test pins a comparison that a one-character change (``>=`` to ``>``, ``>`` to ``>=``)
+would move; the numbers are written down by hand from the rows inserted.
+"""
+
+from __future__ import annotations
+
+import io
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from exporter.backfill import backfill
+from exporter.config import DEFAULT_PROVIDER_RULES, load_settings
+from exporter.labels import ProviderFamilies
+from exporter.refresh import Refresher
+from tests.ledger import Budget, Call, Impact, insert, key, parse
+from tests.test_ledger_metrics import MIDNIGHT, NOW, TODAY, ago, scrape
+
+D = Decimal
+US = timedelta(microseconds=1)
+
+
+def test_spend_at_exactly_local_midnight_counts_for_today(dsn: str) -> None:
+    insert(
+        dsn,
+        [
+            Call(MIDNIGHT, "t-midnight", cost_usd=D("3")),
+            Call(MIDNIGHT - US, "t-yesterday", cost_usd=D("5")),
+        ],
+        budgets=[Budget("q-a", TODAY, D("10"))],
+    )
+    got = scrape(dsn)
+    assert got[key("scidex_quest_spend_today_usd", quest="q-a")] == 3
+    assert got[key("scidex_budget_utilization_ratio", quest="q-a")] == 0.3
+
+
+def test_impact_exactly_zero_is_not_ranked(dsn: str) -> None:
+    insert(
+        dsn,
+        [Call(ago(hours=1), "zero", cost_usd=D("1")), Call(ago(hours=1), "tiny", cost_usd=D("1"))],
+        [Impact("zero", 0.0), Impact("tiny", 1e-9)],
+    )
+    got = scrape(dsn)
+    ranked = {dict(k[1])["task_id"] for k in got if k[0] == "scidex_task_impact_per_usd"}
+    assert ranked == {"tiny"}
+
+
+def test_waste_grace_period_boundary(dsn: str) -> None:
+    big = {"input_tokens": 1500, "output_tokens": 0}
+    insert(
+        dsn,
+        [
+            Call(NOW - timedelta(hours=6), "exactly-grace", cost_usd=D("1"), **big),
+            Call(NOW - timedelta(hours=6, seconds=1), "past-grace", cost_usd=D("2"), **big),
+        ],
+    )
+    got = scrape(dsn)
+    wasted = {dict(k[1])["task_id"] for k in got if k[0] == "scidex_task_wasted_tokens"}
+    assert wasted == {"past-grace"}
+    assert got[key("scidex_wasted_usd", quest="q-a", layer="Forge")] == 2
+    assert got[key("scidex_wasted_tasks", quest="q-a", layer="Forge")] == 1
+
+
+def test_window_boundary_on_the_metric_values(dsn: str) -> None:
+    insert(
+        dsn,
+        [
+            Call(NOW - timedelta(days=30), "exactly-window", quest="q-in", cost_usd=D("4")),
+            Call(
+                NOW - timedelta(days=30, seconds=1),
+                "just-before",
+                quest="q-out",
+                provider="glm-4.6",
+                cost_usd=D("7"),
+            ),
+        ],
+    )
+    # Three refreshes: the first holds every row in its open tail, later ones as final sums
+    # (and the third reads only the rows after the watermark): each path has the boundary.
+    refresher = Refresher(load_settings({"dsn": dsn}, env={}))
+    try:
+        for _ in range(3):
+            assert refresher.refresh(NOW)
+            _assert_window_boundary(parse(refresher.snapshot.text))
+    finally:
+        refresher.close()
+
+
+def _assert_window_boundary(got: dict[Any, float]) -> None:
+    assert got[key("scidex_quest_window_spend_usd", quest="q-in")] == 4
+    assert key("scidex_quest_window_spend_usd", quest="q-out") not in got
+    assert got[key("scidex_provider_tasks", provider="bedrock")] == 1
+    assert got[key("scidex_provider_spend_usd", provider="bedrock")] == 4
+    assert got[key("scidex_provider_tasks", provider="glm")] == 0
+    assert got[key("scidex_provider_spend_usd", provider="glm")] == 0
+    # Both still count in the cumulative families.
+    assert got[key("scidex_spend_usd_total", quest="q-out", layer="Forge", provider="glm")] == 7
+
+
+def test_minus_infinity_impact_counts_as_unknown(dsn: str) -> None:
+    insert(
+        dsn,
+        [Call(ago(hours=8), "neg-inf", cost_usd=D("2"), input_tokens=2000)],
+        [Impact("neg-inf", float("-inf"))],
+    )
+    got = scrape(dsn)
+    assert got[key("scidex_quest_window_impact_score", quest="q-a")] == 0
+    assert got[key("scidex_quest_impact_per_usd", quest="q-a")] == 0
+    assert got[key("scidex_wasted_tasks", quest="q-a", layer="Forge")] == 1
+
+
+def test_fold_ranks_quests_by_window_spend_not_lifetime(dsn: str) -> None:
+    insert(
+        dsn,
+        [
+            Call(ago(days=40), "old", quest="q-big-long-ago", cost_usd=D("100")),
+            Call(ago(hours=1), "b", quest="q-b", cost_usd=D("2")),
+            Call(ago(hours=1), "c", quest="q-c", cost_usd=D("1")),
+        ],
+    )
+    got = scrape(dsn, max_quests=2)
+    spend = {dict(k[1])["quest"]: v for k, v in got.items() if k[0] == "scidex_spend_usd_total"}
+    assert spend == {"q-b": 2, "q-c": 1, "other": 100}
+
+
+def test_two_raw_providers_of_one_family_sum_exactly(dsn: str) -> None:
+    insert(
+        dsn,
+        [
+            Call(
+                ago(hours=1),
+                "t1",
+                provider="bedrock/us.anthropic.claude-sonnet-4",
+                cost_usd=D("0.1"),
+            ),
+            Call(
+                ago(hours=1), "t2", provider="bedrock/us.anthropic.claude-opus-4", cost_usd=D("0.2")
+            ),
+        ],
+    )
+    got = scrape(dsn)
+    labels = {"quest": "q-a", "layer": "Forge", "provider": "bedrock"}
+    assert got[key("scidex_spend_usd_total", **labels)] == 0.3  # not 0.30000000000000004
+    assert got[key("scidex_provider_spend_usd", provider="bedrock")] == 0.3
+
+
+def test_a_raw_provider_matching_two_rules_gets_the_first() -> None:
+    families = ProviderFamilies(DEFAULT_PROVIDER_RULES)
+    # "max/MiniMax-M2" matches minimax (third rule) and max (fifth): minimax comes first.
+    assert families.family("max/MiniMax-M2") == "minimax"
+    assert families.family("codex/bedrock-proxy") == "bedrock"
+
+
+def test_backfill_counts_a_row_from_the_next_hour_on(dsn: str) -> None:
+    now = datetime(2026, 11, 20, 15, 0, tzinfo=UTC)
+    insert(
+        dsn,
+        [Call(datetime(2026, 11, 20, 10, 30, tzinfo=UTC), "t1", cost_usd=D("2"))],
+        budgets=[Budget("q-a", now.date(), D("10"))],
+    )
+    out = io.StringIO()
+    settings = load_settings({"dsn": dsn}, env={})
+    backfill(settings, 1, out, job="j", instance="i", now=now)
+    samples: dict[tuple[str, float], float] = {}
+    for line in out.getvalue().splitlines():
+        if line.startswith(("scidex_quest_spend_today_usd{", "scidex_budget_utilization_ratio{")):
+            series, value, ts = line.rsplit(" ", 2)
+            samples[(series.split("{")[0], float(ts))] = float(value)
+    at = {h: datetime(2026, 11, 20, h, tzinfo=UTC).timestamp() for h in (10, 11)}
+    assert samples[("scidex_quest_spend_today_usd", at[10])] == 0
+    assert samples[("scidex_quest_spend_today_usd", at[11])] == 2
+    assert samples[("scidex_budget_utilization_ratio", at[10])] == 0
+    assert samples[("scidex_budget_utilization_ratio", at[11])] == 0.2
