@@ -33,8 +33,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import psycopg
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 from exporter import catalog, generate
+from exporter.refresh import Refresher
 
 _REFRESHES = re.compile(rb"^" + catalog.REFRESHES.name.encode() + rb" (\S+)$", re.M)
 
@@ -204,14 +207,22 @@ def wrk(url: str, connections: int, seconds: float, headers: list[str]) -> WrkRu
 GZIP = ["-H", "Accept-Encoding: gzip"]
 
 
+class SnapshotCollector(Collector):
+    """A prometheus-client collector yielding the families of the refresher's latest snapshot."""
+
+    def __init__(self, refresher: Refresher) -> None:
+        self._refresher = refresher
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._refresher.snapshot.families)
+
+
 def baseline(dsn: str, scrapers: int, seconds: float) -> None:
     """The same families from the cached snapshot and from prometheus-client's own server."""
     from prometheus_client import CollectorRegistry, start_http_server
 
     from exporter.config import load_settings
-    from exporter.refresh import Refresher
     from exporter.server import MetricsServer
-    from exporter.snapshot import SnapshotCollector
 
     refresher = Refresher(load_settings({"dsn": dsn}, env={}))
     try:
@@ -233,7 +244,7 @@ def baseline(dsn: str, scrapers: int, seconds: float) -> None:
         finally:
             ours.stop()
         registry = CollectorRegistry()
-        registry.register(SnapshotCollector(refresher))  # type: ignore[arg-type]
+        registry.register(SnapshotCollector(refresher))
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]

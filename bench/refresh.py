@@ -40,7 +40,9 @@ from bench.load import exporter_process, refreshes
 from exporter import generate
 from exporter import queries as q
 from exporter.config import load_settings
-from exporter.refresh import Instants, Refresher
+from exporter.refresh import Refresher
+from exporter.sources import Instants
+from exporter.sources.spend import SPEND_TOTALS
 
 BENCH = Path(__file__).resolve().parent
 QE_VENV = BENCH / ".venv-qe"
@@ -64,7 +66,7 @@ def full_refresh(dsn: str, runs: int) -> tuple[float, float]:
     def once() -> None:
         _ok(refresher.refresh())
         queries = refresher.health.queries
-        spend.append(queries[q.SPEND_TOTALS.name].duration)
+        spend.append(queries[SPEND_TOTALS.name].duration)
 
     try:
         refresher.refresh()  # connect and warm the cache once
@@ -107,8 +109,10 @@ def psql_floor(dsn: str, runs: int) -> float:
         refresher.refresh()  # a first refresh: the plan of a full one (nothing final yet)
         cur = psycopg.ClientCursor(conn)
         script = ["BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY;", q.SNAPSHOT.sql + ";"]
-        for query in q.ALL_QUERIES:
-            script.append(cur.mogrify(*refresher.statement(query, instants)) + ";")
+        for source in refresher.sources:
+            for query in source.queries:
+                statement = refresher.statement(query, instants)
+                script.append(cur.mogrify(statement.sql, statement.params) + ";")
         script.append("COMMIT;")
     refresher.close()
     path = Path(tempfile.mkdtemp()) / "refresh.sql"

@@ -17,7 +17,7 @@ from typing import Any
 import grafanalib.core as G
 from grafanalib._gen import DashboardEncoder
 
-from exporter.catalog import Metric
+from exporter.catalog import MetricSpec
 
 GRAFANA_VERSION = "12.4.11"
 """The Grafana release the JSON is written for (docker-compose pins the same one)."""
@@ -69,7 +69,7 @@ _DASHBOARD_KEYS = (
 # --- PromQL ----------------------------------------------------------------------------------
 
 
-def sel(metric: Metric, **matchers: str) -> str:
+def sel(metric: MetricSpec, **matchers: str) -> str:
     """Return a selector of ``metric`` filtered by every dashboard variable it has a label for.
 
     Extra ``matchers`` are exact-match (``label="value"``) and override the variables.
@@ -436,7 +436,7 @@ class Layout:
         self._x = self._row_h = 0
 
 
-def query_variable(name: str, label: str, metric: Metric) -> G.Template:
+def query_variable(name: str, label: str, metric: MetricSpec) -> G.Template:
     """A multi-select variable of a label's values, with All matching everything."""
     return G.Template(
         name=name,

@@ -39,8 +39,8 @@ CONFIG = RulesConfig()
 # --- Recorded series (the dashboard and the alerts use these names) --------------------------
 
 
-def _rec(name: str, help: str, label: str, unit: str) -> c.Metric:
-    return c.Metric(name, "gauge", help, (label,), unit)
+def _rec(name: str, help: str, label: str, unit: str) -> c.MetricSpec:
+    return c.MetricSpec(name, "gauge", help, (label,), unit)
 
 
 QUEST_SPEND_RATE = {
@@ -89,7 +89,7 @@ PROVIDER_SPEND_RATE = {
     for w in ("1h", "3h", "7d")
 }
 
-RECORDED_METRICS: tuple[c.Metric, ...] = (
+RECORDED_METRICS: tuple[c.MetricSpec, ...] = (
     *QUEST_SPEND_RATE.values(),
     *QUEST_BURN_RATE.values(),
     QUEST_BUDGET,
@@ -112,7 +112,7 @@ ALERT_NAMES = (
 )
 
 
-def _record(metric: c.Metric, expr: str) -> dict[str, str]:
+def _record(metric: c.MetricSpec, expr: str) -> dict[str, str]:
     return {"record": metric.name, "expr": expr}
 
 

@@ -24,17 +24,18 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from decimal import Decimal
 from typing import Any, TextIO
 
 from exporter import catalog as c
 from exporter import queries as q
 from exporter.config import ConfigError, Settings
 from exporter.families import LabelGuard
+from exporter.incremental import ZERO, Sums
 from exporter.refresh import Refresher, connect
+from exporter.sources import SpendSource
 
 HOUR = timedelta(hours=1)
-SeriesKey = tuple[c.Metric, tuple[tuple[str, str], ...]]
+SeriesKey = tuple[c.MetricSpec, tuple[tuple[str, str], ...]]
 
 
 @dataclass
@@ -63,7 +64,7 @@ class _History:
         self.samples: dict[SeriesKey, list[tuple[float, float]]] = defaultdict(list)
 
     def add(
-        self, metric: c.Metric, labels: Iterable[tuple[str, str]], at: datetime, value: float
+        self, metric: c.MetricSpec, labels: Iterable[tuple[str, str]], at: datetime, value: float
     ) -> None:
         key = (metric, tuple(sorted((*labels, *self.target))))
         self.samples[key].append((at.timestamp(), value))
@@ -81,10 +82,12 @@ def backfill(
     """Write ``days`` of history ending at the last full hour before ``now`` to ``out``."""
     now = now or datetime.now(UTC)
     refresher = Refresher(settings)
+    spend = refresher.source(SpendSource)
     try:
-        if not refresher.refresh(now) and q.SPEND_TOTALS.name not in refresher.rows:
+        if not refresher.refresh(now) and not spend.has_data:
             raise ConfigError("backfill needs a working database: the live queries failed")
-        guard = LabelGuard(settings, refresher.rows)
+        guard = refresher.ledger.labels
+        assert guard is not None  # every refresh labels its families
     finally:
         refresher.close()
     end = _floor_hour(now)
@@ -109,7 +112,7 @@ def backfill(
     # hour, gets a history (of zeros) so increase() sees it start from 0 rather than appear.
     live = {
         (*guard.ql(r.quest, r.layer), family(r.provider))
-        for r in refresher.rows[q.SPEND_TOTALS.name]
+        for r in spend.series()
         if r.reason is None
     }
     spend_by_hour = _counters(history, hourly, live, guard, family, hours)
@@ -130,45 +133,36 @@ def _counters(
     ``rows`` are hourly sums (``hour`` is None for everything before the start); every series
     in ``live`` or ``rows`` is emitted from the start, at 0 until its first row.
     """
-    totals: dict[tuple[str, str, str], list[Decimal]] = {key: [Decimal(0)] * 4 for key in live}
+    totals: dict[tuple[str, str, str], Sums] = dict.fromkeys(live, ZERO)
     buckets: dict[datetime, list[Any]] = defaultdict(list)
     spend_by_hour: dict[tuple[datetime, str], float] = defaultdict(float)
     for r in rows:
         quest, layer = guard.ql(r.quest, r.layer)
         key = (quest, layer, family(r.provider))
-        values = totals.setdefault(key, [Decimal(0)] * 4)
+        totals.setdefault(key, ZERO)
         if r.hour is None:
-            _accumulate(values, r)
+            totals[key] += Sums.of(r)
         else:
             buckets[r.hour].append((key, r))
             spend_by_hour[(r.hour, quest)] += float(r.cost)
-    last: dict[tuple[str, str, str], list[Decimal]] = {}
+    last: dict[tuple[str, str, str], Sums] = {}
     for at in hours:
         midnight = at.hour == 0
-        for key, values in totals.items():
-            if midnight or at in (hours[0], hours[-1]) or last.get(key) != values:
-                _emit_counters(history, key, values, at)
-                last[key] = list(values)
+        for key, sums in totals.items():
+            if midnight or at in (hours[0], hours[-1]) or last.get(key) != sums:
+                _emit_counters(history, key, sums, at)
+                last[key] = sums
         for key, r in buckets.get(at, ()):  # this hour's rows count from the next sample on
-            _accumulate(totals[key], r)
+            totals[key] += Sums.of(r)
     return spend_by_hour
 
 
-def _accumulate(values: list[Decimal], r: Any) -> None:
-    values[0] += r.cost
-    values[1] += r.calls
-    values[2] += r.input_tokens
-    values[3] += r.output_tokens
-
-
-def _emit_counters(
-    history: _History, key: tuple[str, str, str], values: list[Decimal], at: datetime
-) -> None:
+def _emit_counters(history: _History, key: tuple[str, str, str], sums: Sums, at: datetime) -> None:
     labels = list(zip(("quest", "layer", "provider"), key, strict=True))
-    history.add(c.SPEND, labels, at, float(values[0]))
-    history.add(c.CALLS, labels, at, float(values[1]))
-    history.add(c.TOKENS, [*labels, ("direction", "input")], at, float(values[2]))
-    history.add(c.TOKENS, [*labels, ("direction", "output")], at, float(values[3]))
+    history.add(c.SPEND, labels, at, float(sums.cost))
+    history.add(c.CALLS, labels, at, float(sums.calls))
+    history.add(c.TOKENS, [*labels, ("direction", "input")], at, float(sums.input_tokens))
+    history.add(c.TOKENS, [*labels, ("direction", "output")], at, float(sums.output_tokens))
 
 
 def _budgets(
@@ -222,7 +216,7 @@ def _number(value: float) -> str:
 
 def _write(history: _History, out: TextIO, start: datetime, end: datetime) -> Summary:
     summary = Summary(start=start, end=end)
-    by_family: dict[c.Metric, list[SeriesKey]] = defaultdict(list)
+    by_family: dict[c.MetricSpec, list[SeriesKey]] = defaultdict(list)
     for key in history.samples:
         by_family[key[0]].append(key)
     for metric in sorted(by_family, key=lambda m: m.name):

@@ -18,7 +18,7 @@ OTHER = "other"
 
 
 @dataclass(frozen=True)
-class Metric:
+class MetricSpec:
     """One metric family as it appears on /metrics."""
 
     name: str
@@ -39,8 +39,10 @@ class Metric:
         return self.name
 
 
-def _m(name: str, kind: Kind, help: str, labels: tuple[str, ...] = (), unit: str = "") -> Metric:
-    return Metric(f"{NAMESPACE}_{name}", kind, help, labels, unit)
+def _m(
+    name: str, kind: Kind, help: str, labels: tuple[str, ...] = (), unit: str = ""
+) -> MetricSpec:
+    return MetricSpec(f"{NAMESPACE}_{name}", kind, help, labels, unit)
 
 
 QLP = ("quest", "layer", "provider")
@@ -211,7 +213,7 @@ LEDGER_EXCLUDED_ROWS = _m(
     "short",
 )
 
-LEDGER_METRICS: tuple[Metric, ...] = (
+LEDGER_METRICS: tuple[MetricSpec, ...] = (
     SPEND,
     TOKENS,
     CALLS,
@@ -353,7 +355,7 @@ SERIES = _m(
     "exporter_series", "gauge", "Number of ledger series exported by the last refresh.", (), "short"
 )
 
-HEALTH_METRICS: tuple[Metric, ...] = (
+HEALTH_METRICS: tuple[MetricSpec, ...] = (
     BUILD_INFO,
     QUERY_SUCCESS,
     QUERY_DURATION,
@@ -373,10 +375,10 @@ HEALTH_METRICS: tuple[Metric, ...] = (
     SERIES,
 )
 
-ALL_METRICS: tuple[Metric, ...] = LEDGER_METRICS + HEALTH_METRICS
+ALL_METRICS: tuple[MetricSpec, ...] = LEDGER_METRICS + HEALTH_METRICS
 
 
-def by_name(name: str) -> Metric:
+def by_name(name: str) -> MetricSpec:
     """Return the metric whose PromQL sample name is ``name``."""
     for metric in ALL_METRICS:
         if name in (metric.name, metric.family):

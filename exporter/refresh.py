@@ -1,8 +1,9 @@
-"""Run the ledger queries and publish a new snapshot; scrapes never touch the database.
+"""Run the sources' queries and publish a new snapshot; scrapes never touch the database.
 
 One refresh is one REPEATABLE READ, READ ONLY transaction, so every family describes the same
-instant of the ledger. Each query runs under its own savepoint: one failing query keeps its last
-good rows and does not stop the others.
+instant of the ledger. Each query runs under its own savepoint: one failing query keeps its
+source's last good state and does not stop the others. What a query computes is its source's
+business (exporter/sources/); the refresher only runs them and keeps their health.
 """
 
 from __future__ import annotations
@@ -11,50 +12,25 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
-from types import MappingProxyType
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg.rows import namedtuple_row
 
-from exporter import queries as q
 from exporter.config import Settings
 from exporter.contract import check_relations
-from exporter.families import build_ledger
+from exporter.families import LedgerFamilies
 from exporter.health import Health, QueryHealth
-from exporter.incremental import Plan, SpendTotals, merge
+from exporter.incremental import Plan, Watermark
 from exporter.labels import ProviderFamilies
 from exporter.logs import error_fields, event
+from exporter.queries import SNAPSHOT
 from exporter.snapshot import Snapshot
-from exporter.window import WindowTasks, summarize
+from exporter.sources import Instants, Refresh, Source, Statement, build_ledger, sources
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Instants:
-    """The boundaries one refresh computes its windows from."""
-
-    now: datetime
-    today: date
-    today_start: datetime
-    window_start: datetime
-    grace_cutoff: datetime
-
-    @classmethod
-    def at(cls, now: datetime, settings: Settings) -> Instants:
-        local = now.astimezone(settings.zone)
-        midnight = datetime.combine(local.date(), datetime.min.time(), settings.zone)
-        return cls(
-            now=now,
-            today=local.date(),
-            today_start=midnight.astimezone(UTC),
-            window_start=now - timedelta(days=settings.window_days),
-            grace_cutoff=now - timedelta(hours=settings.grace_hours),
-        )
+S = TypeVar("S", bound=Source)
 
 
 def connect(settings: Settings) -> psycopg.Connection[Any]:
@@ -86,24 +62,23 @@ def connect(settings: Settings) -> psycopg.Connection[Any]:
 
 
 class Refresher:
-    """Owns the database session, the last good rows per query, and the current snapshot."""
+    """Owns the database session, the sources and their health, and the current snapshot."""
 
     def __init__(self, settings: Settings, clock: Any = time.time) -> None:
         self.settings = settings
         self.providers = ProviderFamilies(settings.providers)
+        self.sources = sources(settings, self.providers)
+        self._by_query = {query: s for s in self.sources for query in s.queries}
         self._clock = clock
         self._conn: psycopg.Connection[Any] | None = None
         self._running = threading.Lock()
         self._closing = threading.Event()
         self._outage = 0  # consecutive refreshes that could not reach the database
-        self._spend = SpendTotals(settings.reconcile_interval_seconds)
-        self._window = WindowTasks()
+        self.watermark = Watermark(settings.reconcile_interval_seconds)
         self._plan: Plan | None = None
-        self._recent: list[Any] | None = None
-        self._rows: dict[str, list[Any]] = {}
         self.health = Health(
             interval=settings.interval_seconds,
-            queries={query.name: QueryHealth() for query in q.ALL_QUERIES},
+            queries={query: QueryHealth() for query in self._by_query},
             started=clock(),
         )
         self.snapshot = Snapshot.of(self.health.families())
@@ -122,10 +97,14 @@ class Refresher:
         finally:
             self._running.release()
 
+    def source(self, kind: type[S]) -> S:
+        """The refresher's source of that kind (for backfill, bench and tests)."""
+        return next(s for s in self.sources if isinstance(s, kind))
+
     @property
-    def rows(self) -> Mapping[str, list[Any]]:
-        """The latest good rows of each query (what the published families were built from)."""
-        return MappingProxyType(self._rows)
+    def ledger(self) -> LedgerFamilies:
+        """The ledger families of the published snapshot, and how their labels were guarded."""
+        return self.health.ledger
 
     def _refresh(self, now: datetime) -> bool:
         started = time.perf_counter()
@@ -138,22 +117,24 @@ class Refresher:
         h.last_refresh = self._clock()
         if ok:
             h.last_success = h.last_refresh
-        h.ledger = build_ledger(self._fresh_rows(), self.settings, self.providers)
+        h.ledger = build_ledger(self._ready(), self.settings, self.providers)
         self.snapshot = Snapshot.of(h.ledger.families + h.families())
         return ok
 
-    def _fresh_rows(self) -> dict[str, list[Any]]:
-        """The rows of queries that succeeded within the maximum staleness.
+    def _ready(self) -> list[Source]:
+        """The sources whose data is fresh enough to publish.
 
-        Older ones are left out, so their families disappear (a gap in Grafana) instead of
-        showing a flat line of old numbers; the health families say why.
+        A query that has not succeeded within the maximum staleness leaves its source's
+        families out, so they disappear (a gap in Grafana) instead of showing a flat line of
+        old numbers; the health families say why.
         """
         limit = self._clock() - self.settings.max_staleness_seconds
-        return {
-            name: rows
-            for name, rows in self._rows.items()
-            if (self.health.queries[name].last_success or 0.0) >= limit
-        }
+        fresh = frozenset(
+            name
+            for name, health in self.health.queries.items()
+            if (health.last_success or 0.0) >= limit
+        )
+        return [s for s in self.sources if s.ready(fresh)]
 
     def _run_all(self, instants: Instants) -> bool:
         for health in self.health.queries.values():
@@ -166,12 +147,13 @@ class Refresher:
         ok = True
         try:
             with conn.transaction():
-                snap = conn.execute(q.SNAPSHOT.sql).fetchone()
-                self._plan = self._spend.plan(int(snap.xmin), int(snap.xmax), self._clock())
-                for query in q.ALL_QUERIES:
+                snap = conn.execute(SNAPSHOT.sql).fetchone()
+                self._plan = self.watermark.plan(int(snap.xmin), int(snap.xmax), self._clock())
+                refresh = Refresh(instants, self._plan, self.watermark, self._clock())
+                for query, source in self._by_query.items():
                     if self._closing.is_set():  # shutting down: start no further query
                         return False
-                    ok &= self._run(conn, query, instants)
+                    ok &= self._run(conn, source, query, refresh)
         except psycopg.Error as exc:
             if not conn.broken:
                 raise
@@ -181,13 +163,14 @@ class Refresher:
             return False
         return ok
 
-    def _run(self, conn: psycopg.Connection[Any], query: q.Query, instants: Instants) -> bool:
-        health = self.health.queries[query.name]
+    def _run(
+        self, conn: psycopg.Connection[Any], source: Source, query: str, refresh: Refresh
+    ) -> bool:
+        health = self.health.queries[query]
         started = time.perf_counter()
         try:
             with conn.transaction(), conn.cursor() as cur:
-                rows = self._read(cur, query, instants)
-            self._store(query, rows)
+                source.read(query, cur, refresh)
         except psycopg.Error as exc:
             health.duration = time.perf_counter() - started
             if conn.broken:
@@ -195,7 +178,7 @@ class Refresher:
             if self._closing.is_set():
                 health.errors += 1
                 health.failing += 1
-                event(log, logging.INFO, "query cancelled by shutdown", query=query.name)
+                event(log, logging.INFO, "query cancelled by shutdown", query=query)
             else:
                 self._failed(query, "query failed", exc, **_contract(conn, exc))
             return False
@@ -207,13 +190,13 @@ class Refresher:
         health.success = True
         health.last_success = self._clock()
         if health.failing:
-            event(log, logging.INFO, "query recovered", query=query.name, failures=health.failing)
+            event(log, logging.INFO, "query recovered", query=query, failures=health.failing)
             health.failing = 0
         return True
 
-    def _failed(self, query: q.Query, message: str, exc: Exception, **fields: Any) -> None:
+    def _failed(self, query: str, message: str, exc: Exception, **fields: Any) -> None:
         """Count a failed query; log it on the first failure and then sparsely."""
-        health = self.health.queries[query.name]
+        health = self.health.queries[query]
         health.errors += 1
         health.failing += 1
         if _log_now(health.failing):
@@ -221,52 +204,21 @@ class Refresher:
                 log,
                 logging.ERROR,
                 message,
-                query=query.name,
+                query=query,
                 failures=health.failing,
                 **error_fields(exc),
                 **fields,
             )
 
-    def _read(self, cur: psycopg.Cursor[Any], query: q.Query, instants: Instants) -> list[Any]:
-        sql, params = self.statement(query, instants)
-        if query is not q.WINDOW_TASKS:
-            cur.execute(sql, params)
-            return cur.fetchall()
-        # A rebuild returns rows for every task of the window: they are folded into the
-        # per-task sums as they arrive instead of being held all at once.
-        tasks, impacts = self._window.apply(
-            self._plan, cur.stream(sql, params, size=2000), instants.window_start, self.providers
-        )
-        return summarize(tasks, impacts, self.settings, instants.grace_cutoff)
+    def statement(self, query: str, instants: Instants) -> Statement:
+        """The SQL and bind parameters of ``query`` in the next refresh (for bench/ and tests).
 
-    def statement(self, query: q.Query, instants: Instants) -> tuple[str, dict[str, Any]]:
-        """The SQL and bind parameters of ``query`` in the current refresh (also for bench/)."""
-        params: dict[str, Any] = {
-            "today": instants.today,
-            "today_start": instants.today_start,
-            "window_start": instants.window_start,
-        }
-        if query is q.SPEND_TOTALS:
-            params |= {"after": self._plan.after, "safe": self._plan.safe}
-        elif query is q.WINDOW_TASKS:
-            full, safe = self._window.bounds(self._plan)
-            params |= {"after": self._window.frozen_id, "safe": safe}
-            if not full:
-                params["tracked"] = self._window.tracked()
-                return q.WINDOW_TASKS_STEADY.sql, params
-        return query.sql, params
-
-    def _store(self, query: q.Query, rows: list[Any]) -> None:
-        """Keep a query's rows; the two spend queries combine into the spend_totals rows."""
-        if query is q.SPEND_TOTALS:
-            self._spend.apply(self._plan, rows, self._clock())
-        elif query is q.SPEND_RECENT:
-            self._recent = rows
-        else:
-            self._rows[query.name] = rows
-            return
-        if self._recent is not None and self._spend.last_full is not None:
-            self._rows[q.SPEND_TOTALS.name] = merge(self._spend.totals, self._recent)
+        Planned as the last refresh was; call it after at least one refresh.
+        """
+        if self._plan is None:
+            raise RuntimeError("no refresh has run yet")
+        refresh = Refresh(instants, self._plan, self.watermark, self._clock())
+        return self._by_query[query].statement(query, refresh)
 
     def _connection(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed:

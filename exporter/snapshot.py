@@ -57,13 +57,3 @@ class Snapshot:
         if openmetrics:
             return self.openmetrics_gzip if compressed else self.openmetrics
         return self.text_gzip if compressed else self.text
-
-
-class SnapshotCollector:
-    """A prometheus-client collector that yields the families of the latest snapshot."""
-
-    def __init__(self, source: object) -> None:
-        self._source = source
-
-    def collect(self) -> Iterator[Family]:
-        return iter(self._source.snapshot.families)  # type: ignore[attr-defined]

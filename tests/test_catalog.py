@@ -10,7 +10,7 @@ from exporter import catalog as c
 
 
 @pytest.mark.parametrize("metric", c.ALL_METRICS, ids=lambda m: m.name)
-def test_names_follow_conventions(metric: c.Metric) -> None:
+def test_names_follow_conventions(metric: c.MetricSpec) -> None:
     assert re.fullmatch(r"scidex_[a-z][a-z0-9_]*", metric.name)
     assert metric.name.endswith("_total") == (metric.kind == "counter")
     assert len(metric.help) > 20 and not metric.help[0].islower()
@@ -24,7 +24,7 @@ def test_names_are_unique() -> None:
 
 
 @pytest.mark.parametrize("metric", c.LEDGER_METRICS, ids=lambda m: m.name)
-def test_ledger_units_are_in_the_name(metric: c.Metric) -> None:
+def test_ledger_units_are_in_the_name(metric: c.MetricSpec) -> None:
     name = metric.name.removesuffix("_total")
     if metric.unit == "currencyUSD":
         assert name.endswith("_usd")

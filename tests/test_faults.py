@@ -11,10 +11,10 @@ from typing import Any
 import psycopg
 import pytest
 
-from exporter import incremental
 from exporter.config import load_settings
 from exporter.refresh import Refresher
 from exporter.service import Exporter
+from exporter.sources import spend as spend_source
 from tests.conftest import StoppableServer
 from tests.ledger import Call, Impact, insert, key, parse
 
@@ -185,7 +185,7 @@ def test_rows_the_exporter_cannot_use_fail_that_query_and_change_nothing(
     try:
         assert refresher.refresh()
         insert(dsn, [Call(NOW - timedelta(minutes=5), "t2", cost_usd=Decimal("3"))])
-        real_add = incremental._add
+        real_add = spend_source._add
         folded: list[Any] = []
 
         def add_then_fail(target: Any, key: Any, row: Any) -> None:
@@ -195,7 +195,7 @@ def test_rows_the_exporter_cannot_use_fail_that_query_and_change_nothing(
             if row.final:
                 folded.append(row)
 
-        monkeypatch.setattr(incremental, "_add", add_then_fail)
+        monkeypatch.setattr(spend_source, "_add", add_then_fail)
         assert refresher.refresh() is False
         (line,) = _log_lines(caplog, "query result not usable")
         assert line.fields["query"] == "spend_totals" and line.fields["error_kind"] == "TypeError"

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from exporter.config import load_settings
 from exporter.refresh import Refresher
 from exporter.server import MetricsServer
+from exporter.sources import WindowSource
 from tests.conftest import assert_promtool_clean, temporary_database
 from tests.ledger import (
     FAMILY_OF,
@@ -210,6 +211,8 @@ def test_a_float_cost_column_is_summed_exactly_like_numeric(
                 assert set(got) == set(want)
                 for k, v in want.items():
                     assert got[k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
-            assert refresher._window.frozen_id > 0  # the last refresh took the steady path
+            assert (
+                refresher.source(WindowSource).tasks.frozen_id > 0
+            )  # the last refresh took the steady path
         finally:
             refresher.close()

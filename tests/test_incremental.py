@@ -12,9 +12,11 @@ import psycopg
 import pytest
 
 from exporter import generate
-from exporter import queries as q
 from exporter.config import load_settings
-from exporter.refresh import Instants, Refresher
+from exporter.refresh import Refresher
+from exporter.sources import Instants, WindowSource
+from exporter.sources.spend import SPEND_TOTALS
+from exporter.sources.window import WINDOW_TASKS, WINDOW_TASKS_STEADY
 from tests.ledger import ledger_samples, parse
 
 NOW = datetime(2026, 11, 20, 15, 0, tzinfo=UTC)
@@ -72,13 +74,13 @@ def test_a_late_commit_with_a_smaller_id_is_never_skipped(dsn: str) -> None:
         _insert(writer, _rows(rng, 5))  # larger ids, committed first
         for _ in range(3):
             assert _families(incremental) == _full(dsn)
-            assert incremental._spend.frozen_id < late_ids[0]  # never past the open rows
+            assert incremental.watermark.frozen_id < late_ids[0]  # never past the open rows
         late.commit()
         _insert(writer, _rows(rng, 3))
         for _ in range(3):
             assert _families(incremental) == _full(dsn)
         # Once the late transaction is over, the watermark moves past its rows.
-        assert incremental._spend.frozen_id >= late_ids[1]
+        assert incremental.watermark.frozen_id >= late_ids[1]
     incremental.close()
 
 
@@ -109,12 +111,14 @@ def test_random_batches_and_commit_orders_match_a_full_recomputation(dsn: str, s
                     "SELECT count(DISTINCT task_id) FROM cost_ledger WHERE ts >= %s",
                     [now - timedelta(days=30)],
                 ).fetchone()  # type: ignore[misc]
-                assert len(incremental._window.final) <= in_window
+                assert len(incremental.source(WindowSource).tasks.final) <= in_window
         finally:
             for conn in open_txns:
                 conn.close()
-    assert incremental._spend.frozen_id > 0, "the watermark never moved: nothing incremental"
-    assert incremental._window.frozen_id > 0, "the window's tasks were rebuilt every time"
+    assert incremental.watermark.frozen_id > 0, "the watermark never moved: nothing incremental"
+    assert incremental.source(WindowSource).tasks.frozen_id > 0, (
+        "the window's tasks were rebuilt every time"
+    )
     incremental.close()
 
 
@@ -130,7 +134,7 @@ def test_reconciliation_catches_ids_assigned_out_of_sequence(dsn: str) -> None:
         for _ in range(3):
             _families(incremental)
             clock[0] += 30
-        frozen = incremental._spend.frozen_id
+        frozen = incremental.watermark.frozen_id
         assert frozen >= 20
         # An explicit id under the watermark (a view whose ids are not a sequence) is invisible
         # to the incremental path by design...
@@ -187,14 +191,16 @@ def test_the_steady_state_reads_only_the_new_rows(dsn: str) -> None:
         plan = "\n".join(
             r[0]
             for r in writer.execute(
-                "EXPLAIN " + q.SPEND_TOTALS.sql, {"after": top - 10, "safe": top - 5}
+                "EXPLAIN " + SPEND_TOTALS.sql, {"after": top - 10, "safe": top - 5}
             ).fetchall()
         )
     assert "cost_ledger_pkey" in plan, plan  # an index range scan, not a scan of the history
     incremental = Refresher(load_settings({"dsn": dsn}, env={}))
     for _ in range(3):
         _families(incremental)
-    assert incremental._spend.frozen_id == incremental._window.frozen_id == top
+    assert (
+        incremental.watermark.frozen_id == incremental.source(WindowSource).tasks.frozen_id == top
+    )
     # New rows of tracked tasks, of a new task, and of a task back in the window after 100
     # days: the window statement reads them, and the old task's history once.
     new = [*_rows(rng, 10), (NOW, "t-new", "q1", "Forge", "glm-4.6", 5, 5, 1), (NOW, *old[0][1:])]
@@ -203,9 +209,9 @@ def test_the_steady_state_reads_only_the_new_rows(dsn: str) -> None:
         assert incremental.refresh(NOW)
         with psycopg.connect(dsn) as conn:
             sql, params = incremental.statement(
-                q.WINDOW_TASKS, Instants.at(NOW, incremental.settings)
+                WINDOW_TASKS.name, Instants.at(NOW, incremental.settings)
             )
-            assert sql == q.WINDOW_TASKS_STEADY.sql
+            assert sql == WINDOW_TASKS_STEADY.sql
             read = _rows_read(_explain_analyze(conn, sql, params), "cost_ledger")
     assert read <= 2 * (len(new) + len(old)) + 10, read
     incremental.close()
@@ -268,7 +274,7 @@ def test_the_window_families_read_the_window_not_the_history(dsn: str) -> None:
         instants = Instants.at(NOW, refresher.settings)
         assert instants.window_start == window_start
         with psycopg.connect(dsn) as conn:
-            plan = _explain_analyze(conn, *refresher.statement(q.WINDOW_TASKS, instants))
+            plan = _explain_analyze(conn, *refresher.statement(WINDOW_TASKS.name, instants))
             total, window, history = conn.execute(
                 "SELECT count(*), count(*) FILTER (WHERE ts >= %(start)s),"
                 " count(*) FILTER (WHERE ts < %(start)s AND task_id IN"
@@ -292,7 +298,7 @@ def test_excluded_rows_are_classified_only_when_there_are_some(dsn: str) -> None
         writer.execute("UPDATE cost_ledger SET cost_usd = 0.5, output_tokens = 10")  # all valid
 
         def ledger_reads() -> tuple[float, list[str]]:
-            plan = _explain_analyze(writer, q.SPEND_TOTALS.sql, {"after": None, "safe": 10**9})
+            plan = _explain_analyze(writer, SPEND_TOTALS.sql, {"after": None, "safe": 10**9})
             scans = _scans(plan, "cost_ledger")
             whole = [n for n in scans if n["Node Type"] == "Seq Scan" and n["Actual Loops"]]
             return _rows_read(plan, "cost_ledger"), [n.get("Filter") for n in whole]

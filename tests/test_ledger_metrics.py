@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -9,9 +10,12 @@ from typing import Any
 import psycopg
 import pytest
 
+from exporter import catalog as c
 from exporter import generate
 from exporter.config import load_settings
 from exporter.refresh import Refresher
+from exporter.sources import KINDS
+from exporter.sources.base import Build
 from tests.ledger import (
     FAMILY_OF,
     Budget,
@@ -346,3 +350,27 @@ def test_a_failed_query_keeps_its_last_values_and_others_refresh(dsn: str) -> No
     assert got[key("scidex_spend_usd_total", quest="q-a", layer="Forge", provider="glm")] == 1
     t1 = {"task_id": "t1", "quest": "q-a", "layer": "Forge"}
     assert got[key("scidex_task_impact_per_usd", **t1)] == 2
+
+
+def test_every_ledger_family_is_built_by_exactly_one_source_and_exported(dsn: str) -> None:
+    owners = Counter(metric for kind in KINDS for metric in kind.feeds)
+    assert all(n == 1 for n in owners.values()), owners
+    # Excluded rows: one family, to which every source adds the reasons of its relations.
+    assert set(owners) == set(c.LEDGER_METRICS) - {c.LEDGER_EXCLUDED_ROWS}
+    calls, impacts, budgets = from_plan(generate.plan(4000, seed=3, end=NOW))
+    insert(dsn, calls, impacts, budgets)
+    refresher = Refresher(load_settings({"dsn": dsn}, env={}))
+    try:
+        assert refresher.refresh(NOW)
+        labels = refresher.ledger.labels
+        assert labels is not None
+        ready = {type(s): s for s in refresher.sources}
+        for source in refresher.sources:
+            build = Build(labels, refresher.providers, refresher.settings, ready)
+            built = {f.name for f in source.build(build)}
+            assert built == {m.family for m in source.feeds}, type(source).__name__
+    finally:
+        refresher.close()
+    exported = {name for name, _ in parse(refresher.snapshot.text)}
+    for metric in c.LEDGER_METRICS:
+        assert metric.name in exported, metric.name

@@ -200,7 +200,7 @@ def _execute_calls(path: Path) -> Iterator[tuple[int, ast.expr]]:
             yield node.lineno, node.args[0]
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "exporter").glob("*.py")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((ROOT / "exporter").rglob("*.py")), ids=lambda p: p.name)
 def test_no_sql_is_built_from_strings_at_run_time(path: Path) -> None:
     """SQL comes from constants (queries.py, schema.sql); values travel as parameters."""
     for line, sql in _execute_calls(path):
@@ -214,5 +214,5 @@ def test_no_sql_is_built_from_strings_at_run_time(path: Path) -> None:
 
 
 def test_the_sql_check_sees_the_exporters_queries() -> None:
-    calls = [c for p in (ROOT / "exporter").glob("*.py") for c in _execute_calls(p)]
+    calls = [c for p in (ROOT / "exporter").rglob("*.py") for c in _execute_calls(p)]
     assert len(calls) >= 8

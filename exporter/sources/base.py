@@ -1,0 +1,141 @@
+"""What every source of ledger families is: statements, the state they fold into, families.
+
+A source is one query group, in the manner of postgres_exporter's collectors: its SQL, the
+state it keeps between refreshes and the families it builds sit in one module. The refresher
+runs each statement under its own savepoint and knows nothing of what a source computes.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from typing import Any, ClassVar, NamedTuple, TypeVar
+
+import psycopg
+from prometheus_client.metrics_core import Metric as Family
+
+from exporter.catalog import MetricSpec
+from exporter.config import Settings
+from exporter.families import LabelGuard
+from exporter.incremental import Plan, Watermark
+from exporter.labels import ProviderFamilies
+
+Excluded = dict[tuple[str, str], float]
+"""Excluded rows by (relation, reason)."""
+
+
+@dataclass(frozen=True)
+class Instants:
+    """The boundaries one refresh computes its windows from."""
+
+    now: datetime
+    today: date
+    today_start: datetime
+    window_start: datetime
+    grace_cutoff: datetime
+
+    @classmethod
+    def at(cls, now: datetime, settings: Settings) -> Instants:
+        local = now.astimezone(settings.zone)
+        midnight = datetime.combine(local.date(), datetime.min.time(), settings.zone)
+        return cls(
+            now=now,
+            today=local.date(),
+            today_start=midnight.astimezone(UTC),
+            window_start=now - timedelta(days=settings.window_days),
+            grace_cutoff=now - timedelta(hours=settings.grace_hours),
+        )
+
+    def params(self) -> dict[str, Any]:
+        """The bind parameters every statement may use."""
+        return {
+            "today": self.today,
+            "today_start": self.today_start,
+            "window_start": self.window_start,
+        }
+
+
+@dataclass(frozen=True)
+class Refresh:
+    """What one refresh knows when it runs a statement."""
+
+    instants: Instants
+    plan: Plan
+    watermark: Watermark
+    clock: float  # Unix time, for the reconciliation schedule
+
+
+class Statement(NamedTuple):
+    """One SQL statement and its bind parameters."""
+
+    sql: str
+    params: dict[str, Any]
+
+
+S = TypeVar("S", bound="Source")
+
+
+class Build:
+    """What a source's families are built with: labels, classifier, and the other sources."""
+
+    def __init__(
+        self,
+        labels: LabelGuard,
+        providers: ProviderFamilies,
+        settings: Settings,
+        ready: Mapping[type[Source], Source],
+    ) -> None:
+        self.labels = labels
+        self.providers = providers
+        self.settings = settings
+        self._ready = ready
+
+    def source(self, kind: type[S]) -> S | None:
+        """Another source whose data is fresh, or None (its families are left out)."""
+        found = self._ready.get(kind)
+        return found if isinstance(found, kind) else None
+
+
+class Source(ABC):
+    """One query group: its statements, the state it folds them into, and its families."""
+
+    queries: ClassVar[tuple[str, ...]]
+    """The ``query`` label of each statement, in the order a refresh runs them."""
+    feeds: ClassVar[tuple[MetricSpec, ...]]
+    """The ledger families this source alone builds (the catalog test holds it to that)."""
+    exclusions: ClassVar[tuple[tuple[str, str], ...]] = ()
+    """Every (relation, reason) for which it counts excluded rows, zeros included."""
+
+    def __init__(self, settings: Settings, providers: ProviderFamilies) -> None:
+        self.settings = settings
+        self.providers = providers
+
+    @abstractmethod
+    def statement(self, query: str, refresh: Refresh) -> Statement:
+        """The SQL and parameters of one of its queries in this refresh."""
+
+    @abstractmethod
+    def read(self, query: str, cur: psycopg.Cursor[Any], refresh: Refresh) -> None:
+        """Run one query and fold its result in; on any error nothing held changes."""
+
+    @property
+    @abstractmethod
+    def has_data(self) -> bool:
+        """Whether it has read enough to build its families."""
+
+    def ready(self, fresh: frozenset[str]) -> bool:
+        """Whether its families are published, given the queries whose data is fresh."""
+        return self.has_data and all(q in fresh for q in self.queries)
+
+    def weigh(self, labels: LabelGuard) -> None:  # noqa: B027 (optional hook)
+        """Offer its quests and layers (with their window spend) to the cardinality guard."""
+
+    @abstractmethod
+    def build(self, build: Build) -> list[Family]:
+        """Its families, from the state it holds."""
+
+    def excluded(self) -> Excluded:
+        """Rows it left out, by (relation, reason)."""
+        return {}

@@ -1,0 +1,289 @@
+"""The window families: rankings, waste, per-quest impact and the provider breakdown.
+
+They rank, sum and classify the tasks with a valid row in the window by what each spent over
+its whole life, from per-task sums the exporter keeps (exporter/tasks.py): a rebuild reads the
+window's tasks, a steady refresh the rows after the watermark and the impacts.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import psycopg
+from prometheus_client.metrics_core import Metric as Family
+
+from exporter import catalog as c
+from exporter.families import LabelGuard, Series, as_float, family_of
+from exporter.queries import COST, TOKENS, VALID, Query
+from exporter.sources.base import Build, Refresh, Source, Statement
+from exporter.tasks import WindowRow, WindowTasks, summarize
+
+# The window families (rankings, waste, per-quest impact, providers) are computed in Python
+# from per-task lifetime sums that the exporter keeps, like the cumulative sums, as a final
+# part (ids <= the watermark) plus a tail re-read each refresh (exporter/tasks.py). Both
+# statements return rows of three kinds:
+#   'sum'    (part, task_id, provider, cost, tokens): valid spend of a task on one raw provider;
+#   'label'  (part, task_id, quest, layer, last_ts): the task's latest valid row, by (ts, id);
+#   'impact' (task_id, impact): the latest measured impact of a task that may be in the window.
+# part 0 is final (ids the exporter already holds, or up to %(safe)s when rebuilding), 1 the
+# tail rows that became final (ids up to %(safe)s), 2 the open tail; a later part holds larger
+# ids, so it wins a tie on ts.
+
+
+def _impacts(tasks: str) -> str:
+    return f"""
+    SELECT 'impact', NULL, k.task_id, NULL, NULL, NULL, NULL, NULL, NULL,
+           (SELECT CASE WHEN i.impact_score IN ('NaN', 'Infinity', '-Infinity') THEN NULL
+                        ELSE i.impact_score END
+            FROM impact_ledger i
+            WHERE i.task_id = k.task_id
+            ORDER BY i.measured_at DESC NULLS LAST
+            LIMIT 1)
+    FROM ({tasks}) k
+    """
+
+
+# Rebuild from the window: the tasks with a valid row since %(window_start)s (one scan of the ts
+# index, hashed per task and raw provider), with what each spent before the window from a probe
+# of the (task_id, ts) index that finds nothing for most tasks. Joining the window's tasks to
+# their whole history made the planner hash-join (scan) the whole ledger once the history
+# outgrew the window. The latest valid row is looked up only when a task's rows disagree on the
+# labels (hashing beats sorting the window by task and time to find it).
+WINDOW_TASKS = Query(
+    "window_tasks",
+    f"""
+    WITH win AS (
+        SELECT c.id <= %(safe)s AS final, c.task_id, c.provider,
+               min(c.quest COLLATE "C") AS quest, max(c.quest COLLATE "C") AS quest_max,
+               min(c.layer COLLATE "C") AS layer, max(c.layer COLLATE "C") AS layer_max,
+               bool_and(c.quest IS NOT NULL AND c.layer IS NOT NULL) AS labelled,
+               sum({COST}) AS cost,
+               sum({TOKENS}) AS tokens,
+               max(c.ts) AS last_ts
+        FROM cost_ledger c
+        WHERE c.ts >= %(window_start)s AND c.task_id IS NOT NULL AND {VALID}
+        GROUP BY 1, 2, 3
+    ),
+    win_tasks AS (
+        SELECT final, task_id, min(quest) AS quest, max(quest_max) AS quest_max,
+               min(layer) AS layer, max(layer_max) AS layer_max, bool_and(labelled) AS labelled,
+               max(last_ts) AS last_ts
+        FROM win
+        GROUP BY final, task_id
+    ),
+    tracked AS (SELECT DISTINCT task_id FROM win_tasks)
+    SELECT 'sum' AS kind, CASE WHEN final THEN 0 ELSE 2 END AS part, task_id, provider,
+           NULL AS quest, NULL AS layer, cost, tokens, NULL::timestamptz AS last_ts,
+           NULL::float8 AS impact
+    FROM win
+    UNION ALL
+    SELECT 'sum', CASE WHEN b.final THEN 0 ELSE 2 END, t.task_id, b.provider, NULL, NULL,
+           b.cost, b.tokens, NULL, NULL
+    FROM tracked t
+    CROSS JOIN LATERAL (
+        SELECT c.id <= %(safe)s AS final, c.provider,
+               sum({COST}) AS cost, sum({TOKENS}) AS tokens
+        FROM cost_ledger c
+        WHERE c.task_id = t.task_id AND c.ts < %(window_start)s AND {VALID}
+        GROUP BY 1, 2
+    ) b
+    UNION ALL
+    SELECT 'label', CASE WHEN w.final THEN 0 ELSE 2 END, w.task_id, NULL,
+           CASE WHEN latest.found THEN latest.quest ELSE w.quest END,
+           CASE WHEN latest.found THEN latest.layer ELSE w.layer END,
+           NULL, NULL, w.last_ts, NULL
+    FROM win_tasks w
+    LEFT JOIN LATERAL (
+        SELECT true AS found, c.quest, c.layer
+        FROM cost_ledger c
+        WHERE NOT (w.labelled AND w.quest = w.quest_max AND w.layer = w.layer_max)
+          AND c.task_id = w.task_id AND c.ts = w.last_ts AND (c.id <= %(safe)s) = w.final
+          AND {VALID}
+        ORDER BY c.id DESC
+        LIMIT 1
+    ) latest ON true
+    UNION ALL
+    {_impacts("SELECT task_id FROM tracked")}
+    """,
+)
+"""Rebuilds the per-task sums of the window's tasks (first refresh and reconciliation)."""
+
+# Add the rows after %(after)s (a primary-key range scan) to the tasks the exporter holds
+# (%(tracked)s, a JSON array: tens of thousands of ids dump and parse faster than a text[]).
+# For a tail task it does not hold (a new task, or an old one back in the window), read
+# everything up to %(after)s once.
+WINDOW_TASKS_STEADY = Query(
+    "window_tasks",
+    f"""
+    WITH tracked AS (SELECT json_array_elements_text(%(tracked)s::json) AS task_id),
+    tail AS MATERIALIZED (
+        SELECT CASE WHEN c.id <= %(safe)s THEN 1 ELSE 2 END AS part, c.id, c.task_id,
+               c.provider, c.quest, c.layer, c.ts, {COST} AS cost_usd, {TOKENS} AS tokens
+        FROM cost_ledger c
+        WHERE c.id > %(after)s AND c.task_id IS NOT NULL AND {VALID}
+    ),
+    fresh AS (
+        SELECT DISTINCT t.task_id FROM tail t
+        WHERE NOT EXISTS (SELECT FROM tracked k WHERE k.task_id = t.task_id)
+    )
+    SELECT 'sum' AS kind, 0 AS part, f.task_id, h.provider, NULL AS quest, NULL AS layer,
+           h.cost, h.tokens, NULL::timestamptz AS last_ts, NULL::float8 AS impact
+    FROM fresh f
+    CROSS JOIN LATERAL (
+        SELECT c.provider, sum({COST}) AS cost, sum({TOKENS}) AS tokens
+        FROM cost_ledger c
+        WHERE c.task_id = f.task_id AND c.id <= %(after)s AND {VALID}
+        GROUP BY c.provider
+    ) h
+    UNION ALL
+    SELECT 'label', 0, f.task_id, NULL, h.quest, h.layer, NULL, NULL, h.ts, NULL
+    FROM fresh f
+    CROSS JOIN LATERAL (
+        SELECT c.quest, c.layer, c.ts
+        FROM cost_ledger c
+        WHERE c.task_id = f.task_id AND c.id <= %(after)s AND {VALID}
+        ORDER BY c.ts DESC, c.id DESC
+        LIMIT 1
+    ) h
+    UNION ALL
+    SELECT 'sum', part, task_id, provider, NULL, NULL, sum(cost_usd), sum(tokens), NULL, NULL
+    FROM tail
+    GROUP BY part, task_id, provider
+    UNION ALL
+    (SELECT DISTINCT ON (part, task_id)
+            'label', part, task_id, NULL, quest, layer, NULL, NULL, ts, NULL
+     FROM tail
+     ORDER BY part, task_id, ts DESC, id DESC)
+    UNION ALL
+    {_impacts("SELECT task_id FROM tracked UNION SELECT task_id FROM tail")}
+    """,
+)
+"""Adds the rows after the watermark to the per-task sums the exporter holds."""
+
+
+class WindowSource(Source):
+    """Per-task lifetime sums of the window's tasks, and the families ranked from them."""
+
+    queries = (WINDOW_TASKS.name,)
+    feeds = (
+        c.PROVIDER_SPEND,
+        c.PROVIDER_TASKS,
+        c.PROVIDER_TOKENS,
+        c.PROVIDER_AVG_COST,
+        c.TASK_IMPACT_PER_USD,
+        c.TASK_COST,
+        c.TASK_IMPACT,
+        c.QUEST_IMPACT_PER_USD,
+        c.QUEST_WINDOW_SPEND,
+        c.QUEST_WINDOW_IMPACT,
+        c.TASK_WASTED_TOKENS,
+        c.TASK_WASTED_USD,
+        c.WASTED_TOKENS,
+        c.WASTED_USD,
+        c.WASTED_TASKS,
+    )
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.tasks = WindowTasks()
+        self._rows: list[WindowRow] | None = None
+
+    def statement(self, query: str, refresh: Refresh) -> Statement:
+        full, safe = self.tasks.bounds(refresh.plan)
+        params = refresh.instants.params() | {"after": self.tasks.frozen_id, "safe": safe}
+        if full:
+            return Statement(WINDOW_TASKS.sql, params)
+        return Statement(WINDOW_TASKS_STEADY.sql, params | {"tracked": self.tasks.tracked()})
+
+    def read(self, query: str, cur: psycopg.Cursor[Any], refresh: Refresh) -> None:
+        # A rebuild returns rows for every task of the window: they are folded into the
+        # per-task sums as they arrive instead of being held all at once.
+        statement = self.statement(query, refresh)
+        instants = refresh.instants
+        tasks, impacts = self.tasks.apply(
+            refresh.plan,
+            cur.stream(statement.sql, statement.params, size=2000),
+            instants.window_start,
+            self.providers,
+        )
+        self._rows = summarize(tasks, impacts, self.settings, instants.grace_cutoff)
+
+    @property
+    def has_data(self) -> bool:
+        return self._rows is not None
+
+    def weigh(self, labels: LabelGuard) -> None:
+        for r in self._rows or ():
+            if r.kind in ("waste_total", "quest"):
+                labels.weigh_quest(r.quest)
+            if r.kind == "waste_total":
+                labels.weigh_layer(r.layer)
+
+    def build(self, build: Build) -> list[Family]:
+        rows = self._rows or []
+        return _window(rows, build.labels) + _providers(rows, build.providers.families)
+
+
+def _window(rows: list[WindowRow], labels: LabelGuard) -> list[Family]:
+    ranked: dict[str, dict[tuple[str, ...], WindowRow]] = {"efficiency": {}, "waste": {}}
+    waste: dict[str, Series] = {
+        "tokens": defaultdict(float),
+        "usd": defaultdict(float),
+        "tasks": defaultdict(float),
+    }
+    quest_cost: Series = defaultdict(float)
+    quest_impact: Series = defaultdict(float)
+    for r in rows:
+        if r.kind in ranked:
+            key = (labels.task(r.task_id), labels.quest(r.quest), labels.layer(r.layer))
+            # Keep the better-ranked task when two ids clean to the same label values.
+            ranked[r.kind].setdefault(key, r)
+        elif r.kind == "waste_total":
+            key = labels.ql(r.quest, r.layer)
+            waste["tokens"][key] += as_float(r.tokens)
+            waste["usd"][key] += as_float(r.cost)
+            waste["tasks"][key] += r.tasks
+        elif r.kind == "quest":
+            key = (labels.q(r.quest),)
+            quest_cost[key] += as_float(r.cost)
+            quest_impact[key] += as_float(r.impact)
+    eff, wasted = ranked["efficiency"], ranked["waste"]
+    return [
+        family_of(
+            c.TASK_IMPACT_PER_USD,
+            {k: as_float(r.impact) / as_float(r.cost) for k, r in eff.items()},
+        ),
+        family_of(c.TASK_COST, {k: as_float(r.cost) for k, r in eff.items()}),
+        family_of(c.TASK_IMPACT, {k: as_float(r.impact) for k, r in eff.items()}),
+        family_of(c.TASK_WASTED_TOKENS, {k: as_float(r.tokens) for k, r in wasted.items()}),
+        family_of(c.TASK_WASTED_USD, {k: as_float(r.cost) for k, r in wasted.items()}),
+        family_of(c.WASTED_TOKENS, waste["tokens"]),
+        family_of(c.WASTED_USD, waste["usd"]),
+        family_of(c.WASTED_TASKS, waste["tasks"]),
+        family_of(c.QUEST_WINDOW_SPEND, quest_cost),
+        family_of(c.QUEST_WINDOW_IMPACT, quest_impact),
+        family_of(
+            c.QUEST_IMPACT_PER_USD,
+            {k: quest_impact[k] / cost for k, cost in quest_cost.items() if cost > 0},
+        ),
+    ]
+
+
+def _providers(rows: list[WindowRow], families: tuple[str, ...]) -> list[Family]:
+    found = {r.family: r for r in rows if r.kind == "provider"}
+    spend, tasks, tokens, avg = {}, {}, {}, {}
+    for name in families:
+        r = found.get(name)
+        key = (name,)
+        spend[key] = as_float(r.cost) if r else 0.0
+        tasks[key] = float(r.tasks) if r else 0.0
+        tokens[key] = as_float(r.tokens) if r else 0.0
+        if tasks[key] > 0:
+            avg[key] = spend[key] / tasks[key]
+    return [
+        family_of(c.PROVIDER_SPEND, spend),
+        family_of(c.PROVIDER_TASKS, tasks),
+        family_of(c.PROVIDER_TOKENS, tokens),
+        family_of(c.PROVIDER_AVG_COST, avg),
+    ]
