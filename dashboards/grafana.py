@@ -408,23 +408,30 @@ def table(
 
 
 class Layout:
-    """Place rows and panels left to right, top to bottom, with ids in reading order."""
+    """Place rows and panels left to right, top to bottom.
+
+    Every panel carries an id of its own, given by the caller: Grafana keys links, repeats and
+    library panels by it, and tests find a panel by it whatever its (configurable) title.
+    """
 
     def __init__(self) -> None:
         self.panels: list[G.Panel] = []
         self._x = self._y = self._row_h = 0
 
-    def row(self, title: str) -> Layout:
+    def row(self, panel_id: int, title: str) -> Layout:
         self._newline()
         self.panels.append(
-            G.RowPanel(title=title, gridPos=G.GridPos(h=1, w=GRID_WIDTH, x=0, y=self._y))
+            G.RowPanel(
+                id=panel_id, title=title, gridPos=G.GridPos(h=1, w=GRID_WIDTH, x=0, y=self._y)
+            )
         )
         self._y += 1
         return self
 
-    def add(self, panel: G.Panel, w: int, h: int) -> Layout:
+    def add(self, panel_id: int, panel: G.Panel, w: int, h: int) -> Layout:
         if self._x + w > GRID_WIDTH:
             self._newline()
+        panel.id = panel_id
         panel.gridPos = G.GridPos(h=h, w=w, x=self._x, y=self._y)
         self.panels.append(panel)
         self._x += w
@@ -466,16 +473,16 @@ def render(dashboard: G.Dashboard) -> dict[str, Any]:
     out = {k: raw[k] for k in _DASHBOARD_KEYS if raw.get(k) is not None}
     out["id"] = None
     out["schemaVersion"] = SCHEMA_VERSION
-    out["panels"] = [_panel_json(p, i) for i, p in enumerate(raw["panels"], 1)]
+    out["panels"] = [_panel_json(p) for p in raw["panels"]]
     out["templating"] = {"list": [_variable_json(v) for v in raw["templating"]["list"]]}
     out["timepicker"] = {}
     out["annotations"] = {"list": [_builtin_annotations()]}
     return out
 
 
-def _panel_json(raw: dict[str, Any], panel_id: int) -> dict[str, Any]:
+def _panel_json(raw: dict[str, Any]) -> dict[str, Any]:
     out = {k: raw[k] for k in _PANEL_KEYS if raw.get(k) is not None}
-    out["id"] = panel_id
+    out["id"] = raw["id"]
     if out["type"] == "row":
         return {k: out[k] for k in ("collapsed", "gridPos", "id", "panels", "title", "type")}
     out.update(raw[_MODERN], datasource=DATASOURCE, pluginVersion=GRAFANA_VERSION)
@@ -526,3 +533,29 @@ def _builtin_annotations() -> dict[str, Any]:
         "name": "Annotations & Alerts",
         "type": "dashboard",
     }
+
+
+# --- A picture of the layout -------------------------------------------------------------------
+
+_CELL = 4  # characters per grid column
+
+
+def diagram(board: Mapping[str, Any]) -> str:
+    """Draw the panels of rendered dashboard JSON on a text grid, one line per band of panels."""
+    lines = []
+    bands: dict[int, list[dict[str, Any]]] = {}
+    for panel in board["panels"]:
+        bands.setdefault(panel["gridPos"]["y"], []).append(panel)
+    for y in sorted(bands):
+        panels = sorted(bands[y], key=lambda p: p["gridPos"]["x"])
+        if panels[0]["type"] == "row":
+            title = f" {panels[0]['title']} "
+            lines.append(f"{title:─^{GRID_WIDTH * _CELL}}")
+            continue
+        line = ""
+        for p in panels:
+            width = p["gridPos"]["w"] * _CELL
+            line = line.ljust(p["gridPos"]["x"] * _CELL)
+            line += "[" + p["title"][: width - 2].ljust(width - 2) + "]"
+        lines.append(line.rstrip())
+    return "\n".join(lines) + "\n"

@@ -6,18 +6,61 @@ Every query is built from the exporter's metric catalog with :func:`sel`, which 
 
 from __future__ import annotations
 
+from enum import IntEnum
 from typing import Any
 
 import grafanalib.core as G
 
 from dashboards import grafana as g
 from dashboards import rules
+from dashboards.config import DEFAULT, Config
 from dashboards.grafana import sel, target
 from exporter import catalog as c
 
 UID = "scidex-resources"
 TITLE = "Resource Dashboard"
-TOP_QUESTS = 8
+
+
+class P(IntEnum):
+    """Every panel's id: stable whatever the titles say or the layout adds."""
+
+    OVERVIEW = 1
+    SPEND_TODAY = 2
+    BUDGET_TODAY = 3
+    UTILIZATION = 4
+    WINDOW_SPEND = 5
+    IMPACT_PER_USD = 6
+    WASTED = 7
+    WASTE_SHARE = 8
+    WINDOW_TOKENS = 9
+    ALERTS = 10
+    BUDGET_ALLOCATION = 11
+    ALLOCATION_PIE = 12
+    UTILIZATION_BY_QUEST = 13
+    EXHAUSTION_HOURS = 14
+    UTILIZATION_TIMELINE = 15
+    DAILY_SPEND_VS_BUDGET = 16
+    EFFICIENCY = 17
+    TOP_TASKS = 18
+    QUEST_IMPACT_PER_USD = 19
+    PROVIDERS = 20
+    PROVIDER_TABLE = 21
+    PROVIDER_PIE = 22
+    DAILY_SPEND_BY_PROVIDER = 23
+    PROVIDER_TOKENS = 24
+    WASTE = 25
+    TOP_WASTED_TASKS = 26
+    WASTE_BY_QUEST = 27
+    EXPORTER = 28
+    DATA_AGE = 29
+    FAILED_QUERIES = 30
+    NEWEST_CALL = 31
+    REFRESH_DURATION = 32
+    EXCLUDED_ROWS = 33
+    SERIES = 34
+    WINDOW = 35
+    GRACE = 36
+
 
 LAYER_COLORS = {
     "Agora": "blue",
@@ -40,7 +83,6 @@ SPEND_TODAY = f"sum({sel(c.QUEST_SPEND_TODAY)})"
 BUDGET_TODAY = f"sum({sel(c.BUDGET_ALLOCATED)})"
 WINDOW_SPEND = f"sum({sel(c.QUEST_WINDOW_SPEND)})"
 WASTED_USD = f"sum({sel(c.WASTED_USD)})"
-TOP_ALLOCATIONS = f"topk({TOP_QUESTS}, sum by (quest) ({sel(c.BUDGET_ALLOCATED)}))"
 
 ALERTS = "ALERTS"
 """Prometheus's own series of firing and pending alerts."""
@@ -58,77 +100,111 @@ def _colored(column: str, colors: dict[str, str]) -> dict[str, Any]:
     return g.override(column, mappings=g.value_colors(colors), cellOptions={"type": "color-text"})
 
 
-def overview(layout: g.Layout) -> None:
-    layout.row("Overview")
+def _top_allocations(cfg: Config) -> str:
+    return f"topk({cfg.mixin.top_quests}, sum by (quest) ({sel(c.BUDGET_ALLOCATED)}))"
+
+
+def overview(layout: g.Layout, cfg: Config) -> None:
+    layout.row(P.OVERVIEW, "Overview")
     panels = [
-        g.stat(
-            "Spend today",
-            "LLM cost since midnight (UTC) of the selected quests.",
-            [target(SPEND_TODAY, "spent", instant=True)],
-            "currencyUSD",
+        (
+            P.SPEND_TODAY,
+            g.stat(
+                "Spend today",
+                f"LLM cost since midnight ({cfg.timezone}) of the selected quests.",
+                [target(SPEND_TODAY, "spent", instant=True)],
+                "currencyUSD",
+            ),
         ),
-        g.stat(
-            "Budget today",
-            "Sum of today's allocations of the selected quests.",
-            [target(BUDGET_TODAY, "budget", instant=True)],
-            "currencyUSD",
+        (
+            P.BUDGET_TODAY,
+            g.stat(
+                "Budget today",
+                "Sum of today's allocations of the selected quests.",
+                [target(BUDGET_TODAY, "budget", instant=True)],
+                "currencyUSD",
+            ),
         ),
-        g.stat(
-            "Budget utilization",
-            "Spend today / budget today over the selected quests; red above 100 %.",
-            [target(f"{SPEND_TODAY} / {BUDGET_TODAY}", instant=True)],
-            "percentunit",
-            steps=RED_OVER_BUDGET,
-            decimals=1,
+        (
+            P.UTILIZATION,
+            g.stat(
+                "Budget utilization",
+                "Spend today / budget today over the selected quests; red above 100 %.",
+                [target(f"{SPEND_TODAY} / {BUDGET_TODAY}", instant=True)],
+                "percentunit",
+                steps=RED_OVER_BUDGET,
+                decimals=1,
+            ),
         ),
-        g.stat(
-            "Spend, 30 days",
-            "Cost of the tasks active in the last 30 days (each task's cost over all its calls).",
-            [target(WINDOW_SPEND, instant=True)],
-            "currencyUSD",
+        (
+            P.WINDOW_SPEND,
+            g.stat(
+                f"Spend, {cfg.window}",
+                f"Cost of the tasks active in the last {cfg.window} (each task's cost over all its "
+                "calls).",
+                [target(WINDOW_SPEND, instant=True)],
+                "currencyUSD",
+            ),
         ),
-        g.stat(
-            "Impact per $1",
-            "Measured impact of the tasks active in the last 30 days "
-            "divided by their cost (unmeasured tasks add cost, no impact).",
-            [target(f"sum({sel(c.QUEST_WINDOW_IMPACT)}) / {WINDOW_SPEND}", instant=True)],
-            "none",
-            decimals=2,
+        (
+            P.IMPACT_PER_USD,
+            g.stat(
+                "Impact per $1",
+                f"Measured impact of the tasks active in the last {cfg.window} "
+                "divided by their cost (unmeasured tasks add cost, no impact).",
+                [target(f"sum({sel(c.QUEST_WINDOW_IMPACT)}) / {WINDOW_SPEND}", instant=True)],
+                "none",
+                decimals=2,
+            ),
         ),
-        g.stat(
-            "Wasted, 30 days",
-            "Cost of tasks with > 1000 tokens and impact <= 0.5 or unknown, idle for over 6 h.",
-            [target(WASTED_USD, instant=True)],
-            "currencyUSD",
-            steps=g.thresholds((None, "text")),
+        (
+            P.WASTED,
+            g.stat(
+                f"Wasted, {cfg.window}",
+                f"Cost of tasks with {cfg.waste_rule}.",
+                [target(WASTED_USD, instant=True)],
+                "currencyUSD",
+                steps=g.thresholds((None, "text")),
+            ),
         ),
-        g.stat(
-            "Waste share",
-            "Wasted $ / 30-day spend of the selected quests (and layers).",
-            [target(f"{WASTED_USD} / {WINDOW_SPEND}", instant=True)],
-            "percentunit",
-            steps=g.thresholds((None, "green"), (0.1, "yellow"), (0.25, "red")),
-            decimals=1,
+        (
+            P.WASTE_SHARE,
+            g.stat(
+                "Waste share",
+                f"Wasted $ / {cfg.settings.window_days}-day spend of the selected quests "
+                "(and layers).",
+                [target(f"{WASTED_USD} / {WINDOW_SPEND}", instant=True)],
+                "percentunit",
+                steps=g.thresholds(
+                    (None, "green"), (0.1, "yellow"), (cfg.mixin.waste_share, "red")
+                ),
+                decimals=1,
+            ),
         ),
-        g.stat(
-            "Tokens, 30 days",
-            "Input + output tokens of the tasks active in the last 30 days, selected providers.",
-            [target(f"sum({sel(c.PROVIDER_TOKENS)})", instant=True)],
-            "short",
+        (
+            P.WINDOW_TOKENS,
+            g.stat(
+                f"Tokens, {cfg.window}",
+                f"Input + output tokens of the tasks active in the last {cfg.window}, selected "
+                "providers.",
+                [target(f"sum({sel(c.PROVIDER_TOKENS)})", instant=True)],
+                "short",
+            ),
         ),
     ]
-    for panel in panels:
-        layout.add(panel, w=3, h=4)
+    for panel_id, panel in panels:
+        layout.add(panel_id, panel, w=3, h=4)
 
 
-def alerts(layout: g.Layout) -> None:
+def alerts(layout: g.Layout, cfg: Config) -> None:
     """The alerts table, at the foot of the Overview row."""
     names = "|".join(dict.fromkeys(rules.ALERT_NAMES))
     layout.add(
+        P.ALERTS,
         g.table(
             "Firing and pending alerts",
             "The Resource Intelligence alerts Prometheus is evaluating now: firing, or pending "
-            "until their 'for' duration passes. See the runbook in the README.",
+            "until their 'for' duration passes. Each alert's runbook_url links to docs/runbook.md.",
             [target(f'{ALERTS}{{alertname=~"{names}"}}', table=True)],
             columns={
                 "alertname": "Alert",
@@ -149,16 +225,18 @@ def alerts(layout: g.Layout) -> None:
     )
 
 
-def budget_allocation(layout: g.Layout) -> None:
-    layout.row("Budget allocation")
+def budget_allocation(layout: g.Layout, cfg: Config) -> None:
+    layout.row(P.BUDGET_ALLOCATION, "Budget allocation")
+    top = _top_allocations(cfg)
     layout.add(
+        P.ALLOCATION_PIE,
         g.piechart(
             "Today's allocation by quest",
-            f"Today's budget per quest: the {TOP_QUESTS} largest, and Other for the rest (the "
-            "slices add up to the total).",
+            f"Today's budget per quest: the {cfg.mixin.top_quests} largest, and Other for the "
+            "rest (the slices add up to the total).",
             [
-                target(TOP_ALLOCATIONS, "{{quest}}", instant=True),
-                target(f"{BUDGET_TODAY} - sum({TOP_ALLOCATIONS})", "Other", instant=True),
+                target(top, "{{quest}}", instant=True),
+                target(f"{BUDGET_TODAY} - sum({top})", "Other", instant=True),
             ],
             "currencyUSD",
         ),
@@ -166,6 +244,7 @@ def budget_allocation(layout: g.Layout) -> None:
         h=10,
     )
     layout.add(
+        P.UTILIZATION_BY_QUEST,
         g.bargauge(
             "Utilization today by quest",
             "Spend today / today's allocation per quest; quests without a positive allocation are "
@@ -179,6 +258,7 @@ def budget_allocation(layout: g.Layout) -> None:
         h=10,
     )
     layout.add(
+        P.EXHAUSTION_HOURS,
         g.bargauge(
             "Hours until today's budget runs out",
             "What is left of today's allocation divided by the last hour's spend rate "
@@ -193,9 +273,10 @@ def budget_allocation(layout: g.Layout) -> None:
     )
 
 
-def utilization_timeline(layout: g.Layout) -> None:
-    layout.row("Utilization timeline")
+def utilization_timeline(layout: g.Layout, cfg: Config) -> None:
+    layout.row(P.UTILIZATION_TIMELINE, "Utilization timeline")
     layout.add(
+        P.DAILY_SPEND_VS_BUDGET,
         g.timeseries(
             "Daily spend vs budget",
             "Bars: cost per UTC day (increase of the spend counter over the day ending at each "
@@ -226,13 +307,14 @@ def utilization_timeline(layout: g.Layout) -> None:
     )
 
 
-def efficiency(layout: g.Layout) -> None:
-    layout.row("Efficiency rankings")
+def efficiency(layout: g.Layout, cfg: Config) -> None:
+    layout.row(P.EFFICIENCY, "Efficiency rankings")
     layout.add(
+        P.TOP_TASKS,
         g.table(
             "Top tasks by impact per $1",
-            "Tasks active in the last 30 days with cost > 0 and impact > 0, by impact / cost (top "
-            "15, ties by task id).",
+            f"Tasks active in the last {cfg.window} with cost > 0 and impact > 0, by impact / "
+            f"cost (top {cfg.settings.top_efficiency_tasks}, ties by task id).",
             [
                 target(sel(c.TASK_IMPACT_PER_USD), table=True),
                 target(sel(c.TASK_COST), table=True),
@@ -258,9 +340,11 @@ def efficiency(layout: g.Layout) -> None:
         h=10,
     )
     layout.add(
+        P.QUEST_IMPACT_PER_USD,
         g.bargauge(
             "Impact per $1 by quest",
-            "Measured impact / cost of each quest's tasks active in the last 30 days (top 10).",
+            f"Measured impact / cost of each quest's tasks active in the last {cfg.window} "
+            "(top 10).",
             [target(f"topk(10, {sel(c.QUEST_IMPACT_PER_USD)})", "{{quest}}", instant=True)],
             "none",
             color={"mode": "continuous-GrYlRd"},
@@ -270,13 +354,14 @@ def efficiency(layout: g.Layout) -> None:
     )
 
 
-def providers(layout: g.Layout) -> None:
-    layout.row("Provider breakdown")
+def providers(layout: g.Layout, cfg: Config) -> None:
+    layout.row(P.PROVIDERS, "Provider breakdown")
     layout.add(
+        P.PROVIDER_TABLE,
         g.table(
-            "Providers, last 30 days",
+            f"Providers, last {cfg.window}",
             "Per provider family: cost, tasks that called it, tokens, and cost per task, over the "
-            "tasks active in the last 30 days.",
+            f"tasks active in the last {cfg.window}.",
             [
                 target(sel(c.PROVIDER_SPEND), table=True),
                 target(sel(c.PROVIDER_TASKS), table=True),
@@ -303,10 +388,11 @@ def providers(layout: g.Layout) -> None:
         h=8,
     )
     layout.add(
+        P.PROVIDER_PIE,
         g.piechart(
             "Spend by provider",
-            "Cost of the tasks active in the last 30 days, by provider family (subscription "
-            "families max and codex log $0).",
+            f"Cost of the tasks active in the last {cfg.window}, by provider family "
+            "(subscription families max and codex log $0).",
             [target(f"sum by (provider) ({sel(c.PROVIDER_SPEND)})", "{{provider}}", instant=True)],
             "currencyUSD",
             overrides=_provider_overrides(),
@@ -315,6 +401,7 @@ def providers(layout: g.Layout) -> None:
         h=8,
     )
     layout.add(
+        P.DAILY_SPEND_BY_PROVIDER,
         g.timeseries(
             "Daily spend by provider",
             "Cost per UTC day by provider family (increase of the spend counter over each "
@@ -334,9 +421,11 @@ def providers(layout: g.Layout) -> None:
         h=8,
     )
     layout.add(
+        P.PROVIDER_TOKENS,
         g.bargauge(
             "Tokens by provider",
-            "Input + output tokens of the tasks active in the last 30 days, by provider family.",
+            f"Input + output tokens of the tasks active in the last {cfg.window}, by provider "
+            "family.",
             [
                 target(
                     f"sort_desc(sum by (provider) ({sel(c.PROVIDER_TOKENS)}))",
@@ -353,13 +442,13 @@ def providers(layout: g.Layout) -> None:
     )
 
 
-def waste(layout: g.Layout) -> None:
-    layout.row("Wasted resources")
+def waste(layout: g.Layout, cfg: Config) -> None:
+    layout.row(P.WASTE, "Wasted resources")
     layout.add(
+        P.TOP_WASTED_TASKS,
         g.table(
             "Top wasted tasks",
-            "Tasks with > 1000 tokens and impact <= 0.5 or unknown, idle for over 6 h (top 20 by "
-            "tokens).",
+            f"Tasks with {cfg.waste_rule} (top {cfg.settings.top_waste_tasks} by tokens).",
             [
                 target(sel(c.TASK_WASTED_TOKENS), table=True),
                 target(sel(c.TASK_WASTED_USD), table=True),
@@ -382,9 +471,10 @@ def waste(layout: g.Layout) -> None:
         h=10,
     )
     layout.add(
+        P.WASTE_BY_QUEST,
         g.bargauge(
             "Waste by quest",
-            "Cost of all wasted tasks per quest over the last 30 days.",
+            f"Cost of all wasted tasks per quest over the last {cfg.window}.",
             [target(f"sort_desc(sum by (quest) ({sel(c.WASTED_USD)}))", "{{quest}}", instant=True)],
             "currencyUSD",
             color={"mode": "continuous-YlRd"},
@@ -394,8 +484,8 @@ def waste(layout: g.Layout) -> None:
     )
 
 
-def exporter_health(layout: g.Layout) -> None:
-    layout.row("Exporter")
+def exporter_health(layout: g.Layout, cfg: Config) -> None:
+    layout.row(P.EXPORTER, "Exporter")
     stale = g.thresholds((None, "green"), (120, "yellow"), (600, "red"))
     panels = [
         g.stat(
@@ -439,9 +529,33 @@ def exporter_health(layout: g.Layout) -> None:
             [target(f"sum({c.SERIES.name})", instant=True)],
             "short",
         ),
+        g.stat(
+            "Window",
+            "The window of the rankings, provider and waste views, as the exporter is "
+            "configured (window_days).",
+            [target(f"max({c.WINDOW.name}) / 86400", instant=True)],
+            "d",
+        ),
+        g.stat(
+            "Waste grace period",
+            "How long a task must be idle before it can count as waste, as the exporter is "
+            "configured (grace_hours).",
+            [target(f"max({c.GRACE.name}) / 3600", instant=True)],
+            "h",
+        ),
     ]
-    for panel in panels:
-        layout.add(panel, w=4, h=4)
+    ids = (
+        P.DATA_AGE,
+        P.FAILED_QUERIES,
+        P.NEWEST_CALL,
+        P.REFRESH_DURATION,
+        P.EXCLUDED_ROWS,
+        P.SERIES,
+        P.WINDOW,
+        P.GRACE,
+    )
+    for panel_id, panel in zip(ids, panels, strict=True):
+        layout.add(panel_id, panel, w=3, h=4)
 
 
 SECTIONS = (
@@ -456,19 +570,19 @@ SECTIONS = (
 )
 
 
-def dashboard() -> G.Dashboard:
-    """Build the Resource Dashboard."""
+def dashboard(cfg: Config = DEFAULT) -> G.Dashboard:
+    """Build the Resource Dashboard for a configuration."""
     layout = g.Layout()
     for section in SECTIONS:
-        section(layout)
+        section(layout, cfg)
     return G.Dashboard(
         title=TITLE,
         uid=UID,
         description="Where SciDEX's LLM money and tokens go: budgets, efficiency, providers "
         "and waste.",
         tags=["scidex", "resource-intelligence"],
-        timezone="utc",
-        time=G.Time("now-30d", "now"),
+        timezone="utc" if cfg.timezone == "UTC" else cfg.timezone,
+        time=G.Time(f"now-{cfg.window_range}", "now"),
         refresh="1m",
         panels=layout.panels,
         templating=G.Templating(

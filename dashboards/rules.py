@@ -1,40 +1,16 @@
 """Prometheus recording rules and alerts, generated from the exporter's metric catalog.
 
-One :class:`RulesConfig` holds every selector and threshold (as kubernetes-mixin's config does);
-recording-rule names follow ``level:metric:operation`` and are constants the dashboard imports.
+Every selector, threshold and window comes from one :class:`~dashboards.config.Config` (as
+kubernetes-mixin's config does); recording-rule names follow ``level:metric:operation`` and
+are constants the dashboard imports.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
+from dashboards.config import DEFAULT, Config
 from exporter import catalog as c
-
-
-@dataclass(frozen=True)
-class RulesConfig:
-    """Selectors and thresholds of the rules; change them here and regenerate."""
-
-    job: str = "resource-exporter"
-    runbook_base: str = "README.md"
-    over_budget_for: str = "5m"
-    # Burn rate = spend rate / (daily allocation / 24 h); 1 spends exactly the day's budget.
-    fast_burn: float = 10.0  # today's budget gone in 2.4 h: page
-    slow_burn: float = 2.0  # gone in 12 h: ticket
-    min_allocation_usd: float = 10.0  # smaller budgets never page
-    waste_share: float = 0.25
-    waste_min_spend_usd: float = 10.0
-    provider_spike_factor: float = 3.0
-    provider_spike_min_usd_per_hour: float = 5.0
-    stale_intervals: float = 3.0
-
-    @property
-    def sel(self) -> str:
-        return f'job="{self.job}"'
-
-
-CONFIG = RulesConfig()
 
 # --- Recorded series (the dashboard and the alerts use these names) --------------------------
 
@@ -71,10 +47,10 @@ QUEST_EXHAUSTION_HOURS = _rec(
     "h",
 )
 QUEST_WASTE_SHARE = _rec(
-    "quest:scidex_waste_share:ratio", "Wasted $ / 30-day spend.", "quest", "percentunit"
+    "quest:scidex_waste_share:ratio", "Wasted $ / window spend.", "quest", "percentunit"
 )
 QUEST_WINDOW_SPEND = _rec(
-    "quest:scidex_quest_window_spend_usd:sum", "30-day spend.", "quest", "currencyUSD"
+    "quest:scidex_quest_window_spend_usd:sum", "Window spend.", "quest", "currencyUSD"
 )
 QUEST_DAILY_SPEND = _rec(
     "quest:scidex_spend_usd:increase1d", "Spend over the last 24 hours.", "quest", "currencyUSD"
@@ -116,7 +92,7 @@ def _record(metric: c.MetricSpec, expr: str) -> dict[str, str]:
     return {"record": metric.name, "expr": expr}
 
 
-def recording_rules(cfg: RulesConfig = CONFIG) -> list[dict[str, Any]]:
+def recording_rules(cfg: Config = DEFAULT) -> list[dict[str, Any]]:
     """Rules evaluated every interval: cheap aggregations over the latest samples."""
     j = cfg.sel
     rules = [
@@ -146,7 +122,7 @@ def recording_rules(cfg: RulesConfig = CONFIG) -> list[dict[str, Any]]:
     return rules
 
 
-def slow_recording_rules(cfg: RulesConfig = CONFIG) -> list[dict[str, Any]]:
+def slow_recording_rules(cfg: Config = DEFAULT) -> list[dict[str, Any]]:
     """Long windows, evaluated every 5 minutes: they change slowly and read many samples."""
     j = cfg.sel
     return [
@@ -158,12 +134,8 @@ def slow_recording_rules(cfg: RulesConfig = CONFIG) -> list[dict[str, Any]]:
     ]
 
 
-def _runbook(cfg: RulesConfig, alert: str) -> str:
-    return f"{cfg.runbook_base}#{alert.lower()}"
-
-
 def _alert(
-    cfg: RulesConfig,
+    cfg: Config,
     name: str,
     expr: str,
     duration: str,
@@ -178,7 +150,7 @@ def _alert(
     rule["annotations"] = {
         "summary": summary,
         "description": description,
-        "runbook_url": _runbook(cfg, name),
+        "runbook_url": cfg.runbook(name),
     }
     return rule
 
@@ -191,19 +163,20 @@ def _query_value(expr: str, label: str = "quest", fmt: str = "humanize") -> str:
     )
 
 
-def alerts(cfg: RulesConfig = CONFIG) -> list[dict[str, Any]]:
+def alerts(cfg: Config = DEFAULT) -> list[dict[str, Any]]:
     """The alerts: budget overspend and burn, waste, provider spikes, exporter health."""
     j = cfg.sel
+    m = cfg.mixin
     budget_of = _query_value(f'{QUEST_BUDGET}{{quest="%s"}}')
-    fast, slow = cfg.fast_burn, cfg.slow_burn
-    big_enough = f"on (quest) ({QUEST_BUDGET} >= {cfg.min_allocation_usd:g})"
+    fast, slow = m.fast_burn, m.slow_burn
+    big_enough = f"on (quest) ({QUEST_BUDGET} >= {m.min_allocation_usd:g})"
     burn = QUEST_BURN_RATE
     return [
         _alert(
             cfg,
             "QuestOverBudget",
             f"{QUEST_SPEND_TODAY} > on (quest) ({QUEST_BUDGET} > 0)",
-            cfg.over_budget_for,
+            m.over_budget_for,
             "warning",
             "Quest {{ $labels.quest }} is over today's budget.",
             "Quest {{ $labels.quest }} has spent ${{ $value | humanize }} today, more than "
@@ -236,28 +209,29 @@ def alerts(cfg: RulesConfig = CONFIG) -> list[dict[str, Any]]:
         _alert(
             cfg,
             "WasteShareHigh",
-            f"{QUEST_WASTE_SHARE} > {cfg.waste_share:g}"
-            f" and on (quest) ({QUEST_WINDOW_SPEND} >= {cfg.waste_min_spend_usd:g})",
+            f"{QUEST_WASTE_SHARE} > {m.waste_share:g}"
+            f" and on (quest) ({QUEST_WINDOW_SPEND} >= {m.waste_min_spend_usd:g})",
             "1h",
             "warning",
             "Quest {{ $labels.quest }} wastes {{ $value | humanizePercentage }} of its spend.",
-            "{{ $value | humanizePercentage }} of the last 30 days' spend of quest "
+            f"{{{{ $value | humanizePercentage }}}} of the last {cfg.window}' spend of quest "
             "{{ $labels.quest }} ($"
             + _query_value(f'{QUEST_WINDOW_SPEND}{{quest="%s"}}')
-            + ") went to tasks that used over 1000 tokens and produced impact <= 0.5 or none "
-            f"(threshold {cfg.waste_share:.0%}).",
+            + f") went to tasks that used over {cfg.settings.waste_min_tokens} tokens and "
+            f"produced impact <= {cfg.settings.waste_max_impact:g} or none "
+            f"(threshold {m.waste_share:.0%}).",
         ),
         _alert(
             cfg,
             "ProviderSpendSpike",
-            f"{PROVIDER_SPEND_RATE['3h']} * 3600 > {cfg.provider_spike_factor:g} * "
+            f"{PROVIDER_SPEND_RATE['3h']} * 3600 > {m.provider_spike_factor:g} * "
             f"{PROVIDER_SPEND_RATE['7d']} * 3600"
-            f" and {PROVIDER_SPEND_RATE['3h']} * 3600 > {cfg.provider_spike_min_usd_per_hour:g}",
+            f" and {PROVIDER_SPEND_RATE['3h']} * 3600 > {m.provider_spike_min_usd_per_hour:g}",
             "30m",
             "warning",
             "Spend on provider {{ $labels.provider }} spiked.",
             "Provider family {{ $labels.provider }} has cost ${{ $value | humanize }}/h over "
-            f"the last 3 hours, more than {cfg.provider_spike_factor:g}x its 7-day average of $"
+            f"the last 3 hours, more than {m.provider_spike_factor:g}x its 7-day average of $"
             + _query_value(f'{PROVIDER_SPEND_RATE["7d"]}{{provider="%s"}} * 3600', "provider")
             + "/h.",
         ),
@@ -275,7 +249,7 @@ def alerts(cfg: RulesConfig = CONFIG) -> list[dict[str, Any]]:
             cfg,
             "ResourceExporterStale",
             f"time() - ({c.LAST_SUCCESS}{{{j}}} or {c.START_TIME}{{{j}}})"
-            f" > {cfg.stale_intervals:g} * {c.REFRESH_INTERVAL}{{{j}}}",
+            f" > {m.stale_intervals:g} * {c.REFRESH_INTERVAL}{{{j}}}",
             "5m",
             "warning",
             "The resource exporter shows old numbers.",
@@ -286,7 +260,7 @@ def alerts(cfg: RulesConfig = CONFIG) -> list[dict[str, Any]]:
     ]
 
 
-def rule_groups(cfg: RulesConfig = CONFIG) -> dict[str, Any]:
+def rule_groups(cfg: Config = DEFAULT) -> dict[str, Any]:
     """The whole rules file.
 
     Rules in a group run in order, groups run independently: each alert sits in the group

@@ -351,6 +351,20 @@ CLEANED_LABELS = _m(
     ("label",),
     "short",
 )
+WINDOW = _m(
+    "exporter_window_seconds",
+    "gauge",
+    "Configured window of the rankings, provider and waste families (window_days).",
+    (),
+    "s",
+)
+GRACE = _m(
+    "exporter_waste_grace_period_seconds",
+    "gauge",
+    "Configured idle time before a task can count as waste (grace_hours).",
+    (),
+    "s",
+)
 SERIES = _m(
     "exporter_series", "gauge", "Number of ledger series exported by the last refresh.", (), "short"
 )
@@ -369,6 +383,8 @@ HEALTH_METRICS: tuple[MetricSpec, ...] = (
     LAST_SUCCESS,
     START_TIME,
     REFRESH_INTERVAL,
+    WINDOW,
+    GRACE,
     DATABASE_UP,
     FOLDED_LABELS,
     CLEANED_LABELS,

@@ -16,7 +16,7 @@ from exporter.config import ConfigError, Settings, load_settings
 from exporter.logs import redact, setup
 
 # Flags that map one-to-one onto settings; everything else is set in the file or environment.
-_SETTING_FLAGS: tuple[tuple[str, str, type, str], ...] = (
+SETTING_FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--dsn", "dsn", str, "PostgreSQL connection string (default: $DATABASE_URL)"),
     ("--listen", "listen", str, "address to listen on (default 0.0.0.0)"),
     ("--port", "port", int, "port to serve /metrics on (default 9853)"),
@@ -43,7 +43,7 @@ DEMO_INTERVAL_SECONDS = 5.0
 def _settings_parser() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     parent.add_argument("--config", type=Path, metavar="FILE", help="YAML file of settings")
-    for flag, dest, kind, text in _SETTING_FLAGS:
+    for flag, dest, kind, text in SETTING_FLAGS:
         parent.add_argument(flag, dest=dest, type=kind, default=None, help=text)
     return parent
 
@@ -122,8 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    flags = {dest: getattr(args, dest) for _, dest, _, _ in _SETTING_FLAGS}
-    names = {dest: flag for flag, dest, _, _ in _SETTING_FLAGS}
+    flags = {dest: getattr(args, dest) for _, dest, _, _ in SETTING_FLAGS}
+    names = {dest: flag for flag, dest, _, _ in SETTING_FLAGS}
     return load_settings(flags, config_file=args.config, flag_names=names)
 
 

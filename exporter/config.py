@@ -61,33 +61,98 @@ DEFAULT_PROVIDER_RULES: tuple[ProviderRule, ...] = (
 )
 
 
+RUNBOOK_URL = "https://github.com/scidex/resource-intelligence/blob/main/docs/runbook.md"
+"""Where the runbook is published by default; deployments point ``mixin.runbook_url`` at theirs."""
+
+
+class MixinSettings(BaseModel):
+    """What only the generated dashboard and alert rules read (``python -m dashboards``).
+
+    Kept in the exporter's configuration so one file describes a deployment: the window and
+    waste rules come from the exporter's own settings, these add the alerting thresholds.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    job: str = Field("resource-exporter", pattern=r'^[^"\\\s]+$')
+    """The `job` label Prometheus gives the exporter's target (every rule selects it)."""
+    runbook_url: str = Field(RUNBOOK_URL, pattern=r"^https?://[^\s#]+$")
+    """Absolute URL of docs/runbook.md; each alert links to its own anchor."""
+    over_budget_for: str = Field("5m", pattern=r"^[0-9]+[smhd]$")
+    """How long a quest must stay over today's budget before QuestOverBudget fires."""
+    fast_burn: float = Field(10.0, gt=0)
+    """Burn rate (multiple of the sustainable daily pace) that pages: 10 spends a day in 2.4 h."""
+    slow_burn: float = Field(2.0, gt=0)
+    """Burn rate that opens a ticket: 2 spends a day's budget in 12 h."""
+    min_allocation_usd: float = Field(10.0, ge=0)
+    """Quests with a smaller daily allocation never get burn-rate alerts."""
+    waste_share: float = Field(0.25, gt=0, le=1)
+    """Share of a quest's window spend gone to waste above which WasteShareHigh fires."""
+    waste_min_spend_usd: float = Field(10.0, ge=0)
+    """Quests with less window spend never get WasteShareHigh."""
+    provider_spike_factor: float = Field(3.0, gt=1)
+    """ProviderSpendSpike: the 3-hour spend rate against this multiple of the 7-day rate..."""
+    provider_spike_min_usd_per_hour: float = Field(5.0, ge=0)
+    """...and above this many USD per hour."""
+    stale_intervals: float = Field(3.0, gt=0)
+    """Refresh intervals without a successful refresh before ResourceExporterStale."""
+    top_quests: int = Field(8, ge=1, le=50)
+    """Slices of the allocation pie before the rest becomes Other."""
+
+
 class Settings(BaseModel):
     """Every setting of the exporter, with its default."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     dsn: SecretStr | None = None
+    """PostgreSQL connection string (also `DATABASE_URL`)."""
     listen: str = "0.0.0.0"
+    """Address to serve `/metrics` on (`::` for IPv6)."""
     port: int = Field(9853, ge=0, le=65535)  # 0 picks a free port
+    """Port to serve on (0 picks a free one)."""
     interval_seconds: float = Field(30.0, gt=0, le=86400)
+    """Seconds between refreshes."""
     timezone: str = "UTC"
+    """IANA zone whose midnight starts "today" (budgets, spend today)."""
     window_days: int = Field(30, ge=1, le=3660)
+    """Window of the rankings, provider breakdown, waste and per-quest impact."""
     grace_hours: float = Field(6.0, ge=0, le=24 * 365)
+    """Idle time before a task may count as waste (running tasks are not waste)."""
     waste_min_tokens: int = Field(1000, ge=0)
+    """A wasted task used more tokens than this..."""
     waste_max_impact: float = 0.5
+    """...and has at most this impact (or none measured)."""
     top_efficiency_tasks: int = Field(15, ge=1, le=1000)
+    """Tasks in the impact-per-$ ranking."""
     top_waste_tasks: int = Field(20, ge=1, le=1000)
+    """Wasted tasks exported one by one."""
     max_quests: int = Field(50, ge=1, le=10000)
+    """Quests that keep their own label; the rest fold into `other`."""
     max_layers: int = Field(10, ge=1, le=1000)
+    """Layers that keep their own label."""
     max_label_length: int = Field(128, ge=8, le=4096)
+    """Longer label values are cut."""
     statement_timeout_seconds: float = Field(30.0, gt=0, le=3600)
+    """Per-query timeout in PostgreSQL."""
     work_mem_mb: int = Field(64, ge=1, le=65536)
+    """`work_mem` of the exporter's session: the window's per-task aggregate stays in memory
+    (one statement runs at a time)."""
     max_staleness_seconds: float = Field(900.0, gt=0)
+    """A query's families are dropped when it has not succeeded for this long."""
     reconcile_interval_seconds: float = Field(3600.0, ge=0)
+    """How often every running sum is recomputed from the whole ledger (0: every refresh)."""
     connect_timeout_seconds: int = Field(5, ge=1, le=300)
+    """Connection timeout."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """`DEBUG`, `INFO`, `WARNING` or `ERROR`."""
     web_config_file: Path | None = None
+    """TLS and basic auth for `/metrics` (exporter-toolkit's web-config.yml format)."""
     providers: tuple[ProviderRule, ...] = DEFAULT_PROVIDER_RULES
+    """Ordered `{family, pattern}` rules (case-insensitive regular expressions); the first
+    match names the provider family, `other` takes the rest."""
+    mixin: MixinSettings = MixinSettings()
+    """What only the generated dashboard and alert rules read (below)."""
 
     @field_validator("timezone")
     @classmethod
@@ -119,6 +184,8 @@ class Settings(BaseModel):
 
 
 FIELDS = tuple(Settings.model_fields)
+_JSON_FIELDS = ("providers", "mixin")
+"""Structured settings: their environment variables hold JSON."""
 
 
 def _from_env(env: Mapping[str, str]) -> dict[str, tuple[Any, str]]:
@@ -129,12 +196,12 @@ def _from_env(env: Mapping[str, str]) -> dict[str, tuple[Any, str]]:
         key = ENV_PREFIX + field.upper()
         if key in env:
             raw: Any = env[key]
-            if field == "providers":
+            if field in _JSON_FIELDS:
                 try:
                     raw = json.loads(raw)
                 except json.JSONDecodeError as exc:
                     raise ConfigError(
-                        f"setting 'providers' (from environment {key}): not valid JSON: {exc}"
+                        f"setting '{field}' (from environment {key}): not valid JSON: {exc}"
                     ) from None
             values[field] = (raw, f"environment {key}")
     return values

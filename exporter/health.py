@@ -33,6 +33,8 @@ class Health:
 
     interval: float
     queries: dict[str, QueryHealth]
+    window: float = 0.0  # seconds; settings a dashboard shows next to what they shape
+    grace: float = 0.0
     started: float = 0.0
     refreshes: int = 0
     failures: int = 0
@@ -63,6 +65,8 @@ class Health:
             family_of(c.REFRESH_DURATION, {(): self.refresh_duration}),
             family_of(c.START_TIME, {(): self.started}),
             family_of(c.REFRESH_INTERVAL, {(): self.interval}),
+            family_of(c.WINDOW, {(): self.window}),
+            family_of(c.GRACE, {(): self.grace}),
             family_of(c.DATABASE_UP, {(): float(self.database_up)}),
             family_of(c.FOLDED_LABELS, {(k,): float(v) for k, v in self.ledger.folded.items()}),
             family_of(c.CLEANED_LABELS, {(k,): float(v) for k, v in self.ledger.cleaned.items()}),

@@ -78,6 +78,8 @@ class Refresher:
         self._plan: Plan | None = None
         self.health = Health(
             interval=settings.interval_seconds,
+            window=settings.window_days * 86400.0,
+            grace=settings.grace_hours * 3600.0,
             queries={query: QueryHealth() for query in self._by_query},
             started=clock(),
         )

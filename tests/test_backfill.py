@@ -16,6 +16,7 @@ import pytest
 
 from dashboards import __main__ as generator
 from dashboards import grafana, resource, rules
+from dashboards.resource import P
 from exporter import generate
 from exporter.config import load_settings
 from exporter.refresh import Refresher
@@ -30,11 +31,11 @@ BOARD = grafana.render(resource.dashboard())
 DAYS = 4
 
 
-def _query(title: str, ref: str = "A") -> str:
+def _query(panel_id: P, ref: str = "A") -> str:
     for panel, target in panel_queries(BOARD):
-        if panel["title"] == title and target["refId"] == ref:
+        if panel["id"] == panel_id and target["refId"] == ref:
             return substitute(target["expr"], ALL)
-    raise KeyError((title, ref))
+    raise KeyError((panel_id, ref))
 
 
 def _ledger(dsn: str) -> tuple[list[Any], list[Any]]:
@@ -147,9 +148,9 @@ def test_timeline_shows_each_past_day_as_in_the_ledger(backfilled: Any) -> None:
     assert len(days) >= DAYS - 1
     for day in days:
         at = _midnight_after(day)
-        got = _value(prom.query(_query("Daily spend vs budget", "A"), at=at))
+        got = _value(prom.query(_query(P.DAILY_SPEND_VS_BUDGET, "A"), at=at))
         assert got == pytest.approx(spend[day], rel=1e-9), day
-        got = _value(prom.query(_query("Daily spend vs budget", "B"), at=at))
+        got = _value(prom.query(_query(P.DAILY_SPEND_VS_BUDGET, "B"), at=at))
         assert got == pytest.approx(budget[day], rel=1e-9), day
 
 
@@ -161,7 +162,7 @@ def test_provider_timeline_shows_each_past_day_as_in_the_ledger(backfilled: Any)
     for ts, _, provider, cost in calls:
         spend[(ts.astimezone(UTC).date(), FAMILY_OF[provider])] += float(cost)
     for day in _past_days(now):
-        result = prom.query(_query("Daily spend by provider"), at=_midnight_after(day))
+        result = prom.query(_query(P.DAILY_SPEND_BY_PROVIDER), at=_midnight_after(day))
         got = {s["metric"]["provider"]: float(s["value"][1]) for s in result}
         want = {family: v for (d, family), v in spend.items() if d == day}
         assert set(want) <= set(got)
@@ -191,7 +192,7 @@ def test_no_reset_and_no_jump_at_the_backfill_live_seam(backfilled: Any) -> None
 @pytest.mark.prometheus
 def test_budget_exhaustion_forecast_from_history(backfilled: Any) -> None:
     """The forecast panel: what is left of today's budget over the last hour's spend rate."""
-    assert ("Hours until today's budget runs out", "A") in HISTORY
+    assert (P.EXHAUSTION_HOURS, "A") in HISTORY
     prom, dsn, now = backfilled
     calls, budgets = _ledger(dsn)
     midnight = datetime.combine(now.date(), datetime.min.time(), UTC)
@@ -210,7 +211,7 @@ def test_budget_exhaustion_forecast_from_history(backfilled: Any) -> None:
         s["metric"]["quest"]: float(s["value"][1])
         for s in prom.query(rules.QUEST_SPEND_RATE["1h"].name, at=at)
     }
-    result = prom.query(_query("Hours until today's budget runs out"), at=at)
+    result = prom.query(_query(P.EXHAUSTION_HOURS), at=at)
     got = {s["metric"]["quest"]: float(s["value"][1]) for s in result}
     assert got, "no forecast on a ledger with spend in the last hour"
     assert set(got) == {q for q, r in rates.items() if r > 0 and q in allocated}

@@ -5,9 +5,11 @@ from __future__ import annotations
 import copy
 import json
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from dashboards import __main__ as generator
 from dashboards import grafana, resource, rules, schema_check
@@ -175,3 +177,57 @@ def test_queries_use_catalog_metrics_with_filters_and_correct_counters(
             assert s.range == DAILY or s.range == timedelta(seconds=59), (
                 f"{panel['title']}: use $__rate_interval or a daily window, not {s.range}"
             )
+
+
+def test_every_panel_has_its_own_stable_id() -> None:
+    ids = [p["id"] for p in BOARD["panels"]]
+    assert sorted(ids) == sorted(resource.P), "each id of resource.P is used once"
+
+
+def test_a_settings_file_reshapes_titles_descriptions_ranges_and_rules(tmp_path: Path) -> None:
+    config = tmp_path / "exporter.yml"
+    config.write_text(
+        "window_days: 7\ngrace_hours: 2\nwaste_min_tokens: 5000\ntop_efficiency_tasks: 9\n"
+        "mixin:\n  job: scidex-resources\n  fast_burn: 12\n  waste_share: 0.4\n"
+        "  runbook_url: https://runbooks.example.org/ri/docs/runbook.md\n",
+        encoding="utf-8",
+    )
+    out = tmp_path / "out"
+    assert generator.main(["--config", str(config), "--out", str(out)]) == 0
+    board = json.loads((out / generator.DASHBOARD.name).read_text(encoding="utf-8"))
+    rule_text = (out / generator.RULES.name).read_text(encoding="utf-8")
+    texts = [p.get("title", "") + " " + p.get("description", "") for p in board["panels"]]
+    for text in texts:
+        for default in ("30 days", "30-day", "30d", "6 h", "1000 tokens"):
+            assert default not in text, (default, text)
+    for default in ("30 days", "30-day", "1000 tokens"):  # "6 hours" there is a burn window
+        assert default not in rule_text, default
+    titles = {p["id"]: p["title"] for p in board["panels"]}
+    assert titles[resource.P.WINDOW_SPEND] == "Spend, 7 days"
+    assert board["time"] == {"from": "now-7d", "to": "now"}
+    waste = next(p for p in board["panels"] if p["id"] == resource.P.WASTED)
+    assert "> 5000 tokens" in waste["description"] and "idle for over 2 h" in waste["description"]
+    top = next(p for p in board["panels"] if p["id"] == resource.P.TOP_TASKS)
+    assert "top 9" in top["description"]
+    rules_file = yaml.safe_load(rule_text)
+    alerts = [r for g in rules_file["groups"] for r in g["rules"] if "alert" in r]
+    for alert in alerts:
+        url = alert["annotations"]["runbook_url"]
+        assert url == f"https://runbooks.example.org/ri/docs/runbook.md#{alert['alert'].lower()}"
+    exprs = " ".join(r["expr"] for g in rules_file["groups"] for r in g["rules"])
+    assert 'job="scidex-resources"' in exprs and 'job="resource-exporter"' not in exprs
+    assert "> 12 and" in exprs and "> 0.4 and" in exprs
+    waste_alert = next(a for a in alerts if a["alert"] == "WasteShareHigh")
+    assert "last 7 days' spend" in waste_alert["annotations"]["description"]
+    assert "over 5000 tokens" in waste_alert["annotations"]["description"]
+    # The committed files are untouched, and still what the defaults generate.
+    assert generator.main(["--check"]) == 0
+
+
+def test_a_bad_settings_file_is_one_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "exporter.yml"
+    config.write_text("mixin:\n  runbook_url: docs/runbook.md\n", encoding="utf-8")
+    assert generator.main(["--config", str(config), "--out", str(tmp_path)]) == 2
+    assert "setting 'mixin.runbook_url'" in capsys.readouterr().err

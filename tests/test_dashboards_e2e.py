@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -12,13 +12,15 @@ from typing import Any
 import pytest
 
 from dashboards import __main__ as generator
-from dashboards import grafana, resource, rules
+from dashboards import grafana, resource
+from dashboards.config import DEFAULT
+from dashboards.resource import P
 from exporter import generate
 from exporter.config import load_settings
 from exporter.refresh import Refresher
 from exporter.server import MetricsServer
 from tests.conftest import temporary_database
-from tests.ledger import Budget, Call, expected, from_plan, insert
+from tests.ledger import Budget, Call, Rules, expected, from_plan, insert
 from tests.prom import Prometheus, running_prometheus
 from tests.promql import panel_queries
 
@@ -58,103 +60,109 @@ def top(series: Series, n: int) -> Series:
 TASK = ("task_id", "quest", "layer")
 S = "scidex_"
 
-# (panel title, refId) -> (labels keying the result, expected value from the reference model).
+# (panel id, refId) -> (labels keying the result, expected value from the reference model).
 EXPECTED: dict[tuple[str, str], tuple[tuple[str, ...], Callable[[Want], Any]]] = {
-    ("Spend today", "A"): ((), lambda w: total(w, S + "quest_spend_today_usd")),
-    ("Budget today", "A"): ((), lambda w: total(w, S + "budget_allocated_usd")),
-    ("Budget utilization", "A"): (
+    (P.SPEND_TODAY, "A"): ((), lambda w: total(w, S + "quest_spend_today_usd")),
+    (P.BUDGET_TODAY, "A"): ((), lambda w: total(w, S + "budget_allocated_usd")),
+    (P.UTILIZATION, "A"): (
         (),
         lambda w: total(w, S + "quest_spend_today_usd") / total(w, S + "budget_allocated_usd"),
     ),
-    ("Spend, 30 days", "A"): ((), lambda w: total(w, S + "quest_window_spend_usd")),
-    ("Impact per $1", "A"): (
+    (P.WINDOW_SPEND, "A"): ((), lambda w: total(w, S + "quest_window_spend_usd")),
+    (P.IMPACT_PER_USD, "A"): (
         (),
         lambda w: (
             total(w, S + "quest_window_impact_score") / total(w, S + "quest_window_spend_usd")
         ),
     ),
-    ("Wasted, 30 days", "A"): ((), lambda w: total(w, S + "wasted_usd")),
-    ("Waste share", "A"): (
+    (P.WASTED, "A"): ((), lambda w: total(w, S + "wasted_usd")),
+    (P.WASTE_SHARE, "A"): (
         (),
         lambda w: total(w, S + "wasted_usd") / total(w, S + "quest_window_spend_usd"),
     ),
-    ("Tokens, 30 days", "A"): ((), lambda w: total(w, S + "provider_tokens")),
-    ("Today's allocation by quest", "A"): (
+    (P.WINDOW_TOKENS, "A"): ((), lambda w: total(w, S + "provider_tokens")),
+    (P.ALLOCATION_PIE, "A"): (
         ("quest",),
-        lambda w: top(values(w, S + "budget_allocated_usd", "quest"), resource.TOP_QUESTS),
+        lambda w: top(values(w, S + "budget_allocated_usd", "quest"), DEFAULT.mixin.top_quests),
     ),
-    ("Today's allocation by quest", "B"): (
+    (P.ALLOCATION_PIE, "B"): (
         (),
         lambda w: (
             total(w, S + "budget_allocated_usd")
-            - sum(top(values(w, S + "budget_allocated_usd", "quest"), resource.TOP_QUESTS).values())
+            - sum(
+                top(
+                    values(w, S + "budget_allocated_usd", "quest"), DEFAULT.mixin.top_quests
+                ).values()
+            )
         ),
     ),
-    ("Utilization today by quest", "A"): (
+    (P.UTILIZATION_BY_QUEST, "A"): (
         ("quest",),
         lambda w: values(w, S + "budget_utilization_ratio", "quest"),
     ),
-    ("Top tasks by impact per $1", "A"): (
+    (P.TOP_TASKS, "A"): (
         TASK,
         lambda w: values(w, S + "task_impact_per_usd", *TASK),
     ),
-    ("Top tasks by impact per $1", "B"): (TASK, lambda w: values(w, S + "task_cost_usd", *TASK)),
-    ("Top tasks by impact per $1", "C"): (
+    (P.TOP_TASKS, "B"): (TASK, lambda w: values(w, S + "task_cost_usd", *TASK)),
+    (P.TOP_TASKS, "C"): (
         TASK,
         lambda w: values(w, S + "task_impact_score", *TASK),
     ),
-    ("Impact per $1 by quest", "A"): (
+    (P.QUEST_IMPACT_PER_USD, "A"): (
         ("quest",),
         lambda w: top(values(w, S + "quest_impact_per_usd", "quest"), 10),
     ),
-    ("Providers, last 30 days", "A"): (
+    (P.PROVIDER_TABLE, "A"): (
         ("provider",),
         lambda w: values(w, S + "provider_spend_usd", "provider"),
     ),
-    ("Providers, last 30 days", "B"): (
+    (P.PROVIDER_TABLE, "B"): (
         ("provider",),
         lambda w: values(w, S + "provider_tasks", "provider"),
     ),
-    ("Providers, last 30 days", "C"): (
+    (P.PROVIDER_TABLE, "C"): (
         ("provider",),
         lambda w: values(w, S + "provider_tokens", "provider"),
     ),
-    ("Providers, last 30 days", "D"): (
+    (P.PROVIDER_TABLE, "D"): (
         ("provider",),
         lambda w: values(w, S + "provider_avg_cost_per_task_usd", "provider"),
     ),
-    ("Spend by provider", "A"): (
+    (P.PROVIDER_PIE, "A"): (
         ("provider",),
         lambda w: values(w, S + "provider_spend_usd", "provider"),
     ),
-    ("Tokens by provider", "A"): (
+    (P.PROVIDER_TOKENS, "A"): (
         ("provider",),
         lambda w: values(w, S + "provider_tokens", "provider"),
     ),
-    ("Top wasted tasks", "A"): (TASK, lambda w: values(w, S + "task_wasted_tokens", *TASK)),
-    ("Top wasted tasks", "B"): (TASK, lambda w: values(w, S + "task_wasted_usd", *TASK)),
-    ("Waste by quest", "A"): (("quest",), lambda w: values(w, S + "wasted_usd", "quest")),
-    ("Failed queries", "A"): ((), lambda w: 0.0),
-    ("Excluded rows", "A"): ((), lambda w: total(w, S + "ledger_excluded_rows")),
-    ("Series exported", "A"): ((), lambda w: float(len(w))),
+    (P.TOP_WASTED_TASKS, "A"): (TASK, lambda w: values(w, S + "task_wasted_tokens", *TASK)),
+    (P.TOP_WASTED_TASKS, "B"): (TASK, lambda w: values(w, S + "task_wasted_usd", *TASK)),
+    (P.WASTE_BY_QUEST, "A"): (("quest",), lambda w: values(w, S + "wasted_usd", "quest")),
+    (P.FAILED_QUERIES, "A"): ((), lambda w: 0.0),
+    (P.EXCLUDED_ROWS, "A"): ((), lambda w: total(w, S + "ledger_excluded_rows")),
+    (P.SERIES, "A"): ((), lambda w: float(len(w))),
+    (P.WINDOW, "A"): ((), lambda w: Rules().window / timedelta(days=1)),
+    (P.GRACE, "A"): ((), lambda w: Rules().grace / timedelta(hours=1)),
 }
 # Queries whose numbers depend on the clock or on history; checked for data and sanity.
 TIMELY = {
-    ("Daily spend vs budget", "A"),
-    ("Daily spend vs budget", "B"),
-    ("Daily spend by provider", "A"),
-    ("Data age", "A"),
-    ("Newest ledger call", "A"),
-    ("Refresh duration", "A"),
+    (P.DAILY_SPEND_VS_BUDGET, "A"),
+    (P.DAILY_SPEND_VS_BUDGET, "B"),
+    (P.DAILY_SPEND_BY_PROVIDER, "A"),
+    (P.DATA_AGE, "A"),
+    (P.NEWEST_CALL, "A"),
+    (P.REFRESH_DURATION, "A"),
 }
 # Queries that need spend history; tests/test_backfill.py checks them on backfilled data.
-HISTORY = {("Hours until today's budget runs out", "A")}
+HISTORY = {(P.EXHAUSTION_HOURS, "A")}
 ALERT_KEY = ("alertname", "alertstate", "quest")
 
 
 def expected_alerts(want: Want) -> Series:
     """The alerts that must be pending a few seconds after Prometheus starts on this ledger."""
-    cfg = rules.CONFIG
+    cfg = DEFAULT.mixin
     spend = values(want, S + "quest_spend_today_usd", "quest")
     budget = values(want, S + "budget_allocated_usd", "quest")
     window = values(want, S + "quest_window_spend_usd", "quest")
@@ -170,7 +178,7 @@ def expected_alerts(want: Want) -> Series:
     return out
 
 
-EXPECTED[("Firing and pending alerts", "A")] = (ALERT_KEY, expected_alerts)
+EXPECTED[(P.ALERTS, "A")] = (ALERT_KEY, expected_alerts)
 
 
 @pytest.fixture(scope="module")
@@ -216,17 +224,17 @@ def _as_series(result: list[dict[str, Any]], labels: tuple[str, ...]) -> Series:
 
 
 def _check_timely(
-    prom: Prometheus, want: Want, now: datetime, title: str, ref: str, expr: str
+    prom: Prometheus, want: Want, now: datetime, panel_id: P, ref: str, expr: str
 ) -> None:
     """Check the clock-dependent queries against bounds computed from the run."""
     end = time.time()
-    if title == "Daily spend by provider":
+    if panel_id == P.DAILY_SPEND_BY_PROVIDER:
         result = prom.query_range(expr, end - 600, end, "15s")
         families = set(values(want, S + "provider_spend_usd", "provider"))
         assert {(s["metric"]["provider"],) for s in result} <= families
         assert all(float(s["values"][-1][1]) == 0 for s in result)  # no spend during the run
         return
-    if title == "Daily spend vs budget":
+    if panel_id == P.DAILY_SPEND_VS_BUDGET:
         (series,) = prom.query_range(expr, end - 600, end, "15s")
         last = float(series["values"][-1][1])
         if ref == "B":  # the allocation is constant over the run
@@ -236,20 +244,20 @@ def _check_timely(
         return
     (sample,) = prom.query(expr, at=end)
     value = float(sample["value"][1])
-    if title == "Newest ledger call":
+    if panel_id == P.NEWEST_CALL:
         newest = total(want, S + "ledger_last_call_timestamp_seconds")
         assert value == pytest.approx(end - newest, abs=1.0)
-    elif title == "Data age":
+    elif panel_id == P.DATA_AGE:
         assert 0 <= value <= end - now.timestamp() + 1
     else:  # Refresh duration
         assert 0 < value < 60
 
 
-QUERIES = [(p["title"], t["refId"], t) for p, t in panel_queries(BOARD)]
+QUERIES = [(P(p["id"]), t["refId"], t) for p, t in panel_queries(BOARD)]
 
 
 def test_every_panel_query_is_covered() -> None:
-    keys = {(title, ref) for title, ref, _ in QUERIES}
+    keys = {(panel_id, ref) for panel_id, ref, _ in QUERIES}
     assert keys == set(EXPECTED) | TIMELY | HISTORY
 
 
@@ -257,18 +265,20 @@ LIVE = [(t, r, q) for t, r, q in QUERIES if (t, r) not in HISTORY]
 
 
 @pytest.mark.prometheus
-@pytest.mark.parametrize(("title", "ref", "target"), LIVE, ids=[f"{t}/{r}" for t, r, _ in LIVE])
+@pytest.mark.parametrize(
+    ("panel_id", "ref", "target"), LIVE, ids=[f"{t.name}/{r}" for t, r, _ in LIVE]
+)
 def test_panel_query_shows_the_ledger_numbers(
-    stack: tuple[Prometheus, Want, datetime], title: str, ref: str, target: dict
+    stack: tuple[Prometheus, Want, datetime], panel_id: P, ref: str, target: dict
 ) -> None:
     prom, want, now = stack
     expr = substitute(target["expr"], ALL)
-    if (title, ref) in TIMELY:
-        _check_timely(prom, want, now, title, ref, expr)
+    if (panel_id, ref) in TIMELY:
+        _check_timely(prom, want, now, panel_id, ref, expr)
         return
-    labels, compute = EXPECTED[(title, ref)]
+    labels, compute = EXPECTED[(panel_id, ref)]
     result = prom.query(expr)
-    assert result, f"{title}/{ref} returned no data: {expr}"
+    assert result, f"{panel_id}/{ref} returned no data: {expr}"
     want_value = compute(want)
     if labels:
         got = _as_series(result, labels)
@@ -283,11 +293,11 @@ def test_panel_query_shows_the_ledger_numbers(
 @pytest.mark.prometheus
 def test_pie_slices_add_up_to_the_total_budget(stack: tuple[Prometheus, Want, datetime]) -> None:
     prom, want, _ = stack
-    pie = next(p for p in BOARD["panels"] if p["title"] == "Today's allocation by quest")
+    pie = next(p for p in BOARD["panels"] if p["id"] == P.ALLOCATION_PIE)
     slices = [
         float(s["value"][1]) for t in pie["targets"] for s in prom.query(substitute(t["expr"], ALL))
     ]
-    assert len(slices) == resource.TOP_QUESTS + 1
+    assert len(slices) == DEFAULT.mixin.top_quests + 1
     assert sum(slices) == pytest.approx(total(want, S + "budget_allocated_usd"), rel=1e-9)
 
 
@@ -297,11 +307,11 @@ def test_filters_narrow_every_quest_panel(stack: tuple[Prometheus, Want, datetim
     quest = max(values(want, S + "budget_allocated_usd", "quest").items(), key=lambda kv: kv[1])[0][
         0
     ]
-    panel = next(p for p in BOARD["panels"] if p["title"] == "Budget today")
+    panel = next(p for p in BOARD["panels"] if p["id"] == P.BUDGET_TODAY)
     (sample,) = prom.query(substitute(panel["targets"][0]["expr"], {**ALL, "quest": quest}))
     assert float(sample["value"][1]) == pytest.approx(
         values(want, S + "budget_allocated_usd", "quest")[(quest,)], rel=1e-9
     )
-    waste = next(p for p in BOARD["panels"] if p["title"] == "Top wasted tasks")
+    waste = next(p for p in BOARD["panels"] if p["id"] == P.TOP_WASTED_TASKS)
     rows = prom.query(substitute(waste["targets"][0]["expr"], {**ALL, "layer": "Forge"}))
     assert rows and {r["metric"]["layer"] for r in rows} == {"Forge"}

@@ -12,6 +12,7 @@ import yaml
 
 from dashboards import __main__ as generator
 from dashboards import rules
+from dashboards.config import DEFAULT
 from exporter import catalog
 from tests.conftest import require_binary
 from tests.promql import selectors
@@ -81,9 +82,11 @@ def test_alert_has_severity_summary_description_and_runbook(alert: dict[str, Any
     annotations = alert["annotations"]
     assert set(annotations) == {"summary", "description", "runbook_url"}
     assert "{{ $value" in annotations["description"] or "{{ $labels" in annotations["description"]
-    anchor = annotations["runbook_url"].split("#", 1)[1]
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    assert re.search(rf"^#### {alert['alert']}$", readme, re.MULTILINE), anchor
+    base, anchor = annotations["runbook_url"].split("#", 1)
+    assert base == DEFAULT.mixin.runbook_url and base.startswith("https://")
+    assert base.endswith("/docs/runbook.md")
+    runbook = (ROOT / "docs" / "runbook.md").read_text(encoding="utf-8")
+    assert re.search(rf"^## {alert['alert']}$", runbook, re.MULTILINE), anchor
     assert anchor == alert["alert"].lower()
 
 
@@ -93,7 +96,7 @@ def test_rule_queries_use_known_metrics_and_the_job(rule: dict[str, Any]) -> Non
         assert s.name in KNOWN, s.name
         if s.name in rules.RECORDED:
             continue
-        assert s.matchers.get("job") == ("Equal", rules.CONFIG.job), s
+        assert s.matchers.get("job") == ("Equal", DEFAULT.mixin.job), s
         if s.name.endswith("_total"):
             assert s.function in ("rate", "increase"), s
 
