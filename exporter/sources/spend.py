@@ -222,9 +222,9 @@ class SpendSource(Source):
                 key = (*labels.ql(r.quest, r.layer), family(r.provider))
                 sums[key] = sums[key] + r.sums
         tokens: Series = {}
-        for key, s in sums.items():
-            tokens[(*key, "input")] = float(s.input_tokens)
-            tokens[(*key, "output")] = float(s.output_tokens)
+        for series, s in sums.items():
+            tokens[(*series, "input")] = float(s.input_tokens)
+            tokens[(*series, "output")] = float(s.output_tokens)
         families = [
             family_of(c.SPEND, {k: float(s.cost) for k, s in sums.items()}),
             family_of(c.TOKENS, tokens),
@@ -237,8 +237,8 @@ class SpendSource(Source):
 
         budget = build.source(BudgetSource)
         if budget is not None:
-            for key in budget.allocated(labels):
-                today.setdefault(key, 0.0)
+            for quest in budget.allocated(labels):
+                today.setdefault(quest, 0.0)
         families.append(family_of(c.QUEST_SPEND_TODAY, today))
         return families
 

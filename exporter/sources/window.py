@@ -235,6 +235,7 @@ def _window(rows: list[WindowRow], labels: LabelGuard) -> list[Family]:
     quest_cost: Series = defaultdict(float)
     quest_impact: Series = defaultdict(float)
     for r in rows:
+        key: tuple[str, ...]
         if r.kind in ranked:
             key = (labels.task(r.task_id), labels.quest(r.quest), labels.layer(r.layer))
             # Keep the better-ranked task when two ids clean to the same label values.
@@ -272,7 +273,10 @@ def _window(rows: list[WindowRow], labels: LabelGuard) -> list[Family]:
 
 def _providers(rows: list[WindowRow], families: tuple[str, ...]) -> list[Family]:
     found = {r.family: r for r in rows if r.kind == "provider"}
-    spend, tasks, tokens, avg = {}, {}, {}, {}
+    spend: Series = {}
+    tasks: Series = {}
+    tokens: Series = {}
+    avg: Series = {}
     for name in families:
         r = found.get(name)
         key = (name,)
