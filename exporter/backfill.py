@@ -12,8 +12,9 @@ on the day of installation. Consistency with the live exporter is the point:
 * counters get a sample at the start, at every UTC midnight and at every hour they moved, so
   ``increase(...[1d])`` between midnights is exactly the day's ledger sum.
 
-Only families that have a history in the ledger are backfilled: spend, tokens and calls
-counters, today's budget, spend today and utilization. The 30-day window families describe
+Only families that have a history in the ledger are backfilled: the cumulative counters (spend,
+tokens, calls, models, list prices; computed by the live exporter's own function), today's
+budget, spend today and utilization. The 30-day window families describe
 "now" and start with the live exporter.
 """
 
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, TextIO
@@ -29,10 +30,12 @@ from typing import Any, TextIO
 from exporter import catalog as c
 from exporter import queries as q
 from exporter.config import ConfigError, Settings
-from exporter.families import LabelGuard
+from exporter.families import LabelGuard, Series
 from exporter.incremental import ZERO, Sums
+from exporter.prices import PriceBook
 from exporter.refresh import Refresher, connect
 from exporter.sources import SpendSource
+from exporter.sources.spend import Key, cumulative
 
 HOUR = timedelta(hours=1)
 SeriesKey = tuple[c.MetricSpec, tuple[tuple[str, str], ...]]
@@ -96,7 +99,10 @@ def backfill(
     conn = connect(settings)
     try:
         with conn.transaction():
-            hourly = conn.execute(q.HOURLY_SPEND.sql, {"start": start, "end": end}).fetchall()
+            hourly = conn.execute(
+                q.hourly_spend(refresher.columns).sql,
+                {"start": start, "end": end, "price_dates": list(spend.prices.dates)},
+            ).fetchall()
             budgets = conn.execute(
                 q.BUDGET_DAYS.sql,
                 {
@@ -107,25 +113,32 @@ def backfill(
     finally:
         conn.close()
     hours = [start + i * HOUR for i in range(int((end - start) / HOUR) + 1)]
-    family = refresher.providers.family
+    counters = Counters(guard, refresher.providers.family, spend.prices)
     # Every series the live exporter has, even one whose first row came after the last full
     # hour, gets a history (of zeros) so increase() sees it start from 0 rather than appear.
-    live = {
-        (*guard.ql(r.quest, r.layer), family(r.provider))
-        for r in spend.series()
-        if r.reason is None
-    }
-    spend_by_hour = _counters(history, hourly, live, guard, family, hours)
+    live = counters.of(spend.totals.totals)
+    spend_by_hour = _counters(history, hourly, live, counters, hours)
     _budgets(history, budgets, spend_by_hour, guard, settings, hours)
     return _write(history, out, start, end)
+
+
+@dataclass(frozen=True)
+class Counters:
+    """The live exporter's counter families, computed from running totals at any hour."""
+
+    labels: LabelGuard
+    family: Callable[[str | None], str]
+    prices: PriceBook
+
+    def of(self, totals: Mapping[Key, Sums]) -> dict[c.MetricSpec, Series]:
+        return cumulative(totals, self.labels, self.family, self.prices)
 
 
 def _counters(
     history: _History,
     rows: list[Any],
-    live: Iterable[tuple[str, str, str]],
-    guard: LabelGuard,
-    family: Callable[[str | None], str],
+    live: Mapping[c.MetricSpec, Series],
+    counters: Counters,
     hours: list[datetime],
 ) -> dict[tuple[datetime, str], float]:
     """Emit the cumulative counters; return each folded quest's spend per hour bucket.
@@ -133,36 +146,40 @@ def _counters(
     ``rows`` are hourly sums (``hour`` is None for everything before the start); every series
     in ``live`` or ``rows`` is emitted from the start, at 0 until its first row.
     """
-    totals: dict[tuple[str, str, str], Sums] = dict.fromkeys(live, ZERO)
-    buckets: dict[datetime, list[Any]] = defaultdict(list)
+    totals: dict[Key, Sums] = {}
+    buckets: dict[datetime, list[tuple[Key, Any]]] = defaultdict(list)
     spend_by_hour: dict[tuple[datetime, str], float] = defaultdict(float)
     for r in rows:
-        quest, layer = guard.ql(r.quest, r.layer)
-        key = (quest, layer, family(r.provider))
-        totals.setdefault(key, ZERO)
+        key = (r.quest, r.layer, r.provider, r.model, r.period, None)
         if r.hour is None:
-            totals[key] += Sums.of(r)
+            totals[key] = totals.get(key, ZERO) + Sums.of(r)
         else:
             buckets[r.hour].append((key, r))
-            spend_by_hour[(r.hour, quest)] += float(r.cost)
-    last: dict[tuple[str, str, str], Sums] = {}
+            spend_by_hour[(r.hour, counters.labels.q(r.quest))] += float(r.cost)
+    # Every series any hour will have, so each starts at 0 from the first sample on.
+    every: dict[c.MetricSpec, set[tuple[str, ...]]] = defaultdict(set)
+    final = dict(totals)
+    for hour_rows in buckets.values():
+        for key, r in hour_rows:
+            final[key] = final.get(key, ZERO) + Sums.of(r)
+    for source in (live, counters.of(final)):
+        for metric, series in source.items():
+            every[metric].update(series)
+    last: dict[tuple[c.MetricSpec, tuple[str, ...]], float] = {}
+    values = counters.of(totals)
     for at in hours:
-        midnight = at.hour == 0
-        for key, sums in totals.items():
-            if midnight or at in (hours[0], hours[-1]) or last.get(key) != sums:
-                _emit_counters(history, key, sums, at)
-                last[key] = sums
-        for key, r in buckets.get(at, ()):  # this hour's rows count from the next sample on
-            totals[key] += Sums.of(r)
+        always = at.hour == 0 or at in (hours[0], hours[-1])
+        for metric, labels in every.items():
+            for label_values in labels:
+                value = values[metric].get(label_values, 0.0)
+                if always or last.get((metric, label_values)) != value:
+                    history.add(metric, zip(metric.labels, label_values, strict=True), at, value)
+                    last[(metric, label_values)] = value
+        if at in buckets:  # this hour's rows count from the next sample on
+            for key, r in buckets[at]:
+                totals[key] = totals.get(key, ZERO) + Sums.of(r)
+            values = counters.of(totals)
     return spend_by_hour
-
-
-def _emit_counters(history: _History, key: tuple[str, str, str], sums: Sums, at: datetime) -> None:
-    labels = list(zip(("quest", "layer", "provider"), key, strict=True))
-    history.add(c.SPEND, labels, at, float(sums.cost))
-    history.add(c.CALLS, labels, at, float(sums.calls))
-    history.add(c.TOKENS, [*labels, ("direction", "input")], at, float(sums.input_tokens))
-    history.add(c.TOKENS, [*labels, ("direction", "output")], at, float(sums.output_tokens))
 
 
 def _budgets(

@@ -59,8 +59,16 @@ SPEND = _m(
 TOKENS = _m(
     "tokens_total",
     "counter",
-    "Cumulative LLM tokens recorded in cost_ledger, by direction input/output.",
+    "Cumulative LLM tokens recorded in cost_ledger, by direction: input (fresh), output,"
+    " cache_read, cache_write (disjoint: their sum is every token).",
     (*QLP, "direction"),
+    "short",
+)
+REASONING_TOKENS = _m(
+    "reasoning_tokens_total",
+    "counter",
+    "Cumulative reasoning tokens, the part of output tokens spent on reasoning.",
+    QLP,
     "short",
 )
 CALLS = _m(
@@ -68,6 +76,59 @@ CALLS = _m(
     "counter",
     "Cumulative number of LLM calls (valid cost_ledger rows).",
     QLP,
+    "short",
+)
+
+# --- Models and list prices: the same running sums, by model ---------------------------------
+PM = ("provider", "model")
+MODEL_SPEND = _m(
+    "model_spend_usd_total",
+    "counter",
+    "Cumulative LLM cost by provider family and model, in USD.",
+    PM,
+    "currencyUSD",
+)
+MODEL_TOKENS = _m(
+    "model_tokens_total",
+    "counter",
+    "Cumulative LLM tokens by provider family, model and direction (as scidex_tokens_total).",
+    (*PM, "direction"),
+    "short",
+)
+MODEL_CALLS = _m(
+    "model_calls_total",
+    "counter",
+    "Cumulative number of LLM calls by provider family and model.",
+    PM,
+    "short",
+)
+LIST_PRICE = _m(
+    "list_price_usd_total",
+    "counter",
+    "Cumulative value of priced calls at the provider's public API list price, in USD"
+    " (subscription calls included; catalogue: the prices used).",
+    (*QLP, "catalogue"),
+    "currencyUSD",
+)
+MODEL_LIST_PRICE = _m(
+    "model_list_price_usd_total",
+    "counter",
+    "Cumulative list-price value of priced calls by provider family and model, in USD.",
+    (*PM, "catalogue"),
+    "currencyUSD",
+)
+UNPRICED_CALLS = _m(
+    "unpriced_calls_total",
+    "counter",
+    "Cumulative calls whose model has no list price (they add nothing to list prices).",
+    PM,
+    "short",
+)
+UNPRICED_TOKENS = _m(
+    "unpriced_tokens_total",
+    "counter",
+    "Cumulative tokens of calls whose model has no list price, by direction.",
+    (*PM, "direction"),
     "short",
 )
 
@@ -216,7 +277,15 @@ LEDGER_EXCLUDED_ROWS = _m(
 LEDGER_METRICS: tuple[MetricSpec, ...] = (
     SPEND,
     TOKENS,
+    REASONING_TOKENS,
     CALLS,
+    MODEL_SPEND,
+    MODEL_TOKENS,
+    MODEL_CALLS,
+    LIST_PRICE,
+    MODEL_LIST_PRICE,
+    UNPRICED_CALLS,
+    UNPRICED_TOKENS,
     QUEST_SPEND_TODAY,
     BUDGET_ALLOCATED,
     BUDGET_UTILIZATION,

@@ -158,7 +158,8 @@ def _check(settings: Settings) -> int:
         with psycopg.connect(
             settings.dsn_value(), connect_timeout=settings.connect_timeout_seconds
         ) as conn:
-            problems = check_relations(conn)
+            notes: list[str] = []
+            problems = check_relations(conn, notes)
             advice = [] if problems else performance_advice(conn)
     except psycopg.Error as exc:
         print(f"database: cannot connect: {redact(str(exc).strip())}", file=sys.stderr)
@@ -167,6 +168,8 @@ def _check(settings: Settings) -> int:
         print(f"ledger contract: {problem}", file=sys.stderr)
     if not problems:
         print("ledger contract: ok")
+    for note in notes:
+        print(f"ledger contract: {note}")  # information, not a failure
     for line in advice:
         print(f"ledger performance: {line}")  # advice, not a failure
     return 1 if problems else 0

@@ -10,6 +10,7 @@ import json
 import os
 import re
 from collections.abc import Mapping
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -33,6 +34,8 @@ class ProviderRule(BaseModel):
 
     family: str = Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")
     pattern: str
+    price_provider: str | None = None
+    """The genai-prices provider id whose list prices apply to the family (None: unpriced)."""
 
     @field_validator("pattern")
     @classmethod
@@ -53,12 +56,29 @@ class ProviderRule(BaseModel):
 
 # Order matters: "MiniMax-M2" contains "max", so minimax is tried before max.
 DEFAULT_PROVIDER_RULES: tuple[ProviderRule, ...] = (
-    ProviderRule(family="bedrock", pattern=r"bedrock"),
-    ProviderRule(family="codex", pattern=r"codex"),
-    ProviderRule(family="minimax", pattern=r"minimax"),
-    ProviderRule(family="glm", pattern=r"\bglm|zhipu"),
-    ProviderRule(family="max", pattern=r"^max\b|claude-max"),
+    ProviderRule(family="bedrock", pattern=r"bedrock", price_provider="aws"),
+    ProviderRule(family="codex", pattern=r"codex", price_provider="openai"),
+    ProviderRule(family="minimax", pattern=r"minimax", price_provider="minimax"),
+    ProviderRule(family="glm", pattern=r"\bglm|zhipu", price_provider="zai"),
+    ProviderRule(family="max", pattern=r"^max\b|claude-max", price_provider="anthropic"),
 )
+
+
+class PriceOverride(BaseModel):
+    """A list price for a model the catalogue lacks or prices differently (USD per million)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(min_length=1)
+    """The normalised model name, as the `model` label shows it (e.g. `glm-4.6`)."""
+    provider: str | None = None
+    """The provider family it applies to (None: every family)."""
+    input_usd_per_mtok: Decimal = Field(ge=0, allow_inf_nan=False)
+    output_usd_per_mtok: Decimal = Field(ge=0, allow_inf_nan=False)
+    cache_read_usd_per_mtok: Decimal | None = Field(None, ge=0, allow_inf_nan=False)
+    """Default: the input price."""
+    cache_write_usd_per_mtok: Decimal | None = Field(None, ge=0, allow_inf_nan=False)
+    """Default: the input price."""
 
 
 RUNBOOK_URL = "https://github.com/scidex/resource-intelligence/blob/main/docs/runbook.md"
@@ -131,6 +151,9 @@ class Settings(BaseModel):
     """Quests that keep their own label; the rest fold into `other`."""
     max_layers: int = Field(10, ge=1, le=1000)
     """Layers that keep their own label."""
+    max_models: int = Field(25, ge=1, le=1000)
+    """Models that keep their own label: the largest by window spend and by window tokens
+    (at most twice this many); the rest fold into `other`."""
     max_label_length: int = Field(128, ge=8, le=4096)
     """Longer label values are cut."""
     statement_timeout_seconds: float = Field(30.0, gt=0, le=3600)
@@ -151,6 +174,10 @@ class Settings(BaseModel):
     providers: tuple[ProviderRule, ...] = DEFAULT_PROVIDER_RULES
     """Ordered `{family, pattern}` rules (case-insensitive regular expressions); the first
     match names the provider family, `other` takes the rest."""
+    prices: tuple[PriceOverride, ...] = ()
+    """List prices `{model, provider, input_usd_per_mtok, output_usd_per_mtok,
+    cache_read_usd_per_mtok, cache_write_usd_per_mtok}` that add to or override the
+    genai-prices catalogue."""
     mixin: MixinSettings = MixinSettings()
     """What only the generated dashboard and alert rules read (below)."""
 
@@ -184,7 +211,7 @@ class Settings(BaseModel):
 
 
 FIELDS = tuple(Settings.model_fields)
-_JSON_FIELDS = ("providers", "mixin")
+_JSON_FIELDS = ("providers", "prices", "mixin")
 """Structured settings: their environment variables hold JSON."""
 
 

@@ -46,6 +46,15 @@ CONTRACT: dict[str, dict[str, tuple[str, ...]]] = {
     },
 }
 
+OPTIONAL: dict[str, dict[str, tuple[str, ...]]] = {
+    "cost_ledger": {
+        "cache_read_tokens": INTEGER,
+        "cache_write_tokens": INTEGER,
+        "reasoning_tokens": INTEGER,
+    },
+}
+"""Columns a relation may lack: the exporter then reads them as 0 (``queries.Columns``)."""
+
 _COLUMNS = """
     SELECT a.attname AS name, format_type(a.atttypid, NULL) AS type
     FROM pg_attribute a
@@ -58,8 +67,11 @@ def schema_sql() -> str:
     return files("exporter").joinpath("sql/schema.sql").read_text(encoding="utf-8")
 
 
-def check_relations(conn: psycopg.Connection[Any]) -> list[str]:
-    """Return one message per contract violation; an empty list means the ledger conforms."""
+def check_relations(conn: psycopg.Connection[Any], notes: list[str] | None = None) -> list[str]:
+    """Return one message per contract violation; an empty list means the ledger conforms.
+
+    Optional columns the relation lacks are not violations: each adds a line to ``notes``.
+    """
     problems: list[str] = []
     for relation, columns in CONTRACT.items():
         row = conn.execute(
@@ -78,6 +90,14 @@ def check_relations(conn: psycopg.Connection[Any]) -> list[str]:
         for column, accepted in columns.items():
             if column not in found:
                 problems.append(f"{relation}.{column}: column is missing")
+            elif found[column] not in accepted:
+                problems.append(
+                    f"{relation}.{column}: type {found[column]} is not one of {', '.join(accepted)}"
+                )
+        for column, accepted in OPTIONAL.get(relation, {}).items():
+            if column not in found:
+                if notes is not None:
+                    notes.append(f"{relation}.{column}: optional column not found (read as 0)")
             elif found[column] not in accepted:
                 problems.append(
                     f"{relation}.{column}: type {found[column]} is not one of {', '.join(accepted)}"

@@ -80,10 +80,14 @@ class LabelGuard:
         self.quest = LabelCleaner(settings.max_label_length)
         self.layer = LabelCleaner(settings.max_label_length)
         self.task = LabelCleaner(settings.max_label_length)
+        self.model = LabelCleaner(settings.max_label_length)
         self._quest_w: dict[str, float] = defaultdict(float)
         self._layer_w: dict[str, float] = defaultdict(float)
+        self._model_spend: dict[str, float] = defaultdict(float)
+        self._model_tokens: dict[str, float] = defaultdict(float)
         self.kept_quests: frozenset[str] = frozenset()
         self.kept_layers: frozenset[str] = frozenset()
+        self.kept_models: frozenset[str] = frozenset()
         self.folded: dict[str, int] = {}
 
     def weigh_quest(self, raw: str | None, weight: float = 0.0) -> None:
@@ -93,15 +97,30 @@ class LabelGuard:
     def weigh_layer(self, raw: str | None, weight: float = 0.0) -> None:
         self._layer_w[self.layer(raw)] += weight
 
+    def weigh_model(self, name: str | None, spend: float = 0.0, tokens: float = 0.0) -> None:
+        """Offer a model with its window spend and tokens (subscription calls cost $0)."""
+        label = self.model(name)
+        self._model_spend[label] += spend
+        self._model_tokens[label] += tokens
+
     def decide(self) -> LabelGuard:
-        """Keep the heaviest quests and layers; the rest fold into ``other``."""
+        """Keep the heaviest quests, layers and models; the rest fold into ``other``."""
         self.kept_quests = keep_top(self._quest_w, self.settings.max_quests)
         self.kept_layers = keep_top(self._layer_w, self.settings.max_layers)
+        self.kept_models = keep_top(self._model_spend, self.settings.max_models) | keep_top(
+            self._model_tokens, self.settings.max_models
+        )
         self.folded = {
             "quest": len(self._quest_w) - len(self.kept_quests),
             "layer": len(self._layer_w) - len(self.kept_layers),
+            "model": len(self._model_spend) - len(self.kept_models),
         }
         return self
+
+    def m(self, name: str | None) -> str:
+        """Return the cleaned, folded model label."""
+        value = self.model(name)
+        return value if value in self.kept_models else c.OTHER
 
     def q(self, raw: str | None) -> str:
         """Return the cleaned, folded quest label."""
@@ -117,4 +136,5 @@ class LabelGuard:
             "quest": len(self.quest.altered),
             "layer": len(self.layer.altered),
             "task_id": len(self.task.altered),
+            "model": len(self.model.altered),
         }

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from typing import Any, TextIO
+from typing import Any, NamedTuple, TextIO
 
 import psycopg
 
@@ -65,25 +65,103 @@ _TOPICS = (
     "lithium-extraction",
 )
 
-# (raw provider string, model, weight, USD per 1M input tokens, USD per 1M output tokens).
-# Subscription plans (max, codex) log cost 0 with real tokens.
-PROVIDERS: tuple[tuple[str, str | None, float, float, float], ...] = (
-    ("max/claude-opus-4", "claude-opus-4", 0.12, 0.0, 0.0),
-    ("max/claude-sonnet-4", "claude-sonnet-4", 0.10, 0.0, 0.0),
-    ("codex:gpt-5-codex", "gpt-5-codex", 0.12, 0.0, 0.0),
-    ("bedrock/us.anthropic.claude-sonnet-4", "claude-sonnet-4", 0.22, 3.0, 15.0),
-    ("bedrock/us.anthropic.claude-opus-4", "claude-opus-4", 0.06, 15.0, 75.0),
-    ("MiniMax-M2", "MiniMax-M2", 0.14, 0.3, 1.2),
-    ("glm-4.6", "glm-4.6", 0.12, 0.6, 2.2),
-    ("openrouter/deepseek-v3.1", "deepseek-v3.1", 0.05, 0.27, 1.1),
-    ("local/llama-3.1-70b", "llama-3.1-70b", 0.04, 0.05, 0.05),
-    ("together:qwen3-coder", None, 0.03, 0.4, 1.6),
+
+class Profile(NamedTuple):
+    """How the platform calls one provider: its strings, share of calls, prices and caching."""
+
+    raw: str
+    model: str | None
+    weight: float
+    usd_in: float  # per 1M fresh input tokens (cache reads cost a tenth, writes 1.25x)
+    usd_out: float  # per 1M output tokens
+    cached: float  # share of the input served from the prompt cache
+    reasoning: float  # share of the output spent on reasoning
+
+
+# Subscription plans (max, codex) log cost 0 with real tokens. Models the price catalogue does
+# not know (or families without a price provider) show up as unpriced.
+PROVIDERS: tuple[Profile, ...] = (
+    Profile("max/claude-opus-4", "claude-opus-4", 0.12, 0.0, 0.0, 0.7, 0.2),
+    Profile("max/claude-sonnet-4", "claude-sonnet-4", 0.10, 0.0, 0.0, 0.7, 0.2),
+    Profile("codex:gpt-5-codex", "gpt-5-codex", 0.12, 0.0, 0.0, 0.5, 0.4),
+    Profile(
+        "bedrock/us.anthropic.claude-sonnet-4",
+        "us.anthropic.claude-sonnet-4-20250514-v1:0",
+        0.22,
+        3.0,
+        15.0,
+        0.6,
+        0.1,
+    ),
+    Profile(
+        "bedrock/us.anthropic.claude-opus-4",
+        "us.anthropic.claude-opus-4-20250514-v1:0",
+        0.06,
+        15.0,
+        75.0,
+        0.6,
+        0.1,
+    ),
+    Profile("MiniMax-M2", "MiniMax-M2", 0.14, 0.3, 1.2, 0.3, 0.3),
+    Profile("glm-4.6", "glm-4.6", 0.12, 0.6, 2.2, 0.2, 0.2),
+    Profile("openrouter/deepseek-v3.1", "deepseek-v3.1", 0.05, 0.27, 1.1, 0.0, 0.3),
+    Profile("local/llama-3.1-70b", "llama-3.1-70b", 0.04, 0.05, 0.05, 0.0, 0.0),
+    Profile("together:qwen3-coder", None, 0.03, 0.4, 1.6, 0.0, 0.0),
 )
+
+
+class CostRow(NamedTuple):
+    """One generated cost_ledger row, in COPY_COST's column order."""
+
+    ts: datetime
+    task_id: str
+    quest: str
+    layer: str
+    provider: str
+    model: str | None
+    input_tokens: int
+    output_tokens: int
+    cache_read_tokens: int
+    cache_write_tokens: int
+    reasoning_tokens: int
+    cost_usd: float
+
+
+def call(
+    rng: random.Random, ts: datetime, t: Task, profile: Profile, scale: float = 1.0
+) -> CostRow:
+    """One call of a task: tokens drawn for the provider's profile, cost at its prices."""
+    total_in = int(rng.lognormvariate(8.0, 1.0) * scale)
+    output = int(rng.lognormvariate(6.5, 1.1) * scale)
+    cache_read = int(total_in * profile.cached * rng.uniform(0.5, 1.0))
+    cache_write = int((total_in - cache_read) * 0.1) if profile.cached else 0
+    fresh = total_in - cache_read - cache_write
+    usd = (
+        fresh * profile.usd_in
+        + cache_read * profile.usd_in * 0.1
+        + cache_write * profile.usd_in * 1.25
+        + output * profile.usd_out
+    )
+    return CostRow(
+        ts,
+        t.task_id,
+        t.quest,
+        t.layer,
+        profile.raw,
+        profile.model,
+        fresh,
+        output,
+        cache_read,
+        cache_write,
+        int(output * profile.reasoning),
+        round(usd / 1e6, 6),
+    )
+
 
 MIN_DAILY_BUDGET_USD = 5.0
 COPY_COST = (
     "COPY cost_ledger (ts, task_id, quest, layer, provider, model, input_tokens, output_tokens,"
-    " cost_usd) FROM STDIN"
+    " cache_read_tokens, cache_write_tokens, reasoning_tokens, cost_usd) FROM STDIN"
 )
 
 
@@ -132,7 +210,7 @@ def plan(rows: int, *, seed: int = 7, end: datetime | None = None, days: int = 3
         # Heavy tail: most tasks make a handful of calls, a few make hundreds.
         calls = min(remaining, max(1, int(rng.paretovariate(1.3) * 6)))
         quest = rng.choices(quests, weights)[0].name
-        primary = rng.choices(range(len(PROVIDERS)), [x[2] for x in PROVIDERS])[0]
+        primary = rng.choices(range(len(PROVIDERS)), [x.weight for x in PROVIDERS])[0]
         providers = [primary] if rng.random() < 0.8 else [primary, rng.randrange(len(PROVIDERS))]
         layer = rng.choices(LAYERS, LAYER_WEIGHTS)[0]
         left = rng.random() * span
@@ -155,15 +233,15 @@ def plan(rows: int, *, seed: int = 7, end: datetime | None = None, days: int = 3
     return p
 
 
-def cost_rows(p: LedgerPlan) -> Iterator[tuple[Any, ...]]:
-    """Yield (ts, task_id, quest, layer, provider, model, input, output, cost) rows in time order.
+def cost_rows(p: LedgerPlan) -> Iterator[CostRow]:
+    """Yield the rows of the cost ledger in time order.
 
     A real ledger is appended as calls happen, so its physical order follows ``ts``, which the
     planner counts on for window scans. Tasks overlap in time: a sweep keeps a heap of the tasks
     under way (memory follows concurrency, not ledger size) and emits their calls merged.
     """
     order = sorted(range(len(p.tasks)), key=lambda i: (p.tasks[i].start, i))
-    heap: list[tuple[datetime, int, tuple[Any, ...], Iterator[tuple[Any, ...]]]] = []
+    heap: list[tuple[datetime, int, CostRow, Iterator[CostRow]]] = []
     admitted = 0
     while admitted < len(order) or heap:
         # A task starting before the earliest pending call may have an earlier call itself.
@@ -181,7 +259,7 @@ def cost_rows(p: LedgerPlan) -> Iterator[tuple[Any, ...]]:
             heapq.heappush(heap, (following[0], index, following, calls))
 
 
-def _task_calls(p: LedgerPlan, index: int) -> Iterator[tuple[Any, ...]]:
+def _task_calls(p: LedgerPlan, index: int) -> Iterator[CostRow]:
     """One task's calls; its own random stream keeps the ledger deterministic in any order."""
     t = p.tasks[index]
     rng = random.Random(p.seed * 1_000_003 + index)
@@ -189,12 +267,10 @@ def _task_calls(p: LedgerPlan, index: int) -> Iterator[tuple[Any, ...]]:
     scale = 4.0 if t.wasteful else 1.0
     for _ in range(t.calls):
         ts = min(ts + timedelta(seconds=rng.expovariate(1 / 90)), p.end)
-        raw, model, _, price_in, price_out = PROVIDERS[rng.choice(t.providers)]
-        tokens_in = int(rng.lognormvariate(8.0, 1.0) * scale)
-        tokens_out = int(rng.lognormvariate(6.5, 1.1) * scale)
-        cost = round((tokens_in * price_in + tokens_out * price_out) / 1e6, 6)
-        t.last_ts, t.cost, t.tokens = ts, t.cost + cost, t.tokens + tokens_in + tokens_out
-        yield (ts, t.task_id, t.quest, t.layer, raw, model, tokens_in, tokens_out, cost)
+        row = call(rng, ts, t, PROVIDERS[rng.choice(t.providers)], scale)
+        t.last_ts, t.cost = ts, t.cost + row.cost_usd
+        t.tokens += row.input_tokens + row.output_tokens
+        yield row
 
 
 def impact_rows(p: LedgerPlan) -> Iterator[tuple[Any, ...]]:
@@ -304,8 +380,8 @@ def load(
             "COPY impact_ledger (task_id, title, quest, layer, impact_score,"
             " measured_at) FROM STDIN"
         ) as copy:
-            for row in impact_rows(p):
-                copy.write_row(row)
+            for impact in impact_rows(p):
+                copy.write_row(impact)
         cur.executemany(
             "INSERT INTO quest_budget_allocations (quest, day, allocated_usd) VALUES (%s, %s, %s)"
             " ON CONFLICT (quest, day) DO UPDATE SET allocated_usd = EXCLUDED.allocated_usd",
@@ -325,7 +401,7 @@ class LiveTraffic:
         self.active: list[Task] = []
         self.serial = 0
 
-    def batch(self, now: datetime, calls: int = 25) -> list[tuple[Any, ...]]:
+    def batch(self, now: datetime, calls: int = 25) -> list[CostRow]:
         """Return ``calls`` rows at ``now``: some tasks continue, some start."""
         rng, out = self.rng, []
         weights = [q.weight for q in self.plan.quests]
@@ -338,7 +414,7 @@ class LiveTraffic:
                         quest=rng.choices(self.plan.quests, weights)[0].name,
                         layer=rng.choices(LAYERS, LAYER_WEIGHTS)[0],
                         providers=[
-                            rng.choices(range(len(PROVIDERS)), [x[2] for x in PROVIDERS])[0]
+                            rng.choices(range(len(PROVIDERS)), [x.weight for x in PROVIDERS])[0]
                         ],
                         start=now,
                         calls=0,
@@ -347,11 +423,7 @@ class LiveTraffic:
                 )
                 self.active = self.active[-30:]
             t = rng.choice(self.active)
-            raw, model, _, price_in, price_out = PROVIDERS[t.providers[0]]
-            tokens_in = int(rng.lognormvariate(8.0, 1.0))
-            tokens_out = int(rng.lognormvariate(6.5, 1.1))
-            cost = round((tokens_in * price_in + tokens_out * price_out) / 1e6, 6)
-            out.append((now, t.task_id, t.quest, t.layer, raw, model, tokens_in, tokens_out, cost))
+            out.append(call(rng, now, t, PROVIDERS[t.providers[0]]))
         return out
 
     def append(self, conn: psycopg.Connection[Any], now: datetime) -> int:

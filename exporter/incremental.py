@@ -21,19 +21,23 @@ from typing import Any
 class Sums:
     """Exact running sums of ledger rows: what every cumulative counter is built from.
 
-    Rows supply the same names (``calls``, ``cost``, ``input_tokens``, ``output_tokens``); a
-    NULL (an excluded row's cost or tokens) adds nothing.
+    Rows supply the same names (``queries.Columns.sums``); a NULL (an excluded row's cost or
+    tokens, an optional column the relation lacks) adds nothing. The token categories are
+    disjoint but for reasoning, which is part of output.
     """
 
     calls: Decimal = Decimal(0)
     cost: Decimal = Decimal(0)
     input_tokens: Decimal = Decimal(0)
     output_tokens: Decimal = Decimal(0)
+    cache_read_tokens: Decimal = Decimal(0)
+    cache_write_tokens: Decimal = Decimal(0)
+    reasoning_tokens: Decimal = Decimal(0)
 
     @classmethod
     def of(cls, row: Any) -> Sums:
         """The sums of one query row (a group of ledger rows)."""
-        return cls(*(Decimal(getattr(row, f.name) or 0) for f in fields(cls)))
+        return cls(*(Decimal(getattr(row, f.name, None) or 0) for f in fields(cls)))
 
     def __add__(self, other: Sums) -> Sums:
         return Sums(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))

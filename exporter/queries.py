@@ -7,34 +7,91 @@ constant fragments like these, and values always travel as bind parameters.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
-# Why a cost_ledger row is left out of every sum, tested in this order; a row that passes all
-# checks is valid. NaN compares greater than every number in PostgreSQL, hence its own test.
-COST_ROW_CHECKS: tuple[tuple[str, str], ...] = (
-    ("null_timestamp", "c.ts IS NULL"),
-    ("null_cost", "c.cost_usd IS NULL"),
-    ("nan_cost", "c.cost_usd = 'NaN'"),
-    ("negative_cost", "c.cost_usd < 0"),
-    ("infinite_cost", "c.cost_usd = 'Infinity'"),
-    (
-        "invalid_tokens",
-        "c.input_tokens IS NULL OR c.output_tokens IS NULL"
-        " OR c.input_tokens < 0 OR c.output_tokens < 0",
-    ),
-)
-# A cost_ledger row's (alias c) exclusion reason, NULL when it is valid.
-EXCLUSION_REASON = (
-    "CASE " + " ".join(f"WHEN {test} THEN '{reason}'" for reason, test in COST_ROW_CHECKS) + " END"
-)
+OPTIONAL_TOKENS = ("cache_read_tokens", "cache_write_tokens", "reasoning_tokens")
+"""Optional cost_ledger columns: a relation without one of them reads it as 0."""
 
-# The same test as "no exclusion reason", written as a plain conjunction so the planner can
-# estimate it from column statistics (it cannot see through the CASE, guessed 0.2 % of rows
-# valid, and chose joins that scan the whole ledger). NULLs fail every comparison, NaN fails
-# "< 'Infinity'".
-VALID = """(c.ts IS NOT NULL AND c.cost_usd >= 0 AND c.cost_usd < 'Infinity'
-             AND c.input_tokens >= 0 AND c.output_tokens >= 0)"""
 
-# Tokens are summed as numeric: two counts near the bigint limit must not overflow.
+@dataclass(frozen=True)
+class Columns:
+    """Which optional cost_ledger columns the relation has: the SQL is written for them.
+
+    Every statement that tests a row's validity is built from one of these, so a relation
+    without the optional columns works as one with them all NULL.
+    """
+
+    present: frozenset[str] = frozenset()
+
+    def ref(self, column: str) -> str:
+        """The column of alias ``c``, or a NULL of its type when the relation lacks it."""
+        return f"c.{column}" if column in self.present else "NULL::bigint"
+
+    @property
+    def checks(self) -> tuple[tuple[str, str], ...]:
+        """Why a cost_ledger row is left out of every sum, tested in this order.
+
+        A row that passes all checks is valid. NaN compares greater than every number in
+        PostgreSQL, hence its own test; an optional token count may be NULL (0), but not
+        negative, infinite or NaN (a numeric or float column in a view): NaN is the largest
+        float8, so ">= 'Infinity'" catches both.
+        """
+        optional = " ".join(
+            f" OR c.{col} < 0 OR c.{col}::float8 >= 'Infinity'"
+            for col in OPTIONAL_TOKENS
+            if col in self.present
+        )
+        return (
+            ("null_timestamp", "c.ts IS NULL"),
+            ("null_cost", "c.cost_usd IS NULL"),
+            ("nan_cost", "c.cost_usd = 'NaN'"),
+            ("negative_cost", "c.cost_usd < 0"),
+            ("infinite_cost", "c.cost_usd = 'Infinity'"),
+            (
+                "invalid_tokens",
+                "c.input_tokens IS NULL OR c.output_tokens IS NULL"
+                " OR c.input_tokens < 0 OR c.output_tokens < 0" + optional,
+            ),
+        )
+
+    @property
+    def reason(self) -> str:
+        """A cost_ledger row's (alias c) exclusion reason, NULL when it is valid."""
+        tests = " ".join(f"WHEN {test} THEN '{reason}'" for reason, test in self.checks)
+        return f"CASE {tests} END"
+
+    @property
+    def valid(self) -> str:
+        """The same test as "no exclusion reason", as a plain conjunction.
+
+        The planner can estimate it from column statistics (it cannot see through the CASE,
+        guessed 0.2 % of rows valid, and chose joins that scan the whole ledger). NULLs fail
+        every comparison, NaN fails "< 'Infinity'".
+        """
+        optional = "".join(
+            f" AND (c.{col} IS NULL OR (c.{col} >= 0 AND c.{col}::float8 < 'Infinity'))"
+            for col in OPTIONAL_TOKENS
+            if col in self.present
+        )
+        return f"""(c.ts IS NOT NULL AND c.cost_usd >= 0 AND c.cost_usd < 'Infinity'
+             AND c.input_tokens >= 0 AND c.output_tokens >= 0{optional})"""
+
+    def sums(self) -> str:
+        """The exact sums every cumulative counter is built from (``incremental.Sums``)."""
+        optional = "".join(
+            f",\n           sum({self.ref(col)}) AS {col}" for col in OPTIONAL_TOKENS
+        )
+        return f"""count(*) AS calls,
+           sum({COST}) AS cost,
+           sum(c.input_tokens) AS input_tokens,
+           sum(c.output_tokens) AS output_tokens{optional}"""
+
+
+REASONS = tuple(reason for reason, _ in Columns().checks)
+"""Every exclusion reason of cost_ledger rows (the same whatever columns are present)."""
+
+# Tokens of the window families (waste, provider breakdown): fresh input + output, summed as
+# numeric: two counts near the bigint limit must not overflow.
 TOKENS = "(c.input_tokens::numeric + c.output_tokens)"
 
 # Costs are summed as numeric, also from a view whose column is a float: the sums are exact and
@@ -51,36 +108,49 @@ class Query:
     sql: str
 
 
+# The series of the cumulative counters: labels, the model, and the price period (the index of
+# the row's time among %(price_dates)s, the catalogue's price changes: list prices are applied
+# to exact token sums per model and period).
+SERIES = (
+    "c.quest, c.layer, c.provider, c.model,"
+    " width_bucket(c.ts, %(price_dates)s::timestamptz[]) AS period"
+)
+
 # The snapshot of the refresh's transaction: every transaction with an xid below ``xmin`` has
-# finished; ``xmax`` is the first xid not yet assigned when the snapshot was taken.
+# finished; ``xmax`` is the first xid not yet assigned when the snapshot was taken. And which
+# optional columns cost_ledger has (a view may be redefined at any time).
 SNAPSHOT = Query(
     "snapshot",
     """
     SELECT pg_snapshot_xmin(pg_current_snapshot())::text::numeric AS xmin,
-           pg_snapshot_xmax(pg_current_snapshot())::text::numeric AS xmax
+           pg_snapshot_xmax(pg_current_snapshot())::text::numeric AS xmax,
+           ARRAY(SELECT a.attname::text FROM pg_attribute a
+                 WHERE a.attrelid = to_regclass('cost_ledger') AND a.attnum > 0
+                   AND NOT a.attisdropped AND a.attname = ANY (%(optional)s)) AS columns
     """,
 )
 
 
 # --- Backfill (a one-off history export, not part of a refresh) ------------------------------
 
-# Valid rows per hour from %(start)s to %(end)s, and one row per series of everything before.
-HOURLY_SPEND = Query(
-    "hourly_spend",
-    f"""
-    SELECT CASE WHEN c.ts < %(start)s THEN NULL
-                ELSE date_bin('1 hour', c.ts, %(start)s) END AS hour,
-           c.quest, c.layer, c.provider,
-           count(*) AS calls,
-           sum({COST}) AS cost,
-           sum(c.input_tokens) AS input_tokens,
-           sum(c.output_tokens) AS output_tokens
-    FROM cost_ledger c
-    WHERE c.ts < %(end)s AND {VALID}
-    GROUP BY 1, 2, 3, 4
-    ORDER BY 1 NULLS FIRST
-    """,
-)
+
+@cache
+def hourly_spend(cols: Columns) -> Query:
+    """Valid rows per hour from %(start)s to %(end)s, one row per series for all before."""
+    return Query(
+        "hourly_spend",
+        f"""
+        SELECT CASE WHEN c.ts < %(start)s THEN NULL
+                    ELSE date_bin('1 hour', c.ts, %(start)s) END AS hour,
+               {SERIES},
+               {cols.sums()}
+        FROM cost_ledger c
+        WHERE c.ts < %(end)s AND {cols.valid}
+        GROUP BY 1, 2, 3, 4, 5, 6
+        ORDER BY 1 NULLS FIRST
+        """,
+    )
+
 
 BUDGET_DAYS = Query(
     "budget_days",

@@ -25,7 +25,7 @@ from exporter.health import Health, QueryHealth
 from exporter.incremental import Plan, Watermark
 from exporter.labels import ProviderFamilies
 from exporter.logs import error_fields, event
-from exporter.queries import SNAPSHOT
+from exporter.queries import OPTIONAL_TOKENS, SNAPSHOT, Columns
 from exporter.snapshot import Snapshot
 from exporter.sources import Instants, Refresh, Source, Statement, build_ledger, sources
 
@@ -76,6 +76,7 @@ class Refresher:
         self._outage = 0  # consecutive refreshes that could not reach the database
         self.watermark = Watermark(settings.reconcile_interval_seconds)
         self._plan: Plan | None = None
+        self._columns = Columns()  # the optional cost_ledger columns of the last refresh
         self.health = Health(
             interval=settings.interval_seconds,
             window=settings.window_days * 86400.0,
@@ -102,6 +103,11 @@ class Refresher:
     def source(self, kind: type[S]) -> S:
         """The refresher's source of that kind (for backfill, bench and tests)."""
         return next(s for s in self.sources if isinstance(s, kind))
+
+    @property
+    def columns(self) -> Columns:
+        """The optional cost_ledger columns the last refresh found."""
+        return self._columns
 
     @property
     def ledger(self) -> LedgerFamilies:
@@ -149,9 +155,14 @@ class Refresher:
         ok = True
         try:
             with conn.transaction():
-                (snap,) = conn.execute(SNAPSHOT.sql).fetchall()
+                (snap,) = conn.execute(SNAPSHOT.sql, {"optional": list(OPTIONAL_TOKENS)}).fetchall()
+                columns = Columns(frozenset(snap.columns))
+                if columns != self._columns:
+                    # Rows already folded were read without (or with) these columns.
+                    self.watermark.last_full = None
                 self._plan = self.watermark.plan(int(snap.xmin), int(snap.xmax), self._clock())
-                refresh = Refresh(instants, self._plan, self.watermark, self._clock())
+                self._columns = columns
+                refresh = Refresh(instants, self._plan, self.watermark, self._clock(), columns)
                 for query, source in self._by_query.items():
                     if self._closing.is_set():  # shutting down: start no further query
                         return False
@@ -219,7 +230,7 @@ class Refresher:
         """
         if self._plan is None:
             raise RuntimeError("no refresh has run yet")
-        refresh = Refresh(instants, self._plan, self.watermark, self._clock())
+        refresh = Refresh(instants, self._plan, self.watermark, self._clock(), self._columns)
         return self._by_query[query].statement(query, refresh)
 
     def _connection(self) -> psycopg.Connection[Any]:

@@ -9,9 +9,10 @@ from __future__ import annotations
 import math
 import unicodedata
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from decimal import Decimal
+from importlib.metadata import version as _version
 from typing import Any
 
 import psycopg
@@ -23,6 +24,7 @@ FAMILY_OF = {
     "max/claude-sonnet-4": "max",
     "MAX/Claude-Opus-4": "max",
     "codex:gpt-5-codex": "codex",
+    "codex:gpt-5.6-luna": "codex",
     "bedrock/us.anthropic.claude-sonnet-4": "bedrock",
     "bedrock/us.anthropic.claude-opus-4": "bedrock",
     "MiniMax-M2": "minimax",
@@ -35,6 +37,41 @@ FAMILY_OF = {
     "maximal-model": "other",
 }
 FAMILIES = ("bedrock", "codex", "minimax", "glm", "max", "other")
+# The genai-prices provider whose list prices apply to each family by default.
+PRICE_PROVIDER = {
+    "bedrock": "aws",
+    "codex": "openai",
+    "minimax": "minimax",
+    "glm": "zai",
+    "max": "anthropic",
+}
+# The model label of each raw provider string (model column NULL), and of model column values.
+MODEL_OF = {
+    "max/claude-opus-4": "claude-opus-4",
+    "max/claude-sonnet-4": "claude-sonnet-4",
+    "MAX/Claude-Opus-4": "claude-opus-4",
+    "codex:gpt-5-codex": "gpt-5-codex",
+    "codex:gpt-5.6-luna": "gpt-5.6-luna",
+    "bedrock/us.anthropic.claude-sonnet-4": "claude-sonnet-4",
+    "bedrock/us.anthropic.claude-opus-4": "claude-opus-4",
+    "MiniMax-M2": "minimax-m2",
+    "minimax/abab7": "abab7",
+    "glm-4.6": "glm-4.6",
+    "zhipu/glm-4.5-air": "glm-4.5-air",
+    "openrouter/deepseek-v3.1": "deepseek-v3.1",
+    "local/llama-3.1-70b": "llama-3.1-70b",
+    "together:qwen3-coder": "qwen3-coder",
+    "maximal-model": "maximal-model",
+    # model column values
+    "claude-opus-4": "claude-opus-4",
+    "claude-sonnet-4": "claude-sonnet-4",
+    "claude-sonnet-4-5-20250929": "claude-sonnet-4-5",
+    "us.anthropic.claude-sonnet-4-20250514-v1:0": "claude-sonnet-4",
+    "us.anthropic.claude-opus-4-20250514-v1:0": "claude-opus-4",
+    "gpt-5-codex": "gpt-5-codex",
+    "deepseek-v3.1": "deepseek-v3.1",
+    "llama-3.1-70b": "llama-3.1-70b",
+}
 
 
 @dataclass
@@ -50,6 +87,35 @@ class Call:
     output_tokens: int | None = 50
     cost_usd: Decimal | None = Decimal("1")
     model: str | None = None
+    cache_read_tokens: int | None = None
+    cache_write_tokens: int | None = None
+    reasoning_tokens: int | None = None
+
+    def ref(self) -> str | None:
+        """What the call names as its model: the model column, else the provider's tail."""
+        if self.model:
+            return self.model.lower()
+        if not self.provider:
+            return None
+        raw = self.provider.lower()
+        if "/" in raw:
+            return raw.split("/", 1)[1]
+        head, sep, tail = raw.partition(":")
+        return tail if sep and head.isalnum() else raw
+
+    def model_label(self) -> str:
+        if self.model is None and self.provider is None:
+            return "unknown"
+        return MODEL_OF[self.model if self.model is not None else self.provider]  # type: ignore[index]
+
+    def categories(self) -> dict[str, int]:
+        """Tokens by the ``direction`` label (disjoint)."""
+        return {
+            "input": self.input_tokens or 0,
+            "output": self.output_tokens or 0,
+            "cache_read": self.cache_read_tokens or 0,
+            "cache_write": self.cache_write_tokens or 0,
+        }
 
 
 @dataclass
@@ -87,9 +153,12 @@ def from_plan(plan: Any) -> tuple[list[Call], list[Impact], list[Budget]]:
             model=m,
             input_tokens=i,
             output_tokens=o,
+            cache_read_tokens=cr,
+            cache_write_tokens=cw,
+            reasoning_tokens=r,
             cost_usd=Decimal(str(c)),
         )
-        for ts, t, q, la, p, m, i, o, c in generate.cost_rows(plan)
+        for ts, t, q, la, p, m, i, o, cr, cw, r, c in generate.cost_rows(plan)
     ]
     impacts = [
         Impact(task_id=t, title=ti, quest=q, layer=la, impact_score=s, measured_at=at)
@@ -125,7 +194,8 @@ def insert(
     with psycopg.connect(dsn, autocommit=True) as conn, conn.cursor() as cur:
         cur.executemany(
             "INSERT INTO cost_ledger (ts, task_id, quest, layer, provider, model, input_tokens,"
-            " output_tokens, cost_usd) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            " output_tokens, cache_read_tokens, cache_write_tokens, reasoning_tokens, cost_usd)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
             [
                 (
                     c.ts,
@@ -136,6 +206,9 @@ def insert(
                     c.model,
                     c.input_tokens,
                     c.output_tokens,
+                    c.cache_read_tokens,
+                    c.cache_write_tokens,
+                    c.reasoning_tokens,
                     c.cost_usd,
                 )
                 for c in calls
@@ -189,7 +262,9 @@ class Rules:
     top_waste: int = 20
     max_quests: int = 50
     max_layers: int = 10
+    max_models: int = 25
     max_len: int = 128
+    catalogue: str = field(default_factory=lambda: f"genai-prices-{_version('genai-prices')}")
 
 
 def _label(v: str | None, max_len: int) -> str:
@@ -205,12 +280,48 @@ def _valid(c: Call) -> bool:
     cost = Decimal(c.cost_usd)
     if cost.is_nan() or cost < 0 or cost.is_infinite():
         return False
+    optional = (c.cache_read_tokens, c.cache_write_tokens, c.reasoning_tokens)
     return not (
         c.input_tokens is None
         or c.output_tokens is None
         or c.input_tokens < 0
         or c.output_tokens < 0
+        or any(v is not None and v < 0 for v in optional)
     )
+
+
+_CATALOGUE: dict[str, Any] = {}
+
+
+def list_price(c: Call) -> Decimal | None:
+    """The call's value at its provider's list price in genai-prices, on the call's day."""
+    from genai_prices import data_snapshot
+
+    if not _CATALOGUE:
+        _CATALOGUE.update({p.id: p for p in data_snapshot.get_snapshot().providers})
+    provider = PRICE_PROVIDER.get(FAMILY_OF.get(c.provider or "", "other"))
+    if provider is None:
+        return None
+    ref = c.ref()
+    found = ref and (
+        _CATALOGUE[provider].find_model(ref) or _CATALOGUE[provider].find_model(c.model_label())
+    )
+    if not found:
+        return None
+    p = found.get_prices(c.ts)
+
+    def per_mtok(v: Any) -> Decimal | None:
+        return None if v is None else Decimal(getattr(v, "base", v))
+
+    pin, pout = per_mtok(p.input_mtok), per_mtok(p.output_mtok)
+    if pin is None or pout is None:
+        return None
+    pcr = per_mtok(p.cache_read_mtok) or pin
+    pcw = per_mtok(p.cache_write_mtok) or pin
+    k = c.categories()
+    return (
+        k["input"] * pin + k["output"] * pout + k["cache_read"] * pcr + k["cache_write"] * pcw
+    ) / Decimal(1_000_000)
 
 
 def expected(
@@ -276,20 +387,49 @@ def expected(
     fq = lambda v: lab(v) if lab(v) in kept_q else "other"  # noqa: E731
     fl = lambda v: lab(v) if lab(v) in kept_l else "other"  # noqa: E731
 
+    # Models keep a label when among the max_models largest by window spend or window tokens.
+    mw: dict[str, float] = defaultdict(float)
+    mt: dict[str, float] = defaultdict(float)
+    for c in valid:
+        inside = c.ts >= window_start  # type: ignore[operator]
+        mw[c.model_label()] += float(c.cost_usd) if inside else 0.0  # type: ignore[arg-type]
+        mt[c.model_label()] += sum(c.categories().values()) if inside else 0.0
+
+    def top(weights: dict[str, float]) -> set[str]:
+        ranked = sorted(weights.items(), key=lambda kv: (-kv[1], kv[0]))
+        return {k for k, _ in ranked[: r.max_models]}
+
+    kept_m = top(mw) | top(mt)
+    fm = lambda c: c.model_label() if c.model_label() in kept_m else "other"  # noqa: E731
+
     # Cumulative counters and today's spend.
     spend_today: dict[str, float] = {}
+    listed: dict[Sample, Decimal] = defaultdict(Decimal)
     for c in valid:
-        labels = {
-            "quest": fq(c.quest),
-            "layer": fl(c.layer),
-            "provider": FAMILY_OF.get(c.provider or "", "other"),
-        }
+        fam = FAMILY_OF.get(c.provider or "", "other")
+        labels = {"quest": fq(c.quest), "layer": fl(c.layer), "provider": fam}
+        per_model = {"provider": fam, "model": fm(c)}
         add("scidex_spend_usd_total", float(c.cost_usd), **labels)  # type: ignore[arg-type]
         add("scidex_llm_calls_total", 1, **labels)
-        add("scidex_tokens_total", c.input_tokens, direction="input", **labels)  # type: ignore[arg-type]
-        add("scidex_tokens_total", c.output_tokens, direction="output", **labels)  # type: ignore[arg-type]
+        add("scidex_reasoning_tokens_total", c.reasoning_tokens or 0, **labels)
+        add("scidex_model_spend_usd_total", float(c.cost_usd), **per_model)  # type: ignore[arg-type]
+        add("scidex_model_calls_total", 1, **per_model)
+        for direction, n in c.categories().items():
+            add("scidex_tokens_total", n, direction=direction, **labels)
+            add("scidex_model_tokens_total", n, direction=direction, **per_model)
+        value = list_price(c)
+        if value is None:
+            add("scidex_unpriced_calls_total", 1, **per_model)
+            for direction, n in c.categories().items():
+                add("scidex_unpriced_tokens_total", n, direction=direction, **per_model)
+        else:
+            listed[key("scidex_list_price_usd_total", catalogue=r.catalogue, **labels)] += value
+            listed[
+                key("scidex_model_list_price_usd_total", catalogue=r.catalogue, **per_model)
+            ] += value
         if c.ts >= today_start:  # type: ignore[operator]
             spend_today[fq(c.quest)] = spend_today.get(fq(c.quest), 0.0) + float(c.cost_usd)  # type: ignore[arg-type]
+    out.update({k: float(v) for k, v in listed.items()})
     if valid:
         out[key("scidex_ledger_last_call_timestamp_seconds")] = max(c.ts.timestamp() for c in valid)  # type: ignore[union-attr]
     reasons = [

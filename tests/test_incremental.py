@@ -16,7 +16,7 @@ from exporter.config import load_settings
 from exporter.refresh import Refresher
 from exporter.sources import Instants, WindowSource
 from exporter.sources.spend import SPEND_TOTALS
-from exporter.sources.window import WINDOW_TASKS, WINDOW_TASKS_STEADY
+from exporter.sources.window import WINDOW_TASKS, window_tasks_steady
 from tests.ledger import ledger_samples, parse
 
 NOW = datetime(2026, 11, 20, 15, 0, tzinfo=UTC)
@@ -191,7 +191,8 @@ def test_the_steady_state_reads_only_the_new_rows(dsn: str) -> None:
         plan = "\n".join(
             r[0]
             for r in writer.execute(
-                "EXPLAIN " + SPEND_TOTALS.sql, {"after": top - 10, "safe": top - 5}
+                "EXPLAIN " + SPEND_TOTALS.sql,
+                {"after": top - 10, "safe": top - 5, "price_dates": []},
             ).fetchall()
         )
     assert "cost_ledger_pkey" in plan, plan  # an index range scan, not a scan of the history
@@ -211,7 +212,7 @@ def test_the_steady_state_reads_only_the_new_rows(dsn: str) -> None:
             sql, params = incremental.statement(
                 WINDOW_TASKS.name, Instants.at(NOW, incremental.settings)
             )
-            assert sql == WINDOW_TASKS_STEADY.sql
+            assert sql == window_tasks_steady(incremental.columns).sql
             read = _rows_read(_explain_analyze(conn, sql, params), "cost_ledger")
     assert read <= 2 * (len(new) + len(old)) + 10, read
     incremental.close()
@@ -298,7 +299,9 @@ def test_excluded_rows_are_classified_only_when_there_are_some(dsn: str) -> None
         writer.execute("UPDATE cost_ledger SET cost_usd = 0.5, output_tokens = 10")  # all valid
 
         def ledger_reads() -> tuple[float, list[str]]:
-            plan = _explain_analyze(writer, SPEND_TOTALS.sql, {"after": None, "safe": 10**9})
+            plan = _explain_analyze(
+                writer, SPEND_TOTALS.sql, {"after": None, "safe": 10**9, "price_dates": []}
+            )
             scans = _scans(plan, "cost_ledger")
             whole = [n for n in scans if n["Node Type"] == "Seq Scan" and n["Actual Loops"]]
             return _rows_read(plan, "cost_ledger"), [n.get("Filter") for n in whole]

@@ -69,6 +69,16 @@ def test_generated_ledger_matches_reference_model(dsn: str) -> None:
     want = expected(calls, impacts, budgets, NOW, TODAY, MIDNIGHT)
     assert any(k[0] == "scidex_task_wasted_tokens" for k in want)
     assert any(k[0] == "scidex_task_impact_per_usd" for k in want)
+    # Subscription calls are worth their list price; some models have none.
+    assert any(
+        k[0] == "scidex_list_price_usd_total" and ("provider", "max") in k[1] and v > 0
+        for k, v in want.items()
+    )
+    assert any(k[0] == "scidex_unpriced_calls_total" for k in want)
+    assert any(
+        k[0] == "scidex_tokens_total" and ("direction", "cache_read") in k[1] and v > 0
+        for k, v in want.items()
+    )
     assert_matches(scrape(dsn), want)
 
 

@@ -21,6 +21,7 @@ from exporter.config import Settings
 from exporter.families import LabelGuard
 from exporter.incremental import Plan, Watermark
 from exporter.labels import ProviderFamilies
+from exporter.queries import Columns
 
 Excluded = dict[tuple[str, ...], float]
 """Excluded rows by (relation, reason)."""
@@ -65,6 +66,7 @@ class Refresh:
     plan: Plan
     watermark: Watermark
     clock: float  # Unix time, for the reconciliation schedule
+    columns: Columns  # the optional cost_ledger columns the statements may use
 
 
 class Statement(NamedTuple):

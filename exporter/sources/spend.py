@@ -1,17 +1,19 @@
-"""Spend, tokens and calls: cumulative counters over the whole ledger, and today's spend.
+"""Spend, tokens, calls and list prices: cumulative counters over the whole ledger.
 
-Two statements: SPEND_TOTALS folds the rows after the watermark into exact running sums
-(exporter/incremental.py), SPEND_RECENT reads what depends on time (the window's and today's
-spend per series, the newest call). The cumulative families join the two.
+Two statements: SPEND_TOTALS folds the rows after the watermark into exact running sums per
+series, model and price period (exporter/incremental.py), SPEND_RECENT reads what depends on
+time (the window's spend and tokens that decide which quests and models keep a label, today's
+spend, the newest call). List prices are applied to the exact sums (exporter/prices.py).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from decimal import Decimal
+from functools import cache
 from typing import Any
 
 import psycopg
@@ -20,7 +22,9 @@ from prometheus_client.metrics_core import Metric as Family
 from exporter import catalog as c
 from exporter.families import LabelGuard, Series, as_float, family_of
 from exporter.incremental import ZERO, Plan, Sums
-from exporter.queries import COST, COST_ROW_CHECKS, EXCLUSION_REASON, VALID, Query
+from exporter.models import model_name, model_ref
+from exporter.prices import PriceBook
+from exporter.queries import COST, REASONS, SERIES, Columns, Query
 from exporter.sources.base import Build, Excluded, Refresh, Source, Statement
 
 # Cumulative sums of the rows after id %(after)s (an index range scan of the primary key), split
@@ -38,68 +42,76 @@ from exporter.sources.base import Build, Excluded, Refresh, Source, Statement
 # plan the executor checks before starting that scan). The largest id is read from the end of
 # the primary key, not aggregated over every row.
 _AFTER = "(%(after)s::bigint IS NULL OR c.id > %(after)s)"
-SPEND_TOTALS = Query(
-    "spend_totals",
-    f"""
+_SUMS = ", ".join(f.name for f in fields(Sums))
+
+
+@cache
+def spend_totals(cols: Columns) -> Query:
+    """SPEND_TOTALS for a relation with these optional columns."""
+    nulls = ", ".join("NULL" for _ in fields(Sums)[1:])
+    return Query(
+        "spend_totals",
+        f"""
     WITH g AS MATERIALIZED (
-        SELECT c.id <= %(safe)s AS final, c.quest, c.layer, c.provider, {VALID} IS TRUE AS valid,
-               count(*) AS calls,
-               sum({COST}) AS cost,
-               sum(c.input_tokens) AS input_tokens,
-               sum(c.output_tokens) AS output_tokens
+        SELECT c.id <= %(safe)s AS final, {SERIES}, {cols.valid} IS TRUE AS valid,
+               {cols.sums()}
         FROM cost_ledger c
         WHERE {_AFTER}
-        GROUP BY 1, 2, 3, 4, 5
+        GROUP BY 1, 2, 3, 4, 5, 6, 7
     )
-    SELECT 'sum' AS kind, final, quest, layer, provider, NULL AS reason,
-           calls, cost, input_tokens, output_tokens, NULL::bigint AS max_id
+    SELECT 'sum' AS kind, final, quest, layer, provider, model, period, NULL AS reason,
+           {_SUMS}, NULL::bigint AS max_id
     FROM g
     WHERE valid
     UNION ALL
-    SELECT 'sum', c.id <= %(safe)s, c.quest, c.layer, c.provider, {EXCLUSION_REASON},
-           count(*), NULL, NULL, NULL, NULL
+    SELECT 'sum', c.id <= %(safe)s, c.quest, c.layer, c.provider, NULL, NULL, {cols.reason},
+           count(*), {nulls}, NULL
     FROM cost_ledger c
     WHERE EXISTS (SELECT FROM g WHERE NOT g.valid)
-      AND {_AFTER} AND {VALID} IS NOT TRUE
-    GROUP BY 1, 2, 3, 4, 5, 6
+      AND {_AFTER} AND {cols.valid} IS NOT TRUE
+    GROUP BY 1, 2, 3, 4, 5, 8
     UNION ALL
-    SELECT 'largest', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+    SELECT 'largest', NULL, NULL, NULL, NULL, NULL, NULL, NULL, {nulls}, NULL,
            (SELECT max(c.id) FROM cost_ledger c WHERE {_AFTER})
     """,
-)
+    )
 
-# What depends on time, not on the history: the window's spend (the label guard's weights) and
-# today's, from the ts index; and the newest valid call, from the end of that index.
-SPEND_RECENT = Query(
-    "spend_recent",
-    f"""
-    SELECT 'series' AS kind, c.quest, c.layer, c.provider,
+
+SPEND_TOTALS = spend_totals(Columns())
+"""The statement for a relation without the optional columns (tests, bench)."""
+
+
+# What depends on time, not on the history: the window's spend and tokens per series and model
+# (the label guard's weights) and today's spend, from the ts index; and the newest valid call,
+# from the end of that index.
+@cache
+def spend_recent(cols: Columns) -> Query:
+    cached = "".join(
+        f" + coalesce({cols.ref(col)}, 0)" for col in ("cache_read_tokens", "cache_write_tokens")
+    )
+    tokens = f"c.input_tokens::numeric + c.output_tokens{cached}"
+    return Query(
+        "spend_recent",
+        f"""
+    SELECT 'series' AS kind, c.quest, c.layer, c.provider, c.model,
            sum({COST}) AS cost_window,
+           sum({tokens}) AS tokens_window,
            sum({COST}) FILTER (WHERE c.ts >= %(today_start)s) AS cost_today,
            NULL::timestamptz AS last_ts
     FROM cost_ledger c
-    WHERE c.ts >= %(window_start)s AND {VALID}
-    GROUP BY c.quest, c.layer, c.provider
+    WHERE c.ts >= %(window_start)s AND {cols.valid}
+    GROUP BY c.quest, c.layer, c.provider, c.model
     UNION ALL
-    SELECT 'newest', NULL, NULL, NULL, NULL, NULL,
-           (SELECT c.ts FROM cost_ledger c WHERE {VALID} ORDER BY c.ts DESC LIMIT 1)
+    SELECT 'newest', NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+           (SELECT c.ts FROM cost_ledger c WHERE {cols.valid} ORDER BY c.ts DESC LIMIT 1)
     """,
-)
-
-Key = tuple[Any, Any, Any, Any]  # quest, layer, provider, exclusion reason (None: valid)
+    )
 
 
-@dataclass(frozen=True)
-class SpendRow:
-    """One series of the whole ledger: its running sums and its recent spend."""
+SPEND_RECENT = spend_recent(Columns())
 
-    quest: str | None
-    layer: str | None
-    provider: str | None
-    reason: str | None  # why these rows were excluded; None: valid rows
-    sums: Sums
-    cost_window: Decimal | None
-    cost_today: Decimal | None
+# quest, layer, provider, model, price period, exclusion reason (None: valid)
+Key = tuple[Any, Any, Any, Any, Any, Any]
 
 
 @dataclass
@@ -122,7 +134,8 @@ class SpendTotals:
             if r.kind == "largest":
                 largest = r.max_id
                 continue
-            _add(final if r.final else tail, (r.quest, r.layer, r.provider, r.reason), r)
+            key = (r.quest, r.layer, r.provider, r.model, r.period, r.reason)
+            _add(final if r.final else tail, key, r)
         totals = dict(final)
         for key, sums in tail.items():
             totals[key] = totals.get(key, ZERO) + sums
@@ -136,24 +149,42 @@ def _add(target: dict[Key, Sums], key: Key, row: Any) -> None:
 
 
 class SpendSource(Source):
-    """The cumulative spend, token and call counters, today's spend and the newest call."""
+    """The cumulative spend, token, call and list-price counters, by series and by model;
+    today's spend and the newest call."""
 
     queries = (SPEND_TOTALS.name, SPEND_RECENT.name)
-    feeds = (c.SPEND, c.TOKENS, c.CALLS, c.LEDGER_LAST_CALL, c.QUEST_SPEND_TODAY)
-    exclusions = tuple(("cost_ledger", reason) for reason, _ in COST_ROW_CHECKS)
+    feeds = (
+        c.SPEND,
+        c.TOKENS,
+        c.REASONING_TOKENS,
+        c.CALLS,
+        c.MODEL_SPEND,
+        c.MODEL_TOKENS,
+        c.MODEL_CALLS,
+        c.LIST_PRICE,
+        c.MODEL_LIST_PRICE,
+        c.UNPRICED_CALLS,
+        c.UNPRICED_TOKENS,
+        c.LEDGER_LAST_CALL,
+        c.QUEST_SPEND_TODAY,
+    )
+    exclusions = tuple(("cost_ledger", reason) for reason in REASONS)
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         self.totals = SpendTotals()
-        self._recent: dict[tuple[Any, Any, Any], Any] = {}
+        self.prices = PriceBook(self.settings.providers, self.settings.prices)
+        self._recent: list[Any] = []
         self._newest: datetime | None = None
         self._recent_read = False
 
     def statement(self, query: str, refresh: Refresh) -> Statement:
         if query == SPEND_TOTALS.name:
             plan = refresh.plan
-            return Statement(SPEND_TOTALS.sql, {"after": plan.after, "safe": plan.safe})
-        return Statement(SPEND_RECENT.sql, refresh.instants.params())
+            dates = list(self.prices.dates)
+            params = {"after": plan.after, "safe": plan.safe, "price_dates": dates}
+            return Statement(spend_totals(refresh.columns).sql, params)
+        return Statement(spend_recent(refresh.columns).sql, refresh.instants.params())
 
     def read(self, query: str, cur: psycopg.Cursor[Any], refresh: Refresh) -> None:
         statement = self.statement(query, refresh)
@@ -162,12 +193,12 @@ class SpendSource(Source):
             largest = self.totals.apply(refresh.plan, rows)
             refresh.watermark.record(refresh.plan, largest, refresh.clock)
             return
-        recent, newest = {}, None
+        recent, newest = [], None
         for r in rows:
             if r.kind == "newest":
                 newest = r.last_ts
             else:
-                recent[(r.quest, r.layer, r.provider)] = r
+                recent.append(r)
         self._recent, self._newest, self._recent_read = recent, newest, True
 
     @property
@@ -178,59 +209,34 @@ class SpendSource(Source):
         # Today's spend may lag a failing SPEND_RECENT; the counters are what must be fresh.
         return self.has_data and SPEND_TOTALS.name in fresh
 
-    def series(self) -> list[SpendRow]:
-        """Every series of the whole ledger, joined with its window and today's spend."""
-        out = []
-        for (quest, layer, provider, reason), sums in self.totals.totals.items():
-            w = self._recent.get((quest, layer, provider)) if reason is None else None
-            out.append(
-                SpendRow(
-                    quest=quest,
-                    layer=layer,
-                    provider=provider,
-                    reason=reason,
-                    sums=sums,
-                    cost_window=w.cost_window if w else None,
-                    cost_today=w.cost_today if w else None,
-                )
-            )
-        return out
-
     def weigh(self, labels: LabelGuard) -> None:
-        for r in self.series():
-            if r.reason is None:
-                labels.weigh_quest(r.quest, as_float(r.cost_window))
-                labels.weigh_layer(r.layer, as_float(r.cost_window))
+        # Every quest and layer of the ledger competes for a label, by its window spend; models
+        # by window spend and by window tokens (subscription calls cost $0).
+        for quest, layer, provider, model, _, reason in self.totals.totals:
+            if reason is None:
+                labels.weigh_quest(quest)
+                labels.weigh_layer(layer)
+                labels.weigh_model(model_name(model_ref(provider, model)))
+        for r in self._recent:
+            labels.weigh_quest(r.quest, as_float(r.cost_window))
+            labels.weigh_layer(r.layer, as_float(r.cost_window))
+            name = model_name(model_ref(r.provider, r.model))
+            labels.weigh_model(name, as_float(r.cost_window), as_float(r.tokens_window))
 
     def today(self, labels: LabelGuard) -> Series:
         """Spend since today's midnight per folded quest (quests with spend today)."""
         spend: Series = {}
-        for r in self.series():
-            if r.reason is None and r.cost_today is not None:
+        for r in self._recent:
+            if r.cost_today is not None:
                 key = (labels.q(r.quest),)
                 spend[key] = spend.get(key, 0.0) + as_float(r.cost_today)
         return spend
 
     def build(self, build: Build) -> list[Family]:
-        # Counters are summed exactly and converted to float once: float sums in a different
-        # order (several raw providers fold into one family) can differ in the last bit between
-        # refreshes, and a counter that steps back by one ulp is a reset to Prometheus.
-        labels, family = build.labels, build.providers.family
-        sums: dict[tuple[str, ...], Sums] = defaultdict(lambda: ZERO)
-        for r in self.series():
-            if r.reason is None:
-                key = (*labels.ql(r.quest, r.layer), family(r.provider))
-                sums[key] = sums[key] + r.sums
-        tokens: Series = {}
-        for series, s in sums.items():
-            tokens[(*series, "input")] = float(s.input_tokens)
-            tokens[(*series, "output")] = float(s.output_tokens)
-        families = [
-            family_of(c.SPEND, {k: float(s.cost) for k, s in sums.items()}),
-            family_of(c.TOKENS, tokens),
-            family_of(c.CALLS, {k: float(s.calls) for k, s in sums.items()}),
-        ]
-        if self._newest is not None and any(r.reason is None for r in self.series()):
+        labels = build.labels
+        counters = cumulative(self.totals.totals, labels, build.providers.family, self.prices)
+        families = [family_of(metric, series) for metric, series in counters.items()]
+        if self._newest is not None and counters[c.SPEND]:
             families.append(family_of(c.LEDGER_LAST_CALL, {(): self._newest.timestamp()}))
         today = self.today(labels)
         from exporter.sources.budget import BudgetSource  # budget reads today's spend from here
@@ -244,7 +250,74 @@ class SpendSource(Source):
 
     def excluded(self) -> Excluded:
         out: Excluded = dict.fromkeys(self.exclusions, 0.0)
-        for (_, _, _, reason), sums in self.totals.totals.items():
+        for (_, _, _, _, _, reason), sums in self.totals.totals.items():
             if reason is not None:
                 out[("cost_ledger", reason)] += float(sums.calls)
         return out
+
+
+DIRECTIONS = (
+    ("input", "input_tokens"),
+    ("output", "output_tokens"),
+    ("cache_read", "cache_read_tokens"),
+    ("cache_write", "cache_write_tokens"),
+)
+"""The ``direction`` label of the token families: disjoint, they sum to every token."""
+
+
+def cumulative(
+    totals: Mapping[Key, Sums],
+    labels: LabelGuard,
+    family: Callable[[str | None], str],
+    prices: PriceBook,
+) -> dict[c.MetricSpec, Series]:
+    """Every cumulative counter's series from running totals (live, and backfill per hour).
+
+    Sums are added exactly and converted to float once: float sums in a different order
+    (several raw providers fold into one family) can differ in the last bit between
+    refreshes, and a counter that steps back by one ulp is a reset to Prometheus. List prices
+    are applied to the exact sums of one model in one price period.
+    """
+    by_series: dict[tuple[str, ...], Sums] = defaultdict(lambda: ZERO)
+    by_model: dict[tuple[str, ...], Sums] = defaultdict(lambda: ZERO)
+    listed: dict[tuple[str, ...], Decimal] = defaultdict(Decimal)
+    listed_model: dict[tuple[str, ...], Decimal] = defaultdict(Decimal)
+    unpriced: dict[tuple[str, ...], Sums] = defaultdict(lambda: ZERO)
+    for (quest, layer, provider, model, period, reason), s in totals.items():
+        if reason is not None:
+            continue
+        fam = family(provider)
+        ref = model_ref(provider, model)
+        series = (*labels.ql(quest, layer), fam)
+        per_model = (fam, labels.m(model_name(ref)))
+        by_series[series] += s
+        by_model[per_model] += s
+        price = prices.price(fam, ref, period)
+        if price is None:
+            unpriced[per_model] += s
+        else:
+            value = price.value(s)
+            listed[series] += value
+            listed_model[per_model] += value
+    catalogue = prices.catalogue
+    return {
+        c.SPEND: {k: float(s.cost) for k, s in by_series.items()},
+        c.TOKENS: _tokens(by_series),
+        c.REASONING_TOKENS: {k: float(s.reasoning_tokens) for k, s in by_series.items()},
+        c.CALLS: {k: float(s.calls) for k, s in by_series.items()},
+        c.MODEL_SPEND: {k: float(s.cost) for k, s in by_model.items()},
+        c.MODEL_TOKENS: _tokens(by_model),
+        c.MODEL_CALLS: {k: float(s.calls) for k, s in by_model.items()},
+        c.LIST_PRICE: {(*k, catalogue): float(v) for k, v in listed.items()},
+        c.MODEL_LIST_PRICE: {(*k, catalogue): float(v) for k, v in listed_model.items()},
+        c.UNPRICED_CALLS: {k: float(s.calls) for k, s in unpriced.items()},
+        c.UNPRICED_TOKENS: _tokens(unpriced),
+    }
+
+
+def _tokens(sums: Mapping[tuple[str, ...], Sums]) -> Series:
+    return {
+        (*key, direction): float(getattr(s, attr))
+        for key, s in sums.items()
+        for direction, attr in DIRECTIONS
+    }

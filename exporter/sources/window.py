@@ -8,6 +8,7 @@ window's tasks, a steady refresh the rows after the watermark and the impacts.
 from __future__ import annotations
 
 from collections import defaultdict
+from functools import cache
 from typing import Any
 
 import psycopg
@@ -15,7 +16,7 @@ from prometheus_client.metrics_core import Metric as Family
 
 from exporter import catalog as c
 from exporter.families import LabelGuard, Series, as_float, family_of
-from exporter.queries import COST, TOKENS, VALID, Query
+from exporter.queries import COST, TOKENS, Columns, Query
 from exporter.sources.base import Build, Refresh, Source, Statement
 from exporter.tasks import WindowRow, WindowTasks, summarize
 
@@ -50,116 +51,124 @@ def _impacts(tasks: str) -> str:
 # their whole history made the planner hash-join (scan) the whole ledger once the history
 # outgrew the window. The latest valid row is looked up only when a task's rows disagree on the
 # labels (hashing beats sorting the window by task and time to find it).
-WINDOW_TASKS = Query(
-    "window_tasks",
-    f"""
-    WITH win AS (
-        SELECT c.id <= %(safe)s AS final, c.task_id, c.provider,
-               min(c.quest COLLATE "C") AS quest, max(c.quest COLLATE "C") AS quest_max,
-               min(c.layer COLLATE "C") AS layer, max(c.layer COLLATE "C") AS layer_max,
-               bool_and(c.quest IS NOT NULL AND c.layer IS NOT NULL) AS labelled,
-               sum({COST}) AS cost,
-               sum({TOKENS}) AS tokens,
-               max(c.ts) AS last_ts
-        FROM cost_ledger c
-        WHERE c.ts >= %(window_start)s AND c.task_id IS NOT NULL AND {VALID}
-        GROUP BY 1, 2, 3
-    ),
-    win_tasks AS (
-        SELECT final, task_id, min(quest) AS quest, max(quest_max) AS quest_max,
-               min(layer) AS layer, max(layer_max) AS layer_max, bool_and(labelled) AS labelled,
-               max(last_ts) AS last_ts
+@cache
+def window_tasks(cols: Columns) -> Query:
+    """Rebuilds the per-task sums of the window's tasks (first refresh and reconciliation)."""
+    return Query(
+        "window_tasks",
+        f"""
+        WITH win AS (
+            SELECT c.id <= %(safe)s AS final, c.task_id, c.provider,
+                   min(c.quest COLLATE "C") AS quest, max(c.quest COLLATE "C") AS quest_max,
+                   min(c.layer COLLATE "C") AS layer, max(c.layer COLLATE "C") AS layer_max,
+                   bool_and(c.quest IS NOT NULL AND c.layer IS NOT NULL) AS labelled,
+                   sum({COST}) AS cost,
+                   sum({TOKENS}) AS tokens,
+                   max(c.ts) AS last_ts
+            FROM cost_ledger c
+            WHERE c.ts >= %(window_start)s AND c.task_id IS NOT NULL AND {cols.valid}
+            GROUP BY 1, 2, 3
+        ),
+        win_tasks AS (
+            SELECT final, task_id, min(quest) AS quest, max(quest_max) AS quest_max,
+                   min(layer) AS layer, max(layer_max) AS layer_max, bool_and(labelled) AS labelled,
+                   max(last_ts) AS last_ts
+            FROM win
+            GROUP BY final, task_id
+        ),
+        tracked AS (SELECT DISTINCT task_id FROM win_tasks)
+        SELECT 'sum' AS kind, CASE WHEN final THEN 0 ELSE 2 END AS part, task_id, provider,
+               NULL AS quest, NULL AS layer, cost, tokens, NULL::timestamptz AS last_ts,
+               NULL::float8 AS impact
         FROM win
-        GROUP BY final, task_id
-    ),
-    tracked AS (SELECT DISTINCT task_id FROM win_tasks)
-    SELECT 'sum' AS kind, CASE WHEN final THEN 0 ELSE 2 END AS part, task_id, provider,
-           NULL AS quest, NULL AS layer, cost, tokens, NULL::timestamptz AS last_ts,
-           NULL::float8 AS impact
-    FROM win
-    UNION ALL
-    SELECT 'sum', CASE WHEN b.final THEN 0 ELSE 2 END, t.task_id, b.provider, NULL, NULL,
-           b.cost, b.tokens, NULL, NULL
-    FROM tracked t
-    CROSS JOIN LATERAL (
-        SELECT c.id <= %(safe)s AS final, c.provider,
-               sum({COST}) AS cost, sum({TOKENS}) AS tokens
-        FROM cost_ledger c
-        WHERE c.task_id = t.task_id AND c.ts < %(window_start)s AND {VALID}
-        GROUP BY 1, 2
-    ) b
-    UNION ALL
-    SELECT 'label', CASE WHEN w.final THEN 0 ELSE 2 END, w.task_id, NULL,
-           CASE WHEN latest.found THEN latest.quest ELSE w.quest END,
-           CASE WHEN latest.found THEN latest.layer ELSE w.layer END,
-           NULL, NULL, w.last_ts, NULL
-    FROM win_tasks w
-    LEFT JOIN LATERAL (
-        SELECT true AS found, c.quest, c.layer
-        FROM cost_ledger c
-        WHERE NOT (w.labelled AND w.quest = w.quest_max AND w.layer = w.layer_max)
-          AND c.task_id = w.task_id AND c.ts = w.last_ts AND (c.id <= %(safe)s) = w.final
-          AND {VALID}
-        ORDER BY c.id DESC
-        LIMIT 1
-    ) latest ON true
-    UNION ALL
-    {_impacts("SELECT task_id FROM tracked")}
-    """,
-)
-"""Rebuilds the per-task sums of the window's tasks (first refresh and reconciliation)."""
+        UNION ALL
+        SELECT 'sum', CASE WHEN b.final THEN 0 ELSE 2 END, t.task_id, b.provider, NULL, NULL,
+               b.cost, b.tokens, NULL, NULL
+        FROM tracked t
+        CROSS JOIN LATERAL (
+            SELECT c.id <= %(safe)s AS final, c.provider,
+                   sum({COST}) AS cost, sum({TOKENS}) AS tokens
+            FROM cost_ledger c
+            WHERE c.task_id = t.task_id AND c.ts < %(window_start)s AND {cols.valid}
+            GROUP BY 1, 2
+        ) b
+        UNION ALL
+        SELECT 'label', CASE WHEN w.final THEN 0 ELSE 2 END, w.task_id, NULL,
+               CASE WHEN latest.found THEN latest.quest ELSE w.quest END,
+               CASE WHEN latest.found THEN latest.layer ELSE w.layer END,
+               NULL, NULL, w.last_ts, NULL
+        FROM win_tasks w
+        LEFT JOIN LATERAL (
+            SELECT true AS found, c.quest, c.layer
+            FROM cost_ledger c
+            WHERE NOT (w.labelled AND w.quest = w.quest_max AND w.layer = w.layer_max)
+              AND c.task_id = w.task_id AND c.ts = w.last_ts AND (c.id <= %(safe)s) = w.final
+              AND {cols.valid}
+            ORDER BY c.id DESC
+            LIMIT 1
+        ) latest ON true
+        UNION ALL
+        {_impacts("SELECT task_id FROM tracked")}
+        """,
+    )
+
+
+WINDOW_TASKS = window_tasks(Columns())
+
 
 # Add the rows after %(after)s (a primary-key range scan) to the tasks the exporter holds
 # (%(tracked)s, a JSON array: tens of thousands of ids dump and parse faster than a text[]).
 # For a tail task it does not hold (a new task, or an old one back in the window), read
 # everything up to %(after)s once.
-WINDOW_TASKS_STEADY = Query(
-    "window_tasks",
-    f"""
-    WITH tracked AS (SELECT json_array_elements_text(%(tracked)s::json) AS task_id),
-    tail AS MATERIALIZED (
-        SELECT CASE WHEN c.id <= %(safe)s THEN 1 ELSE 2 END AS part, c.id, c.task_id,
-               c.provider, c.quest, c.layer, c.ts, {COST} AS cost_usd, {TOKENS} AS tokens
-        FROM cost_ledger c
-        WHERE c.id > %(after)s AND c.task_id IS NOT NULL AND {VALID}
-    ),
-    fresh AS (
-        SELECT DISTINCT t.task_id FROM tail t
-        WHERE NOT EXISTS (SELECT FROM tracked k WHERE k.task_id = t.task_id)
+@cache
+def window_tasks_steady(cols: Columns) -> Query:
+    """Adds the rows after the watermark to the per-task sums the exporter holds."""
+    return Query(
+        "window_tasks",
+        f"""
+        WITH tracked AS (SELECT json_array_elements_text(%(tracked)s::json) AS task_id),
+        tail AS MATERIALIZED (
+            SELECT CASE WHEN c.id <= %(safe)s THEN 1 ELSE 2 END AS part, c.id, c.task_id,
+                   c.provider, c.quest, c.layer, c.ts, {COST} AS cost_usd, {TOKENS} AS tokens
+            FROM cost_ledger c
+            WHERE c.id > %(after)s AND c.task_id IS NOT NULL AND {cols.valid}
+        ),
+        fresh AS (
+            SELECT DISTINCT t.task_id FROM tail t
+            WHERE NOT EXISTS (SELECT FROM tracked k WHERE k.task_id = t.task_id)
+        )
+        SELECT 'sum' AS kind, 0 AS part, f.task_id, h.provider, NULL AS quest, NULL AS layer,
+               h.cost, h.tokens, NULL::timestamptz AS last_ts, NULL::float8 AS impact
+        FROM fresh f
+        CROSS JOIN LATERAL (
+            SELECT c.provider, sum({COST}) AS cost, sum({TOKENS}) AS tokens
+            FROM cost_ledger c
+            WHERE c.task_id = f.task_id AND c.id <= %(after)s AND {cols.valid}
+            GROUP BY c.provider
+        ) h
+        UNION ALL
+        SELECT 'label', 0, f.task_id, NULL, h.quest, h.layer, NULL, NULL, h.ts, NULL
+        FROM fresh f
+        CROSS JOIN LATERAL (
+            SELECT c.quest, c.layer, c.ts
+            FROM cost_ledger c
+            WHERE c.task_id = f.task_id AND c.id <= %(after)s AND {cols.valid}
+            ORDER BY c.ts DESC, c.id DESC
+            LIMIT 1
+        ) h
+        UNION ALL
+        SELECT 'sum', part, task_id, provider, NULL, NULL, sum(cost_usd), sum(tokens), NULL, NULL
+        FROM tail
+        GROUP BY part, task_id, provider
+        UNION ALL
+        (SELECT DISTINCT ON (part, task_id)
+                'label', part, task_id, NULL, quest, layer, NULL, NULL, ts, NULL
+         FROM tail
+         ORDER BY part, task_id, ts DESC, id DESC)
+        UNION ALL
+        {_impacts("SELECT task_id FROM tracked UNION SELECT task_id FROM tail")}
+        """,
     )
-    SELECT 'sum' AS kind, 0 AS part, f.task_id, h.provider, NULL AS quest, NULL AS layer,
-           h.cost, h.tokens, NULL::timestamptz AS last_ts, NULL::float8 AS impact
-    FROM fresh f
-    CROSS JOIN LATERAL (
-        SELECT c.provider, sum({COST}) AS cost, sum({TOKENS}) AS tokens
-        FROM cost_ledger c
-        WHERE c.task_id = f.task_id AND c.id <= %(after)s AND {VALID}
-        GROUP BY c.provider
-    ) h
-    UNION ALL
-    SELECT 'label', 0, f.task_id, NULL, h.quest, h.layer, NULL, NULL, h.ts, NULL
-    FROM fresh f
-    CROSS JOIN LATERAL (
-        SELECT c.quest, c.layer, c.ts
-        FROM cost_ledger c
-        WHERE c.task_id = f.task_id AND c.id <= %(after)s AND {VALID}
-        ORDER BY c.ts DESC, c.id DESC
-        LIMIT 1
-    ) h
-    UNION ALL
-    SELECT 'sum', part, task_id, provider, NULL, NULL, sum(cost_usd), sum(tokens), NULL, NULL
-    FROM tail
-    GROUP BY part, task_id, provider
-    UNION ALL
-    (SELECT DISTINCT ON (part, task_id)
-            'label', part, task_id, NULL, quest, layer, NULL, NULL, ts, NULL
-     FROM tail
-     ORDER BY part, task_id, ts DESC, id DESC)
-    UNION ALL
-    {_impacts("SELECT task_id FROM tracked UNION SELECT task_id FROM tail")}
-    """,
-)
-"""Adds the rows after the watermark to the per-task sums the exporter holds."""
 
 
 class WindowSource(Source):
@@ -193,8 +202,9 @@ class WindowSource(Source):
         full, safe = self.tasks.bounds(refresh.plan)
         params = refresh.instants.params() | {"after": self.tasks.frozen_id, "safe": safe}
         if full:
-            return Statement(WINDOW_TASKS.sql, params)
-        return Statement(WINDOW_TASKS_STEADY.sql, params | {"tracked": self.tasks.tracked()})
+            return Statement(window_tasks(refresh.columns).sql, params)
+        steady = window_tasks_steady(refresh.columns).sql
+        return Statement(steady, params | {"tracked": self.tasks.tracked()})
 
     def read(self, query: str, cur: psycopg.Cursor[Any], refresh: Refresh) -> None:
         # A rebuild returns rows for every task of the window: they are folded into the

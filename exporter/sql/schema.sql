@@ -9,9 +9,14 @@ CREATE TABLE IF NOT EXISTS cost_ledger (
     layer         text        NOT NULL,
     provider      text        NOT NULL,  -- raw provider/model string, e.g. 'MiniMax-M2'
     model         text,
-    input_tokens  bigint      NOT NULL,
-    output_tokens bigint      NOT NULL,
-    cost_usd      numeric     NOT NULL   -- 0 for subscription providers (max, codex)
+    input_tokens  bigint      NOT NULL,  -- fresh (uncached) input
+    output_tokens bigint      NOT NULL,  -- reasoning included
+    cost_usd      numeric     NOT NULL,  -- 0 for subscription providers (max, codex)
+    -- Optional (a relation without them reads 0): input served from and written to the prompt
+    -- cache, separate from input_tokens; the part of output_tokens spent on reasoning.
+    cache_read_tokens  bigint,
+    cache_write_tokens bigint,
+    reasoning_tokens   bigint
 );
 -- Window families scan the window by time, then look up what each of its tasks spent before it.
 -- The lookup reads only this index (INCLUDE): a long-running task's earlier calls sit together in

@@ -1,0 +1,138 @@
+"""List prices: what a call would have cost at its provider's public API price.
+
+Prices come from `genai-prices` (an offline catalogue kept by Pydantic), looked up under the
+price provider of the call's family (``ProviderRule.price_provider``), overridden or completed
+by the ``prices`` setting. A call whose model has no price is never guessed: it adds nothing
+to a list price and is counted as unpriced.
+
+The catalogue's prices change on dates it records; the cumulative sums are kept per *price
+period* (the interval between two such dates), so each token is priced at the price of its
+day and history keeps its value when the calendar moves on. An upgrade of the catalogue (or a
+change of the ``prices`` setting) may price history differently: the list-price counters carry
+the ``catalogue`` label that says which prices they use, so such a change starts new series
+instead of rewriting old ones (a reset or a jump to Prometheus).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from typing import Any
+
+from exporter.config import DEFAULT_PROVIDER_RULES, ConfigError, PriceOverride, ProviderRule
+from exporter.incremental import Sums
+from exporter.models import model_name
+
+MILLION = Decimal(1_000_000)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class Price:
+    """USD per million tokens of each category (cache prices default to the input price)."""
+
+    input: Decimal
+    output: Decimal
+    cache_read: Decimal
+    cache_write: Decimal
+
+    def value(self, s: Sums) -> Decimal:
+        """The list price of exact token sums (reasoning is part of output)."""
+        return (
+            s.input_tokens * self.input
+            + s.output_tokens * self.output
+            + s.cache_read_tokens * self.cache_read
+            + s.cache_write_tokens * self.cache_write
+        ) / MILLION
+
+
+def _base(value: Any) -> Decimal | None:
+    """A catalogue price; a tiered one at its base tier (sums cannot say which call crossed)."""
+    if value is None:
+        return None
+    return Decimal(getattr(value, "base", value))
+
+
+def _price(input: Any, output: Any, cache_read: Any, cache_write: Any) -> Price | None:
+    i, o = _base(input), _base(output)
+    if i is None or o is None:
+        return None
+    return Price(i, o, _base(cache_read) or i, _base(cache_write) or i)
+
+
+class PriceBook:
+    """The list price of a model in a price period, from the catalogue and the overrides."""
+
+    def __init__(
+        self, rules: tuple[ProviderRule, ...], overrides: tuple[PriceOverride, ...]
+    ) -> None:
+        from genai_prices import __version__, data_snapshot
+
+        self._snapshot = data_snapshot.get_snapshot()
+        providers = {p.id: p for p in self._snapshot.providers}
+        self._provider_of: dict[str, Any] = {}
+        for rule in rules:
+            if rule.price_provider is None:
+                continue
+            if rule.price_provider not in providers:
+                raise ConfigError(
+                    f"setting 'providers': price_provider {rule.price_provider!r} of family"
+                    f" {rule.family!r} is not in genai-prices {__version__}"
+                )
+            self._provider_of[rule.family] = providers[rule.price_provider]
+        self._overrides = {(o.provider, o.model): o for o in overrides}
+        dates = {
+            p.constraint.start_date
+            for provider in self._provider_of.values()
+            for model in provider.models
+            if isinstance(model.prices, list)
+            for p in model.prices
+            if isinstance(getattr(p.constraint, "start_date", None), date)
+        }
+        self.dates: tuple[datetime, ...] = tuple(
+            datetime.combine(d, datetime.min.time(), UTC) for d in sorted(dates)
+        )
+        """Where the catalogue's prices change (UTC midnights): the price periods' bounds."""
+        self.catalogue = f"genai-prices-{__version__}"
+        """Which prices the list-price counters use (their ``catalogue`` label): the
+        catalogue's version, and a digest of the settings when they change its prices."""
+        mapping = [(r.family, r.price_provider) for r in rules]
+        if overrides or mapping != [(r.family, r.price_provider) for r in DEFAULT_PROVIDER_RULES]:
+            digest = json.dumps([[o.model_dump(mode="json") for o in overrides], mapping])
+            self.catalogue += "+" + hashlib.sha256(digest.encode()).hexdigest()[:8]
+        self._cache: dict[tuple[str, str | None, int], Price | None] = {}
+
+    def period_start(self, period: int) -> datetime:
+        """The first instant of a price period (``width_bucket`` over :attr:`dates`)."""
+        return self.dates[period - 1] if period >= 1 else EPOCH
+
+    def price(self, family: str, ref: str | None, period: int) -> Price | None:
+        """The price of a model reference of a provider family in a period, or None."""
+        key = (family, ref, period)
+        if key not in self._cache:
+            self._cache[key] = self._lookup(family, ref, period)
+        return self._cache[key]
+
+    def _lookup(self, family: str, ref: str | None, period: int) -> Price | None:
+        name = model_name(ref)
+        if name is None or ref is None:
+            return None
+        for override in (self._overrides.get((family, name)), self._overrides.get((None, name))):
+            if override is not None:
+                return _price(
+                    override.input_usd_per_mtok,
+                    override.output_usd_per_mtok,
+                    override.cache_read_usd_per_mtok,
+                    override.cache_write_usd_per_mtok,
+                )
+        provider = self._provider_of.get(family)
+        if provider is None:
+            return None
+        model = provider.find_model(ref) or provider.find_model(name)
+        if model is None:
+            return None
+        p = model.get_prices(self.period_start(period))
+        return _price(p.input_mtok, p.output_mtok, p.cache_read_mtok, p.cache_write_mtok)
