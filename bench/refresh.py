@@ -159,6 +159,7 @@ queries:
 # What a query-exporter user writes for the families of our spend query, with the same row
 # validity: the sums, and the rows left out of them by reason (a second query and scan; every
 # reason, zeros included, as ours reports them).
+_COLUMNS = q.Columns(frozenset(q.OPTIONAL_TOKENS))  # the generated ledger has them all
 QE_QUERIES = {
     "spend": (
         "[qe_spend_usd, qe_input_tokens, qe_output_tokens, qe_calls]",
@@ -166,15 +167,15 @@ QE_QUERIES = {
        sum(input_tokens) AS qe_input_tokens, sum(output_tokens) AS qe_output_tokens,
        count(*) AS qe_calls
 FROM cost_ledger c
-WHERE {q.VALID}
+WHERE {_COLUMNS.valid}
 GROUP BY quest, layer, provider""",
     ),
     "excluded": (
         "[qe_excluded_rows]",
         f"""SELECT k.reason, coalesce(x.n, 0) AS qe_excluded_rows
-FROM (VALUES {", ".join(f"('{reason}')" for reason, _ in q.COST_ROW_CHECKS)}) k (reason)
+FROM (VALUES {", ".join(f"('{reason}')" for reason in q.REASONS)}) k (reason)
 LEFT JOIN (SELECT reason, count(*) AS n
-           FROM (SELECT {q.EXCLUSION_REASON} AS reason FROM cost_ledger c) r
+           FROM (SELECT {_COLUMNS.reason} AS reason FROM cost_ledger c) r
            WHERE reason IS NOT NULL
            GROUP BY reason) x USING (reason)""",
     ),

@@ -43,3 +43,11 @@ def test_concurrent_scrapes_during_refreshes(empty_dsn: str) -> None:
         spends.append(sum(v for k, v in samples.items() if k[0] == "scidex_spend_usd_total"))
     assert spends == sorted(spends) and spends[-1] > spends[0], "the numbers did not move"
     assert rss_after <= rss_before * 1.25 + 10_000, (rss_before, rss_after)
+
+
+def test_the_refresh_benchmark_builds_its_baseline_queries() -> None:
+    # bench.refresh runs for minutes outside the suite; its SQL must still follow the contract.
+    from bench import refresh
+
+    spend, excluded = refresh.QE_QUERIES["spend"][1], refresh.QE_QUERIES["excluded"][1]
+    assert "c.cache_read_tokens" in spend and "invalid_tokens" in excluded
