@@ -108,7 +108,8 @@ def psql_floor(dsn: str, runs: int) -> float:
     with psycopg.connect(dsn) as conn:
         refresher.refresh()  # a first refresh: the plan of a full one (nothing final yet)
         cur = psycopg.ClientCursor(conn)
-        script = ["BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY;", q.SNAPSHOT.sql + ";"]
+        snapshot = cur.mogrify(q.SNAPSHOT.sql, {"optional": list(q.OPTIONAL_TOKENS)})
+        script = ["BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY;", snapshot + ";"]
         for source in refresher.sources:
             for query in source.queries:
                 statement = refresher.statement(query, instants)
