@@ -160,7 +160,7 @@ queries:
 # What a query-exporter user writes for the families of our spend query, with the same row
 # validity: the sums, and the rows left out of them by reason (a second query and scan; every
 # reason, zeros included, as ours reports them).
-_COLUMNS = q.Columns(frozenset(q.OPTIONAL_TOKENS))  # the generated ledger has them all
+_COLUMNS = q.Columns(*[frozenset(q.OPTIONAL_TOKENS)] * 2)  # the generated ledger: all, bigint
 QE_QUERIES = {
     "spend": (
         "[qe_spend_usd, qe_input_tokens, qe_output_tokens, qe_calls]",

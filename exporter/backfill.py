@@ -99,9 +99,10 @@ def backfill(
     conn = connect(settings)
     try:
         with conn.transaction():
+            periods = q.Periods(len(spend.price_dates))
             hourly = conn.execute(
-                q.hourly_spend(refresher.columns).sql,
-                {"start": start, "end": end, "price_dates": list(spend.prices.dates)},
+                q.hourly_spend(refresher.columns, periods).sql,
+                {"start": start, "end": end, **q.Periods.params(spend.price_dates)},
             ).fetchall()
             budgets = conn.execute(
                 q.BUDGET_DAYS.sql,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
@@ -24,7 +25,7 @@ from typing import Any
 
 from exporter.config import DEFAULT_PROVIDER_RULES, ConfigError, PriceOverride, ProviderRule
 from exporter.incremental import Sums
-from exporter.models import model_name
+from exporter.models import model_name, model_ref
 
 MILLION = Decimal(1_000_000)
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -71,8 +72,7 @@ class PriceBook:
     ) -> None:
         from genai_prices import __version__, data_snapshot
 
-        self._snapshot = data_snapshot.get_snapshot()
-        providers = {p.id: p for p in self._snapshot.providers}
+        providers = {p.id: p for p in data_snapshot.get_snapshot().providers}
         self._provider_of: dict[str, Any] = {}
         for rule in rules:
             if rule.price_provider is None:
@@ -84,18 +84,6 @@ class PriceBook:
                 )
             self._provider_of[rule.family] = providers[rule.price_provider]
         self._overrides = {(o.provider, o.model): o for o in overrides}
-        dates = {
-            p.constraint.start_date
-            for provider in self._provider_of.values()
-            for model in provider.models
-            if isinstance(model.prices, list)
-            for p in model.prices
-            if isinstance(getattr(p.constraint, "start_date", None), date)
-        }
-        self.dates: tuple[datetime, ...] = tuple(
-            datetime.combine(d, datetime.min.time(), UTC) for d in sorted(dates)
-        )
-        """Where the catalogue's prices change (UTC midnights): the price periods' bounds."""
         self.catalogue = f"genai-prices-{__version__}"
         """Which prices the list-price counters use (their ``catalogue`` label): the
         catalogue's version, and a digest of the settings when they change its prices."""
@@ -103,20 +91,43 @@ class PriceBook:
         if overrides or mapping != [(r.family, r.price_provider) for r in DEFAULT_PROVIDER_RULES]:
             digest = json.dumps([[o.model_dump(mode="json") for o in overrides], mapping])
             self.catalogue += "+" + hashlib.sha256(digest.encode()).hexdigest()[:8]
-        self._cache: dict[tuple[str, str | None, int], Price | None] = {}
+        self._cache: dict[tuple[str, str | None, datetime | None], Price | None] = {}
 
-    def period_start(self, period: int) -> datetime:
-        """The first instant of a price period (``width_bucket`` over :attr:`dates`)."""
-        return self.dates[period - 1] if period >= 1 else EPOCH
+    def dates_of(
+        self, family: Callable[[str | None], str], calls: Iterable[tuple[str | None, str | None]]
+    ) -> set[datetime]:
+        """The dates (UTC midnights) on which the catalogue changes the price of a model of
+        these (raw provider, model) pairs: the sums must be split there."""
+        out: set[datetime] = set()
+        for provider, model in calls:
+            found = self._model(family(provider), model_ref(provider, model))
+            if found is not None and isinstance(found.prices, list):
+                out.update(
+                    datetime.combine(p.constraint.start_date, datetime.min.time(), UTC)
+                    for p in found.prices
+                    if isinstance(getattr(p.constraint, "start_date", None), date)
+                )
+        return out
 
-    def price(self, family: str, ref: str | None, period: int) -> Price | None:
-        """The price of a model reference of a provider family in a period, or None."""
+    def price(self, family: str, ref: str | None, period: datetime | None) -> Price | None:
+        """The price of a model reference of a provider family in a price period (its first
+        instant; None: before every date the sums are split at), or None."""
         key = (family, ref, period)
         if key not in self._cache:
             self._cache[key] = self._lookup(family, ref, period)
         return self._cache[key]
 
-    def _lookup(self, family: str, ref: str | None, period: int) -> Price | None:
+    def _model(self, family: str, ref: str | None) -> Any:
+        """The catalogue's model of a reference (None: an override prices it, or none)."""
+        name = model_name(ref)
+        provider = self._provider_of.get(family)
+        if ref is None or name is None or provider is None:
+            return None
+        if (family, name) in self._overrides or (None, name) in self._overrides:
+            return None
+        return provider.find_model(ref) or provider.find_model(name)
+
+    def _lookup(self, family: str, ref: str | None, period: datetime | None) -> Price | None:
         name = model_name(ref)
         if name is None or ref is None:
             return None
@@ -128,11 +139,8 @@ class PriceBook:
                     override.cache_read_usd_per_mtok,
                     override.cache_write_usd_per_mtok,
                 )
-        provider = self._provider_of.get(family)
-        if provider is None:
-            return None
-        model = provider.find_model(ref) or provider.find_model(name)
+        model = self._model(family, ref)
         if model is None:
             return None
-        p = model.get_prices(self.period_start(period))
+        p = model.get_prices(period or EPOCH)
         return _price(p.input_mtok, p.output_mtok, p.cache_read_mtok, p.cache_write_mtok)

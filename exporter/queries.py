@@ -6,7 +6,9 @@ constant fragments like these, and values always travel as bind parameters.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from functools import cache
 
 OPTIONAL_TOKENS = ("cache_read_tokens", "cache_write_tokens", "reasoning_tokens")
@@ -22,6 +24,12 @@ class Columns:
     """
 
     present: frozenset[str] = frozenset()
+    integer: frozenset[str] = frozenset()
+    """The present ones of an integer type: they cannot hold NaN or infinity, and testing for
+    it would cost a cast per row."""
+
+    def _finite(self, column: str) -> bool:
+        return column in self.integer
 
     def ref(self, column: str) -> str:
         """The column of alias ``c``, or a NULL of its type when the relation lacks it."""
@@ -36,8 +44,8 @@ class Columns:
         negative, infinite or NaN (a numeric or float column in a view): NaN is the largest
         float8, so ">= 'Infinity'" catches both.
         """
-        optional = " ".join(
-            f" OR c.{col} < 0 OR c.{col}::float8 >= 'Infinity'"
+        optional = "".join(
+            f" OR c.{col} < 0" + ("" if self._finite(col) else f" OR c.{col}::float8 >= 'Infinity'")
             for col in OPTIONAL_TOKENS
             if col in self.present
         )
@@ -69,7 +77,9 @@ class Columns:
         every comparison, NaN fails "< 'Infinity'".
         """
         optional = "".join(
-            f" AND (c.{col} IS NULL OR (c.{col} >= 0 AND c.{col}::float8 < 'Infinity'))"
+            f" AND (c.{col} IS NULL OR c.{col} >= 0)"
+            if self._finite(col)
+            else f" AND (c.{col} IS NULL OR (c.{col} >= 0 AND c.{col}::float8 < 'Infinity'))"
             for col in OPTIONAL_TOKENS
             if col in self.present
         )
@@ -108,13 +118,41 @@ class Query:
     sql: str
 
 
-# The series of the cumulative counters: labels, the model, and the price period (the index of
-# the row's time among %(price_dates)s, the catalogue's price changes: list prices are applied
-# to exact token sums per model and period).
-SERIES = (
-    "c.quest, c.layer, c.provider, c.model,"
-    " width_bucket(c.ts, %(price_dates)s::timestamptz[]) AS period"
-)
+@dataclass(frozen=True)
+class Periods:
+    """The price periods of a row (alias c), split at %(d0)s, %(d1)s... (ascending dates).
+
+    ``column`` is the period's first instant: the latest date at or before the row's time
+    (NULL before them all). The sums are grouped by one boolean per date, never by that
+    expression itself: the planner estimates an expression of ``ts`` at one group per row and
+    sorts the ledger instead of hashing it, a boolean at two groups. With no dates (no model of
+    the ledger changes price) the statements group exactly as without periods.
+    """
+
+    dates: int
+
+    @property
+    def flags(self) -> tuple[str, ...]:
+        return tuple(f"(c.ts >= %(d{i})s)" for i in range(self.dates))
+
+    @property
+    def column(self) -> str:
+        if not self.dates:
+            return "NULL::timestamptz"
+        whens = " ".join(
+            f"WHEN {flag} THEN %(d{i})s::timestamptz"
+            for i, flag in reversed(list(enumerate(self.flags)))
+        )
+        return f"CASE {whens} END"
+
+    def group_by(self, *positions: int) -> str:
+        """A GROUP BY of the select list's ``positions`` and the period's flags."""
+        return ", ".join((*map(str, positions), *self.flags))
+
+    @staticmethod
+    def params(dates: Sequence[datetime]) -> dict[str, datetime]:
+        return {f"d{i}": d for i, d in enumerate(dates)}
+
 
 # The snapshot of the refresh's transaction: every transaction with an xid below ``xmin`` has
 # finished; ``xmax`` is the first xid not yet assigned when the snapshot was taken. And which
@@ -126,7 +164,12 @@ SNAPSHOT = Query(
            pg_snapshot_xmax(pg_current_snapshot())::text::numeric AS xmax,
            ARRAY(SELECT a.attname::text FROM pg_attribute a
                  WHERE a.attrelid = to_regclass('cost_ledger') AND a.attnum > 0
-                   AND NOT a.attisdropped AND a.attname = ANY (%(optional)s)) AS columns
+                   AND NOT a.attisdropped AND a.attname = ANY (%(optional)s)) AS columns,
+           ARRAY(SELECT a.attname::text FROM pg_attribute a
+                 WHERE a.attrelid = to_regclass('cost_ledger') AND a.attnum > 0
+                   AND NOT a.attisdropped AND a.attname = ANY (%(optional)s)
+                   AND a.atttypid IN ('int2'::regtype, 'int4'::regtype, 'int8'::regtype))
+               AS integer_columns
     """,
 )
 
@@ -135,18 +178,18 @@ SNAPSHOT = Query(
 
 
 @cache
-def hourly_spend(cols: Columns) -> Query:
+def hourly_spend(cols: Columns, periods: Periods) -> Query:
     """Valid rows per hour from %(start)s to %(end)s, one row per series for all before."""
     return Query(
         "hourly_spend",
         f"""
         SELECT CASE WHEN c.ts < %(start)s THEN NULL
                     ELSE date_bin('1 hour', c.ts, %(start)s) END AS hour,
-               {SERIES},
+               c.quest, c.layer, c.provider, c.model, {periods.column} AS period,
                {cols.sums()}
         FROM cost_ledger c
         WHERE c.ts < %(end)s AND {cols.valid}
-        GROUP BY 1, 2, 3, 4, 5, 6
+        GROUP BY {periods.group_by(1, 2, 3, 4, 5)}
         ORDER BY 1 NULLS FIRST
         """,
     )

@@ -156,7 +156,7 @@ class Refresher:
         try:
             with conn.transaction():
                 (snap,) = conn.execute(SNAPSHOT.sql, {"optional": list(OPTIONAL_TOKENS)}).fetchall()
-                columns = Columns(frozenset(snap.columns))
+                columns = Columns(frozenset(snap.columns), frozenset(snap.integer_columns))
                 if columns != self._columns:
                     # Rows already folded were read without (or with) these columns.
                     self.watermark.last_full = None

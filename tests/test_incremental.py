@@ -192,7 +192,7 @@ def test_the_steady_state_reads_only_the_new_rows(dsn: str) -> None:
             r[0]
             for r in writer.execute(
                 "EXPLAIN " + SPEND_TOTALS.sql,
-                {"after": top - 10, "safe": top - 5, "price_dates": []},
+                {"after": top - 10, "safe": top - 5},
             ).fetchall()
         )
     assert "cost_ledger_pkey" in plan, plan  # an index range scan, not a scan of the history
@@ -299,9 +299,7 @@ def test_excluded_rows_are_classified_only_when_there_are_some(dsn: str) -> None
         writer.execute("UPDATE cost_ledger SET cost_usd = 0.5, output_tokens = 10")  # all valid
 
         def ledger_reads() -> tuple[float, list[str]]:
-            plan = _explain_analyze(
-                writer, SPEND_TOTALS.sql, {"after": None, "safe": 10**9, "price_dates": []}
-            )
+            plan = _explain_analyze(writer, SPEND_TOTALS.sql, {"after": None, "safe": 10**9})
             scans = _scans(plan, "cost_ledger")
             whole = [n for n in scans if n["Node Type"] == "Seq Scan" and n["Actual Loops"]]
             return _rows_read(plan, "cost_ledger"), [n.get("Filter") for n in whole]

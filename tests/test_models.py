@@ -171,3 +171,33 @@ def test_models_beyond_max_models_fold_into_other(dsn: str) -> None:
     assert models == {"big-spender", "opus", "other"}
     assert got[key(S + "model_calls_total", provider="glm", model="other")] == 1
     assert got[key("scidex_exporter_folded_label_values", label="model")] == 1
+
+
+def test_price_periods_keep_the_full_scan_a_hash_aggregate(dsn: str) -> None:
+    """Grouping by an expression of ts makes the planner expect a group per row and sort."""
+    start = datetime(2026, 7, 1, tzinfo=UTC)
+    providers = ("codex:gpt-5.6-luna", "max/claude-opus-4", "glm-4.6")
+    calls = [
+        Call(ts=start + timedelta(minutes=7 * i), task_id=f"t{i % 50}", provider=providers[i % 3])
+        for i in range(20000)
+    ]
+    insert(dsn, calls)
+    refresher = Refresher(load_settings({"dsn": dsn}, env={}))
+    try:
+        assert refresher.refresh(NOW)
+        from exporter.sources import Instants, SpendSource
+
+        # The luna model changes price on a date inside the ledger: the sums are split there.
+        assert len(refresher.source(SpendSource).price_dates) >= 1
+        sql, params = refresher.statement("spend_totals", Instants.at(NOW, refresher.settings))
+        params["after"] = None  # the full recomputation
+        with psycopg.connect(dsn) as conn:
+            conn.execute("ANALYZE cost_ledger")
+            conn.execute("SET work_mem = '4MB'")
+            plan = "\n".join(r[0] for r in conn.execute("EXPLAIN " + sql, params).fetchall())
+    finally:
+        refresher.close()
+    cte = plan.split("CTE g", 1)[1].split("InitPlan", 1)[0]
+    groups = int(cte.split("rows=", 1)[1].split(" ", 1)[0])  # the aggregate's estimate
+    assert groups <= len(calls) / 2, plan
+    assert "HashAggregate" in cte and "Sort" not in cte, plan

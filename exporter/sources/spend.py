@@ -24,7 +24,7 @@ from exporter.families import LabelGuard, Series, as_float, family_of
 from exporter.incremental import ZERO, Plan, Sums
 from exporter.models import model_name, model_ref
 from exporter.prices import PriceBook
-from exporter.queries import COST, REASONS, SERIES, Columns, Query
+from exporter.queries import COST, REASONS, Columns, Periods, Query
 from exporter.sources.base import Build, Excluded, Refresh, Source, Statement
 
 # Cumulative sums of the rows after id %(after)s (an index range scan of the primary key), split
@@ -46,18 +46,19 @@ _SUMS = ", ".join(f.name for f in fields(Sums))
 
 
 @cache
-def spend_totals(cols: Columns) -> Query:
+def spend_totals(cols: Columns, periods: Periods) -> Query:
     """SPEND_TOTALS for a relation with these optional columns."""
     nulls = ", ".join("NULL" for _ in fields(Sums)[1:])
     return Query(
         "spend_totals",
         f"""
     WITH g AS MATERIALIZED (
-        SELECT c.id <= %(safe)s AS final, {SERIES}, {cols.valid} IS TRUE AS valid,
+        SELECT c.id <= %(safe)s AS final, c.quest, c.layer, c.provider, c.model,
+               {periods.column} AS period, {cols.valid} IS TRUE AS valid,
                {cols.sums()}
         FROM cost_ledger c
         WHERE {_AFTER}
-        GROUP BY 1, 2, 3, 4, 5, 6, 7
+        GROUP BY {periods.group_by(1, 2, 3, 4, 5, 7)}
     )
     SELECT 'sum' AS kind, final, quest, layer, provider, model, period, NULL AS reason,
            {_SUMS}, NULL::bigint AS max_id
@@ -77,7 +78,7 @@ def spend_totals(cols: Columns) -> Query:
     )
 
 
-SPEND_TOTALS = spend_totals(Columns())
+SPEND_TOTALS = spend_totals(Columns(), Periods(0))
 """The statement for a relation without the optional columns (tests, bench)."""
 
 
@@ -174,6 +175,9 @@ class SpendSource(Source):
         super().__init__(*args)
         self.totals = SpendTotals()
         self.prices = PriceBook(self.settings.providers, self.settings.prices)
+        self.price_dates: tuple[datetime, ...] = ()
+        """Where the sums are split into price periods: every date on which a model the
+        ledger has changes price (grown as models appear; a finer split is never wrong)."""
         self._recent: list[Any] = []
         self._newest: datetime | None = None
         self._recent_read = False
@@ -181,15 +185,24 @@ class SpendSource(Source):
     def statement(self, query: str, refresh: Refresh) -> Statement:
         if query == SPEND_TOTALS.name:
             plan = refresh.plan
-            dates = list(self.prices.dates)
-            params = {"after": plan.after, "safe": plan.safe, "price_dates": dates}
-            return Statement(spend_totals(refresh.columns).sql, params)
+            params: dict[str, Any] = {"after": plan.after, "safe": plan.safe}
+            params |= Periods.params(self.price_dates)
+            sql = spend_totals(refresh.columns, Periods(len(self.price_dates))).sql
+            return Statement(sql, params)
         return Statement(spend_recent(refresh.columns).sql, refresh.instants.params())
 
     def read(self, query: str, cur: psycopg.Cursor[Any], refresh: Refresh) -> None:
         statement = self.statement(query, refresh)
         rows = cur.execute(statement.sql, statement.params).fetchall()
         if query == SPEND_TOTALS.name:
+            # A model not seen before may change price on a date the sums are not split at:
+            # read again, in the same snapshot, split there too (once: the models are known).
+            models = {(r.provider, r.model) for r in rows if r.kind == "sum" and r.reason is None}
+            dates = self.prices.dates_of(self.providers.family, models)
+            if not dates <= set(self.price_dates):
+                self.price_dates = tuple(sorted(dates | set(self.price_dates)))
+                statement = self.statement(query, refresh)
+                rows = cur.execute(statement.sql, statement.params).fetchall()
             largest = self.totals.apply(refresh.plan, rows)
             refresh.watermark.record(refresh.plan, largest, refresh.clock)
             return
