@@ -99,10 +99,9 @@ def backfill(
     conn = connect(settings)
     try:
         with conn.transaction():
-            periods = q.Periods(len(spend.price_dates))
             hourly = conn.execute(
-                q.hourly_spend(refresher.columns, periods).sql,
-                {"start": start, "end": end, **q.Periods.params(spend.price_dates)},
+                q.hourly_spend(refresher.columns, spend.prices.periods).sql,
+                {"start": start, "end": end, **spend.prices.params()},
             ).fetchall()
             budgets = conn.execute(
                 q.BUDGET_DAYS.sql,

@@ -185,6 +185,14 @@ PROVIDER_AVG_COST = _m(
     "currencyUSD",
 )
 
+PROVIDER_LIST_PRICE = _m(
+    "provider_list_price_usd",
+    "gauge",
+    "List-price value of the priced calls of tasks in the window, by provider family, in USD.",
+    ("provider",),
+    "currencyUSD",
+)
+
 # --- Efficiency ranking (window, top tasks) ---------------------------------------------------
 TASK_IMPACT_PER_USD = _m(
     "task_impact_per_usd",
@@ -206,6 +214,21 @@ TASK_IMPACT = _m(
     "Measured impact score of a ranked task (impact_ledger).",
     TASK,
     "none",
+)
+TASK_IMPACT_PER_LIST_USD = _m(
+    "task_impact_per_list_usd",
+    "gauge",
+    "Impact score per list-price USD for the top tasks by that ratio (subscription tasks"
+    " included: list price > 0 and impact > 0).",
+    TASK,
+    "none",
+)
+TASK_LIST_PRICE = _m(
+    "task_list_price_usd",
+    "gauge",
+    "List-price value of a task ranked by impact per list-price USD, over all its priced calls.",
+    TASK,
+    "currencyUSD",
 )
 QUEST_IMPACT_PER_USD = _m(
     "quest_impact_per_usd",
@@ -254,6 +277,13 @@ WASTED_USD = _m(
     ("quest", "layer"),
     "currencyUSD",
 )
+WASTED_LIST_PRICE = _m(
+    "wasted_list_price_usd",
+    "gauge",
+    "List-price value of all wasted tasks in the window (their priced calls), in USD.",
+    ("quest", "layer"),
+    "currencyUSD",
+)
 WASTED_TASKS = _m(
     "wasted_tasks", "gauge", "Number of wasted tasks in the window.", ("quest", "layer"), "short"
 )
@@ -293,9 +323,12 @@ LEDGER_METRICS: tuple[MetricSpec, ...] = (
     PROVIDER_TASKS,
     PROVIDER_TOKENS,
     PROVIDER_AVG_COST,
+    PROVIDER_LIST_PRICE,
     TASK_IMPACT_PER_USD,
     TASK_COST,
     TASK_IMPACT,
+    TASK_IMPACT_PER_LIST_USD,
+    TASK_LIST_PRICE,
     QUEST_IMPACT_PER_USD,
     QUEST_WINDOW_SPEND,
     QUEST_WINDOW_IMPACT,
@@ -303,6 +336,7 @@ LEDGER_METRICS: tuple[MetricSpec, ...] = (
     TASK_WASTED_USD,
     WASTED_TOKENS,
     WASTED_USD,
+    WASTED_LIST_PRICE,
     WASTED_TASKS,
     LEDGER_LAST_CALL,
     LEDGER_EXCLUDED_ROWS,

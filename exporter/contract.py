@@ -87,27 +87,29 @@ def check_relations(conn: psycopg.Connection[Any], notes: list[str] | None = Non
         if not readable:
             problems.append(f"{relation}: the exporter's role has no SELECT privilege on it")
         found = {r[0]: r[1] for r in conn.execute(_COLUMNS, {"oid": oid}).fetchall()}
-        for column, accepted in columns.items():
-            if column not in found:
-                problems.append(f"{relation}.{column}: column is missing")
-            elif found[column] not in accepted:
+        optional = OPTIONAL.get(relation, {})
+        for column, accepted in (columns | optional).items():
+            if column in found and found[column] not in accepted:
                 problems.append(
                     f"{relation}.{column}: type {found[column]} is not one of {', '.join(accepted)}"
                 )
-        for column, accepted in OPTIONAL.get(relation, {}).items():
-            if column not in found:
+            elif column not in found and column in optional:
                 if notes is not None:
                     notes.append(f"{relation}.{column}: optional column not found (read as 0)")
-            elif found[column] not in accepted:
-                problems.append(
-                    f"{relation}.{column}: type {found[column]} is not one of {', '.join(accepted)}"
-                )
+            elif column not in found:
+                problems.append(f"{relation}.{column}: column is missing")
     return problems
 
 
 _ATTNUMS = ",\n".join(
     f"(SELECT attnum FROM pg_attribute WHERE attrelid = c.oid AND attname = '{column}') AS {alias}"
-    for alias, column in (("id", "id"), ("ts", "ts"), ("task", "task_id"), ("provider", "provider"))
+    for alias, column in (
+        ("id", "id"),
+        ("ts", "ts"),
+        ("task", "task_id"),
+        ("provider", "provider"),
+        ("model", "model"),
+    )
 )
 _ADVICE = f"""
     WITH t AS (
@@ -125,7 +127,7 @@ _ADVICE = f"""
                AS task_ts_index,
            EXISTS (SELECT FROM pg_statistic_ext s
                    WHERE s.stxrelid = t.oid AND 'd' = ANY (s.stxkind)
-                     AND s.stxkeys::int2[] @> ARRAY[t.task, t.provider]::int2[])
+                     AND s.stxkeys::int2[] @> ARRAY[t.task, t.provider, t.model]::int2[])
                AS task_provider_stats
     FROM t
 """
@@ -141,8 +143,8 @@ ADVICE = {
         " scanning the ledger"
     ),
     "task_provider_stats": (
-        "no ndistinct statistics on cost_ledger (task_id, provider): the window is sorted"
-        " instead of hashed"
+        "no ndistinct statistics on cost_ledger (task_id, provider, model): the window is"
+        " sorted instead of hashed"
     ),
 }
 """What ``schema.sql`` creates for the exporter's queries, and what its absence costs."""

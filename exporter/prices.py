@@ -26,6 +26,7 @@ from typing import Any
 from exporter.config import DEFAULT_PROVIDER_RULES, ConfigError, PriceOverride, ProviderRule
 from exporter.incremental import Sums
 from exporter.models import model_name, model_ref
+from exporter.queries import Periods
 
 MILLION = Decimal(1_000_000)
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -68,7 +69,10 @@ class PriceBook:
     """The list price of a model in a price period, from the catalogue and the overrides."""
 
     def __init__(
-        self, rules: tuple[ProviderRule, ...], overrides: tuple[PriceOverride, ...]
+        self,
+        rules: tuple[ProviderRule, ...],
+        overrides: tuple[PriceOverride, ...],
+        family: Callable[[str | None], str],
     ) -> None:
         from genai_prices import __version__, data_snapshot
 
@@ -92,15 +96,34 @@ class PriceBook:
             digest = json.dumps([[o.model_dump(mode="json") for o in overrides], mapping])
             self.catalogue += "+" + hashlib.sha256(digest.encode()).hexdigest()[:8]
         self._cache: dict[tuple[str, str | None, datetime | None], Price | None] = {}
+        self._family = family
+        self.split: tuple[datetime, ...] = ()
+        """Where every sum of this exporter is split into price periods: each date on which a
+        model the ledger has changes price (grown as models appear; finer is never wrong)."""
 
-    def dates_of(
-        self, family: Callable[[str | None], str], calls: Iterable[tuple[str | None, str | None]]
-    ) -> set[datetime]:
+    @property
+    def periods(self) -> Periods:
+        """The SQL of the current split (its dates are bound by :meth:`params`)."""
+        return Periods(len(self.split))
+
+    def params(self) -> dict[str, datetime]:
+        return Periods.params(self.split)
+
+    def cover(self, calls: Iterable[tuple[str | None, str | None]]) -> bool:
+        """Split also where these (raw provider, model) pairs change price; True if that
+        grew the split (rows summed without it must be read again)."""
+        dates = self.dates_of(calls)
+        if dates <= set(self.split):
+            return False
+        self.split = tuple(sorted(dates | set(self.split)))
+        return True
+
+    def dates_of(self, calls: Iterable[tuple[str | None, str | None]]) -> set[datetime]:
         """The dates (UTC midnights) on which the catalogue changes the price of a model of
         these (raw provider, model) pairs: the sums must be split there."""
         out: set[datetime] = set()
         for provider, model in calls:
-            found = self._model(family(provider), model_ref(provider, model))
+            found = self._model(self._family(provider), model_ref(provider, model))
             if found is not None and isinstance(found.prices, list):
                 out.update(
                     datetime.combine(p.constraint.start_date, datetime.min.time(), UTC)

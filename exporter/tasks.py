@@ -22,8 +22,10 @@ from decimal import Decimal
 from typing import Any, NamedTuple
 
 from exporter.config import Settings
-from exporter.incremental import Plan
+from exporter.incremental import Plan, Sums
 from exporter.labels import ProviderFamilies
+from exporter.models import model_ref
+from exporter.prices import PriceBook
 
 
 @dataclass(slots=True)
@@ -36,30 +38,35 @@ class Task:
 
     cost: Decimal = Decimal(0)
     tokens: int = 0
+    listed: Decimal = Decimal(0)  # list-price value of its priced calls
     last_ts: datetime | None = None
     quest: str | None = None
     layer: str | None = None
     family: str | None = None  # the only family so far (None: none yet, or several)
-    shares: dict[str, list[Any]] | None = None  # family -> [cost, tokens], once several
+    shares: dict[str, list[Any]] | None = None  # family -> [cost, tokens, listed], once several
 
-    def add(self, family: str, cost: Decimal, tokens: int) -> None:
+    def add(self, family: str, cost: Decimal, tokens: int, listed: Decimal) -> None:
         if self.shares is None and self.family != family:
             if self.family is None:  # the first sum of this task
                 self.family = family
             else:
-                self.shares = {self.family: [self.cost, self.tokens]}
+                self.shares = {self.family: [self.cost, self.tokens, self.listed]}
                 self.family = None
         if self.shares is not None:
-            acc = self.shares.setdefault(family, [Decimal(0), 0])
+            acc = self.shares.setdefault(family, [Decimal(0), 0, Decimal(0)])
             acc[0] += cost
             acc[1] += tokens
+            acc[2] += listed
         self.cost += cost
         self.tokens += tokens
+        self.listed += listed
 
-    def by_family(self) -> Iterable[tuple[str, Decimal, int]]:
+    def by_family(self) -> Iterable[tuple[str, Decimal, int, Decimal]]:
         if self.shares is not None:
-            return ((f, c, t) for f, (c, t) in self.shares.items())
-        return ((self.family, self.cost, self.tokens),) if self.family is not None else ()
+            return ((f, c, t, li) for f, (c, t, li) in self.shares.items())
+        if self.family is None:
+            return ()
+        return ((self.family, self.cost, self.tokens, self.listed),)
 
     def label(self, last_ts: datetime, quest: str | None, layer: str | None) -> None:
         """Take the labels of a later row; on a tie the later part (larger ids) wins."""
@@ -68,11 +75,13 @@ class Task:
 
     def merged(self, tail: Task) -> Task:
         """This task with the rows of a later part added (a copy: self is kept as is)."""
-        out = Task(self.cost, self.tokens, self.last_ts, self.quest, self.layer, self.family)
+        out = Task(
+            self.cost, self.tokens, self.listed, self.last_ts, self.quest, self.layer, self.family
+        )
         if self.shares is not None:
             out.shares = {f: list(v) for f, v in self.shares.items()}
-        for family, cost, tokens in tail.by_family():
-            out.add(family, cost, tokens)
+        for family, cost, tokens, listed in tail.by_family():
+            out.add(family, cost, tokens, listed)
         if tail.last_ts is not None:
             out.label(tail.last_ts, tail.quest, tail.layer)
         return out
@@ -86,7 +95,7 @@ def _intern(value: str | None) -> str | None:
 class WindowRow(NamedTuple):
     """One row of the window families, in the shape exporter/families.py reads."""
 
-    kind: str  # efficiency, waste, waste_total, quest, provider
+    kind: str  # efficiency, efficiency_list, waste, waste_total, quest, provider
     task_id: str | None
     quest: str | None
     layer: str | None
@@ -95,6 +104,7 @@ class WindowRow(NamedTuple):
     impact: float | None
     tasks: int
     family: str | None
+    listed: Decimal = Decimal(0)  # the list-price value of the same tasks' priced calls
 
 
 @dataclass
@@ -123,6 +133,7 @@ class WindowTasks:
         rows: Iterable[Any],
         window_start: datetime,
         providers: ProviderFamilies,
+        prices: PriceBook,
     ) -> tuple[dict[str, Task], dict[str, float | None]]:
         """Fold one statement's rows in; return the window's tasks and their impacts.
 
@@ -139,13 +150,13 @@ class WindowTasks:
             if r.kind == "impact":
                 impacts[r.task_id] = r.impact
             elif full:
-                _fold(final if r.part == 0 else open_tail, r, providers)
+                _fold(final if r.part == 0 else open_tail, r, providers, prices)
             else:
                 later.append(r)
         if not full:
             final = self.final
             for r in sorted(later, key=lambda r: r.part):
-                _fold(final if r.part < 2 else open_tail, r, providers)
+                _fold(final if r.part < 2 else open_tail, r, providers, prices)
         # One pass over what is held: tasks whose latest row left the window are dropped.
         current = {
             k: t for k, t in final.items() if t.last_ts is not None and t.last_ts >= window_start
@@ -162,12 +173,16 @@ class WindowTasks:
         return current, impacts
 
 
-def _fold(target: dict[str, Task], r: Any, providers: ProviderFamilies) -> None:
+def _fold(target: dict[str, Task], r: Any, providers: ProviderFamilies, prices: PriceBook) -> None:
     task = target.get(r.task_id)
     if task is None:
         task = target[r.task_id] = Task()
     if r.kind == "sum":
-        task.add(providers.family(r.provider), r.cost, int(r.tokens))
+        family = providers.family(r.provider)
+        sums = Sums.of(r)
+        price = prices.price(family, model_ref(r.provider, r.model), r.period)
+        listed = Decimal(0) if price is None else price.value(sums)
+        task.add(family, sums.cost, int(sums.input_tokens + sums.output_tokens), listed)
     else:
         task.label(r.last_ts, r.quest, r.layer)
 
@@ -184,6 +199,7 @@ def summarize(
     COLLATE "C"), so rankings do not depend on a locale.
     """
     scored = []
+    scored_list = []
     wasted = []
     waste_total: dict[tuple[Any, Any], list[Any]] = {}
     quest: dict[Any, list[Any]] = {}
@@ -196,16 +212,19 @@ def summarize(
         impact = impacts.get(task_id)
         if impact is not None and impact > 0 and cost > zero:
             scored.append((-(impact / float(cost)), task_id))
+        if impact is not None and impact > 0 and t.listed > zero:
+            scored_list.append((-(impact / float(t.listed)), task_id))
         quiet = impact is None or impact <= max_impact
         if tokens > min_tokens and quiet and t.last_ts < grace_cutoff:  # type: ignore[operator]
             wasted.append((-tokens, task_id))
             acc = waste_total.get((t.quest, t.layer))
             if acc is None:
-                waste_total[(t.quest, t.layer)] = [cost, tokens, 1]
+                waste_total[(t.quest, t.layer)] = [cost, tokens, 1, t.listed]
             else:
                 acc[0] += cost
                 acc[1] += tokens
                 acc[2] += 1
+                acc[3] += t.listed
         q = quest.get(t.quest)
         if q is None:
             q = quest[t.quest] = [zero, zero, [], 0]
@@ -214,13 +233,14 @@ def summarize(
         if impact is not None:
             q[2].append(impact)
         q[3] += 1
-        for family, p_cost, p_tokens in t.by_family():
+        for family, p_cost, p_tokens, p_listed in t.by_family():
             f = family_sum.get(family)
             if f is None:
-                f = family_sum[family] = [zero, zero, 0]
+                f = family_sum[family] = [zero, zero, 0, zero]
             f[0] += p_cost
             f[1] += p_tokens
             f[2] += 1  # a task yields each of its families once
+            f[3] += p_listed
 
     def ranked(kind: str, top: int, candidates: list[tuple[Any, str]]) -> list[WindowRow]:
         rows = []
@@ -228,15 +248,18 @@ def summarize(
             t = tasks[task_id]
             impact = impacts.get(task_id)
             rows.append(
-                WindowRow(kind, task_id, t.quest, t.layer, t.cost, t.tokens, impact, 1, None)
+                WindowRow(
+                    kind, task_id, t.quest, t.layer, t.cost, t.tokens, impact, 1, None, t.listed
+                )
             )
         return rows
 
     out = ranked("efficiency", settings.top_efficiency_tasks, scored)
+    out += ranked("efficiency_list", settings.top_efficiency_tasks, scored_list)
     out += ranked("waste", settings.top_waste_tasks, wasted)
     out += [
-        WindowRow("waste_total", None, q_, l_, cost, tokens, None, n, None)
-        for (q_, l_), (cost, tokens, n) in waste_total.items()
+        WindowRow("waste_total", None, q_, l_, cost, tokens, None, n, None, listed)
+        for (q_, l_), (cost, tokens, n, listed) in waste_total.items()
     ]
     out += [
         # fsum: the same total whatever order the tasks were folded in
@@ -244,7 +267,7 @@ def summarize(
         for q_, (cost, tokens, i, n) in quest.items()
     ]
     out += [
-        WindowRow("provider", None, None, None, cost, tokens, None, n, f)
-        for f, (cost, tokens, n) in family_sum.items()
+        WindowRow("provider", None, None, None, cost, tokens, None, n, f, listed)
+        for f, (cost, tokens, n, listed) in family_sum.items()
     ]
     return out

@@ -357,7 +357,10 @@ def expected(
     for c in sorted(valid, key=lambda c: c.ts):  # type: ignore[arg-type,return-value]
         if c.task_id is None:
             continue
-        t = tasks.setdefault(c.task_id, {"cost": Decimal(0), "tokens": 0, "fams": set()})
+        t = tasks.setdefault(
+            c.task_id, {"cost": Decimal(0), "tokens": 0, "fams": set(), "listed": Decimal(0)}
+        )
+        t["listed"] += list_price(c) or 0
         t["cost"] += Decimal(c.cost_usd)  # type: ignore[arg-type]
         t["tokens"] += c.input_tokens + c.output_tokens  # type: ignore[operator]
         t["last"] = c.ts
@@ -473,24 +476,30 @@ def expected(
     for quest, v in spend_today.items():
         out[key("scidex_quest_spend_today_usd", quest=quest)] = v
 
-    # Efficiency ranking, by ratio then task_id in code point order.
-    ranked = sorted(
-        (
-            (impact_of[tid] / float(t["cost"]), tid)
-            for tid, t in in_window.items()  # type: ignore[operator]
-            if t["cost"] > 0 and (impact_of.get(tid) or 0) > 0
-        ),
-        key=lambda x: (-x[0], x[1]),
-    )[: r.top_eff]
-    for ratio, tid in ranked:
-        t = in_window[tid]
-        labels = {"task_id": lab(tid), "quest": lab(t["quest"]), "layer": lab(t["layer"])}
-        # Two ids that clean to the same labels: the better-ranked one keeps the series.
-        if key("scidex_task_impact_per_usd", **labels) in out:
-            continue
-        out[key("scidex_task_impact_per_usd", **labels)] = ratio
-        out[key("scidex_task_cost_usd", **labels)] = float(t["cost"])
-        out[key("scidex_task_impact_score", **labels)] = impact_of[tid]  # type: ignore[assignment]
+    # Efficiency rankings by billed cost and by list price (subscription tasks ranked too), by
+    # ratio then task_id in code point order. Two ids that clean to the same labels: the
+    # better-ranked one keeps the series.
+    for basis, ratio_name, value_name in (
+        ("cost", "scidex_task_impact_per_usd", "scidex_task_cost_usd"),
+        ("listed", "scidex_task_impact_per_list_usd", "scidex_task_list_price_usd"),
+    ):
+        ranked = sorted(
+            (
+                (impact_of[tid] / float(t[basis]), tid)  # type: ignore[operator]
+                for tid, t in in_window.items()
+                if t[basis] > 0 and (impact_of.get(tid) or 0) > 0
+            ),
+            key=lambda x: (-x[0], x[1]),
+        )[: r.top_eff]
+        for ratio, tid in ranked:
+            t = in_window[tid]
+            labels = {"task_id": lab(tid), "quest": lab(t["quest"]), "layer": lab(t["layer"])}
+            if key(ratio_name, **labels) in out:
+                continue
+            out[key(ratio_name, **labels)] = ratio
+            out[key(value_name, **labels)] = float(t[basis])
+            if basis == "cost":
+                out[key("scidex_task_impact_score", **labels)] = impact_of[tid]  # type: ignore[assignment]
 
     # Waste.
     for tid in sorted(waste, key=lambda tid: (-waste[tid]["tokens"], tid))[: r.top_waste]:
@@ -505,6 +514,7 @@ def expected(
         add("scidex_wasted_tokens", t["tokens"], **labels)
         add("scidex_wasted_usd", float(t["cost"]), **labels)
         add("scidex_wasted_tasks", 1, **labels)
+        add("scidex_wasted_list_price_usd", float(t["listed"]), **labels)
 
     # Per-quest impact over the window.
     qcost: dict[str, float] = defaultdict(float)
@@ -522,9 +532,11 @@ def expected(
     pcost: dict[str, float] = defaultdict(float)
     ptokens: dict[str, float] = defaultdict(float)
     ptasks: dict[str, set[str]] = defaultdict(set)
+    plisted: dict[str, Decimal] = defaultdict(Decimal)
     for c in valid:
         if c.task_id in in_window:
             fam = FAMILY_OF.get(c.provider or "", "other")
+            plisted[fam] += list_price(c) or 0
             pcost[fam] += float(c.cost_usd)  # type: ignore[arg-type]
             ptokens[fam] += c.input_tokens + c.output_tokens  # type: ignore[operator]
             ptasks[fam].add(c.task_id)
@@ -532,6 +544,7 @@ def expected(
         out[key("scidex_provider_spend_usd", provider=fam)] = pcost[fam]
         out[key("scidex_provider_tokens", provider=fam)] = ptokens[fam]
         out[key("scidex_provider_tasks", provider=fam)] = float(len(ptasks[fam]))
+        out[key("scidex_provider_list_price_usd", provider=fam)] = float(plisted[fam])
         if ptasks[fam]:
             out[key("scidex_provider_avg_cost_per_task_usd", provider=fam)] = pcost[fam] / len(
                 ptasks[fam]

@@ -175,12 +175,12 @@ def test_check_accepts_the_shipped_schema(dsn: str) -> None:
 def test_check_says_which_index_or_statistics_the_ledger_lacks(dsn: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("DROP INDEX cost_ledger_task_ts_idx")
-        conn.execute("DROP STATISTICS cost_ledger_task_provider_stats")
+        conn.execute("DROP STATISTICS cost_ledger_task_provider_model_stats")
     result = cli("check", "--dsn", dsn)
     assert result.returncode == 0, result.stderr  # advice, not a failure
     advice = [line for line in result.stdout.splitlines() if "ledger performance" in line]
     assert len(advice) == 2
-    assert "cost_ledger (task_id, ts)" in advice[0] and "(task_id, provider)" in advice[1]
+    assert "cost_ledger (task_id, ts)" in advice[0] and "(task_id, provider, model)" in advice[1]
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("ALTER TABLE cost_ledger DROP CONSTRAINT cost_ledger_pkey")
     result = cli("check", "--dsn", dsn)

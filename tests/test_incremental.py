@@ -212,7 +212,8 @@ def test_the_steady_state_reads_only_the_new_rows(dsn: str) -> None:
             sql, params = incremental.statement(
                 WINDOW_TASKS.name, Instants.at(NOW, incremental.settings)
             )
-            assert sql == window_tasks_steady(incremental.columns).sql
+            periods = incremental.sources[0].prices.periods
+            assert sql == window_tasks_steady(incremental.columns, periods).sql
             read = _rows_read(_explain_analyze(conn, sql, params), "cost_ledger")
     assert read <= 2 * (len(new) + len(old)) + 10, read
     incremental.close()

@@ -75,6 +75,11 @@ def test_generated_ledger_matches_reference_model(dsn: str) -> None:
         for k, v in want.items()
     )
     assert any(k[0] == "scidex_unpriced_calls_total" for k in want)
+    # Under the list-price basis, subscription tasks are ranked and their waste is priced.
+    by_list = {k[1] for k in want if k[0] == "scidex_task_impact_per_list_usd"}
+    by_cost = {k[1] for k in want if k[0] == "scidex_task_impact_per_usd"}
+    assert by_list - by_cost
+    assert any(k[0] == "scidex_wasted_list_price_usd" and v > 0 for k, v in want.items())
     assert any(
         k[0] == "scidex_tokens_total" and ("direction", "cache_read") in k[1] and v > 0
         for k, v in want.items()

@@ -188,7 +188,7 @@ def test_price_periods_keep_the_full_scan_a_hash_aggregate(dsn: str) -> None:
         from exporter.sources import Instants, SpendSource
 
         # The luna model changes price on a date inside the ledger: the sums are split there.
-        assert len(refresher.source(SpendSource).price_dates) >= 1
+        assert len(refresher.source(SpendSource).prices.split) >= 1
         sql, params = refresher.statement("spend_totals", Instants.at(NOW, refresher.settings))
         params["after"] = None  # the full recomputation
         with psycopg.connect(dsn) as conn:

@@ -12,6 +12,7 @@ from exporter import catalog as c
 from exporter.config import Settings
 from exporter.families import LabelGuard, LedgerFamilies, family_of
 from exporter.labels import ProviderFamilies
+from exporter.prices import PriceBook
 from exporter.sources.base import Build, Excluded, Instants, Refresh, Source, Statement
 from exporter.sources.budget import BudgetSource
 from exporter.sources.spend import SpendSource
@@ -36,8 +37,9 @@ KINDS: tuple[type[Source], ...] = (SpendSource, BudgetSource, WindowSource)
 
 
 def sources(settings: Settings, providers: ProviderFamilies) -> tuple[Source, ...]:
-    """A fresh instance of every source, in refresh order."""
-    return tuple(kind(settings, providers) for kind in KINDS)
+    """A fresh instance of every source, in refresh order, sharing one price book."""
+    prices = PriceBook(settings.providers, settings.prices, providers.family)
+    return tuple(kind(settings, providers, prices) for kind in KINDS)
 
 
 def build_ledger(

@@ -21,6 +21,7 @@ from exporter.config import Settings
 from exporter.families import LabelGuard
 from exporter.incremental import Plan, Watermark
 from exporter.labels import ProviderFamilies
+from exporter.prices import PriceBook
 from exporter.queries import Columns
 
 Excluded = dict[tuple[str, ...], float]
@@ -110,9 +111,10 @@ class Source(ABC):
     exclusions: ClassVar[tuple[tuple[str, str], ...]] = ()
     """Every (relation, reason) for which it counts excluded rows, zeros included."""
 
-    def __init__(self, settings: Settings, providers: ProviderFamilies) -> None:
+    def __init__(self, settings: Settings, providers: ProviderFamilies, prices: PriceBook) -> None:
         self.settings = settings
         self.providers = providers
+        self.prices = prices
 
     @abstractmethod
     def statement(self, query: str, refresh: Refresh) -> Statement:

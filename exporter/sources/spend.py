@@ -174,10 +174,6 @@ class SpendSource(Source):
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         self.totals = SpendTotals()
-        self.prices = PriceBook(self.settings.providers, self.settings.prices)
-        self.price_dates: tuple[datetime, ...] = ()
-        """Where the sums are split into price periods: every date on which a model the
-        ledger has changes price (grown as models appear; a finer split is never wrong)."""
         self._recent: list[Any] = []
         self._newest: datetime | None = None
         self._recent_read = False
@@ -186,8 +182,8 @@ class SpendSource(Source):
         if query == SPEND_TOTALS.name:
             plan = refresh.plan
             params: dict[str, Any] = {"after": plan.after, "safe": plan.safe}
-            params |= Periods.params(self.price_dates)
-            sql = spend_totals(refresh.columns, Periods(len(self.price_dates))).sql
+            params |= self.prices.params()
+            sql = spend_totals(refresh.columns, self.prices.periods).sql
             return Statement(sql, params)
         return Statement(spend_recent(refresh.columns).sql, refresh.instants.params())
 
@@ -198,9 +194,7 @@ class SpendSource(Source):
             # A model not seen before may change price on a date the sums are not split at:
             # read again, in the same snapshot, split there too (once: the models are known).
             models = {(r.provider, r.model) for r in rows if r.kind == "sum" and r.reason is None}
-            dates = self.prices.dates_of(self.providers.family, models)
-            if not dates <= set(self.price_dates):
-                self.price_dates = tuple(sorted(dates | set(self.price_dates)))
+            if self.prices.cover(models):
                 statement = self.statement(query, refresh)
                 rows = cur.execute(statement.sql, statement.params).fetchall()
             largest = self.totals.apply(refresh.plan, rows)

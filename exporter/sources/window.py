@@ -8,6 +8,7 @@ window's tasks, a steady refresh the rows after the watermark and the impacts.
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import fields
 from functools import cache
 from typing import Any
 
@@ -16,7 +17,8 @@ from prometheus_client.metrics_core import Metric as Family
 
 from exporter import catalog as c
 from exporter.families import LabelGuard, Series, as_float, family_of
-from exporter.queries import COST, TOKENS, Columns, Query
+from exporter.incremental import Sums
+from exporter.queries import OPTIONAL_TOKENS, Columns, Periods, Query
 from exporter.sources.base import Build, Refresh, Source, Statement
 from exporter.tasks import WindowRow, WindowTasks, summarize
 
@@ -24,12 +26,15 @@ from exporter.tasks import WindowRow, WindowTasks, summarize
 # from per-task lifetime sums that the exporter keeps, like the cumulative sums, as a final
 # part (ids <= the watermark) plus a tail re-read each refresh (exporter/tasks.py). Both
 # statements return rows of three kinds:
-#   'sum'    (part, task_id, provider, cost, tokens): valid spend of a task on one raw provider;
+#   'sum'    (part, task_id, provider, model, period, sums): valid spend of a task on one raw
+#            provider and model in one price period (the list price is applied to its sums);
 #   'label'  (part, task_id, quest, layer, last_ts): the task's latest valid row, by (ts, id);
 #   'impact' (task_id, impact): the latest measured impact of a task that may be in the window.
 # part 0 is final (ids the exporter already holds, or up to %(safe)s when rebuilding), 1 the
 # tail rows that became final (ids up to %(safe)s), 2 the open tail; a later part holds larger
 # ids, so it wins a tie on ts.
+_SUMS = ", ".join(f.name for f in fields(Sums))
+_NO_SUMS = ", ".join(f"NULL::numeric AS {f.name}" for f in fields(Sums))
 
 
 def _impacts(tasks: str) -> str:
@@ -40,34 +45,36 @@ def _impacts(tasks: str) -> str:
             FROM impact_ledger i
             WHERE i.task_id = k.task_id
             ORDER BY i.measured_at DESC NULLS LAST
-            LIMIT 1)
+            LIMIT 1),
+           {_NO_SUMS}
     FROM ({tasks}) k
     """
 
 
 # Rebuild from the window: the tasks with a valid row since %(window_start)s (one scan of the ts
-# index, hashed per task and raw provider), with what each spent before the window from a probe
-# of the (task_id, ts) index that finds nothing for most tasks. Joining the window's tasks to
-# their whole history made the planner hash-join (scan) the whole ledger once the history
-# outgrew the window. The latest valid row is looked up only when a task's rows disagree on the
-# labels (hashing beats sorting the window by task and time to find it).
+# index, hashed per task, raw provider and model: the schema's ndistinct statistics on those
+# columns let the planner see about one group per task), with what each spent before the window
+# from a probe of the (task_id, ts) index that finds nothing for most tasks. Joining the
+# window's tasks to their whole history made the planner hash-join (scan) the whole ledger once
+# the history outgrew the window. The latest valid row is looked up only when a task's rows
+# disagree on the labels (hashing beats sorting the window by task and time to find it).
 @cache
-def window_tasks(cols: Columns) -> Query:
+def window_tasks(cols: Columns, periods: Periods) -> Query:
     """Rebuilds the per-task sums of the window's tasks (first refresh and reconciliation)."""
     return Query(
         "window_tasks",
         f"""
         WITH win AS (
-            SELECT c.id <= %(safe)s AS final, c.task_id, c.provider,
+            SELECT c.id <= %(safe)s AS final, c.task_id, c.provider, c.model,
+                   {periods.column} AS period,
                    min(c.quest COLLATE "C") AS quest, max(c.quest COLLATE "C") AS quest_max,
                    min(c.layer COLLATE "C") AS layer, max(c.layer COLLATE "C") AS layer_max,
                    bool_and(c.quest IS NOT NULL AND c.layer IS NOT NULL) AS labelled,
-                   sum({COST}) AS cost,
-                   sum({TOKENS}) AS tokens,
+                   {cols.sums()},
                    max(c.ts) AS last_ts
             FROM cost_ledger c
             WHERE c.ts >= %(window_start)s AND c.task_id IS NOT NULL AND {cols.valid}
-            GROUP BY 1, 2, 3
+            GROUP BY {periods.group_by(1, 2, 3, 4)}
         ),
         win_tasks AS (
             SELECT final, task_id, min(quest) AS quest, max(quest_max) AS quest_max,
@@ -78,25 +85,25 @@ def window_tasks(cols: Columns) -> Query:
         ),
         tracked AS (SELECT DISTINCT task_id FROM win_tasks)
         SELECT 'sum' AS kind, CASE WHEN final THEN 0 ELSE 2 END AS part, task_id, provider,
-               NULL AS quest, NULL AS layer, cost, tokens, NULL::timestamptz AS last_ts,
-               NULL::float8 AS impact
+               model, period, NULL AS quest, NULL AS layer, NULL::timestamptz AS last_ts,
+               NULL::float8 AS impact, {_SUMS}
         FROM win
         UNION ALL
-        SELECT 'sum', CASE WHEN b.final THEN 0 ELSE 2 END, t.task_id, b.provider, NULL, NULL,
-               b.cost, b.tokens, NULL, NULL
+        SELECT 'sum', CASE WHEN b.final THEN 0 ELSE 2 END, t.task_id, b.provider, b.model,
+               b.period, NULL, NULL, NULL, NULL, {_SUMS}
         FROM tracked t
         CROSS JOIN LATERAL (
-            SELECT c.id <= %(safe)s AS final, c.provider,
-                   sum({COST}) AS cost, sum({TOKENS}) AS tokens
+            SELECT c.id <= %(safe)s AS final, c.provider, c.model, {periods.column} AS period,
+                   {cols.sums()}
             FROM cost_ledger c
             WHERE c.task_id = t.task_id AND c.ts < %(window_start)s AND {cols.valid}
-            GROUP BY 1, 2
+            GROUP BY {periods.group_by(1, 2, 3)}
         ) b
         UNION ALL
-        SELECT 'label', CASE WHEN w.final THEN 0 ELSE 2 END, w.task_id, NULL,
+        SELECT 'label', CASE WHEN w.final THEN 0 ELSE 2 END, w.task_id, NULL, NULL, NULL,
                CASE WHEN latest.found THEN latest.quest ELSE w.quest END,
                CASE WHEN latest.found THEN latest.layer ELSE w.layer END,
-               NULL, NULL, w.last_ts, NULL
+               w.last_ts, NULL, {_NO_SUMS}
         FROM win_tasks w
         LEFT JOIN LATERAL (
             SELECT true AS found, c.quest, c.layer
@@ -113,7 +120,7 @@ def window_tasks(cols: Columns) -> Query:
     )
 
 
-WINDOW_TASKS = window_tasks(Columns())
+WINDOW_TASKS = window_tasks(Columns(), Periods(0))
 
 
 # Add the rows after %(after)s (a primary-key range scan) to the tasks the exporter holds
@@ -121,15 +128,17 @@ WINDOW_TASKS = window_tasks(Columns())
 # For a tail task it does not hold (a new task, or an old one back in the window), read
 # everything up to %(after)s once.
 @cache
-def window_tasks_steady(cols: Columns) -> Query:
+def window_tasks_steady(cols: Columns, periods: Periods) -> Query:
     """Adds the rows after the watermark to the per-task sums the exporter holds."""
+    optional = "".join(f", {cols.ref(col)} AS {col}" for col in OPTIONAL_TOKENS)
     return Query(
         "window_tasks",
         f"""
         WITH tracked AS (SELECT json_array_elements_text(%(tracked)s::json) AS task_id),
         tail AS MATERIALIZED (
             SELECT CASE WHEN c.id <= %(safe)s THEN 1 ELSE 2 END AS part, c.id, c.task_id,
-                   c.provider, c.quest, c.layer, c.ts, {COST} AS cost_usd, {TOKENS} AS tokens
+                   c.provider, c.model, c.quest, c.layer, c.ts, c.cost_usd, c.input_tokens,
+                   c.output_tokens{optional}
             FROM cost_ledger c
             WHERE c.id > %(after)s AND c.task_id IS NOT NULL AND {cols.valid}
         ),
@@ -137,17 +146,18 @@ def window_tasks_steady(cols: Columns) -> Query:
             SELECT DISTINCT t.task_id FROM tail t
             WHERE NOT EXISTS (SELECT FROM tracked k WHERE k.task_id = t.task_id)
         )
-        SELECT 'sum' AS kind, 0 AS part, f.task_id, h.provider, NULL AS quest, NULL AS layer,
-               h.cost, h.tokens, NULL::timestamptz AS last_ts, NULL::float8 AS impact
+        SELECT 'sum' AS kind, 0 AS part, f.task_id, h.provider, h.model, h.period,
+               NULL AS quest, NULL AS layer, NULL::timestamptz AS last_ts,
+               NULL::float8 AS impact, {_SUMS}
         FROM fresh f
         CROSS JOIN LATERAL (
-            SELECT c.provider, sum({COST}) AS cost, sum({TOKENS}) AS tokens
+            SELECT c.provider, c.model, {periods.column} AS period, {cols.sums()}
             FROM cost_ledger c
             WHERE c.task_id = f.task_id AND c.id <= %(after)s AND {cols.valid}
-            GROUP BY c.provider
+            GROUP BY {periods.group_by(1, 2)}
         ) h
         UNION ALL
-        SELECT 'label', 0, f.task_id, NULL, h.quest, h.layer, NULL, NULL, h.ts, NULL
+        SELECT 'label', 0, f.task_id, NULL, NULL, NULL, h.quest, h.layer, h.ts, NULL, {_NO_SUMS}
         FROM fresh f
         CROSS JOIN LATERAL (
             SELECT c.quest, c.layer, c.ts
@@ -157,12 +167,13 @@ def window_tasks_steady(cols: Columns) -> Query:
             LIMIT 1
         ) h
         UNION ALL
-        SELECT 'sum', part, task_id, provider, NULL, NULL, sum(cost_usd), sum(tokens), NULL, NULL
-        FROM tail
-        GROUP BY part, task_id, provider
+        SELECT 'sum', c.part, c.task_id, c.provider, c.model, {periods.column}, NULL, NULL,
+               NULL, NULL, {cols.sums()}
+        FROM tail c
+        GROUP BY {periods.group_by(2, 3, 4, 5)}
         UNION ALL
         (SELECT DISTINCT ON (part, task_id)
-                'label', part, task_id, NULL, quest, layer, NULL, NULL, ts, NULL
+                'label', part, task_id, NULL, NULL, NULL, quest, layer, ts, NULL, {_NO_SUMS}
          FROM tail
          ORDER BY part, task_id, ts DESC, id DESC)
         UNION ALL
@@ -191,6 +202,10 @@ class WindowSource(Source):
         c.WASTED_TOKENS,
         c.WASTED_USD,
         c.WASTED_TASKS,
+        c.PROVIDER_LIST_PRICE,
+        c.TASK_IMPACT_PER_LIST_USD,
+        c.TASK_LIST_PRICE,
+        c.WASTED_LIST_PRICE,
     )
 
     def __init__(self, *args: Any) -> None:
@@ -201,9 +216,10 @@ class WindowSource(Source):
     def statement(self, query: str, refresh: Refresh) -> Statement:
         full, safe = self.tasks.bounds(refresh.plan)
         params = refresh.instants.params() | {"after": self.tasks.frozen_id, "safe": safe}
+        params |= self.prices.params()
         if full:
-            return Statement(window_tasks(refresh.columns).sql, params)
-        steady = window_tasks_steady(refresh.columns).sql
+            return Statement(window_tasks(refresh.columns, self.prices.periods).sql, params)
+        steady = window_tasks_steady(refresh.columns, self.prices.periods).sql
         return Statement(steady, params | {"tracked": self.tasks.tracked()})
 
     def read(self, query: str, cur: psycopg.Cursor[Any], refresh: Refresh) -> None:
@@ -216,6 +232,7 @@ class WindowSource(Source):
             cur.stream(statement.sql, statement.params, size=2000),
             instants.window_start,
             self.providers,
+            self.prices,
         )
         self._rows = summarize(tasks, impacts, self.settings, instants.grace_cutoff)
 
@@ -236,11 +253,16 @@ class WindowSource(Source):
 
 
 def _window(rows: list[WindowRow], labels: LabelGuard) -> list[Family]:
-    ranked: dict[str, dict[tuple[str, ...], WindowRow]] = {"efficiency": {}, "waste": {}}
+    ranked: dict[str, dict[tuple[str, ...], WindowRow]] = {
+        "efficiency": {},
+        "efficiency_list": {},
+        "waste": {},
+    }
     waste: dict[str, Series] = {
         "tokens": defaultdict(float),
         "usd": defaultdict(float),
         "tasks": defaultdict(float),
+        "listed": defaultdict(float),
     }
     quest_cost: Series = defaultdict(float)
     quest_impact: Series = defaultdict(float)
@@ -255,12 +277,19 @@ def _window(rows: list[WindowRow], labels: LabelGuard) -> list[Family]:
             waste["tokens"][key] += as_float(r.tokens)
             waste["usd"][key] += as_float(r.cost)
             waste["tasks"][key] += r.tasks
+            waste["listed"][key] += as_float(r.listed)
         elif r.kind == "quest":
             key = (labels.q(r.quest),)
             quest_cost[key] += as_float(r.cost)
             quest_impact[key] += as_float(r.impact)
-    eff, wasted = ranked["efficiency"], ranked["waste"]
+    eff, wasted, eff_list = ranked["efficiency"], ranked["waste"], ranked["efficiency_list"]
     return [
+        family_of(
+            c.TASK_IMPACT_PER_LIST_USD,
+            {k: as_float(r.impact) / as_float(r.listed) for k, r in eff_list.items()},
+        ),
+        family_of(c.TASK_LIST_PRICE, {k: as_float(r.listed) for k, r in eff_list.items()}),
+        family_of(c.WASTED_LIST_PRICE, waste["listed"]),
         family_of(
             c.TASK_IMPACT_PER_USD,
             {k: as_float(r.impact) / as_float(r.cost) for k, r in eff.items()},
@@ -287,10 +316,12 @@ def _providers(rows: list[WindowRow], families: tuple[str, ...]) -> list[Family]
     tasks: Series = {}
     tokens: Series = {}
     avg: Series = {}
+    listed: Series = {}
     for name in families:
         r = found.get(name)
         key = (name,)
         spend[key] = as_float(r.cost) if r else 0.0
+        listed[key] = as_float(r.listed) if r else 0.0
         tasks[key] = float(r.tasks) if r else 0.0
         tokens[key] = as_float(r.tokens) if r else 0.0
         if tasks[key] > 0:
@@ -300,4 +331,5 @@ def _providers(rows: list[WindowRow], families: tuple[str, ...]) -> list[Family]
         family_of(c.PROVIDER_TASKS, tasks),
         family_of(c.PROVIDER_TOKENS, tokens),
         family_of(c.PROVIDER_AVG_COST, avg),
+        family_of(c.PROVIDER_LIST_PRICE, listed),
     ]

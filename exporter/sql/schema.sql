@@ -25,10 +25,10 @@ CREATE TABLE IF NOT EXISTS cost_ledger (
 CREATE INDEX IF NOT EXISTS cost_ledger_ts_idx ON cost_ledger (ts);
 CREATE INDEX IF NOT EXISTS cost_ledger_task_ts_idx ON cost_ledger (task_id, ts)
     INCLUDE (provider, cost_usd, input_tokens, output_tokens);
--- The window is aggregated per (task, provider). Without this the planner multiplies the two
+-- The window is aggregated per (task, provider, model). Without this the planner multiplies the
 -- columns' distinct counts, expects a group per row, and sorts the window instead of hashing.
-CREATE STATISTICS IF NOT EXISTS cost_ledger_task_provider_stats (ndistinct)
-    ON task_id, provider FROM cost_ledger;
+CREATE STATISTICS IF NOT EXISTS cost_ledger_task_provider_model_stats (ndistinct)
+    ON task_id, provider, model FROM cost_ledger;
 
 CREATE TABLE IF NOT EXISTS impact_ledger (
     task_id      text PRIMARY KEY,
