@@ -83,6 +83,23 @@ def sel(metric: MetricSpec, **matchers: str) -> str:
     return f"{metric.name}{{{','.join(parts)}}}" if parts else metric.name
 
 
+BASIS_VAR = "basis"
+BASES = (("billed", "0"), ("list price", "1"))
+"""The cost basis switch: what was billed, or what the calls are worth at list price."""
+
+
+def by_basis(billed: str, listed: str) -> str:
+    """One query that shows ``billed`` or ``listed`` as the cost basis variable says.
+
+    The variable's value is 0 or 1; ``and on() (vector(v) == k)`` keeps a side only when it is
+    chosen, so one target serves both bases and a panel's legend and columns stay the same.
+    """
+    return (
+        f"({billed} and on() (vector(${BASIS_VAR}) == 0))"
+        f" or ({listed} and on() (vector(${BASIS_VAR}) == 1))"
+    )
+
+
 # --- Panel pieces ----------------------------------------------------------------------------
 
 
@@ -458,6 +475,17 @@ def query_variable(name: str, label: str, metric: MetricSpec) -> G.Template:
     )
 
 
+def basis_variable() -> G.Template:
+    """The cost basis switch (a custom variable: billed, or list price)."""
+    return G.Template(
+        name=BASIS_VAR,
+        label="Cost basis",
+        query=", ".join(f"{text} : {value}" for text, value in BASES),
+        type="custom",
+        default=BASES[0][1],
+    )
+
+
 def datasource_variable() -> G.Template:
     return G.Template(
         name=DATASOURCE_VAR, label="Data source", query="prometheus", type="datasource"
@@ -513,6 +541,13 @@ def _variable_json(raw: dict[str, Any]) -> dict[str, Any]:
         "refresh": raw["refresh"],
         "type": raw["type"],
     }
+    if raw["type"] == "custom":  # "text : value, ..." as Grafana writes it; the first is current
+        pairs = [item.split(" : ") for item in raw["query"].split(", ")]
+        options = [
+            {"selected": i == 0, "text": text, "value": value}
+            for i, (text, value) in enumerate(pairs)
+        ]
+        out.update(options=options, current={"text": pairs[0][0], "value": pairs[0][1]})
     if raw["type"] == "query":
         out.update(datasource=DATASOURCE, allValue=raw["allValue"], regex="", sort=raw["sort"])
         out["query"] = {

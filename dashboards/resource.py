@@ -14,7 +14,7 @@ import grafanalib.core as G
 from dashboards import grafana as g
 from dashboards import rules
 from dashboards.config import DEFAULT, Config
-from dashboards.grafana import sel, target
+from dashboards.grafana import by_basis, sel, target
 from exporter import catalog as c
 
 UID = "scidex-resources"
@@ -60,6 +60,12 @@ class P(IntEnum):
     SERIES = 34
     WINDOW = 35
     GRACE = 36
+    MODELS = 37
+    SPEND_BY_MODEL = 38
+    TOKENS_BY_MODEL = 39
+    CACHE_SHARE_BY_PROVIDER = 40
+    CACHE_SHARE_BY_MODEL = 41
+    UNPRICED = 42
 
 
 LAYER_COLORS = {
@@ -314,11 +320,22 @@ def efficiency(layout: g.Layout, cfg: Config) -> None:
         g.table(
             "Top tasks by impact per $1",
             f"Tasks active in the last {cfg.window} with cost > 0 and impact > 0, by impact / "
-            f"cost (top {cfg.settings.top_efficiency_tasks}, ties by task id).",
+            f"cost (top {cfg.settings.top_efficiency_tasks}, ties by task id). Cost basis "
+            "'list price': the same ranking by what the calls are worth at list price, so "
+            "subscription tasks (logged at $0) are ranked too.",
             [
-                target(sel(c.TASK_IMPACT_PER_USD), table=True),
-                target(sel(c.TASK_COST), table=True),
-                target(sel(c.TASK_IMPACT), table=True),
+                target(
+                    by_basis(sel(c.TASK_IMPACT_PER_USD), sel(c.TASK_IMPACT_PER_LIST_USD)),
+                    table=True,
+                ),
+                target(by_basis(sel(c.TASK_COST), sel(c.TASK_LIST_PRICE)), table=True),
+                target(
+                    by_basis(
+                        sel(c.TASK_IMPACT),
+                        f"{sel(c.TASK_IMPACT_PER_LIST_USD)} * {sel(c.TASK_LIST_PRICE)}",
+                    ),
+                    table=True,
+                ),
             ],
             columns={
                 "task_id": "Task",
@@ -356,28 +373,40 @@ def efficiency(layout: g.Layout, cfg: Config) -> None:
 
 def providers(layout: g.Layout, cfg: Config) -> None:
     layout.row(P.PROVIDERS, "Provider breakdown")
+    spend = by_basis(sel(c.PROVIDER_SPEND), sel(c.PROVIDER_LIST_PRICE))
     layout.add(
         P.PROVIDER_TABLE,
         g.table(
             f"Providers, last {cfg.window}",
-            "Per provider family: cost, tasks that called it, tokens, and cost per task, over the "
-            f"tasks active in the last {cfg.window}.",
+            "Per provider family, over the tasks active in the last "
+            f"{cfg.window}: what was billed, what the same calls are worth at list price "
+            "(subscription families bill $0), tasks that called it, tokens, and cost per task "
+            "(on the cost basis chosen).",
             [
                 target(sel(c.PROVIDER_SPEND), table=True),
+                target(sel(c.PROVIDER_LIST_PRICE), table=True),
                 target(sel(c.PROVIDER_TASKS), table=True),
                 target(sel(c.PROVIDER_TOKENS), table=True),
-                target(sel(c.PROVIDER_AVG_COST), table=True),
+                target(
+                    by_basis(
+                        sel(c.PROVIDER_AVG_COST),
+                        f"{sel(c.PROVIDER_LIST_PRICE)} / ({sel(c.PROVIDER_TASKS)} > 0)",
+                    ),
+                    table=True,
+                ),
             ],
             columns={
                 "provider": "Provider",
-                "Value #A": "Spend",
-                "Value #B": "Tasks",
-                "Value #C": "Tokens",
-                "Value #D": "Avg cost / task",
+                "Value #A": "Billed",
+                "Value #B": "List price",
+                "Value #C": "Tasks",
+                "Value #D": "Tokens",
+                "Value #E": "Avg cost / task",
             },
-            sort_by="Spend",
+            sort_by="List price",
             overrides=[
-                g.override("Spend", unit="currencyUSD"),
+                g.override("Billed", unit="currencyUSD"),
+                g.override("List price", unit="currencyUSD"),
                 g.override("Tasks", unit="short"),
                 g.override("Tokens", unit="short"),
                 g.override("Avg cost / task", unit="currencyUSD"),
@@ -391,11 +420,31 @@ def providers(layout: g.Layout, cfg: Config) -> None:
         P.PROVIDER_PIE,
         g.piechart(
             "Spend by provider",
-            f"Cost of the tasks active in the last {cfg.window}, by provider family "
-            "(subscription families max and codex log $0).",
-            [target(f"sum by (provider) ({sel(c.PROVIDER_SPEND)})", "{{provider}}", instant=True)],
+            f"Cost of the tasks active in the last {cfg.window}, by provider family, on the cost "
+            "basis chosen (billed: subscription families max and codex log $0).",
+            [target(f"sum by (provider) ({spend})", "{{provider}}", instant=True)],
             "currencyUSD",
             overrides=_provider_overrides(),
+        ),
+        w=6,
+        h=8,
+    )
+    layout.add(
+        P.PROVIDER_TOKENS,
+        g.bargauge(
+            "Tokens by provider",
+            f"Input + output tokens of the tasks active in the last {cfg.window}, by provider "
+            "family.",
+            [
+                target(
+                    f"sort_desc(sum by (provider) ({sel(c.PROVIDER_TOKENS)}))",
+                    "{{provider}}",
+                    instant=True,
+                )
+            ],
+            "short",
+            overrides=_provider_overrides(),
+            color={"mode": "palette-classic"},
         ),
         w=6,
         h=8,
@@ -420,30 +469,131 @@ def providers(layout: g.Layout, cfg: Config) -> None:
         w=24,
         h=8,
     )
+
+
+def _day(metric: c.MetricSpec, by: str, **matchers: str) -> str:
+    """A counter's increase over the last 24 hours, summed by a label."""
+    return f"sum by ({by}) (increase({sel(metric, **matchers)}[1d]))"
+
+
+def _top_models(metric: c.MetricSpec) -> tuple[str, str]:
+    """The 10 largest models of a counter's last 24 hours, and the rest as one sum."""
+    by_model = _day(metric, "model")
+    top = f"topk(10, {by_model})"
+    return f"sort_desc({top})", f"sum({by_model}) - sum({top})"
+
+
+def models(layout: g.Layout, cfg: Config) -> None:
+    layout.row(P.MODELS, "Models and prompt cache")
+    spend, spend_rest = _top_models(c.MODEL_SPEND)
+    tokens, tokens_rest = _top_models(c.MODEL_TOKENS)
     layout.add(
-        P.PROVIDER_TOKENS,
+        P.SPEND_BY_MODEL,
         g.bargauge(
-            "Tokens by provider",
-            f"Input + output tokens of the tasks active in the last {cfg.window}, by provider "
-            "family.",
+            "Spend by model, last 24 h",
+            "Billed cost of the last 24 hours by model, selected providers: the 10 largest and "
+            "the rest (models beyond the exporter's max_models are already one 'other').",
+            [target(spend, "{{model}}", instant=True), target(spend_rest, "rest", instant=True)],
+            "currencyUSD",
+            color={"mode": "palette-classic"},
+        ),
+        w=8,
+        h=9,
+    )
+    layout.add(
+        P.TOKENS_BY_MODEL,
+        g.bargauge(
+            "Tokens by model, last 24 h",
+            "Tokens of every kind (fresh input, cache reads and writes, output) of the last 24 "
+            "hours by model: the 10 largest and the rest.",
+            [target(tokens, "{{model}}", instant=True), target(tokens_rest, "rest", instant=True)],
+            "short",
+            color={"mode": "palette-classic"},
+        ),
+        w=8,
+        h=9,
+    )
+
+    def share(metric: c.MetricSpec, by: str) -> tuple[str, str]:
+        """Cache reads, and fresh input + cache reads, of a token counter summed by a label."""
+        read = _day(metric, by, direction="cache_read")
+        return read, f"({read} + {_day(metric, by, direction='input')})"
+
+    cache_read, all_input = share(c.TOKENS, "provider")
+    layout.add(
+        P.CACHE_SHARE_BY_PROVIDER,
+        g.bargauge(
+            "Cache-read share of input by provider, last 24 h",
+            "Input served from the prompt cache / (fresh input + cache reads). "
+            "Cache reads cost about a tenth of fresh input: the biggest cost lever of agents.",
             [
                 target(
-                    f"sort_desc(sum by (provider) ({sel(c.PROVIDER_TOKENS)}))",
+                    f"sort_desc({cache_read} / ({all_input} > 0))",
                     "{{provider}}",
                     instant=True,
                 )
             ],
-            "short",
+            "percentunit",
+            min_value=0,
+            max_value=1,
             overrides=_provider_overrides(),
             color={"mode": "palette-classic"},
         ),
-        w=6,
+        w=8,
+        h=9,
+    )
+    model_read, model_input = share(c.MODEL_TOKENS, "model")
+    layout.add(
+        P.CACHE_SHARE_BY_MODEL,
+        g.bargauge(
+            "Cache-read share of input by model, last 24 h",
+            "The same share for the 10 models with the most input (fresh + cache reads).",
+            [
+                target(
+                    f"sort_desc({model_read} / (topk(10, {model_input}) > 0))",
+                    "{{model}}",
+                    instant=True,
+                )
+            ],
+            "percentunit",
+            min_value=0,
+            max_value=1,
+            color={"mode": "palette-classic"},
+        ),
+        w=12,
+        h=8,
+    )
+    layout.add(
+        P.UNPRICED,
+        g.table(
+            "Calls without a list price, last 24 h",
+            "Calls whose model has no price in the catalogue nor in the 'prices' setting: they "
+            "add nothing to list prices (never guessed). Add a price to count them.",
+            [
+                target(f"sort_desc({_day(c.UNPRICED_CALLS, 'provider, model')})", table=True),
+                target(_day(c.UNPRICED_TOKENS, "provider, model"), table=True),
+            ],
+            columns={
+                "provider": "Provider",
+                "model": "Model",
+                "Value #A": "Calls",
+                "Value #B": "Tokens",
+            },
+            sort_by="Calls",
+            overrides=[
+                g.override("Calls", unit="short"),
+                g.override("Tokens", unit="short"),
+                _colored("Provider", PROVIDER_COLORS),
+            ],
+        ),
+        w=12,
         h=8,
     )
 
 
 def waste(layout: g.Layout, cfg: Config) -> None:
     layout.row(P.WASTE, "Wasted resources")
+    wasted = by_basis(sel(c.WASTED_USD), sel(c.WASTED_LIST_PRICE))
     layout.add(
         P.TOP_WASTED_TASKS,
         g.table(
@@ -474,8 +624,15 @@ def waste(layout: g.Layout, cfg: Config) -> None:
         P.WASTE_BY_QUEST,
         g.bargauge(
             "Waste by quest",
-            f"Cost of all wasted tasks per quest over the last {cfg.window}.",
-            [target(f"sort_desc(sum by (quest) ({sel(c.WASTED_USD)}))", "{{quest}}", instant=True)],
+            f"Cost of all wasted tasks per quest over the last {cfg.window}, on the cost basis "
+            "chosen (list price: subscription waste is priced).",
+            [
+                target(
+                    f"sort_desc(sum by (quest) ({wasted}))",
+                    "{{quest}}",
+                    instant=True,
+                )
+            ],
             "currencyUSD",
             color={"mode": "continuous-YlRd"},
         ),
@@ -565,6 +722,7 @@ SECTIONS = (
     utilization_timeline,
     efficiency,
     providers,
+    models,
     waste,
     exporter_health,
 )
@@ -588,6 +746,7 @@ def dashboard(cfg: Config = DEFAULT) -> G.Dashboard:
         templating=G.Templating(
             list=[
                 g.datasource_variable(),
+                g.basis_variable(),
                 g.query_variable("quest", "Quest", c.SPEND),
                 g.query_variable("layer", "Layer", c.SPEND),
                 g.query_variable("provider", "Provider", c.PROVIDER_SPEND),

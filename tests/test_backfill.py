@@ -22,7 +22,7 @@ from exporter.config import load_settings
 from exporter.refresh import Refresher
 from exporter.server import MetricsServer
 from tests.conftest import require_binary, temporary_database
-from tests.ledger import FAMILY_OF, Call, insert
+from tests.ledger import FAMILY_OF, Call, insert, list_price
 from tests.prom import running_prometheus
 from tests.promql import panel_queries
 from tests.test_dashboards_e2e import ALL, HISTORY, substitute
@@ -218,3 +218,69 @@ def test_budget_exhaustion_forecast_from_history(backfilled: Any) -> None:
     for quest, hours in got.items():
         left = max(allocated[quest] - spent[quest], 0.0)
         assert hours == pytest.approx(left / (rates[quest] * 3600), rel=1e-6), quest
+
+
+def _calls(dsn: str) -> list[Call]:
+    """The cost rows as the reference model's calls (all generated rows are valid)."""
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT ts, task_id, quest, layer, provider, model, input_tokens, output_tokens,"
+            " cache_read_tokens, cache_write_tokens, reasoning_tokens, cost_usd FROM cost_ledger"
+        ).fetchall()
+    names = ("ts", "task_id", "quest", "layer", "provider", "model", "input_tokens")
+    names += ("output_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens")
+    return [Call(**dict(zip(names, row[:11], strict=True)), cost_usd=row[11]) for row in rows]
+
+
+def _check_day(
+    prom: Any, at: float, panel: P, ref: str, labels: tuple[str, ...], want: dict[Any, float]
+) -> None:
+    """A panel query at the midnight after a day against the ledger's sums of that day."""
+    result = prom.query(_query(panel, ref), at=at)
+    got = {tuple(s["metric"][k] for k in labels): float(s["value"][1]) for s in result}
+    # A series the ledger has shows 0 on a day without its calls.
+    assert set(want) <= set(got), (panel, at)
+    for key in got:
+        assert got[key] == pytest.approx(want.get(key, 0.0), rel=1e-9), (panel, at, key)
+
+
+@pytest.mark.prometheus
+def test_model_and_cache_panels_show_each_past_day_as_in_the_ledger(backfilled: Any) -> None:
+    prom, dsn, now = backfilled
+    calls = _calls(dsn)
+    for day in _past_days(now):
+        of_day = [c for c in calls if c.ts.astimezone(UTC).date() == day]  # type: ignore[union-attr]
+        spend: dict[tuple[str, ...], float] = defaultdict(float)
+        tokens: dict[tuple[str, ...], float] = defaultdict(float)
+        # (cache reads, fresh input) by provider family and by model
+        inputs: dict[str, dict[tuple[str, ...], list[float]]] = {
+            "provider": defaultdict(lambda: [0.0, 0.0]),
+            "model": defaultdict(lambda: [0.0, 0.0]),
+        }
+        unpriced_calls: dict[tuple[str, ...], float] = defaultdict(float)
+        unpriced_tokens: dict[tuple[str, ...], float] = defaultdict(float)
+        for c in of_day:
+            model, family = c.model_label(), FAMILY_OF[c.provider]  # type: ignore[index]
+            spend[(model,)] += float(c.cost_usd)  # type: ignore[arg-type]
+            tokens[(model,)] += sum(c.categories().values())
+            for by, key in (("provider", family), ("model", model)):
+                inputs[by][(key,)][0] += c.categories()["cache_read"]
+                inputs[by][(key,)][1] += c.categories()["input"]
+            if list_price(c) is None:
+                unpriced_calls[(family, model)] += 1
+                unpriced_tokens[(family, model)] += sum(c.categories().values())
+        assert len(spend) <= 10 and unpriced_calls  # every model is in the top 10
+        at = _midnight_after(day)
+
+        _check_day(prom, at, P.SPEND_BY_MODEL, "A", ("model",), spend)
+        _check_day(prom, at, P.TOKENS_BY_MODEL, "A", ("model",), tokens)
+        for panel in (P.SPEND_BY_MODEL, P.TOKENS_BY_MODEL):  # nothing beyond the top 10
+            assert _value(prom.query(_query(panel, "B"), at=at)) == 0
+        for panel, by in (
+            (P.CACHE_SHARE_BY_PROVIDER, "provider"),
+            (P.CACHE_SHARE_BY_MODEL, "model"),
+        ):
+            share = {k: r / (r + f) for k, (r, f) in inputs[by].items() if r + f > 0}
+            _check_day(prom, at, panel, "A", (by,), share)
+        _check_day(prom, at, P.UNPRICED, "A", ("provider", "model"), unpriced_calls)
+        _check_day(prom, at, P.UNPRICED, "B", ("provider", "model"), unpriced_tokens)

@@ -37,12 +37,13 @@ def test_dashboard_identity_and_defaults() -> None:
     assert BOARD["time"] == {"from": "now-30d", "to": "now"}
     assert BOARD["schemaVersion"] == grafana.SCHEMA_VERSION
     rows = [p["title"] for p in BOARD["panels"] if p["type"] == "row"]
-    assert rows[:6] == [
+    assert rows[:7] == [
         "Overview",
         "Budget allocation",
         "Utilization timeline",
         "Efficiency rankings",
         "Provider breakdown",
+        "Models and prompt cache",
         "Wasted resources",
     ]
 
@@ -231,3 +232,19 @@ def test_a_bad_settings_file_is_one_clear_error(
     config.write_text("mixin:\n  runbook_url: docs/runbook.md\n", encoding="utf-8")
     assert generator.main(["--config", str(config), "--out", str(tmp_path)]) == 2
     assert "setting 'mixin.runbook_url'" in capsys.readouterr().err
+
+
+def test_the_grid_has_no_holes_and_no_overlaps() -> None:
+    """Every cell of the 24-column grid, down to the last panel, belongs to exactly one panel."""
+    cells: dict[tuple[int, int], list[int]] = {}
+    for panel in BOARD["panels"]:
+        pos = panel["gridPos"]
+        for x in range(pos["x"], pos["x"] + pos["w"]):
+            for y in range(pos["y"], pos["y"] + pos["h"]):
+                cells.setdefault((x, y), []).append(panel["id"])
+    bottom = max(p["gridPos"]["y"] + p["gridPos"]["h"] for p in BOARD["panels"])
+    assert all(0 <= x < 24 for x, _ in cells)
+    holes = [(x, y) for y in range(bottom) for x in range(24) if (x, y) not in cells]
+    overlaps = {cell: ids for cell, ids in cells.items() if len(ids) > 1}
+    assert not holes, f"empty cells (x, y): {holes[:10]}"
+    assert not overlaps, f"cells covered twice: {list(overlaps.items())[:10]}"

@@ -25,7 +25,8 @@ from tests.prom import Prometheus, running_prometheus
 from tests.promql import panel_queries
 
 BOARD = grafana.render(resource.dashboard())
-ALL = dict.fromkeys(grafana.FILTER_LABELS, ".*")
+ALL = {**dict.fromkeys(grafana.FILTER_LABELS, ".*"), grafana.BASIS_VAR: "0"}
+LIST_BASIS = {**ALL, grafana.BASIS_VAR: "1"}
 
 Want = dict[Any, float]
 Series = dict[tuple[str, ...], float]
@@ -119,13 +120,17 @@ EXPECTED: dict[tuple[str, str], tuple[tuple[str, ...], Callable[[Want], Any]]] =
     ),
     (P.PROVIDER_TABLE, "B"): (
         ("provider",),
-        lambda w: values(w, S + "provider_tasks", "provider"),
+        lambda w: values(w, S + "provider_list_price_usd", "provider"),
     ),
     (P.PROVIDER_TABLE, "C"): (
         ("provider",),
-        lambda w: values(w, S + "provider_tokens", "provider"),
+        lambda w: values(w, S + "provider_tasks", "provider"),
     ),
     (P.PROVIDER_TABLE, "D"): (
+        ("provider",),
+        lambda w: values(w, S + "provider_tokens", "provider"),
+    ),
+    (P.PROVIDER_TABLE, "E"): (
         ("provider",),
         lambda w: values(w, S + "provider_avg_cost_per_task_usd", "provider"),
     ),
@@ -156,7 +161,47 @@ TIMELY = {
     (P.REFRESH_DURATION, "A"),
 }
 # Queries that need spend history; tests/test_backfill.py checks them on backfilled data.
-HISTORY = {(P.EXHAUSTION_HOURS, "A")}
+HISTORY = {
+    (P.EXHAUSTION_HOURS, "A"),
+    (P.SPEND_BY_MODEL, "A"),
+    (P.SPEND_BY_MODEL, "B"),
+    (P.TOKENS_BY_MODEL, "A"),
+    (P.TOKENS_BY_MODEL, "B"),
+    (P.CACHE_SHARE_BY_PROVIDER, "A"),
+    (P.CACHE_SHARE_BY_MODEL, "A"),
+    (P.UNPRICED, "A"),
+    (P.UNPRICED, "B"),
+}
+
+
+def _per_list_dollar_impact(w: Want) -> Series:
+    """Impact of the tasks ranked by list price: ratio x list price, from the reference."""
+    ratio = values(w, S + "task_impact_per_list_usd", *TASK)
+    listed = values(w, S + "task_list_price_usd", *TASK)
+    return {k: ratio[k] * listed[k] for k in ratio}
+
+
+def _list_avg(w: Want) -> Series:
+    listed = values(w, S + "provider_list_price_usd", "provider")
+    tasks = values(w, S + "provider_tasks", "provider")
+    return {k: v / tasks[k] for k, v in listed.items() if tasks[k] > 0}
+
+
+# The same queries on the list-price cost basis ($basis = 1).
+EXPECTED_LIST: dict[tuple[str, str], tuple[tuple[str, ...], Callable[[Want], Any]]] = {
+    (P.TOP_TASKS, "A"): (TASK, lambda w: values(w, S + "task_impact_per_list_usd", *TASK)),
+    (P.TOP_TASKS, "B"): (TASK, lambda w: values(w, S + "task_list_price_usd", *TASK)),
+    (P.TOP_TASKS, "C"): (TASK, _per_list_dollar_impact),
+    (P.PROVIDER_TABLE, "E"): (("provider",), _list_avg),
+    (P.PROVIDER_PIE, "A"): (
+        ("provider",),
+        lambda w: values(w, S + "provider_list_price_usd", "provider"),
+    ),
+    (P.WASTE_BY_QUEST, "A"): (
+        ("quest",),
+        lambda w: values(w, S + "wasted_list_price_usd", "quest"),
+    ),
+}
 ALERT_KEY = ("alertname", "alertstate", "quest")
 
 
@@ -276,9 +321,32 @@ def test_panel_query_shows_the_ledger_numbers(
     if (panel_id, ref) in TIMELY:
         _check_timely(prom, want, now, panel_id, ref, expr)
         return
-    labels, compute = EXPECTED[(panel_id, ref)]
+    _check(prom, want, expr, *EXPECTED[(panel_id, ref)])
+
+
+SWITCHED = [(t, r, q) for t, r, q in QUERIES if f"${grafana.BASIS_VAR}" in q["expr"]]
+
+
+def test_every_query_on_the_cost_basis_switch_has_list_price_numbers() -> None:
+    assert {(t, r) for t, r, _ in SWITCHED} == set(EXPECTED_LIST)
+
+
+@pytest.mark.prometheus
+@pytest.mark.parametrize(
+    ("panel_id", "ref", "target"), SWITCHED, ids=[f"{t.name}/{r}" for t, r, _ in SWITCHED]
+)
+def test_panel_query_on_the_list_price_basis(
+    stack: tuple[Prometheus, Want, datetime], panel_id: P, ref: str, target: dict
+) -> None:
+    prom, want, _ = stack
+    _check(prom, want, substitute(target["expr"], LIST_BASIS), *EXPECTED_LIST[(panel_id, ref)])
+
+
+def _check(
+    prom: Prometheus, want: Want, expr: str, labels: tuple[str, ...], compute: Callable[[Want], Any]
+) -> None:
     result = prom.query(expr)
-    assert result, f"{panel_id}/{ref} returned no data: {expr}"
+    assert result, f"no data: {expr}"
     want_value = compute(want)
     if labels:
         got = _as_series(result, labels)
