@@ -12,6 +12,7 @@ reconciliation, which also bounds any drift.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field, fields
 from decimal import Decimal
 from typing import Any
@@ -37,12 +38,15 @@ class Sums:
     @classmethod
     def of(cls, row: Any) -> Sums:
         """The sums of one query row (a group of ledger rows)."""
-        return cls(*(Decimal(getattr(row, f.name, None) or 0) for f in fields(cls)))
+        return cls(*[Decimal(getattr(row, name, None) or 0) for name in _NAMES])
 
     def __add__(self, other: Sums) -> Sums:
-        return Sums(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+        return Sums(*map(operator.add, _values(self), _values(other)))
 
 
+# Read once: dataclasses.fields() per row was a tenth of a rebuild's Python time.
+_NAMES = tuple(f.name for f in fields(Sums))
+_values = operator.attrgetter(*_NAMES)
 ZERO = Sums()
 
 

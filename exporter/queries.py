@@ -7,12 +7,17 @@ constant fragments like these, and values always travel as bind parameters.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
 from functools import cache
 
+from exporter.incremental import Sums
+
 OPTIONAL_TOKENS = ("cache_read_tokens", "cache_write_tokens", "reasoning_tokens")
 """Optional cost_ledger columns: a relation without one of them reads it as 0."""
+
+SUMS = tuple(f.name for f in fields(Sums))
+"""The exact sums of a group of rows, in ``incremental.Sums`` order."""
 
 
 @dataclass(frozen=True)
@@ -86,15 +91,19 @@ class Columns:
         return f"""(c.ts IS NOT NULL AND c.cost_usd >= 0 AND c.cost_usd < 'Infinity'
              AND c.input_tokens >= 0 AND c.output_tokens >= 0{optional})"""
 
-    def sums(self) -> str:
-        """The exact sums every cumulative counter is built from (``incremental.Sums``)."""
-        optional = "".join(
-            f",\n           sum({self.ref(col)}) AS {col}" for col in OPTIONAL_TOKENS
-        )
-        return f"""count(*) AS calls,
-           sum({COST}) AS cost,
-           sum(c.input_tokens) AS input_tokens,
-           sum(c.output_tokens) AS output_tokens{optional}"""
+    def sums(self, names: Sequence[str] = SUMS) -> str:
+        """The exact sums every cumulative counter is built from (``incremental.Sums``).
+
+        ``names`` picks some of them: every aggregate widens the hashed or sorted groups.
+        """
+        exprs = {
+            "calls": "count(*)",
+            "cost": f"sum({COST})",
+            "input_tokens": "sum(c.input_tokens)",
+            "output_tokens": "sum(c.output_tokens)",
+            **{col: f"sum({self.ref(col)})" for col in OPTIONAL_TOKENS},
+        }
+        return ",\n           ".join(f"{exprs[name]} AS {name}" for name in names)
 
 
 REASONS = tuple(reason for reason, _ in Columns().checks)

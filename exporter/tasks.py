@@ -15,17 +15,18 @@ import heapq
 import json
 import math
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
+from functools import cache
 from typing import Any, NamedTuple
 
 from exporter.config import Settings
 from exporter.incremental import Plan, Sums
 from exporter.labels import ProviderFamilies
 from exporter.models import model_ref
-from exporter.prices import PriceBook
+from exporter.prices import Price, PriceBook
 
 
 @dataclass(slots=True)
@@ -142,6 +143,12 @@ class WindowTasks:
         few tail rows until then, and folds them by part (final before open, ids growing).
         """
         full, safe = self.bounds(plan)
+
+        @cache
+        def priced(provider: str, model: str | None, period: datetime | None) -> _Priced:
+            family = providers.family(provider)
+            return _Priced(family, prices.price(family, model_ref(provider, model), period))
+
         final: dict[str, Task] = {}
         open_tail: dict[str, Task] = {}
         impacts: dict[str, float | None] = {}
@@ -150,13 +157,13 @@ class WindowTasks:
             if r.kind == "impact":
                 impacts[r.task_id] = r.impact
             elif full:
-                _fold(final if r.part == 0 else open_tail, r, providers, prices)
+                _fold(final if r.part == 0 else open_tail, r, priced)
             else:
                 later.append(r)
         if not full:
             final = self.final
             for r in sorted(later, key=lambda r: r.part):
-                _fold(final if r.part < 2 else open_tail, r, providers, prices)
+                _fold(final if r.part < 2 else open_tail, r, priced)
         # One pass over what is held: tasks whose latest row left the window are dropped.
         current = {
             k: t for k, t in final.items() if t.last_ts is not None and t.last_ts >= window_start
@@ -173,16 +180,20 @@ class WindowTasks:
         return current, impacts
 
 
-def _fold(target: dict[str, Task], r: Any, providers: ProviderFamilies, prices: PriceBook) -> None:
+class _Priced(NamedTuple):
+    family: str
+    price: Price | None
+
+
+def _fold(target: dict[str, Task], r: Any, priced: Callable[..., _Priced]) -> None:
     task = target.get(r.task_id)
     if task is None:
         task = target[r.task_id] = Task()
     if r.kind == "sum":
-        family = providers.family(r.provider)
-        sums = Sums.of(r)
-        price = prices.price(family, model_ref(r.provider, r.model), r.period)
-        listed = Decimal(0) if price is None else price.value(sums)
-        task.add(family, sums.cost, int(sums.input_tokens + sums.output_tokens), listed)
+        # Looked up once per provider, model and period, not per row.
+        family, price = priced(r.provider, r.model, r.period)
+        listed = Decimal(0) if price is None else price.value(Sums.of(r))
+        task.add(family, r.cost, int(r.input_tokens + r.output_tokens), listed)
     else:
         task.label(r.last_ts, r.quest, r.layer)
 

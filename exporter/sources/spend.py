@@ -85,25 +85,26 @@ SPEND_TOTALS = spend_totals(Columns(), Periods(0))
 # What depends on time, not on the history: the window's spend and tokens per series and model
 # (the label guard's weights) and today's spend, from the ts index; and the newest valid call,
 # from the end of that index.
+# Tokens are summed per category (a bigint sum is cheap; a numeric expression per row is not)
+# and added up in Python.
+_TOKENS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens")
+
+
 @cache
 def spend_recent(cols: Columns) -> Query:
-    cached = "".join(
-        f" + coalesce({cols.ref(col)}, 0)" for col in ("cache_read_tokens", "cache_write_tokens")
-    )
-    tokens = f"c.input_tokens::numeric + c.output_tokens{cached}"
     return Query(
         "spend_recent",
         f"""
     SELECT 'series' AS kind, c.quest, c.layer, c.provider, c.model,
            sum({COST}) AS cost_window,
-           sum({tokens}) AS tokens_window,
+           {cols.sums(_TOKENS)},
            sum({COST}) FILTER (WHERE c.ts >= %(today_start)s) AS cost_today,
            NULL::timestamptz AS last_ts
     FROM cost_ledger c
     WHERE c.ts >= %(window_start)s AND {cols.valid}
     GROUP BY c.quest, c.layer, c.provider, c.model
     UNION ALL
-    SELECT 'newest', NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+    SELECT 'newest', NULL, NULL, NULL, NULL, NULL, {", ".join("NULL" for _ in _TOKENS)}, NULL,
            (SELECT c.ts FROM cost_ledger c WHERE {cols.valid} ORDER BY c.ts DESC LIMIT 1)
     """,
     )
@@ -227,8 +228,9 @@ class SpendSource(Source):
         for r in self._recent:
             labels.weigh_quest(r.quest, as_float(r.cost_window))
             labels.weigh_layer(r.layer, as_float(r.cost_window))
+            tokens = sum(getattr(r, col) or 0 for col in _TOKENS)
             name = model_name(model_ref(r.provider, r.model))
-            labels.weigh_model(name, as_float(r.cost_window), as_float(r.tokens_window))
+            labels.weigh_model(name, as_float(r.cost_window), float(tokens))
 
     def today(self, labels: LabelGuard) -> Series:
         """Spend since today's midnight per folded quest (quests with spend today)."""

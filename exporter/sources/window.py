@@ -8,7 +8,6 @@ window's tasks, a steady refresh the rows after the watermark and the impacts.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import fields
 from functools import cache
 from typing import Any
 
@@ -17,7 +16,6 @@ from prometheus_client.metrics_core import Metric as Family
 
 from exporter import catalog as c
 from exporter.families import LabelGuard, Series, as_float, family_of
-from exporter.incremental import Sums
 from exporter.queries import OPTIONAL_TOKENS, Columns, Periods, Query
 from exporter.sources.base import Build, Refresh, Source, Statement
 from exporter.tasks import WindowRow, WindowTasks, summarize
@@ -33,8 +31,11 @@ from exporter.tasks import WindowRow, WindowTasks, summarize
 # part 0 is final (ids the exporter already holds, or up to %(safe)s when rebuilding), 1 the
 # tail rows that became final (ids up to %(safe)s), 2 the open tail; a later part holds larger
 # ids, so it wins a tie on ts.
-_SUMS = ", ".join(f.name for f in fields(Sums))
-_NO_SUMS = ", ".join(f"NULL::numeric AS {f.name}" for f in fields(Sums))
+# A task keeps its cost and the token sums its list price reads (prices.Price.value): not
+# calls or reasoning tokens, which would only widen the window's groups.
+_KEPT = ("cost", "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens")
+_SUMS = ", ".join(_KEPT)
+_NO_SUMS = ", ".join(f"NULL::numeric AS {name}" for name in _KEPT)
 
 
 def _impacts(tasks: str) -> str:
@@ -70,7 +71,7 @@ def window_tasks(cols: Columns, periods: Periods) -> Query:
                    min(c.quest COLLATE "C") AS quest, max(c.quest COLLATE "C") AS quest_max,
                    min(c.layer COLLATE "C") AS layer, max(c.layer COLLATE "C") AS layer_max,
                    bool_and(c.quest IS NOT NULL AND c.layer IS NOT NULL) AS labelled,
-                   {cols.sums()},
+                   {cols.sums(_KEPT)},
                    max(c.ts) AS last_ts
             FROM cost_ledger c
             WHERE c.ts >= %(window_start)s AND c.task_id IS NOT NULL AND {cols.valid}
@@ -94,7 +95,7 @@ def window_tasks(cols: Columns, periods: Periods) -> Query:
         FROM tracked t
         CROSS JOIN LATERAL (
             SELECT c.id <= %(safe)s AS final, c.provider, c.model, {periods.column} AS period,
-                   {cols.sums()}
+                   {cols.sums(_KEPT)}
             FROM cost_ledger c
             WHERE c.task_id = t.task_id AND c.ts < %(window_start)s AND {cols.valid}
             GROUP BY {periods.group_by(1, 2, 3)}
@@ -151,7 +152,7 @@ def window_tasks_steady(cols: Columns, periods: Periods) -> Query:
                NULL::float8 AS impact, {_SUMS}
         FROM fresh f
         CROSS JOIN LATERAL (
-            SELECT c.provider, c.model, {periods.column} AS period, {cols.sums()}
+            SELECT c.provider, c.model, {periods.column} AS period, {cols.sums(_KEPT)}
             FROM cost_ledger c
             WHERE c.task_id = f.task_id AND c.id <= %(after)s AND {cols.valid}
             GROUP BY {periods.group_by(1, 2)}
@@ -168,7 +169,7 @@ def window_tasks_steady(cols: Columns, periods: Periods) -> Query:
         ) h
         UNION ALL
         SELECT 'sum', c.part, c.task_id, c.provider, c.model, {periods.column}, NULL, NULL,
-               NULL, NULL, {cols.sums()}
+               NULL, NULL, {cols.sums(_KEPT)}
         FROM tail c
         GROUP BY {periods.group_by(2, 3, 4, 5)}
         UNION ALL
