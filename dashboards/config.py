@@ -12,6 +12,9 @@ from pathlib import Path
 
 from exporter.config import MixinSettings, Settings, load_settings
 
+DASHBOARD_UID = "scidex-resources"
+"""The dashboard's uid: its address in Grafana (``/d/<uid>``), which alerts link to."""
+
 
 def _plural(n: float, unit: str) -> str:
     return f"{n:g} {unit}" if n == 1 else f"{n:g} {unit}s"
@@ -72,6 +75,17 @@ class Config:
     def runbook(self, alert: str) -> str:
         """The absolute runbook link of an alert (one anchor per alert)."""
         return f"{self.mixin.runbook_url}#{alert.lower()}"
+
+    def dashboard_link(self, label: str | None = None) -> str:
+        """The absolute dashboard link of an alert, its ``label`` (quest, provider) selected.
+
+        An alert template: the label's value is URL-encoded when the alert fires, so any quest
+        name makes a valid link.
+        """
+        url = f"{self.mixin.grafana_url.rstrip('/')}/d/{DASHBOARD_UID}"
+        if label is None:
+            return url
+        return f"{url}?var-{label}={{{{ $labels.{label} | urlquery }}}}"
 
 
 DEFAULT = Config.load()

@@ -13,11 +13,10 @@ import grafanalib.core as G
 
 from dashboards import grafana as g
 from dashboards import rules
-from dashboards.config import DEFAULT, Config
+from dashboards.config import DASHBOARD_UID, DEFAULT, Config
 from dashboards.grafana import by_basis, sel, target
 from exporter import catalog as c
 
-UID = "scidex-resources"
 TITLE = "Resource Dashboard"
 
 
@@ -735,7 +734,7 @@ def dashboard(cfg: Config = DEFAULT) -> G.Dashboard:
         section(layout, cfg)
     return G.Dashboard(
         title=TITLE,
-        uid=UID,
+        uid=DASHBOARD_UID,
         description="Where SciDEX's LLM money and tokens go: budgets, efficiency, providers "
         "and waste.",
         tags=["scidex", "resource-intelligence"],

@@ -142,21 +142,29 @@ def _alert(
     severity: str,
     summary: str,
     description: str,
+    link: str | None = None,
+    labels: dict[str, str] | None = None,
 ) -> dict[str, Any]:
+    """An alert; ``link`` is the label (quest, provider) its dashboard link selects."""
     rule: dict[str, Any] = {"alert": name, "expr": expr}
     if duration != "0s":
         rule["for"] = duration
-    rule["labels"] = {"severity": severity}
+    rule["labels"] = {"severity": severity, **(labels or {})}
     rule["annotations"] = {
         "summary": summary,
         "description": description,
         "runbook_url": cfg.runbook(name),
+        "dashboard_url": cfg.dashboard_link(link),
     }
     return rule
 
 
 def _query_value(expr: str, label: str = "quest", fmt: str = "humanize") -> str:
-    """A template snippet printing the first value of ``expr``, whose ``%s`` is the label."""
+    """A template snippet printing the first value of ``expr``, whose ``%q`` is the label.
+
+    ``%q`` quotes the value as a Go string literal, which PromQL reads back unchanged: a
+    quest name with a quote or a backslash selects its own series.
+    """
     return (
         f"{{{{ with printf `{expr}` $labels.{label} | query }}}}"
         f"{{{{ . | first | value | {fmt} }}}}{{{{ end }}}}"
@@ -167,7 +175,7 @@ def alerts(cfg: Config = DEFAULT) -> list[dict[str, Any]]:
     """The alerts: budget overspend and burn, waste, provider spikes, exporter health."""
     j = cfg.sel
     m = cfg.mixin
-    budget_of = _query_value(f'{QUEST_BUDGET}{{quest="%s"}}')
+    budget_of = _query_value(f"{QUEST_BUDGET}{{quest=%q}}")
     fast, slow = m.fast_burn, m.slow_burn
     big_enough = f"on (quest) ({QUEST_BUDGET} >= {m.min_allocation_usd:g})"
     burn = QUEST_BURN_RATE
@@ -181,6 +189,7 @@ def alerts(cfg: Config = DEFAULT) -> list[dict[str, Any]]:
             "Quest {{ $labels.quest }} is over today's budget.",
             "Quest {{ $labels.quest }} has spent ${{ $value | humanize }} today, more than "
             f"its allocation of ${budget_of}.",
+            link="quest",
         ),
         _alert(
             cfg,
@@ -192,8 +201,9 @@ def alerts(cfg: Config = DEFAULT) -> list[dict[str, Any]]:
             "Quest {{ $labels.quest }} has spent at {{ $value | humanize }}x its sustainable "
             f"daily pace over the last hour and 5 minutes (threshold {fast:g}x); at the last "
             f"hour's pace what is left of today's ${budget_of} lasts "
-            + _query_value(f'{QUEST_EXHAUSTION_HOURS}{{quest="%s"}}', fmt='printf "%.1f"')
+            + _query_value(f"{QUEST_EXHAUSTION_HOURS}{{quest=%q}}", fmt='printf "%.1f"')
             + " more hours.",
+            link="quest",
         ),
         _alert(
             cfg,
@@ -205,6 +215,7 @@ def alerts(cfg: Config = DEFAULT) -> list[dict[str, Any]]:
             "Quest {{ $labels.quest }} has spent at {{ $value | humanize }}x its sustainable "
             f"daily pace over the last 6 hours and 30 minutes (threshold {slow:g}x); its "
             f"daily allocation is ${budget_of}.",
+            link="quest",
         ),
         _alert(
             cfg,
@@ -216,10 +227,11 @@ def alerts(cfg: Config = DEFAULT) -> list[dict[str, Any]]:
             "Quest {{ $labels.quest }} wastes {{ $value | humanizePercentage }} of its spend.",
             f"{{{{ $value | humanizePercentage }}}} of the last {cfg.window}' spend of quest "
             "{{ $labels.quest }} ($"
-            + _query_value(f'{QUEST_WINDOW_SPEND}{{quest="%s"}}')
+            + _query_value(f"{QUEST_WINDOW_SPEND}{{quest=%q}}")
             + f") went to tasks that used over {cfg.settings.waste_min_tokens} tokens and "
             f"produced impact <= {cfg.settings.waste_max_impact:g} or none "
             f"(threshold {m.waste_share:.0%}).",
+            link="quest",
         ),
         _alert(
             cfg,
@@ -232,8 +244,9 @@ def alerts(cfg: Config = DEFAULT) -> list[dict[str, Any]]:
             "Spend on provider {{ $labels.provider }} spiked.",
             "Provider family {{ $labels.provider }} has cost ${{ $value | humanize }}/h over "
             f"the last 3 hours, more than {m.provider_spike_factor:g}x its 7-day average of $"
-            + _query_value(f'{PROVIDER_SPEND_RATE["7d"]}{{provider="%s"}} * 3600', "provider")
+            + _query_value(f"{PROVIDER_SPEND_RATE['7d']}{{provider=%q}} * 3600", "provider")
             + "/h.",
+            link="provider",
         ),
         _alert(
             cfg,

@@ -98,6 +98,8 @@ class MixinSettings(BaseModel):
     """The `job` label Prometheus gives the exporter's target (every rule selects it)."""
     runbook_url: str = Field(RUNBOOK_URL, pattern=r"^https?://[^\s#]+$")
     """Absolute URL of docs/runbook.md; each alert links to its own anchor."""
+    grafana_url: str = Field("http://localhost:3000", pattern=r"^https?://[^\s#?]+$")
+    """Absolute URL of Grafana: alerts link to the dashboard, their quest or provider selected."""
     over_budget_for: str = Field("5m", pattern=r"^[0-9]+[smhd]$")
     """How long a quest must stay over today's budget before QuestOverBudget fires."""
     fast_burn: float = Field(10.0, gt=0)

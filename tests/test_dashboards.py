@@ -13,6 +13,7 @@ import yaml
 
 from dashboards import __main__ as generator
 from dashboards import grafana, resource, rules, schema_check
+from dashboards.config import DASHBOARD_UID
 from exporter import catalog
 from tests.conftest import IN_CI, require_binary
 from tests.promql import panel_queries, selectors
@@ -33,7 +34,7 @@ def test_committed_json_is_what_the_code_generates() -> None:
 
 
 def test_dashboard_identity_and_defaults() -> None:
-    assert BOARD["uid"] == resource.UID and BOARD["title"] == "Resource Dashboard"
+    assert BOARD["uid"] == DASHBOARD_UID and BOARD["title"] == "Resource Dashboard"
     assert BOARD["time"] == {"from": "now-30d", "to": "now"}
     assert BOARD["schemaVersion"] == grafana.SCHEMA_VERSION
     rows = [p["title"] for p in BOARD["panels"] if p["type"] == "row"]

@@ -12,7 +12,7 @@ import yaml
 
 from dashboards import __main__ as generator
 from dashboards import rules
-from dashboards.config import DEFAULT
+from dashboards.config import DASHBOARD_UID, DEFAULT
 from exporter import catalog
 from tests.conftest import require_binary
 from tests.promql import selectors
@@ -80,7 +80,13 @@ def test_every_alert_is_tested_silent_firing_and_resolved(name: str) -> None:
 def test_alert_has_severity_summary_description_and_runbook(alert: dict[str, Any]) -> None:
     assert alert["labels"]["severity"] in ("critical", "warning")
     annotations = alert["annotations"]
-    assert set(annotations) == {"summary", "description", "runbook_url"}
+    assert set(annotations) == {"summary", "description", "runbook_url", "dashboard_url"}
+    # The dashboard, absolute, with the alert's quest or provider selected when it has one.
+    link = annotations["dashboard_url"]
+    assert link.startswith(f"{DEFAULT.mixin.grafana_url}/d/{DASHBOARD_UID}")
+    for label in ("quest", "provider"):
+        if f"$labels.{label}" in annotations["summary"]:
+            assert link.endswith(f"?var-{label}={{{{ $labels.{label} | urlquery }}}}")
     assert "{{ $value" in annotations["description"] or "{{ $labels" in annotations["description"]
     base, anchor = annotations["runbook_url"].split("#", 1)
     assert base == DEFAULT.mixin.runbook_url and base.startswith("https://")
@@ -107,3 +113,27 @@ def test_recording_rules_follow_level_metric_operation(rule: dict[str, Any]) -> 
     assert level in ("quest", "provider")
     assert metric.startswith("scidex_") and operation
     assert rule["record"] in rules.RECORDED
+
+
+HOSTILE = 'a"b\\c d&e'
+"""The quest of tests/rules/names.yaml: a quote, a backslash, a space and an ampersand."""
+
+
+@pytest.mark.parametrize(
+    "alert",
+    [a for a in ALERTS if "$labels.quest" in a["annotations"]["summary"]],
+    ids=lambda a: f"{a['alert']}-{a['labels']['severity']}",
+)
+def test_quest_alert_renders_for_any_quest_name(alert: dict[str, Any]) -> None:
+    # promtool compares every annotation exactly: a template that cannot expand fails there.
+    tests = yaml.safe_load((Path(__file__).parent / "rules" / "names.yaml").read_text())
+    fired = [
+        expected
+        for test in tests["tests"]
+        for evaluation in test["alert_rule_test"]
+        if evaluation["alertname"] == alert["alert"]
+        for expected in evaluation["exp_alerts"]
+        if expected["exp_labels"] == {**alert["labels"], "quest": HOSTILE}
+    ]
+    assert fired, f"{alert['alert']} ({alert['labels']}) never fires for quest {HOSTILE!r}"
+    assert HOSTILE in fired[0]["exp_annotations"]["description"]

@@ -16,7 +16,8 @@ import psycopg
 import pytest
 import yaml
 
-from dashboards import grafana, resource
+from dashboards import grafana
+from dashboards.config import DASHBOARD_UID
 from exporter.cli import build_parser
 from exporter.config import load_settings
 from exporter.refresh import Refresher, connect
@@ -143,7 +144,7 @@ def test_grafana_provisioning_matches_the_compose_layout() -> None:
     (provider,) = providers["providers"]
     folder = _in_container("grafana", provider["options"]["path"])
     board = json.loads((folder / "resource-dashboard.json").read_text())
-    assert board["uid"] == resource.UID
+    assert board["uid"] == DASHBOARD_UID
     home = SERVICES["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
     assert _in_container("grafana", home).is_file()
 
