@@ -33,6 +33,7 @@ demo: $(STAMP)
 ## system-deps: Debian's prometheus and alertmanager packages (prometheus, promtool, amtool)
 system-deps:
 	@command -v promtool >/dev/null && command -v prometheus >/dev/null && command -v amtool >/dev/null \
+		&& command -v prometheus-alertmanager >/dev/null \
 		|| { $(call apt_install,prometheus prometheus-alertmanager); }
 
 ## test: install everything, lint, and run the whole suite

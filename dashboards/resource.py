@@ -65,6 +65,7 @@ class P(IntEnum):
     CACHE_SHARE_BY_PROVIDER = 40
     CACHE_SHARE_BY_MODEL = 41
     UNPRICED = 42
+    MONTH_VS_BUDGET = 43
 
 
 LAYER_COLORS = {
@@ -216,6 +217,8 @@ def alerts(layout: g.Layout, cfg: Config) -> None:
                 "alertstate": "State",
                 "severity": "Severity",
                 "quest": "Quest",
+                "period": "Period",
+                "threshold": "Threshold",
                 "provider": "Provider",
                 "instance": "Instance",
             },
@@ -307,7 +310,29 @@ def utilization_timeline(layout: g.Layout, cfg: Config) -> None:
                 )
             ],
         ),
-        w=24,
+        w=14,
+        h=9,
+    )
+    layout.add(
+        P.MONTH_VS_BUDGET,
+        g.timeseries(
+            "Month to date vs budget, and forecast",
+            f"This month ({cfg.timezone} calendar): spend since the 1st, the allocations from "
+            "the 1st to today, the whole month's allocation (days ahead included), and the "
+            "forecast of the month's spend at the last 7 days' pace (recording rule).",
+            [
+                target(f"sum({sel(rules.QUEST_SPEND_MONTH)})", "spend"),
+                target(f"sum({sel(rules.QUEST_BUDGET_MONTH_TO_DATE)})", "budget to date"),
+                target(f"sum({sel(rules.QUEST_BUDGET_MONTH)})", "month's budget"),
+                target(f"sum({sel(rules.QUEST_MONTH_FORECAST)})", "forecast"),
+            ],
+            "currencyUSD",
+            overrides=[
+                g.override("month's budget", color=g.fixed_color("red")),
+                g.override("forecast", **{"custom.lineStyle": {"fill": "dash", "dash": [10, 10]}}),
+            ],
+        ),
+        w=10,
         h=9,
     )
 

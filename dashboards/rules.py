@@ -7,6 +7,7 @@ are constants the dashboard imports.
 
 from __future__ import annotations
 
+from itertools import pairwise
 from typing import Any
 
 from dashboards.config import DEFAULT, Config
@@ -55,6 +56,60 @@ QUEST_WINDOW_SPEND = _rec(
 QUEST_DAILY_SPEND = _rec(
     "quest:scidex_spend_usd:increase1d", "Spend over the last 24 hours.", "quest", "currencyUSD"
 )
+QUEST_SPEND_RATE_7D = _rec(
+    "quest:scidex_spend_usd:rate7d", "Spend rate over 7 days, USD/s.", "quest", "currencyUSD"
+)
+QUEST_SPEND_BASELINE = _rec(
+    "quest:scidex_spend_usd:rate1h_baseline7d",
+    "Mean of the 1-hour spend rate at this time of day over the last 7 days, USD/s.",
+    "quest",
+    "currencyUSD",
+)
+QUEST_SPEND_MONTH = _rec(
+    "quest:scidex_quest_spend_month_usd:sum", "Spend this month.", "quest", "currencyUSD"
+)
+QUEST_BUDGET_MONTH = _rec(
+    "quest:scidex_budget_allocated_month_usd:sum",
+    "This month's allocation, days ahead included.",
+    "quest",
+    "currencyUSD",
+)
+QUEST_BUDGET_MONTH_TO_DATE = _rec(
+    "quest:scidex_budget_allocated_month_to_date_usd:sum",
+    "This month's allocation up to today inclusive.",
+    "quest",
+    "currencyUSD",
+)
+QUEST_MONTH_FORECAST = _rec(
+    "quest:scidex_quest_spend_month_usd:forecast",
+    "Spend this month so far plus the last 7 days' rate until the month's end.",
+    "quest",
+    "currencyUSD",
+)
+# One series per quest and period (day, month): the budget alerts read both alike.
+QUEST_PERIOD_SPEND = c.MetricSpec(
+    "quest:scidex_period_spend_usd:sum",
+    "gauge",
+    "Spend in the current period (day or month).",
+    ("quest", "period"),
+    "currencyUSD",
+)
+QUEST_PERIOD_BUDGET = c.MetricSpec(
+    "quest:scidex_period_budget_usd:sum",
+    "gauge",
+    "Allocation of the current period (day, or the whole month).",
+    ("quest", "period"),
+    "currencyUSD",
+)
+QUEST_BUDGET_USED = c.MetricSpec(
+    "quest:scidex_budget_used:ratio",
+    "gauge",
+    "Spend / allocation of the current period (day or month), where the allocation is > 0.",
+    ("quest", "period"),
+    "percentunit",
+)
+PERIODS = ("day", "month")
+
 PROVIDER_SPEND_RATE = {
     w: _rec(
         f"provider:scidex_spend_usd:rate{w}",
@@ -74,12 +129,24 @@ RECORDED_METRICS: tuple[c.MetricSpec, ...] = (
     QUEST_WASTE_SHARE,
     QUEST_WINDOW_SPEND,
     QUEST_DAILY_SPEND,
+    QUEST_SPEND_RATE_7D,
+    QUEST_SPEND_BASELINE,
+    QUEST_SPEND_MONTH,
+    QUEST_BUDGET_MONTH,
+    QUEST_BUDGET_MONTH_TO_DATE,
+    QUEST_MONTH_FORECAST,
+    QUEST_PERIOD_SPEND,
+    QUEST_PERIOD_BUDGET,
+    QUEST_BUDGET_USED,
     *PROVIDER_SPEND_RATE.values(),
 )
 RECORDED = frozenset(m.name for m in RECORDED_METRICS)
 
 ALERT_NAMES = (
     "QuestOverBudget",
+    "QuestBudgetThreshold",
+    "QuestMonthForecastOverBudget",
+    "QuestSpendAnomaly",
     "QuestBudgetBurnRate",
     "WasteShareHigh",
     "ProviderSpendSpike",
@@ -88,8 +155,11 @@ ALERT_NAMES = (
 )
 
 
-def _record(metric: c.MetricSpec, expr: str) -> dict[str, str]:
-    return {"record": metric.name, "expr": expr}
+def _record(metric: c.MetricSpec, expr: str, **labels: str) -> dict[str, Any]:
+    rule: dict[str, Any] = {"record": metric.name, "expr": expr}
+    if labels:
+        rule["labels"] = labels
+    return rule
 
 
 def recording_rules(cfg: Config = DEFAULT) -> list[dict[str, Any]]:
@@ -99,6 +169,20 @@ def recording_rules(cfg: Config = DEFAULT) -> list[dict[str, Any]]:
         _record(QUEST_BUDGET, f"sum by (quest) ({c.BUDGET_ALLOCATED}{{{j}}})"),
         _record(QUEST_SPEND_TODAY, f"sum by (quest) ({c.QUEST_SPEND_TODAY}{{{j}}})"),
         _record(QUEST_WINDOW_SPEND, f"sum by (quest) ({c.QUEST_WINDOW_SPEND}{{{j}}})"),
+        _record(QUEST_SPEND_MONTH, f"sum by (quest) ({c.QUEST_SPEND_MONTH}{{{j}}})"),
+        _record(QUEST_BUDGET_MONTH, f"sum by (quest) ({c.BUDGET_ALLOCATED_MONTH}{{{j}}})"),
+        _record(
+            QUEST_BUDGET_MONTH_TO_DATE,
+            f"sum by (quest) ({c.BUDGET_ALLOCATED_MONTH_TO_DATE}{{{j}}})",
+        ),
+        _record(QUEST_PERIOD_SPEND, QUEST_SPEND_TODAY.name, period="day"),
+        _record(QUEST_PERIOD_SPEND, QUEST_SPEND_MONTH.name, period="month"),
+        _record(QUEST_PERIOD_BUDGET, QUEST_BUDGET.name, period="day"),
+        _record(QUEST_PERIOD_BUDGET, QUEST_BUDGET_MONTH.name, period="month"),
+        _record(
+            QUEST_BUDGET_USED,
+            f"{QUEST_PERIOD_SPEND} / on (quest, period) ({QUEST_PERIOD_BUDGET} > 0)",
+        ),
         _record(
             QUEST_WASTE_SHARE,
             f"sum by (quest) ({c.WASTED_USD}{{{j}}}) / ({QUEST_WINDOW_SPEND} > 0)",
@@ -119,14 +203,29 @@ def recording_rules(cfg: Config = DEFAULT) -> list[dict[str, Any]]:
     rules.append(
         _record(PROVIDER_SPEND_RATE["1h"], f"sum by (provider) (rate({c.SPEND}{{{j}}}[1h]))")
     )
+    # The same hour of each of the last 7 days: absent until a quest has 7 days of history.
+    hour = QUEST_SPEND_RATE["1h"]
+    days = " + ".join(f"{hour} offset {d}d" for d in range(1, 8))
+    rules.append(_record(QUEST_SPEND_BASELINE, f"({days}) / 7"))
     return rules
 
 
 def slow_recording_rules(cfg: Config = DEFAULT) -> list[dict[str, Any]]:
     """Long windows, evaluated every 5 minutes: they change slowly and read many samples."""
     j = cfg.sel
+    # Read from the exporter, not from the other group's recorded series (one evaluation old).
+    spend_month = f"sum by (quest) ({c.QUEST_SPEND_MONTH}{{{j}}})"
     return [
         _record(QUEST_DAILY_SPEND, f"sum by (quest) (increase({c.SPEND}{{{j}}}[1d]))"),
+        _record(QUEST_SPEND_RATE_7D, f"sum by (quest) (rate({c.SPEND}{{{j}}}[7d]))"),
+        # Why a rule and the last 7 days' pace: the month so far says little on its first days,
+        # 7 days hold each weekday once. The month's end comes from the exporter, which knows
+        # the configured timezone (PromQL's calendar functions are UTC).
+        _record(
+            QUEST_MONTH_FORECAST,
+            f"{spend_month} + on (quest) ({QUEST_SPEND_RATE_7D} or on (quest) 0 * {spend_month})"
+            f" * scalar(clamp_min(max({c.BUDGET_MONTH_END}{{{j}}}) - time(), 0))",
+        ),
         *(
             _record(PROVIDER_SPEND_RATE[w], f"sum by (provider) (rate({c.SPEND}{{{j}}}[{w}]))")
             for w in ("3h", "7d")
@@ -159,16 +258,61 @@ def _alert(
     return rule
 
 
-def _query_value(expr: str, label: str = "quest", fmt: str = "humanize") -> str:
-    """A template snippet printing the first value of ``expr``, whose ``%q`` is the label.
+def _query_value(expr: str, *labels: str, fmt: str = "humanize") -> str:
+    """A template snippet printing the first value of ``expr``, whose ``%q`` are the labels.
 
-    ``%q`` quotes the value as a Go string literal, which PromQL reads back unchanged: a
+    ``%q`` quotes each value as a Go string literal, which PromQL reads back unchanged: a
     quest name with a quote or a backslash selects its own series.
     """
+    args = " ".join(f"$labels.{label}" for label in labels or ("quest",))
     return (
-        f"{{{{ with printf `{expr}` $labels.{label} | query }}}}"
+        f"{{{{ with printf `{expr}` {args} | query }}}}"
         f"{{{{ . | first | value | {fmt} }}}}{{{{ end }}}}"
     )
+
+
+# "today" or "this month", from the period label of the budget alerts.
+_PERIOD = '{{ if eq $labels.period "day" }}today{{ else }}this month{{ end }}'
+
+
+def _budget_alerts(cfg: Config) -> list[dict[str, Any]]:
+    """Over budget (critical) and the warnings before it, for today and for this month."""
+    m = cfg.mixin
+    of_period = "{quest=%q,period=%q}"
+    spent = _query_value(f"{QUEST_PERIOD_SPEND}{of_period}", "quest", "period")
+    budget = _query_value(f"{QUEST_PERIOD_BUDGET}{of_period}", "quest", "period")
+    out = [
+        _alert(
+            cfg,
+            "QuestOverBudget",
+            f"{QUEST_BUDGET_USED} > 1",
+            m.over_budget_for,
+            "critical",
+            f"Quest {{{{ $labels.quest }}}} is over its budget for {_PERIOD}.",
+            f"Quest {{{{ $labels.quest }}}} has spent ${spent} {_PERIOD}, more than its "
+            f"allocation of ${budget} ({{{{ $value | humanizePercentage }}}}).",
+            link="quest",
+        )
+    ]
+    # One band per level, up to the next: a quest at 95 % has the 90 % warning only.
+    levels = (*m.budget_warnings, 1.0)
+    for level, upper in pairwise(levels):
+        out.append(
+            _alert(
+                cfg,
+                "QuestBudgetThreshold",
+                f"{QUEST_BUDGET_USED} >= {level:g} <= {upper:g}",
+                m.over_budget_for,
+                "warning",
+                f"Quest {{{{ $labels.quest }}}} has used {{{{ $value | humanizePercentage }}}}"
+                f" of its budget for {_PERIOD}.",
+                f"Quest {{{{ $labels.quest }}}} has spent ${spent} of its ${budget} for "
+                f"{_PERIOD} ({{{{ $value | humanizePercentage }}}}; warning from {level:.0%}).",
+                link="quest",
+                labels={"threshold": f"{level:.0%}"},
+            )
+        )
+    return out
 
 
 def alerts(cfg: Config = DEFAULT) -> list[dict[str, Any]]:
@@ -179,16 +323,37 @@ def alerts(cfg: Config = DEFAULT) -> list[dict[str, Any]]:
     fast, slow = m.fast_burn, m.slow_burn
     big_enough = f"on (quest) ({QUEST_BUDGET} >= {m.min_allocation_usd:g})"
     burn = QUEST_BURN_RATE
+    hourly = f"{QUEST_SPEND_RATE['1h']} * 3600"
+    baseline = f"{QUEST_SPEND_BASELINE} * 3600"
     return [
+        *_budget_alerts(cfg),
         _alert(
             cfg,
-            "QuestOverBudget",
-            f"{QUEST_SPEND_TODAY} > on (quest) ({QUEST_BUDGET} > 0)",
-            m.over_budget_for,
+            "QuestMonthForecastOverBudget",
+            f"{QUEST_MONTH_FORECAST} > on (quest) {1 + m.forecast_margin:g}"
+            f" * (sum by (quest) ({c.BUDGET_ALLOCATED_MONTH}{{{j}}}) > 0)",
+            m.forecast_for,
             "warning",
-            "Quest {{ $labels.quest }} is over today's budget.",
-            "Quest {{ $labels.quest }} has spent ${{ $value | humanize }} today, more than "
-            f"its allocation of ${budget_of}.",
+            "Quest {{ $labels.quest }} is on course to overspend this month's budget.",
+            "At the last 7 days' pace quest {{ $labels.quest }} will have spent "
+            "${{ $value | humanize }} by the end of the month, more than its month's "
+            f"allocation of ${_query_value(f'{QUEST_BUDGET_MONTH}{{quest=%q}}')} by over "
+            f"{m.forecast_margin:.0%}; it has spent "
+            f"${_query_value(f'{QUEST_SPEND_MONTH}{{quest=%q}}')} so far.",
+            link="quest",
+        ),
+        _alert(
+            cfg,
+            "QuestSpendAnomaly",
+            f"{hourly} > {m.anomaly_factor:g} * {baseline}"
+            f" and {hourly} - {baseline} > {m.anomaly_min_usd_per_hour:g}",
+            "15m",
+            "warning",
+            "Quest {{ $labels.quest }} spends far more than usual at this hour.",
+            "Quest {{ $labels.quest }} has spent at ${{ $value | humanize }}/h over the last "
+            f"hour, more than {m.anomaly_factor:g}x its mean of "
+            f"${_query_value(f'{QUEST_SPEND_BASELINE}{{quest=%q}} * 3600')}/h at this hour "
+            "of the last 7 days.",
             link="quest",
         ),
         _alert(
@@ -291,12 +456,19 @@ def rule_groups(cfg: Config = DEFAULT) -> dict[str, Any]:
             {
                 "name": "resource-intelligence.quests",
                 "rules": recording_rules(cfg)
-                + pick("QuestOverBudget", "QuestBudgetBurnRate", "WasteShareHigh"),
+                + pick(
+                    "QuestOverBudget",
+                    "QuestBudgetThreshold",
+                    "QuestBudgetBurnRate",
+                    "QuestSpendAnomaly",
+                    "WasteShareHigh",
+                ),
             },
             {
                 "name": "resource-intelligence.providers",
                 "interval": "5m",
-                "rules": slow_recording_rules(cfg) + pick("ProviderSpendSpike"),
+                "rules": slow_recording_rules(cfg)
+                + pick("ProviderSpendSpike", "QuestMonthForecastOverBudget"),
             },
             {
                 "name": "resource-intelligence.exporter",

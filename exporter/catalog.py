@@ -147,6 +147,34 @@ BUDGET_ALLOCATED = _m(
     ("quest",),
     "currencyUSD",
 )
+QUEST_SPEND_MONTH = _m(
+    "quest_spend_month_usd",
+    "gauge",
+    "LLM cost of the quest since the 1st of this month (configured timezone), in USD.",
+    ("quest",),
+    "currencyUSD",
+)
+BUDGET_ALLOCATED_MONTH_TO_DATE = _m(
+    "budget_allocated_month_to_date_usd",
+    "gauge",
+    "Budget allocated to the quest from the 1st of this month to today inclusive, in USD.",
+    ("quest",),
+    "currencyUSD",
+)
+BUDGET_ALLOCATED_MONTH = _m(
+    "budget_allocated_month_usd",
+    "gauge",
+    "Budget allocated to the quest for every day of this month, days ahead included, in USD.",
+    ("quest",),
+    "currencyUSD",
+)
+BUDGET_MONTH_END = _m(
+    "budget_month_end_timestamp_seconds",
+    "gauge",
+    "End of this month in the configured timezone (Unix time): the month-end forecast's horizon.",
+    (),
+    "dateTimeAsIso",
+)
 BUDGET_UTILIZATION = _m(
     "budget_utilization_ratio",
     "gauge",
@@ -319,6 +347,10 @@ LEDGER_METRICS: tuple[MetricSpec, ...] = (
     QUEST_SPEND_TODAY,
     BUDGET_ALLOCATED,
     BUDGET_UTILIZATION,
+    QUEST_SPEND_MONTH,
+    BUDGET_ALLOCATED_MONTH_TO_DATE,
+    BUDGET_ALLOCATED_MONTH,
+    BUDGET_MONTH_END,
     PROVIDER_SPEND,
     PROVIDER_TASKS,
     PROVIDER_TOKENS,

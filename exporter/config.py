@@ -101,7 +101,17 @@ class MixinSettings(BaseModel):
     grafana_url: str = Field("http://localhost:3000", pattern=r"^https?://[^\s#?]+$")
     """Absolute URL of Grafana: alerts link to the dashboard, their quest or provider selected."""
     over_budget_for: str = Field("5m", pattern=r"^[0-9]+[smhd]$")
-    """How long a quest must stay over today's budget before QuestOverBudget fires."""
+    """How long a quest stays over (or near) a budget before QuestOverBudget (a warning) fires."""
+    budget_warnings: tuple[float, ...] = (0.8, 0.9)
+    """Shares of a day's or month's budget where QuestBudgetThreshold warns (1: QuestOverBudget)."""
+    forecast_margin: float = Field(0.1, ge=0)
+    """QuestMonthForecastOverBudget: month-end forecast over the month's budget by this share..."""
+    forecast_for: str = Field("6h", pattern=r"^[0-9]+[smhd]$")
+    """...for this long."""
+    anomaly_factor: float = Field(3.0, gt=1)
+    """QuestSpendAnomaly: the last hour's spend over this multiple of that hour's 7-day mean..."""
+    anomaly_min_usd_per_hour: float = Field(5.0, ge=0)
+    """...and above it by at least this many USD per hour."""
     fast_burn: float = Field(10.0, gt=0)
     """Burn rate (multiple of the sustainable daily pace) that pages: 10 spends a day in 2.4 h."""
     slow_burn: float = Field(2.0, gt=0)
@@ -120,6 +130,13 @@ class MixinSettings(BaseModel):
     """Refresh intervals without a successful refresh before ResourceExporterStale."""
     top_quests: int = Field(8, ge=1, le=50)
     """Slices of the allocation pie before the rest becomes Other."""
+
+    @field_validator("budget_warnings")
+    @classmethod
+    def _ascending_fractions(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not 0 < v < 1 for v in value) or list(value) != sorted(set(value)):
+            raise ValueError("must be ascending fractions between 0 and 1, e.g. [0.8, 0.9]")
+        return value
 
 
 class Settings(BaseModel):

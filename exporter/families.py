@@ -83,6 +83,7 @@ class LabelGuard:
         self.model = LabelCleaner(settings.max_label_length)
         self._quest_w: dict[str, float] = defaultdict(float)
         self._layer_w: dict[str, float] = defaultdict(float)
+        self._quest_budget: dict[str, float] = defaultdict(float)
         self._model_spend: dict[str, float] = defaultdict(float)
         self._model_tokens: dict[str, float] = defaultdict(float)
         self.kept_quests: frozenset[str] = frozenset()
@@ -94,6 +95,13 @@ class LabelGuard:
         """Offer a quest; one with no window spend still competes for a label of its own."""
         self._quest_w[self.quest(raw)] += weight
 
+    def weigh_budget(self, raw: str | None, allocated: float) -> None:
+        """Offer a quest with today's allocation: a large budget keeps its label, spent or not."""
+        label = self.quest(raw)
+        self._quest_w[label] += 0.0
+        if allocated > 0:
+            self._quest_budget[label] += allocated
+
     def weigh_layer(self, raw: str | None, weight: float = 0.0) -> None:
         self._layer_w[self.layer(raw)] += weight
 
@@ -104,8 +112,14 @@ class LabelGuard:
         self._model_tokens[label] += tokens
 
     def decide(self) -> LabelGuard:
-        """Keep the heaviest quests, layers and models; the rest fold into ``other``."""
-        self.kept_quests = keep_top(self._quest_w, self.settings.max_quests)
+        """Keep the heaviest quests, layers and models; the rest fold into ``other``.
+
+        A quest keeps its label when among the largest by window spend or by today's positive
+        allocation: a budget never hides in ``other``, so spend, budget and utilization of a
+        quest always join.
+        """
+        top = self.settings.max_quests
+        self.kept_quests = keep_top(self._quest_w, top) | keep_top(self._quest_budget, top)
         self.kept_layers = keep_top(self._layer_w, self.settings.max_layers)
         self.kept_models = keep_top(self._model_spend, self.settings.max_models) | keep_top(
             self._model_tokens, self.settings.max_models

@@ -37,8 +37,10 @@ class Columns:
         return column in self.integer
 
     def ref(self, column: str) -> str:
-        """The column of alias ``c``, or a NULL of its type when the relation lacks it."""
-        return f"c.{column}" if column in self.present else "NULL::bigint"
+        """The column of alias ``c``, or a NULL of its type when an optional one is absent."""
+        if column in OPTIONAL_TOKENS and column not in self.present:
+            return "NULL::bigint"
+        return f"c.{column}"
 
     @property
     def checks(self) -> tuple[tuple[str, str], ...]:

@@ -10,10 +10,11 @@ import math
 import unicodedata
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import date, datetime, time, timedelta
 from decimal import Decimal
 from importlib.metadata import version as _version
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import psycopg
 from prometheus_client.parser import text_string_to_metric_families
@@ -264,6 +265,7 @@ class Rules:
     max_layers: int = 10
     max_models: int = 25
     max_len: int = 128
+    timezone: str = "UTC"  # whose calendar months the budget families count
     catalogue: str = field(default_factory=lambda: f"genai-prices-{_version('genai-prices')}")
 
 
@@ -382,10 +384,26 @@ def expected(
         lw[lab(t["layer"])] += 0.0
     for t in in_window.values():
         qw[lab(t["quest"])] += 0.0
-    for b in budgets:
-        if b.day == today:
-            qw[lab(b.quest)] += 0.0
-    kept_q = {k for k, _ in sorted(qw.items(), key=lambda kv: (-kv[1], kv[0]))[: r.max_quests]}
+    # This month, in the configured zone.
+    month_first = today.replace(day=1)
+    following = date(today.year + today.month // 12, today.month % 12 + 1, 1)
+    zone = ZoneInfo(r.timezone)
+    month_start = datetime.combine(month_first, time(), zone)
+    month_end = datetime.combine(following, time(), zone)
+    in_month = [b for b in budgets if month_first <= b.day < following]
+    # A quest also keeps its label when among the largest positive allocations today.
+    qb: dict[str, float] = defaultdict(float)
+    for b in in_month:
+        qw[lab(b.quest)] += 0.0
+        a = None if b.allocated_usd is None else Decimal(b.allocated_usd)
+        if b.day == today and a is not None and a.is_finite() and a > 0:
+            qb[lab(b.quest)] += float(a)
+
+    def top_q(weights: dict[str, float]) -> set[str]:
+        ranked = sorted(weights.items(), key=lambda kv: (-kv[1], kv[0]))
+        return {k for k, _ in ranked[: r.max_quests]}
+
+    kept_q = top_q(qw) | top_q(qb)
     kept_l = {k for k, _ in sorted(lw.items(), key=lambda kv: (-kv[1], kv[0]))[: r.max_layers]}
     fq = lambda v: lab(v) if lab(v) in kept_q else "other"  # noqa: E731
     fl = lambda v: lab(v) if lab(v) in kept_l else "other"  # noqa: E731
@@ -407,6 +425,7 @@ def expected(
 
     # Cumulative counters and today's spend.
     spend_today: dict[str, float] = {}
+    spend_month: dict[str, float] = {}
     listed: dict[Sample, Decimal] = defaultdict(Decimal)
     for c in valid:
         fam = FAMILY_OF.get(c.provider or "", "other")
@@ -432,6 +451,8 @@ def expected(
             ] += value
         if c.ts >= today_start:  # type: ignore[operator]
             spend_today[fq(c.quest)] = spend_today.get(fq(c.quest), 0.0) + float(c.cost_usd)  # type: ignore[arg-type]
+        if c.ts >= month_start:  # type: ignore[operator]
+            spend_month[fq(c.quest)] = spend_month.get(fq(c.quest), 0.0) + float(c.cost_usd)  # type: ignore[arg-type]
     out.update({k: float(v) for k, v in listed.items()})
     if valid:
         out[key("scidex_ledger_last_call_timestamp_seconds")] = max(c.ts.timestamp() for c in valid)  # type: ignore[union-attr]
@@ -450,17 +471,21 @@ def expected(
             reason = _reason(c)
             add("scidex_ledger_excluded_rows", 1, relation="cost_ledger", reason=reason)
 
-    # Today's budget.
+    # Today's budget, this month's to date and the whole month's.
     alloc: dict[str, float] = {}
+    to_date: dict[str, float] = {}
+    month: dict[str, float] = {}
     bad_budget = 0
-    for b in budgets:
-        if b.day != today:
-            continue
+    for b in in_month:
         a = None if b.allocated_usd is None else Decimal(b.allocated_usd)
         if a is None or a.is_nan() or a < 0 or a.is_infinite():
             bad_budget += 1
             continue
-        alloc[fq(b.quest)] = alloc.get(fq(b.quest), 0.0) + float(a)
+        month[fq(b.quest)] = month.get(fq(b.quest), 0.0) + float(a)
+        if b.day <= today:
+            to_date[fq(b.quest)] = to_date.get(fq(b.quest), 0.0) + float(a)
+        if b.day == today:
+            alloc[fq(b.quest)] = alloc.get(fq(b.quest), 0.0) + float(a)
     out[
         key(
             "scidex_ledger_excluded_rows",
@@ -473,6 +498,14 @@ def expected(
         spend_today.setdefault(quest, 0.0)
         if a > 0:
             out[key("scidex_budget_utilization_ratio", quest=quest)] = spend_today[quest] / a
+    for quest, a in to_date.items():
+        out[key("scidex_budget_allocated_month_to_date_usd", quest=quest)] = a
+    for quest, a in month.items():
+        out[key("scidex_budget_allocated_month_usd", quest=quest)] = a
+        spend_month.setdefault(quest, 0.0)
+    for quest, v in spend_month.items():
+        out[key("scidex_quest_spend_month_usd", quest=quest)] = v
+    out[key("scidex_budget_month_end_timestamp_seconds")] = month_end.timestamp()
     for quest, v in spend_today.items():
         out[key("scidex_quest_spend_today_usd", quest=quest)] = v
 

@@ -284,3 +284,38 @@ def test_model_and_cache_panels_show_each_past_day_as_in_the_ledger(backfilled: 
             _check_day(prom, at, panel, "A", (by,), share)
         _check_day(prom, at, P.UNPRICED, "A", ("provider", "model"), unpriced_calls)
         _check_day(prom, at, P.UNPRICED, "B", ("provider", "model"), unpriced_tokens)
+
+
+@pytest.mark.prometheus
+def test_month_forecast_from_history(backfilled: Any) -> None:
+    """The month panel's forecast: the month's spend so far plus the 7-day rate until its end.
+
+    The backfilled days cross the turn of a month early in a month: spend before the 1st is in
+    the rate, not in the month's spend.
+    """
+    prom, dsn, now = backfilled
+    calls, budgets = _ledger(dsn)
+    first = now.date().replace(day=1)
+    month_start = datetime.combine(first, datetime.min.time(), UTC)
+    following = (first + timedelta(days=31)).replace(day=1)
+    month_end = datetime.combine(following, datetime.min.time(), UTC).timestamp()
+    spent: dict[str, float] = defaultdict(float)
+    for ts, quest, _, cost in calls:
+        if ts >= month_start:
+            spent[quest] += float(cost)
+    for quest, day, _ in budgets:
+        if first <= day < following:
+            spent[quest] += 0.0
+    prom.wait_for(rules.QUEST_MONTH_FORECAST.name)
+    time.sleep(0.6)
+    at = time.time() - 0.5
+    rates = {
+        s["metric"]["quest"]: float(s["value"][1])
+        for s in prom.query(rules.QUEST_SPEND_RATE_7D.name, at=at)
+    }
+    assert sum(rates.values()) > 0
+    got = _value(prom.query(_query(P.MONTH_VS_BUDGET, "D"), at=at))
+    want = sum(s + rates.get(q, 0.0) * (month_end - at) for q, s in spent.items())
+    # The rule ran up to an evaluation interval (1 s) before ``at``.
+    assert got == pytest.approx(want, abs=sum(rates.values()) * 2 + 1e-9)
+    assert got > _value(prom.query(_query(P.MONTH_VS_BUDGET, "A"), at=at))

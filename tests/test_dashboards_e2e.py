@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +148,12 @@ EXPECTED: dict[tuple[str, str], tuple[tuple[str, ...], Callable[[Want], Any]]] =
     (P.WASTE_BY_QUEST, "A"): (("quest",), lambda w: values(w, S + "wasted_usd", "quest")),
     (P.FAILED_QUERIES, "A"): ((), lambda w: 0.0),
     (P.EXCLUDED_ROWS, "A"): ((), lambda w: total(w, S + "ledger_excluded_rows")),
+    (P.MONTH_VS_BUDGET, "A"): ((), lambda w: total(w, S + "quest_spend_month_usd")),
+    (P.MONTH_VS_BUDGET, "B"): ((), lambda w: total(w, S + "budget_allocated_month_to_date_usd")),
+    (P.MONTH_VS_BUDGET, "C"): ((), lambda w: total(w, S + "budget_allocated_month_usd")),
+    # Nothing is spent while Prometheus watches: a 7-day rate of 0, the forecast is the spend so
+    # far (tests/test_backfill.py checks it with history).
+    (P.MONTH_VS_BUDGET, "D"): ((), lambda w: total(w, S + "quest_spend_month_usd")),
     (P.SERIES, "A"): ((), lambda w: float(len(w))),
     (P.WINDOW, "A"): ((), lambda w: Rules().window / timedelta(days=1)),
     (P.GRACE, "A"): ((), lambda w: Rules().grace / timedelta(hours=1)),
@@ -202,24 +209,44 @@ EXPECTED_LIST: dict[tuple[str, str], tuple[tuple[str, ...], Callable[[Want], Any
         lambda w: values(w, S + "wasted_list_price_usd", "quest"),
     ),
 }
-ALERT_KEY = ("alertname", "alertstate", "quest")
+ALERT_KEY = ("alertname", "alertstate", "quest", "period", "threshold")
 
 
 def expected_alerts(want: Want) -> Series:
-    """The alerts that must be pending a few seconds after Prometheus starts on this ledger."""
+    """The alerts that must be pending a few seconds after Prometheus starts on this ledger.
+
+    No spend while Prometheus watches: every rate is 0, the month's forecast is its spend so
+    far, and no quest has the 7 days of history a spend anomaly needs.
+    """
     cfg = DEFAULT.mixin
-    spend = values(want, S + "quest_spend_today_usd", "quest")
-    budget = values(want, S + "budget_allocated_usd", "quest")
     window = values(want, S + "quest_window_spend_usd", "quest")
     wasted = values(want, S + "wasted_usd", "quest")
     out: Series = {}
-    for (quest,), b in budget.items():
-        if b > 0 and spend.get((quest,), 0.0) > b:
-            out[("QuestOverBudget", "pending", quest)] = 1.0
+    periods = {
+        "day": ("quest_spend_today_usd", "budget_allocated_usd"),
+        "month": ("quest_spend_month_usd", "budget_allocated_month_usd"),
+    }
+    levels = (*cfg.budget_warnings, 1.0)
+    for period, (spend_name, budget_name) in periods.items():
+        spend = values(want, S + spend_name, "quest")
+        for (quest,), b in values(want, S + budget_name, "quest").items():
+            used = spend.get((quest,), 0.0) / b if b > 0 else 0.0
+            if used > 1:
+                out[("QuestOverBudget", "pending", quest, period, "")] = 1.0
+            for level, upper in pairwise(levels):
+                if level <= used <= upper:
+                    name = ("QuestBudgetThreshold", "pending", quest, period, f"{level:.0%}")
+                    out[name] = 1.0
+            if (
+                period == "month"
+                and b > 0
+                and spend.get((quest,), 0.0) > (1 + cfg.forecast_margin) * b
+            ):
+                out[("QuestMonthForecastOverBudget", "pending", quest, "", "")] = 1.0
     for (quest,), w in wasted.items():
         spent = window.get((quest,), 0.0)
         if spent >= cfg.waste_min_spend_usd and w / spent > cfg.waste_share:
-            out[("WasteShareHigh", "pending", quest)] = 1.0
+            out[("WasteShareHigh", "pending", quest, "", "")] = 1.0
     return out
 
 

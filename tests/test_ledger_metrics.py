@@ -21,6 +21,7 @@ from tests.ledger import (
     Budget,
     Call,
     Impact,
+    Rules,
     expected,
     from_plan,
     insert,
@@ -301,10 +302,11 @@ def test_efficiency_top_15_by_ratio_with_ties_by_task_id(dsn: str) -> None:
 
 
 def test_quests_beyond_50_fold_into_other(dsn: str) -> None:
+    # The smallest spenders have the smallest budgets: neither keeps them a label.
     calls = [
         Call(ago(hours=1), f"t{i}", quest=f"quest-{i:02d}", cost_usd=D(i + 1)) for i in range(55)
     ]
-    budgets = [Budget(f"quest-{i:02d}", TODAY, D(100)) for i in range(55)]
+    budgets = [Budget(f"quest-{i:02d}", TODAY, D(100 + i)) for i in range(55)]
     insert(dsn, calls, budgets=budgets)
     got = scrape(dsn)
     quests = {dict(k[1])["quest"] for k in got if k[0] == "scidex_spend_usd_total"}
@@ -312,11 +314,39 @@ def test_quests_beyond_50_fold_into_other(dsn: str) -> None:
     assert {f"quest-{i:02d}" for i in range(5)}.isdisjoint(quests)
     other = {"quest": "other", "layer": "Forge", "provider": "bedrock"}
     assert got[key("scidex_spend_usd_total", **other)] == 1 + 2 + 3 + 4 + 5
-    assert got[key("scidex_budget_allocated_usd", quest="other")] == 500
-    assert got[key("scidex_budget_utilization_ratio", quest="other")] == pytest.approx(15 / 500)
+    assert got[key("scidex_budget_allocated_usd", quest="other")] == 510
+    assert got[key("scidex_budget_utilization_ratio", quest="other")] == pytest.approx(15 / 510)
     assert got[key("scidex_exporter_folded_label_values", label="quest")] == 5
     got = scrape(dsn, max_quests=10)
     assert got[key("scidex_exporter_folded_label_values", label="quest")] == 45
+
+
+def test_a_quest_with_a_large_budget_keeps_its_label_spent_or_not(dsn: str) -> None:
+    # max_quests 2: the two largest spenders, and the two largest allocations today.
+    calls = [
+        Call(ago(hours=1), "t1", quest="spends-most", cost_usd=D(10)),
+        Call(ago(hours=1), "t2", quest="spends-more", cost_usd=D(5)),
+        Call(ago(hours=1), "t3", quest="spends-little", cost_usd=D(1)),
+        Call(ago(hours=1), "t4", quest="small-budget", cost_usd=D("0.5")),
+    ]
+    budgets = [
+        Budget("new-quest", TODAY, D(1000)),  # no spend yet
+        Budget("stalled", TODAY, D(500)),
+        Budget("small-budget", TODAY, D(1)),
+        Budget("spends-little", TODAY, D(0)),  # a zero allocation keeps nothing
+    ]
+    insert(dsn, calls, budgets=budgets)
+    got = scrape(dsn, max_quests=2)
+    for quest in ("new-quest", "stalled"):
+        assert got[key("scidex_quest_spend_today_usd", quest=quest)] == 0
+        assert got[key("scidex_budget_utilization_ratio", quest=quest)] == 0
+    assert got[key("scidex_budget_allocated_usd", quest="new-quest")] == 1000
+    assert got[key("scidex_budget_allocated_usd", quest="other")] == 1
+    assert got[key("scidex_quest_spend_today_usd", quest="other")] == 1.5
+    spenders = {dict(k[1])["quest"] for k in got if k[0] == "scidex_spend_usd_total"}
+    assert spenders == {"spends-most", "spends-more", "other"}
+    assert got[key("scidex_exporter_folded_label_values", label="quest")] == 2
+    assert_matches(got, expected(calls, [], budgets, NOW, TODAY, MIDNIGHT, Rules(max_quests=2)))
 
 
 def test_today_follows_the_configured_timezone(dsn: str) -> None:
@@ -339,6 +369,65 @@ def test_today_follows_the_configured_timezone(dsn: str) -> None:
     assert tokyo[key("scidex_quest_spend_today_usd", quest="q-a")] == 4
     assert tokyo[key("scidex_budget_allocated_usd", quest="q-a")] == 8
     assert tokyo[key("scidex_budget_utilization_ratio", quest="q-a")] == pytest.approx(0.5)
+
+
+def test_month_to_date_and_month_budgets_follow_the_configured_timezone(dsn: str) -> None:
+    # 16:00 UTC on Nov 30 is 01:00 on Dec 1 in Tokyo: the same rows make two different months.
+    now = datetime(2026, 11, 30, 16, 0, tzinfo=UTC)
+    calls = [
+        Call(datetime(2026, 10, 31, 23, 0, tzinfo=UTC), "t1", cost_usd=D("1")),  # Nov 1 in Tokyo
+        Call(datetime(2026, 11, 1, 0, 0, tzinfo=UTC), "t1", cost_usd=D("2")),  # the 1st, 00:00
+        Call(datetime(2026, 11, 15, 12, 0, tzinfo=UTC), "t2", cost_usd=D("4")),
+        Call(datetime(2026, 11, 30, 15, 30, tzinfo=UTC), "t3", cost_usd=D("8")),  # Dec 1, Tokyo
+    ]
+    budgets = [
+        Budget("q-a", date(2026, 10, 31), D("100")),
+        Budget("q-a", date(2026, 11, 1), D("10")),
+        Budget("q-a", date(2026, 11, 15), D("20")),
+        Budget("q-a", date(2026, 11, 20), None),  # invalid: counted, in no sum
+        Budget("q-a", date(2026, 11, 30), D("40")),
+        Budget("q-a", date(2026, 12, 1), D("80")),
+        Budget("q-a", date(2026, 12, 2), D("160")),  # planned ahead
+        Budget("q-a", date(2026, 12, 31), D("NaN")),
+        Budget("q-a", date(2027, 1, 1), D("1000")),
+        Budget("q-b", date(2026, 12, 5), D("5")),  # a budget, no spend yet
+    ]
+    insert(dsn, calls, budgets=budgets)
+    excluded = key(
+        "scidex_ledger_excluded_rows",
+        relation="quest_budget_allocations",
+        reason="invalid_allocation",
+    )
+
+    utc = scrape(dsn, now=now)
+    assert utc[key("scidex_quest_spend_month_usd", quest="q-a")] == 2 + 4 + 8
+    assert utc[key("scidex_budget_allocated_usd", quest="q-a")] == 40
+    assert utc[key("scidex_budget_allocated_month_to_date_usd", quest="q-a")] == 10 + 20 + 40
+    assert utc[key("scidex_budget_allocated_month_usd", quest="q-a")] == 10 + 20 + 40
+    assert key("scidex_budget_allocated_month_usd", quest="q-b") not in utc
+    assert utc[excluded] == 1
+    december = datetime(2026, 12, 1, tzinfo=UTC).timestamp()
+    assert utc[key("scidex_budget_month_end_timestamp_seconds")] == december
+    assert_matches(
+        utc, expected(calls, [], budgets, now, now.date(), datetime(2026, 11, 30, tzinfo=UTC))
+    )
+
+    tokyo = scrape(dsn, now=now, timezone="Asia/Tokyo")
+    assert tokyo[key("scidex_quest_spend_month_usd", quest="q-a")] == 8
+    assert tokyo[key("scidex_budget_allocated_usd", quest="q-a")] == 80
+    assert tokyo[key("scidex_budget_allocated_month_to_date_usd", quest="q-a")] == 80
+    assert tokyo[key("scidex_budget_allocated_month_usd", quest="q-a")] == 80 + 160
+    assert tokyo[key("scidex_budget_allocated_month_usd", quest="q-b")] == 5
+    assert tokyo[key("scidex_quest_spend_month_usd", quest="q-b")] == 0
+    assert key("scidex_budget_allocated_month_to_date_usd", quest="q-b") not in tokyo
+    assert tokyo[excluded] == 1
+    new_year = datetime(2026, 12, 31, 15, 0, tzinfo=UTC).timestamp()  # Jan 1 00:00 in Tokyo
+    assert tokyo[key("scidex_budget_month_end_timestamp_seconds")] == new_year
+    tokyo_midnight = datetime(2026, 11, 30, 15, 0, tzinfo=UTC)
+    rules = Rules(timezone="Asia/Tokyo")
+    assert_matches(
+        tokyo, expected(calls, [], budgets, now, date(2026, 12, 1), tokyo_midnight, rules)
+    )
 
 
 def test_a_failed_query_keeps_its_last_values_and_others_refresh(dsn: str) -> None:

@@ -37,17 +37,30 @@ class Instants:
     today_start: datetime
     window_start: datetime
     grace_cutoff: datetime
+    month_first: date  # the 1st of this month, in the configured zone
+    month_last: date
+    month_start: datetime  # midnight of the 1st
+    month_end: datetime  # midnight of the next month's 1st
 
     @classmethod
     def at(cls, now: datetime, settings: Settings) -> Instants:
         local = now.astimezone(settings.zone)
-        midnight = datetime.combine(local.date(), datetime.min.time(), settings.zone)
+        first = local.date().replace(day=1)
+        following = (first + timedelta(days=31)).replace(day=1)
+
+        def midnight(day: date) -> datetime:
+            return datetime.combine(day, datetime.min.time(), settings.zone).astimezone(UTC)
+
         return cls(
             now=now,
             today=local.date(),
-            today_start=midnight.astimezone(UTC),
+            today_start=midnight(local.date()),
             window_start=now - timedelta(days=settings.window_days),
             grace_cutoff=now - timedelta(hours=settings.grace_hours),
+            month_first=first,
+            month_last=following - timedelta(days=1),
+            month_start=midnight(first),
+            month_end=midnight(following),
         )
 
     def params(self) -> dict[str, Any]:
@@ -56,6 +69,11 @@ class Instants:
             "today": self.today,
             "today_start": self.today_start,
             "window_start": self.window_start,
+            "month_first": self.month_first,
+            "month_last": self.month_last,
+            "month_start": self.month_start,
+            # What the window and the month to date read: the earlier of their starts.
+            "recent_start": min(self.window_start, self.month_start),
         }
 
 

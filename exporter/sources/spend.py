@@ -24,7 +24,7 @@ from exporter.families import LabelGuard, Series, as_float, family_of
 from exporter.incremental import ZERO, Plan, Sums
 from exporter.models import model_name, model_ref
 from exporter.prices import PriceBook
-from exporter.queries import COST, REASONS, Columns, Periods, Query
+from exporter.queries import REASONS, Columns, Periods, Query
 from exporter.sources.base import Build, Excluded, Refresh, Source, Statement
 
 # Cumulative sums of the rows after id %(after)s (an index range scan of the primary key), split
@@ -82,11 +82,12 @@ SPEND_TOTALS = spend_totals(Columns(), Periods(0))
 """The statement for a relation without the optional columns (tests, bench)."""
 
 
-# What depends on time, not on the history: the window's spend and tokens per series and model
-# (the label guard's weights) and today's spend, from the ts index; and the newest valid call,
-# from the end of that index.
-# Tokens are summed per category (a bigint sum is cheap; a numeric expression per row is not)
-# and added up in Python.
+# What depends on time, not on the history, from the ts index: per series and model, the
+# window's spend and tokens (the label guard's weights), today's spend and the month's; and the
+# newest valid call, from the end of that index. The scan starts at the earlier of the window's
+# start and the month's; each group is split by three booleans (in the window, this month,
+# today) rather than summing the cost three times with FILTERs: a numeric sum per row costs
+# more than hashing three more booleans. Python adds the parts up.
 _TOKENS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens")
 
 
@@ -96,15 +97,16 @@ def spend_recent(cols: Columns) -> Query:
         "spend_recent",
         f"""
     SELECT 'series' AS kind, c.quest, c.layer, c.provider, c.model,
-           sum({COST}) AS cost_window,
-           {cols.sums(_TOKENS)},
-           sum({COST}) FILTER (WHERE c.ts >= %(today_start)s) AS cost_today,
+           c.ts >= %(window_start)s AS in_window, c.ts >= %(month_start)s AS in_month,
+           c.ts >= %(today_start)s AS in_today,
+           {cols.sums(("cost", *_TOKENS))},
            NULL::timestamptz AS last_ts
     FROM cost_ledger c
-    WHERE c.ts >= %(window_start)s AND {cols.valid}
-    GROUP BY c.quest, c.layer, c.provider, c.model
+    WHERE c.ts >= %(recent_start)s AND {cols.valid}
+    GROUP BY 2, 3, 4, 5, 6, 7, 8
     UNION ALL
-    SELECT 'newest', NULL, NULL, NULL, NULL, NULL, {", ".join("NULL" for _ in _TOKENS)}, NULL,
+    SELECT 'newest', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+           {", ".join("NULL" for _ in _TOKENS)},
            (SELECT c.ts FROM cost_ledger c WHERE {cols.valid} ORDER BY c.ts DESC LIMIT 1)
     """,
     )
@@ -169,6 +171,7 @@ class SpendSource(Source):
         c.UNPRICED_TOKENS,
         c.LEDGER_LAST_CALL,
         c.QUEST_SPEND_TODAY,
+        c.QUEST_SPEND_MONTH,
     )
     exclusions = tuple(("cost_ledger", reason) for reason in REASONS)
 
@@ -226,19 +229,28 @@ class SpendSource(Source):
                 labels.weigh_layer(layer)
                 labels.weigh_model(model_name(model_ref(provider, model)))
         for r in self._recent:
-            labels.weigh_quest(r.quest, as_float(r.cost_window))
-            labels.weigh_layer(r.layer, as_float(r.cost_window))
+            if not r.in_window:
+                continue
+            labels.weigh_quest(r.quest, as_float(r.cost))
+            labels.weigh_layer(r.layer, as_float(r.cost))
             tokens = sum(getattr(r, col) or 0 for col in _TOKENS)
             name = model_name(model_ref(r.provider, r.model))
-            labels.weigh_model(name, as_float(r.cost_window), float(tokens))
+            labels.weigh_model(name, as_float(r.cost), float(tokens))
 
     def today(self, labels: LabelGuard) -> Series:
         """Spend since today's midnight per folded quest (quests with spend today)."""
+        return self._per_quest(labels, "in_today")
+
+    def month(self, labels: LabelGuard) -> Series:
+        """Spend since the 1st of the month per folded quest (quests with spend this month)."""
+        return self._per_quest(labels, "in_month")
+
+    def _per_quest(self, labels: LabelGuard, part: str) -> Series:
         spend: Series = {}
         for r in self._recent:
-            if r.cost_today is not None:
+            if getattr(r, part):
                 key = (labels.q(r.quest),)
-                spend[key] = spend.get(key, 0.0) + as_float(r.cost_today)
+                spend[key] = spend.get(key, 0.0) + as_float(r.cost)
         return spend
 
     def build(self, build: Build) -> list[Family]:
@@ -250,11 +262,15 @@ class SpendSource(Source):
         today = self.today(labels)
         from exporter.sources.budget import BudgetSource  # budget reads today's spend from here
 
+        month = self.month(labels)
         budget = build.source(BudgetSource)
-        if budget is not None:
+        if budget is not None:  # a quest with a budget has spent 0 rather than nothing
             for quest in budget.allocated(labels):
                 today.setdefault(quest, 0.0)
+            for quest in budget.allocated(labels, "month"):
+                month.setdefault(quest, 0.0)
         families.append(family_of(c.QUEST_SPEND_TODAY, today))
+        families.append(family_of(c.QUEST_SPEND_MONTH, month))
         return families
 
     def excluded(self) -> Excluded:
