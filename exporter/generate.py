@@ -1,6 +1,6 @@
 """A deterministic, realistic synthetic ledger, loaded with COPY.
 
-Shapes that matter for the dashboards are deliberate: ~40 quests with Zipf-skewed budgets, five
+Shapes that matter for the dashboards are deliberate: 30 quests with Zipf-skewed budgets, five
 layers, the platform's provider strings plus unknown ones, heavy-tailed task sizes, zero-cost
 subscription calls, tasks that are still running or were never measured, and wasteful tasks.
 """
@@ -53,16 +53,6 @@ _TOPICS = (
     "sleep-genetics",
     "seismic-forecast",
     "photosynthesis-boost",
-    "aging-clocks",
-    "hydrogen-storage",
-    "rare-disease-dx",
-    "materials-discovery",
-    "pandemic-surveillance",
-    "neural-decoding",
-    "crop-drought",
-    "plastic-degradation",
-    "autism-genomics",
-    "lithium-extraction",
 )
 
 

@@ -478,3 +478,28 @@ def test_every_ledger_family_is_built_by_exactly_one_source_and_exported(dsn: st
     exported = {name for name, _ in parse(refresher.snapshot.text)}
     for metric in c.LEDGER_METRICS:
         assert metric.name in exported, metric.name
+
+
+def test_the_demo_stays_under_10000_series_when_every_combination_fills(dsn: str) -> None:
+    # The demo's ledger (generate) fills more (quest, layer, provider) combinations as it runs:
+    # bound the exposition by its shape, from what one combination costs in series.
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        plan = generate.load(conn, 20_000, end=NOW)
+    got = scrape(dsn)
+    per_combination = {
+        name: len({k for k in got if k[0] == name})
+        for name in {k[0] for k in got}
+        if {"quest", "layer", "provider"}
+        <= {label for label, _ in next(k for k in got if k[0] == name)[1]}
+    }
+    combinations = {
+        tuple(dict(k[1])[label] for label in ("quest", "layer", "provider"))
+        for k in got
+        if k[0] == "scidex_spend_usd_total"
+    }
+    series_each = sum(per_combination.values()) / len(combinations)
+    families = {FAMILY_OF.get(p.raw, "other") for p in generate.PROVIDERS}
+    every = len(plan.quests) * len(generate.LAYERS) * len(families)
+    worst = len(got) + (every - len(combinations)) * series_each
+    assert len(combinations) < every  # the bound says something: some are still empty
+    assert worst < 10_000, (len(got), len(combinations), series_each)
