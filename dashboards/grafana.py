@@ -322,7 +322,7 @@ def timeseries(
     overrides: Sequence[dict[str, Any]] = (),
     bars: bool = False,
 ) -> G.Panel:
-    """Lines (or bars) over time."""
+    """Lines (or bars) over time; a bar stands for the interval that starts at its time."""
     options = {
         "legend": {
             "calcs": ["sum", "mean"],
@@ -338,7 +338,7 @@ def timeseries(
         "axisColorMode": "text",
         "axisLabel": "",
         "axisPlacement": "auto",
-        "barAlignment": -1,
+        "barAlignment": 1,
         "barWidthFactor": 0.8,
         "drawStyle": "bars" if bars else "line",
         "fillOpacity": 60 if bars else 10,

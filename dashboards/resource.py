@@ -281,18 +281,45 @@ def budget_allocation(layout: g.Layout, cfg: Config) -> None:
     )
 
 
+# The daily bars: Grafana aligns a 1-day step to the midnights of the dashboard's timezone (the
+# exporter's), and each bar is the day that starts at its midnight (a negative offset looks at
+# the day after the step), so the last one is today so far. PromQL sees the end of the query
+# only through "@ end()": a day that ends after it is partial, drawn as a series of its own.
+_QUERY_END = "max_over_time(timestamp(vector(1))[1m:1s] @ end())"
+_PARTIAL = f"on () (vector(time() + 86400) > {_QUERY_END})"
+PARTIAL_DAY = "today so far"
+
+
+def _days(expr: str, legend: str, partial_legend: str) -> list[G.Target]:
+    """A daily expression's whole days, and today so far as its own series."""
+    return [
+        target(f"({expr}) unless {_PARTIAL}", legend, interval="1d"),
+        target(f"({expr}) and {_PARTIAL}", partial_legend, interval="1d"),
+    ]
+
+
+def _partial_override(name: str, color: str | None = None) -> dict[str, Any]:
+    """Today so far: the colour of its whole days, paler."""
+    paler: dict[str, Any] = {"custom.fillOpacity": 20}
+    if color is not None:
+        paler["color"] = g.fixed_color(color)
+    return g.override(name, **paler)
+
+
 def utilization_timeline(layout: g.Layout, cfg: Config) -> None:
     layout.row(P.UTILIZATION_TIMELINE, "Utilization timeline")
+    spend = f"sum(increase({sel(c.SPEND)}[1d] offset -1d))"
     layout.add(
         P.DAILY_SPEND_VS_BUDGET,
         g.timeseries(
             "Daily spend vs budget",
-            "Bars: cost per UTC day (increase of the spend counter over the day ending at each "
-            "bar). Line: that day's total allocation (its last value before midnight).",
+            f"Bars: cost per day of the {cfg.timezone} calendar (the spend counter's increase "
+            "over the day that starts at the bar); the last bar, paler, is today so far. Line: "
+            "the day's total allocation.",
             [
-                target(f"sum(increase({sel(c.SPEND)}[1d]))", "spend", interval="1d"),
+                *_days(spend, "spend", PARTIAL_DAY),
                 target(
-                    f"sum(last_over_time({sel(c.BUDGET_ALLOCATED)}[1d] offset 1s))",
+                    f"sum(last_over_time({sel(c.BUDGET_ALLOCATED)}[1d] offset -86399s))",
                     "budget",
                     interval="1d",
                 ),
@@ -307,7 +334,8 @@ def utilization_timeline(layout: g.Layout, cfg: Config) -> None:
                         "custom.fillOpacity": 0,
                         "color": g.fixed_color("red"),
                     },
-                )
+                ),
+                _partial_override(PARTIAL_DAY),
             ],
         ),
         w=14,
@@ -477,18 +505,23 @@ def providers(layout: g.Layout, cfg: Config) -> None:
         P.DAILY_SPEND_BY_PROVIDER,
         g.timeseries(
             "Daily spend by provider",
-            "Cost per UTC day by provider family (increase of the spend counter over each "
-            "day; each bar is the day ending at its timestamp).",
-            [
-                target(
-                    f"sum by (provider) (increase({sel(c.SPEND)}[1d]))",
-                    "{{provider}}",
-                    interval="1d",
-                )
-            ],
+            f"Cost per day of the {cfg.timezone} calendar by provider family (the spend "
+            "counter's increase over the day that starts at the bar); the last bars, paler, "
+            "are today so far.",
+            _days(
+                f"sum by (provider) (increase({sel(c.SPEND)}[1d] offset -1d))",
+                "{{provider}}",
+                f"{{{{provider}}}} ({PARTIAL_DAY})",
+            ),
             "currencyUSD",
             bars=True,
-            overrides=_provider_overrides(),
+            overrides=[
+                *_provider_overrides(),
+                *(
+                    _partial_override(f"{family} ({PARTIAL_DAY})", color)
+                    for family, color in PROVIDER_COLORS.items()
+                ),
+            ],
         ),
         w=24,
         h=8,

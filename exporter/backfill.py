@@ -9,8 +9,10 @@ on the day of installation. Consistency with the live exporter is the point:
 * a counter at hour H holds every valid row before H, so it only grows into the live value
   (no reset, no jump at the seam); sums are exact (Decimal, as PostgreSQL's numeric) and
   converted to float once, as the live exporter does, so not even the last bit differs;
-* counters get a sample at the start, at every UTC midnight and at every hour they moved, so
-  ``increase(...[1d])`` between midnights is exactly the day's ledger sum.
+* counters get a sample at the start, at every midnight (of UTC and of the configured zone,
+  whose days the dashboard shows) and at every hour they moved, so ``increase(...[1d])``
+  between midnights is exactly the day's ledger sum (for a zone whose midnights fall on a UTC
+  hour; a zone 30 minutes off, such as Asia/Kolkata, gets hourly sums).
 
 Only families that have a history in the ledger are backfilled: the cumulative counters (spend,
 tokens, calls, models, list prices; computed by the live exporter's own function), today's
@@ -117,7 +119,7 @@ def backfill(
     # Every series the live exporter has, even one whose first row came after the last full
     # hour, gets a history (of zeros) so increase() sees it start from 0 rather than appear.
     live = counters.of(spend.totals.totals)
-    spend_by_hour = _counters(history, hourly, live, counters, hours)
+    spend_by_hour = _counters(history, hourly, live, counters, hours, settings)
     _budgets(history, budgets, spend_by_hour, guard, settings, hours)
     return _write(history, out, start, end)
 
@@ -140,6 +142,7 @@ def _counters(
     live: Mapping[c.MetricSpec, Series],
     counters: Counters,
     hours: list[datetime],
+    settings: Settings,
 ) -> dict[tuple[datetime, str], float]:
     """Emit the cumulative counters; return each folded quest's spend per hour bucket.
 
@@ -168,7 +171,9 @@ def _counters(
     last: dict[tuple[c.MetricSpec, tuple[str, ...]], float] = {}
     values = counters.of(totals)
     for at in hours:
-        always = at.hour == 0 or at in (hours[0], hours[-1])
+        # Midnights of the configured zone (the dashboard's days) and of UTC.
+        midnight = at.hour == 0 or at.astimezone(settings.zone).time() == datetime.min.time()
+        always = midnight or at in (hours[0], hours[-1])
         for metric, labels in every.items():
             for label_values in labels:
                 value = values[metric].get(label_values, 0.0)
