@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections.abc import Iterable, Mapping
+from functools import lru_cache
 
 from exporter.catalog import OTHER
 from exporter.config import ProviderRule
@@ -45,13 +46,17 @@ class LabelCleaner:
         if value is None:
             self.altered.add(value)
             return UNKNOWN
-        cleaned = "".join(ch for ch in value if unicodedata.category(ch) != "Cc")
-        cleaned = cleaned[: self.max_length]
-        if not cleaned.strip():
-            cleaned = UNKNOWN
+        cleaned = _clean(value, self.max_length)
         if cleaned != value:
             self.altered.add(value)
         return cleaned
+
+
+@lru_cache(maxsize=65536)
+def _clean(value: str, max_length: int) -> str:
+    """A label value without control characters, capped; cached: every refresh asks again."""
+    cleaned = "".join(ch for ch in value if unicodedata.category(ch) != "Cc")[:max_length]
+    return cleaned if cleaned.strip() else UNKNOWN
 
 
 def keep_top(weights: Mapping[str, float], limit: int) -> frozenset[str]:

@@ -216,15 +216,17 @@ def summarize(
     quest: dict[Any, list[Any]] = {}
     family_sum: dict[str, list[Any]] = {}
     zero = Decimal(0)
-    min_tokens = Decimal(settings.waste_min_tokens)  # exact, like comparing with the float
+    min_tokens = settings.waste_min_tokens  # both integers: exact
     max_impact = settings.waste_max_impact
+    get_impact = impacts.get
     for task_id, t in tasks.items():
         cost, tokens = t.cost, t.tokens
-        impact = impacts.get(task_id)
-        if impact is not None and impact > 0 and cost > zero:
-            scored.append((-(impact / float(cost)), task_id))
-        if impact is not None and impact > 0 and t.listed > zero:
-            scored_list.append((-(impact / float(t.listed)), task_id))
+        impact = get_impact(task_id)
+        if impact is not None and impact > 0:
+            if cost > zero:
+                scored.append((-(impact / float(cost)), task_id))
+            if t.listed > zero:
+                scored_list.append((-(impact / float(t.listed)), task_id))
         quiet = impact is None or impact <= max_impact
         if tokens > min_tokens and quiet and t.last_ts < grace_cutoff:  # type: ignore[operator]
             wasted.append((-tokens, task_id))
@@ -238,7 +240,7 @@ def summarize(
                 acc[3] += t.listed
         q = quest.get(t.quest)
         if q is None:
-            q = quest[t.quest] = [zero, zero, [], 0]
+            q = quest[t.quest] = [zero, 0, [], 0]
         q[0] += cost
         q[1] += tokens
         if impact is not None:
@@ -247,7 +249,7 @@ def summarize(
         for family, p_cost, p_tokens, p_listed in t.by_family():
             f = family_sum.get(family)
             if f is None:
-                f = family_sum[family] = [zero, zero, 0, zero]
+                f = family_sum[family] = [zero, 0, 0, zero]
             f[0] += p_cost
             f[1] += p_tokens
             f[2] += 1  # a task yields each of its families once
