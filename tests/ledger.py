@@ -345,12 +345,14 @@ def expected(
         k = key(name, **labels)
         out[k] = out.get(k, 0.0) + value
 
-    # Cardinality guard: weights are 30-day spend by row time.
+    # Cardinality guard: weights are the spend, by row time, since the midnight 30 days before
+    # today (whole days: they move once a day).
     window_start = now - r.window
+    weights_start = datetime.combine(today - r.window, time(), ZoneInfo(r.timezone))
     qw: dict[str, float] = defaultdict(float)
     lw: dict[str, float] = defaultdict(float)
     for c in valid:
-        w = float(c.cost_usd) if c.ts >= window_start else 0.0  # type: ignore[arg-type,operator]
+        w = float(c.cost_usd) if c.ts >= weights_start else 0.0  # type: ignore[arg-type,operator]
         qw[lab(c.quest)] += w
         lw[lab(c.layer)] += w
 
@@ -412,7 +414,7 @@ def expected(
     mw: dict[str, float] = defaultdict(float)
     mt: dict[str, float] = defaultdict(float)
     for c in valid:
-        inside = c.ts >= window_start  # type: ignore[operator]
+        inside = c.ts >= weights_start  # type: ignore[operator]
         mw[c.model_label()] += float(c.cost_usd) if inside else 0.0  # type: ignore[arg-type]
         mt[c.model_label()] += sum(c.categories().values()) if inside else 0.0
 

@@ -146,7 +146,7 @@ def test_a_hung_query_is_cancelled_and_the_others_refresh(
     samples = parse(refresher.snapshot.text)
     assert samples[key("scidex_exporter_query_success", query="window_tasks")] == 0
     assert samples[key("scidex_exporter_query_duration_seconds", query="window_tasks")] >= 0.5
-    for other in ("spend_totals", "spend_recent", "budget_today"):
+    for other in ("spend_totals", "newest_call", "budget_today"):
         assert samples[key("scidex_exporter_query_success", query=other)] == 1
     assert samples[SPEND] == 4
     # The provider families come from the same scan of the window: not there yet either.

@@ -122,6 +122,42 @@ def test_random_batches_and_commit_orders_match_a_full_recomputation(dsn: str, s
     incremental.close()
 
 
+def test_spend_today_and_this_month_move_at_midnight(dsn: str) -> None:
+    """The recent spans (today, this month, the label weights' days) follow the new rows within
+    a day, and move when the day (and here the month) turns."""
+    evening = datetime(2026, 11, 30, 23, 50, tzinfo=UTC)
+    rows = [
+        (datetime(2026, 11, 15, 12, 0, tzinfo=UTC), "t1", "q1", "Forge", "glm-4.6", 5, 5, 3),
+        (datetime(2026, 11, 30, 23, 0, tzinfo=UTC), "t2", "q1", "Forge", "glm-4.6", 5, 5, 2),
+    ]
+    today = ("scidex_quest_spend_today_usd", frozenset({("quest", "q1")}))
+    month = ("scidex_quest_spend_month_usd", frozenset({("quest", "q1")}))
+    incremental = Refresher(load_settings({"dsn": dsn}, env={}))
+    with psycopg.connect(dsn, autocommit=True) as writer:
+        _insert(writer, rows)
+        for _ in range(3):  # until the watermark has settled
+            got = _families(incremental, evening)
+        assert got == _full(dsn, evening)
+        assert (got[today], got[month]) == (2, 5)
+        _insert(
+            writer, [(evening + timedelta(minutes=15), "t3", "q1", "Forge", "glm-4.6", 5, 5, 7)]
+        )
+        after_midnight = evening + timedelta(minutes=20)
+        got = _families(incremental, after_midnight)
+        assert got == _full(dsn, after_midnight)
+        assert (got[today], got[month]) == (7, 7)
+        _insert(writer, [(after_midnight, "t3", "q1", "Forge", "glm-4.6", 5, 5, 1)])
+        later = after_midnight + timedelta(minutes=5)
+        _, params = incremental.statement(
+            SPEND_TOTALS.name, Instants.at(later, incremental.settings)
+        )
+        assert params["after"] is not None  # within the day: the tail only
+        got = _families(incremental, later)
+        assert got == _full(dsn, later)
+        assert (got[today], got[month]) == (8, 8)
+    incremental.close()
+
+
 def test_reconciliation_catches_ids_assigned_out_of_sequence(dsn: str) -> None:
     clock = [1_000_000.0]
     incremental = Refresher(
@@ -183,6 +219,7 @@ def test_rows_with_negative_ids_are_counted_once(dsn: str) -> None:
 
 def test_the_steady_state_reads_only_the_new_rows(dsn: str) -> None:
     rng = random.Random(3)
+    instants = Instants.at(NOW, load_settings({}, env={}))
     old = [(NOW - timedelta(days=100), "t-old", "q1", "Forge", "glm-4.6", 5, 5, 1)] * 30
     with psycopg.connect(dsn, autocommit=True) as writer:
         _insert(writer, _rows(rng, 5000) + old)
@@ -192,7 +229,7 @@ def test_the_steady_state_reads_only_the_new_rows(dsn: str) -> None:
             r[0]
             for r in writer.execute(
                 "EXPLAIN " + SPEND_TOTALS.sql,
-                {"after": top - 10, "safe": top - 5},
+                {"after": top - 10, "safe": top - 5, **instants.params()},
             ).fetchall()
         )
     assert "cost_ledger_pkey" in plan, plan  # an index range scan, not a scan of the history
@@ -215,6 +252,11 @@ def test_the_steady_state_reads_only_the_new_rows(dsn: str) -> None:
             periods = incremental.sources[0].prices.periods
             assert sql == window_tasks_steady(incremental.columns, periods).sql
             read = _rows_read(_explain_analyze(conn, sql, params), "cost_ledger")
+            # Spend today, this month and the label weights: the tail too, within a day.
+            _, spend = incremental.statement(
+                SPEND_TOTALS.name, Instants.at(NOW, incremental.settings)
+            )
+            assert spend["after"] is not None
     assert read <= 2 * (len(new) + len(old)) + 10, read
     incremental.close()
 
@@ -300,7 +342,15 @@ def test_excluded_rows_are_classified_only_when_there_are_some(dsn: str) -> None
         writer.execute("UPDATE cost_ledger SET cost_usd = 0.5, output_tokens = 10")  # all valid
 
         def ledger_reads() -> tuple[float, list[str]]:
-            plan = _explain_analyze(writer, SPEND_TOTALS.sql, {"after": None, "safe": 10**9})
+            plan = _explain_analyze(
+                writer,
+                SPEND_TOTALS.sql,
+                {
+                    "after": None,
+                    "safe": 10**9,
+                    **Instants.at(NOW, load_settings({}, env={})).params(),
+                },
+            )
             scans = _scans(plan, "cost_ledger")
             whole = [n for n in scans if n["Node Type"] == "Seq Scan" and n["Actual Loops"]]
             return _rows_read(plan, "cost_ledger"), [n.get("Filter") for n in whole]

@@ -41,6 +41,7 @@ class Instants:
     month_last: date
     month_start: datetime  # midnight of the 1st
     month_end: datetime  # midnight of the next month's 1st
+    weights_start: datetime  # midnight window_days before today: the label guard's window
 
     @classmethod
     def at(cls, now: datetime, settings: Settings) -> Instants:
@@ -61,6 +62,7 @@ class Instants:
             month_last=following - timedelta(days=1),
             month_start=midnight(first),
             month_end=midnight(following),
+            weights_start=midnight(local.date() - timedelta(days=settings.window_days)),
         )
 
     def params(self) -> dict[str, Any]:
@@ -72,8 +74,7 @@ class Instants:
             "month_first": self.month_first,
             "month_last": self.month_last,
             "month_start": self.month_start,
-            # What the window and the month to date read: the earlier of their starts.
-            "recent_start": min(self.window_start, self.month_start),
+            "weights_start": self.weights_start,
         }
 
 

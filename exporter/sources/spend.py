@@ -1,9 +1,10 @@
 """Spend, tokens, calls and list prices: cumulative counters over the whole ledger.
 
-Two statements: SPEND_TOTALS folds the rows after the watermark into exact running sums per
-series, model and price period (exporter/incremental.py), SPEND_RECENT reads what depends on
-time (the window's spend and tokens that decide which quests and models keep a label, today's
-spend, the newest call). List prices are applied to the exact sums (exporter/prices.py).
+SPEND_TOTALS folds the rows after the watermark into exact running sums per series, model and
+price period (exporter/incremental.py), split by the recent spans a row's time falls in (the
+window's whole days, whose spend and tokens decide which quests and models keep a label; this
+month; today), so those sums follow the new rows too; the spans move at midnight, when it
+reads the whole ledger again. List prices are applied to the exact sums (exporter/prices.py).
 """
 
 from __future__ import annotations
@@ -11,17 +12,17 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
-from datetime import datetime
+from datetime import date, datetime
 from decimal import Decimal
 from functools import cache
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from prometheus_client.metrics_core import Metric as Family
 
 from exporter import catalog as c
 from exporter.families import LabelGuard, Series, as_float, family_of
-from exporter.incremental import ZERO, Plan, Sums
+from exporter.incremental import ZERO, Sums
 from exporter.models import model_name, model_ref
 from exporter.prices import PriceBook
 from exporter.queries import REASONS, Columns, Periods, Query
@@ -42,6 +43,14 @@ from exporter.sources.base import Build, Excluded, Refresh, Source, Statement
 # plan the executor checks before starting that scan). The largest id is read from the end of
 # the primary key, not aggregated over every row.
 _AFTER = "(%(after)s::bigint IS NULL OR c.id > %(after)s)"
+# Which recent spans a row falls in (by its time): the label guard's window (whole days), this
+# month, today. They move once a day, at midnight, when the source reads the whole ledger again;
+# between midnights the spans' sums follow the new rows like the counters.
+_RECENT = (
+    "c.ts >= %(weights_start)s AS in_window, c.ts >= %(month_start)s AS in_month,"
+    " c.ts >= %(today_start)s AS in_today"
+)
+_SPANS = ("in_window", "in_month", "in_today")
 _SUMS = ", ".join(f.name for f in fields(Sums))
 
 
@@ -54,27 +63,36 @@ def spend_totals(cols: Columns, periods: Periods) -> Query:
         f"""
     WITH g AS MATERIALIZED (
         SELECT c.id <= %(safe)s AS final, c.quest, c.layer, c.provider, c.model,
-               {periods.column} AS period, {cols.valid} IS TRUE AS valid,
+               {periods.column} AS period, {cols.valid} IS TRUE AS valid, {_RECENT},
                {cols.sums()}
         FROM cost_ledger c
         WHERE {_AFTER}
-        GROUP BY {periods.group_by(1, 2, 3, 4, 5, 7)}
+        GROUP BY {periods.group_by(1, 2, 3, 4, 5, 7, 8, 9, 10)}
     )
     SELECT 'sum' AS kind, final, quest, layer, provider, model, period, NULL AS reason,
-           {_SUMS}, NULL::bigint AS max_id
+           in_window, in_month, in_today, {_SUMS}, NULL::bigint AS max_id
     FROM g
     WHERE valid
     UNION ALL
     SELECT 'sum', c.id <= %(safe)s, c.quest, c.layer, c.provider, NULL, NULL, {cols.reason},
-           count(*), {nulls}, NULL
+           NULL, NULL, NULL, count(*), {nulls}, NULL
     FROM cost_ledger c
     WHERE EXISTS (SELECT FROM g WHERE NOT g.valid)
       AND {_AFTER} AND {cols.valid} IS NOT TRUE
     GROUP BY 1, 2, 3, 4, 5, 8
     UNION ALL
-    SELECT 'largest', NULL, NULL, NULL, NULL, NULL, NULL, NULL, {nulls}, NULL,
+    SELECT 'largest', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, {nulls}, NULL,
            (SELECT max(c.id) FROM cost_ledger c WHERE {_AFTER})
     """,
+    )
+
+
+# The newest valid call, from the end of the ts index.
+@cache
+def newest_call(cols: Columns) -> Query:
+    return Query(
+        "newest_call",
+        f"SELECT c.ts FROM cost_ledger c WHERE {cols.valid} ORDER BY c.ts DESC LIMIT 1",
     )
 
 
@@ -82,57 +100,41 @@ SPEND_TOTALS = spend_totals(Columns(), Periods(0))
 """The statement for a relation without the optional columns (tests, bench)."""
 
 
-# What depends on time, not on the history, from the ts index: per series and model, the
-# window's spend and tokens (the label guard's weights), today's spend and the month's; and the
-# newest valid call, from the end of that index. The scan starts at the earlier of the window's
-# start and the month's; each group is split by three booleans (in the window, this month,
-# today) rather than summing the cost three times with FILTERs: a numeric sum per row costs
-# more than hashing three more booleans. Python adds the parts up.
 _TOKENS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens")
 
-
-@cache
-def spend_recent(cols: Columns) -> Query:
-    return Query(
-        "spend_recent",
-        f"""
-    SELECT 'series' AS kind, c.quest, c.layer, c.provider, c.model,
-           c.ts >= %(window_start)s AS in_window, c.ts >= %(month_start)s AS in_month,
-           c.ts >= %(today_start)s AS in_today,
-           {cols.sums(("cost", *_TOKENS))},
-           NULL::timestamptz AS last_ts
-    FROM cost_ledger c
-    WHERE c.ts >= %(recent_start)s AND {cols.valid}
-    GROUP BY 2, 3, 4, 5, 6, 7, 8
-    UNION ALL
-    SELECT 'newest', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-           {", ".join("NULL" for _ in _TOKENS)},
-           (SELECT c.ts FROM cost_ledger c WHERE {cols.valid} ORDER BY c.ts DESC LIMIT 1)
-    """,
-    )
-
-
-SPEND_RECENT = spend_recent(Columns())
 
 # quest, layer, provider, model, price period, exclusion reason (None: valid)
 Key = tuple[Any, Any, Any, Any, Any, Any]
 
 
+# quest, layer, provider, model, and whether in the window, this month, today
+Recent = tuple[Any, Any, Any, Any, bool, bool, bool]
+
+
 @dataclass
 class SpendTotals:
-    """Running totals of ``cost_ledger`` by id: final sums plus this refresh's tail."""
+    """Running totals of ``cost_ledger`` by id: final sums plus this refresh's tail.
+
+    ``recent`` are the valid sums of the rows in the recent spans (window, month, today): the
+    same final and tail parts, valid until the spans move at midnight.
+    """
 
     final: dict[Key, Sums] = field(default_factory=dict)
     totals: dict[Key, Sums] = field(default_factory=dict)
+    final_recent: dict[Recent, Sums] = field(default_factory=dict)
+    recent: dict[Recent, Sums] = field(default_factory=dict)
     read: bool = False  # whether any refresh has folded a whole ledger yet
 
-    def apply(self, plan: Plan, rows: Iterable[Any]) -> int | None:
-        """Fold the rows of SPEND_TOTALS read under ``plan``; return the largest id seen.
+    def apply(self, full: bool, rows: Iterable[Any]) -> int | None:
+        """Fold the rows of SPEND_TOTALS (the whole ledger when ``full``); return the largest
+        id seen.
 
         Nothing changes unless every row folds: a row that cannot leaves the totals as they were.
         """
-        final = {} if plan.full else dict(self.final)
+        final = {} if full else dict(self.final)
+        final_recent = {} if full else dict(self.final_recent)
         tail: dict[Key, Sums] = {}
+        tail_recent: dict[Recent, Sums] = {}
         largest = None
         for r in rows:
             if r.kind == "largest":
@@ -140,15 +142,26 @@ class SpendTotals:
                 continue
             key = (r.quest, r.layer, r.provider, r.model, r.period, r.reason)
             _add(final if r.final else tail, key, r)
-        totals = dict(final)
-        for key, sums in tail.items():
-            totals[key] = totals.get(key, ZERO) + sums
-        self.final, self.totals = final, totals
-        self.read = self.read or plan.full
+            if r.reason is None and (r.in_window or r.in_month or r.in_today):
+                span = (r.quest, r.layer, r.provider, r.model, r.in_window, r.in_month, r.in_today)
+                _add(final_recent if r.final else tail_recent, span, r)
+        self.final, self.totals = final, _merged(final, tail)
+        self.final_recent, self.recent = final_recent, _merged(final_recent, tail_recent)
+        self.read = self.read or full
         return largest
 
 
-def _add(target: dict[Key, Sums], key: Key, row: Any) -> None:
+T = TypeVar("T")
+
+
+def _merged(final: dict[T, Sums], tail: dict[T, Sums]) -> dict[T, Sums]:
+    out = dict(final)
+    for key, sums in tail.items():
+        out[key] = out.get(key, ZERO) + sums
+    return out
+
+
+def _add(target: dict[Any, Sums], key: Any, row: Any) -> None:
     target[key] = target.get(key, ZERO) + Sums.of(row)
 
 
@@ -156,7 +169,7 @@ class SpendSource(Source):
     """The cumulative spend, token, call and list-price counters, by series and by model;
     today's spend and the newest call."""
 
-    queries = (SPEND_TOTALS.name, SPEND_RECENT.name)
+    queries = (SPEND_TOTALS.name, newest_call(Columns()).name)
     feeds = (
         c.SPEND,
         c.TOKENS,
@@ -178,46 +191,42 @@ class SpendSource(Source):
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         self.totals = SpendTotals()
-        self._recent: list[Any] = []
+        self._spans: date | None = None  # the day whose spans the recent sums hold
         self._newest: datetime | None = None
-        self._recent_read = False
 
     def statement(self, query: str, refresh: Refresh) -> Statement:
-        if query == SPEND_TOTALS.name:
-            plan = refresh.plan
-            params: dict[str, Any] = {"after": plan.after, "safe": plan.safe}
-            params |= self.prices.params()
-            sql = spend_totals(refresh.columns, self.prices.periods).sql
-            return Statement(sql, params)
-        return Statement(spend_recent(refresh.columns).sql, refresh.instants.params())
+        if query != SPEND_TOTALS.name:
+            return Statement(newest_call(refresh.columns).sql, {})
+        plan = refresh.plan
+        # A new day moves the spans: read the whole ledger once more.
+        after = plan.after if self._spans == refresh.instants.today else None
+        params: dict[str, Any] = {"after": after, "safe": plan.safe}
+        params |= self.prices.params() | refresh.instants.params()
+        sql = spend_totals(refresh.columns, self.prices.periods).sql
+        return Statement(sql, params)
 
     def read(self, query: str, cur: psycopg.Cursor[Any], refresh: Refresh) -> None:
         statement = self.statement(query, refresh)
         rows = cur.execute(statement.sql, statement.params).fetchall()
-        if query == SPEND_TOTALS.name:
-            # A model not seen before may change price on a date the sums are not split at:
-            # read again, in the same snapshot, split there too (once: the models are known).
-            models = {(r.provider, r.model) for r in rows if r.kind == "sum" and r.reason is None}
-            if self.prices.cover(models):
-                statement = self.statement(query, refresh)
-                rows = cur.execute(statement.sql, statement.params).fetchall()
-            largest = self.totals.apply(refresh.plan, rows)
-            refresh.watermark.record(refresh.plan, largest, refresh.clock)
+        if query != SPEND_TOTALS.name:
+            self._newest = rows[0].ts if rows else None
             return
-        recent, newest = [], None
-        for r in rows:
-            if r.kind == "newest":
-                newest = r.last_ts
-            else:
-                recent.append(r)
-        self._recent, self._newest, self._recent_read = recent, newest, True
+        # A model not seen before may change price on a date the sums are not split at: read
+        # again, in the same snapshot, split there too (once: the models are known).
+        models = {(r.provider, r.model) for r in rows if r.kind == "sum" and r.reason is None}
+        if self.prices.cover(models):
+            statement = self.statement(query, refresh)
+            rows = cur.execute(statement.sql, statement.params).fetchall()
+        largest = self.totals.apply(statement.params["after"] is None, rows)
+        self._spans = refresh.instants.today
+        refresh.watermark.record(refresh.plan, largest, refresh.clock)
 
     @property
     def has_data(self) -> bool:
-        return self.totals.read and self._recent_read
+        return self.totals.read
 
     def ready(self, fresh: frozenset[str]) -> bool:
-        # Today's spend may lag a failing SPEND_RECENT; the counters are what must be fresh.
+        # The newest call's time may lag a failing lookup; the counters are what must be fresh.
         return self.has_data and SPEND_TOTALS.name in fresh
 
     def weigh(self, labels: LabelGuard) -> None:
@@ -228,37 +237,38 @@ class SpendSource(Source):
                 labels.weigh_quest(quest)
                 labels.weigh_layer(layer)
                 labels.weigh_model(model_name(model_ref(provider, model)))
-        for r in self._recent:
-            if not r.in_window:
+        for (quest, layer, provider, model, in_window, _, _), sums in self.totals.recent.items():
+            if not in_window:
                 continue
-            labels.weigh_quest(r.quest, as_float(r.cost))
-            labels.weigh_layer(r.layer, as_float(r.cost))
-            tokens = sum(getattr(r, col) or 0 for col in _TOKENS)
-            name = model_name(model_ref(r.provider, r.model))
-            labels.weigh_model(name, as_float(r.cost), float(tokens))
+            cost = as_float(sums.cost)
+            labels.weigh_quest(quest, cost)
+            labels.weigh_layer(layer, cost)
+            tokens = sum(getattr(sums, col) for col in _TOKENS)
+            labels.weigh_model(model_name(model_ref(provider, model)), cost, float(tokens))
 
     def today(self, labels: LabelGuard) -> Series:
         """Spend since today's midnight per folded quest (quests with spend today)."""
-        return self._per_quest(labels, "in_today")
+        return self._per_quest(labels, 6)
 
     def month(self, labels: LabelGuard) -> Series:
         """Spend since the 1st of the month per folded quest (quests with spend this month)."""
-        return self._per_quest(labels, "in_month")
+        return self._per_quest(labels, 5)
 
-    def _per_quest(self, labels: LabelGuard, part: str) -> Series:
+    def _per_quest(self, labels: LabelGuard, span: int) -> Series:
         spend: Series = {}
-        for r in self._recent:
-            if getattr(r, part):
-                key = (labels.q(r.quest),)
-                spend[key] = spend.get(key, 0.0) + as_float(r.cost)
+        for key, sums in self.totals.recent.items():
+            if key[span]:
+                quest = (labels.q(key[0]),)
+                spend[quest] = spend.get(quest, 0.0) + as_float(sums.cost)
         return spend
 
     def build(self, build: Build) -> list[Family]:
         labels = build.labels
         counters = cumulative(self.totals.totals, labels, build.providers.family, self.prices)
         families = [family_of(metric, series) for metric, series in counters.items()]
-        if self._newest is not None and counters[c.SPEND]:
-            families.append(family_of(c.LEDGER_LAST_CALL, {(): self._newest.timestamp()}))
+        newest = self._newest
+        if newest is not None and counters[c.SPEND]:
+            families.append(family_of(c.LEDGER_LAST_CALL, {(): newest.timestamp()}))
         today = self.today(labels)
         from exporter.sources.budget import BudgetSource  # budget reads today's spend from here
 
