@@ -75,6 +75,8 @@ class Instants:
             "month_last": self.month_last,
             "month_start": self.month_start,
             "weights_start": self.weights_start,
+            # What the recent spans read: the earlier of the window's days and the month.
+            "recent_start": min(self.weights_start, self.month_start),
         }
 
 

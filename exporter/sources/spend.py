@@ -55,19 +55,29 @@ _SUMS = ", ".join(f.name for f in fields(Sums))
 
 
 @cache
-def spend_totals(cols: Columns, periods: Periods) -> Query:
-    """SPEND_TOTALS for a relation with these optional columns."""
+def spend_totals(cols: Columns, periods: Periods, spans: bool = True) -> Query:
+    """SPEND_TOTALS for a relation with these optional columns.
+
+    With ``spans`` (a tail read) the sums are split by the recent spans; without (a read of the
+    whole ledger) they are not, and RECENT_SUMS reads the spans from the recent rows alone:
+    three more booleans per row of the whole history cost more than a scan of the window.
+    """
     nulls = ", ".join("NULL" for _ in fields(Sums)[1:])
+    if spans:
+        recent, group_by = _RECENT, periods.group_by(1, 2, 3, 4, 5, 7, 8, 9, 10)
+    else:
+        recent = ", ".join(f"NULL::boolean AS {span}" for span in _SPANS)
+        group_by = periods.group_by(1, 2, 3, 4, 5, 7)
     return Query(
         "spend_totals",
         f"""
     WITH g AS MATERIALIZED (
         SELECT c.id <= %(safe)s AS final, c.quest, c.layer, c.provider, c.model,
-               {periods.column} AS period, {cols.valid} IS TRUE AS valid, {_RECENT},
+               {periods.column} AS period, {cols.valid} IS TRUE AS valid, {recent},
                {cols.sums()}
         FROM cost_ledger c
         WHERE {_AFTER}
-        GROUP BY {periods.group_by(1, 2, 3, 4, 5, 7, 8, 9, 10)}
+        GROUP BY {group_by}
     )
     SELECT 'sum' AS kind, final, quest, layer, provider, model, period, NULL AS reason,
            in_window, in_month, in_today, {_SUMS}, NULL::bigint AS max_id
@@ -83,6 +93,22 @@ def spend_totals(cols: Columns, periods: Periods) -> Query:
     UNION ALL
     SELECT 'largest', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, {nulls}, NULL,
            (SELECT max(c.id) FROM cost_ledger c WHERE {_AFTER})
+    """,
+    )
+
+
+# The recent spans' sums of a whole-ledger read: the rows since the earlier of the window's whole
+# days and the month, from the ts index.
+@cache
+def recent_sums(cols: Columns) -> Query:
+    return Query(
+        "spend_totals",
+        f"""
+    SELECT 'recent' AS kind, c.id <= %(safe)s AS final, c.quest, c.layer, c.provider, c.model,
+           NULL AS period, NULL AS reason, {_RECENT}, {cols.sums()}, NULL::bigint AS max_id
+    FROM cost_ledger c
+    WHERE c.ts >= %(recent_start)s AND {cols.valid}
+    GROUP BY 2, 3, 4, 5, 6, 9, 10, 11
     """,
     )
 
@@ -126,8 +152,8 @@ class SpendTotals:
     read: bool = False  # whether any refresh has folded a whole ledger yet
 
     def apply(self, full: bool, rows: Iterable[Any]) -> int | None:
-        """Fold the rows of SPEND_TOTALS (the whole ledger when ``full``); return the largest
-        id seen.
+        """Fold the rows of SPEND_TOTALS (the whole ledger when ``full``, then with RECENT_SUMS'
+        rows); return the largest id seen.
 
         Nothing changes unless every row folds: a row that cannot leaves the totals as they were.
         """
@@ -140,8 +166,9 @@ class SpendTotals:
             if r.kind == "largest":
                 largest = r.max_id
                 continue
-            key = (r.quest, r.layer, r.provider, r.model, r.period, r.reason)
-            _add(final if r.final else tail, key, r)
+            if r.kind == "sum":
+                key = (r.quest, r.layer, r.provider, r.model, r.period, r.reason)
+                _add(final if r.final else tail, key, r)
             if r.reason is None and (r.in_window or r.in_month or r.in_today):
                 span = (r.quest, r.layer, r.provider, r.model, r.in_window, r.in_month, r.in_today)
                 _add(final_recent if r.final else tail_recent, span, r)
@@ -202,7 +229,7 @@ class SpendSource(Source):
         after = plan.after if self._spans == refresh.instants.today else None
         params: dict[str, Any] = {"after": after, "safe": plan.safe}
         params |= self.prices.params() | refresh.instants.params()
-        sql = spend_totals(refresh.columns, self.prices.periods).sql
+        sql = spend_totals(refresh.columns, self.prices.periods, spans=after is not None).sql
         return Statement(sql, params)
 
     def read(self, query: str, cur: psycopg.Cursor[Any], refresh: Refresh) -> None:
@@ -217,7 +244,10 @@ class SpendSource(Source):
         if self.prices.cover(models):
             statement = self.statement(query, refresh)
             rows = cur.execute(statement.sql, statement.params).fetchall()
-        largest = self.totals.apply(statement.params["after"] is None, rows)
+        full = statement.params["after"] is None
+        if full:
+            rows += cur.execute(recent_sums(refresh.columns).sql, statement.params).fetchall()
+        largest = self.totals.apply(full, rows)
         self._spans = refresh.instants.today
         refresh.watermark.record(refresh.plan, largest, refresh.clock)
 
