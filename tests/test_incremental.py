@@ -15,7 +15,7 @@ from exporter import generate
 from exporter.config import load_settings
 from exporter.refresh import Refresher
 from exporter.sources import Instants, WindowSource
-from exporter.sources.spend import SPEND_TOTALS
+from exporter.sources.spend import SPEND_TOTALS, SpendSource
 from exporter.sources.window import WINDOW_TASKS, window_tasks_steady
 from tests.ledger import ledger_samples, parse
 
@@ -122,7 +122,8 @@ def test_random_batches_and_commit_orders_match_a_full_recomputation(dsn: str, s
     incremental.close()
 
 
-def test_spend_today_and_this_month_move_at_midnight(dsn: str) -> None:
+@pytest.mark.parametrize("long_history", [False, True])
+def test_spend_today_and_this_month_move_at_midnight(dsn: str, long_history: bool) -> None:
     """The recent spans (today, this month, the label weights' days) follow the new rows within
     a day, and move when the day (and here the month) turns."""
     evening = datetime(2026, 11, 30, 23, 50, tzinfo=UTC)
@@ -130,6 +131,8 @@ def test_spend_today_and_this_month_move_at_midnight(dsn: str) -> None:
         (datetime(2026, 11, 15, 12, 0, tzinfo=UTC), "t1", "q1", "Forge", "glm-4.6", 5, 5, 3),
         (datetime(2026, 11, 30, 23, 0, tzinfo=UTC), "t2", "q1", "Forge", "glm-4.6", 5, 5, 2),
     ]
+    if long_history:  # a year before: whole-ledger reads scan the recent rows apart
+        rows.append((datetime(2025, 11, 1, tzinfo=UTC), "t0", "q1", "Forge", "glm-4.6", 5, 5, 9))
     today = ("scidex_quest_spend_today_usd", frozenset({("quest", "q1")}))
     month = ("scidex_quest_spend_month_usd", frozenset({("quest", "q1")}))
     incremental = Refresher(load_settings({"dsn": dsn}, env={}))
@@ -139,6 +142,7 @@ def test_spend_today_and_this_month_move_at_midnight(dsn: str) -> None:
             got = _families(incremental, evening)
         assert got == _full(dsn, evening)
         assert (got[today], got[month]) == (2, 5)
+        assert incremental.source(SpendSource)._long_history is long_history
         _insert(
             writer, [(evening + timedelta(minutes=15), "t3", "q1", "Forge", "glm-4.6", 5, 5, 7)]
         )

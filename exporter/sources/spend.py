@@ -113,6 +113,10 @@ def recent_sums(cols: Columns) -> Query:
     )
 
 
+# The oldest row's time, from the start of the ts index: is the history long?
+_OLDEST = "SELECT min(c.ts) FROM cost_ledger c"
+
+
 # The newest valid call, from the end of the ts index.
 @cache
 def newest_call(cols: Columns) -> Query:
@@ -220,6 +224,7 @@ class SpendSource(Source):
         self.totals = SpendTotals()
         self._spans: date | None = None  # the day whose spans the recent sums hold
         self._newest: datetime | None = None
+        self._long_history = False
 
     def statement(self, query: str, refresh: Refresh) -> Statement:
         if query != SPEND_TOTALS.name:
@@ -229,11 +234,22 @@ class SpendSource(Source):
         after = plan.after if self._spans == refresh.instants.today else None
         params: dict[str, Any] = {"after": after, "safe": plan.safe}
         params |= self.prices.params() | refresh.instants.params()
-        sql = spend_totals(refresh.columns, self.prices.periods, spans=after is not None).sql
+        # A whole-ledger read splits every row by span when the history is short (one scan),
+        # and scans the recent rows apart when it is long (the history stays unsplit).
+        spans = after is not None or not self._long_history
+        sql = spend_totals(refresh.columns, self.prices.periods, spans=spans).sql
         return Statement(sql, params)
 
     def read(self, query: str, cur: psycopg.Cursor[Any], refresh: Refresh) -> None:
         statement = self.statement(query, refresh)
+        if statement.params.get("after", 0) is None:
+            # Long: the history before the recent spans is longer than the spans themselves.
+            (oldest,) = cur.execute(_OLDEST).fetchone() or (None,)
+            start = statement.params["recent_start"]
+            self._long_history = oldest is not None and oldest < start - (
+                refresh.instants.now - start
+            )
+            statement = self.statement(query, refresh)
         rows = cur.execute(statement.sql, statement.params).fetchall()
         if query != SPEND_TOTALS.name:
             self._newest = rows[0].ts if rows else None
@@ -245,7 +261,7 @@ class SpendSource(Source):
             statement = self.statement(query, refresh)
             rows = cur.execute(statement.sql, statement.params).fetchall()
         full = statement.params["after"] is None
-        if full:
+        if full and self._long_history:
             rows += cur.execute(recent_sums(refresh.columns).sql, statement.params).fetchall()
         largest = self.totals.apply(full, rows)
         self._spans = refresh.instants.today
