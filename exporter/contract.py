@@ -101,6 +101,16 @@ def check_relations(conn: psycopg.Connection[Any], notes: list[str] | None = Non
     return problems
 
 
+# The columns the window's lookup of a task's earlier rows reads besides (task_id, ts): the
+# covering index INCLUDEs them (an absent optional column has no attnum and is not required).
+_LOOKUP_READS = (
+    "cost_usd",
+    "input_tokens",
+    "output_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+)
 _ATTNUMS = ",\n".join(
     f"(SELECT attnum FROM pg_attribute WHERE attrelid = c.oid AND attname = '{column}') AS {alias}"
     for alias, column in (
@@ -109,8 +119,10 @@ _ATTNUMS = ",\n".join(
         ("task", "task_id"),
         ("provider", "provider"),
         ("model", "model"),
+        *((column, column) for column in _LOOKUP_READS),
     )
 )
+_COVERED = ", ".join(f"t.{column}" for column in ("provider", "model", *_LOOKUP_READS))
 _ADVICE = f"""
     WITH t AS (
         SELECT c.oid, c.relkind, {_ATTNUMS}
@@ -125,6 +137,12 @@ _ADVICE = f"""
            EXISTS (SELECT FROM pg_index i
                    WHERE i.indrelid = t.oid AND i.indkey[0] = t.task AND i.indkey[1] = t.ts)
                AS task_ts_index,
+           NOT EXISTS (SELECT FROM pg_index i
+                       WHERE i.indrelid = t.oid AND i.indkey[0] = t.task AND i.indkey[1] = t.ts)
+           OR EXISTS (SELECT FROM pg_index i
+                      WHERE i.indrelid = t.oid AND i.indkey[0] = t.task AND i.indkey[1] = t.ts
+                        AND i.indkey::int2[] @> array_remove(ARRAY[{_COVERED}]::int2[], NULL))
+               AS task_ts_covering,
            EXISTS (SELECT FROM pg_statistic_ext s
                    WHERE s.stxrelid = t.oid AND 'd' = ANY (s.stxkind)
                      AND s.stxkeys::int2[] @> ARRAY[t.task, t.provider, t.model]::int2[])
@@ -141,6 +159,11 @@ ADVICE = {
     "task_ts_index": (
         "no index on cost_ledger (task_id, ts): each window task's earlier spend is found by"
         " scanning the ledger"
+    ),
+    "task_ts_covering": (
+        "the cost_ledger (task_id, ts) index does not INCLUDE every column the window's history"
+        " lookup reads (provider, model, cost and token columns): it reads the table too;"
+        " recreate it"
     ),
     "task_provider_stats": (
         "no ndistinct statistics on cost_ledger (task_id, provider, model): the window is"

@@ -194,6 +194,20 @@ def test_check_says_which_index_or_statistics_the_ledger_lacks(dsn: str) -> None
     assert result.returncode == 0 and "ledger performance" not in result.stdout  # a view
 
 
+def test_check_says_when_the_task_index_does_not_cover_the_lookup(dsn: str) -> None:
+    # The index of an earlier schema: without the model and the optional token columns.
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("DROP INDEX cost_ledger_task_ts_idx")
+        conn.execute(
+            "CREATE INDEX cost_ledger_task_ts_idx ON cost_ledger (task_id, ts)"
+            " INCLUDE (provider, cost_usd, input_tokens, output_tokens)"
+        )
+    result = cli("check", "--dsn", dsn)
+    assert result.returncode == 0, result.stderr  # advice, not a failure
+    (advice,) = [line for line in result.stdout.splitlines() if "ledger performance" in line]
+    assert "does not INCLUDE every column" in advice and "recreate it" in advice
+
+
 def test_check_names_each_problem(empty_dsn: str) -> None:
     with psycopg.connect(empty_dsn, autocommit=True) as conn:
         conn.execute(
