@@ -111,10 +111,6 @@ class Columns:
 REASONS = tuple(reason for reason, _ in Columns().checks)
 """Every exclusion reason of cost_ledger rows (the same whatever columns are present)."""
 
-# Tokens of the window families (waste, provider breakdown): fresh input + output, summed as
-# numeric: two counts near the bigint limit must not overflow.
-TOKENS = "(c.input_tokens::numeric + c.output_tokens)"
-
 # Costs are summed as numeric, also from a view whose column is a float: the sums are exact and
 # independent of row order (a counter must never step back by an ulp), and the exporter adds
 # them as Decimal. For a numeric column the cast is no operation at all.

@@ -59,6 +59,19 @@ class Prometheus:
             time.sleep(0.2)
 
 
+def wait_ready(url: str, proc: subprocess.Popen[Any], log: Path) -> None:
+    """Wait until a Prometheus-style server at ``url`` answers ``/-/ready``; fail with its log."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/-/ready", timeout=1).close()
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(log.read_text()) from None
+            time.sleep(0.1)
+
+
 def _every_interval(rules: Path, tmp: Path) -> Path:
     """A copy of a rules file whose groups all run at the global interval.
 
@@ -109,15 +122,7 @@ def running_prometheus(
     )
     try:
         prom = Prometheus(f"http://127.0.0.1:{port}")
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"{prom.url}/-/ready", timeout=1).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError((tmp / "prometheus.log").read_text()) from None
-                time.sleep(0.1)
+        wait_ready(prom.url, proc, tmp / "prometheus.log")
         yield prom
     finally:
         proc.terminate()

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from tests.conftest import require_binary
-from tests.prom import free_port
+from tests.prom import free_port, wait_ready
 
 CONFIG = (
     Path(__file__).resolve().parent.parent / "provisioning" / "alertmanager" / "alertmanager.yml"
@@ -59,6 +59,8 @@ def alertmanager(tmp_path: Path) -> Iterator[tuple[str, Sink]]:
     path = tmp_path / "alertmanager.yml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     port = free_port()
+    log_path = tmp_path / "alertmanager.log"
+    log = log_path.open("wb")
     proc = subprocess.Popen(
         [
             require_binary("prometheus-alertmanager"),
@@ -67,26 +69,19 @@ def alertmanager(tmp_path: Path) -> Iterator[tuple[str, Sink]]:
             f"--web.listen-address=127.0.0.1:{port}",
             "--cluster.listen-address=",
         ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/-/ready", timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
+        wait_ready(url, proc, log_path)
         yield url, sink
     finally:
         proc.terminate()
         proc.wait(timeout=10)
         sink.shutdown()
         sink.server_close()
+        log.close()
 
 
 def _alert(name: str, severity: str, **labels: str) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 from datetime import date, datetime
 from decimal import Decimal
 from functools import cache
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import psycopg
 from prometheus_client.metrics_core import Metric as Family
@@ -137,8 +137,16 @@ _TOKENS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_to
 Key = tuple[Any, Any, Any, Any, Any, Any]
 
 
-# quest, layer, provider, model, and whether in the window, this month, today
-Recent = tuple[Any, Any, Any, Any, bool, bool, bool]
+class Recent(NamedTuple):
+    """A series and model, and which recent spans its rows fall in."""
+
+    quest: Any
+    layer: Any
+    provider: Any
+    model: Any
+    in_window: bool
+    in_month: bool
+    in_today: bool
 
 
 @dataclass
@@ -174,7 +182,9 @@ class SpendTotals:
                 key = (r.quest, r.layer, r.provider, r.model, r.period, r.reason)
                 _add(final if r.final else tail, key, r)
             if r.reason is None and (r.in_window or r.in_month or r.in_today):
-                span = (r.quest, r.layer, r.provider, r.model, r.in_window, r.in_month, r.in_today)
+                span = Recent(
+                    r.quest, r.layer, r.provider, r.model, r.in_window, r.in_month, r.in_today
+                )
                 _add(final_recent if r.final else tail_recent, span, r)
         self.final, self.totals = final, _merged(final, tail)
         self.final_recent, self.recent = final_recent, _merged(final_recent, tail_recent)
@@ -242,7 +252,7 @@ class SpendSource(Source):
 
     def read(self, query: str, cur: psycopg.Cursor[Any], refresh: Refresh) -> None:
         statement = self.statement(query, refresh)
-        if statement.params.get("after", 0) is None:
+        if query == SPEND_TOTALS.name and statement.params["after"] is None:
             # Long: the history before the recent spans is longer than the spans themselves.
             (oldest,) = cur.execute(_OLDEST).fetchone() or (None,)
             start = statement.params["recent_start"]
@@ -283,28 +293,28 @@ class SpendSource(Source):
                 labels.weigh_quest(quest)
                 labels.weigh_layer(layer)
                 labels.weigh_model(model_name(model_ref(provider, model)))
-        for (quest, layer, provider, model, in_window, _, _), sums in self.totals.recent.items():
-            if not in_window:
+        for key, sums in self.totals.recent.items():
+            if not key.in_window:
                 continue
             cost = as_float(sums.cost)
-            labels.weigh_quest(quest, cost)
-            labels.weigh_layer(layer, cost)
+            labels.weigh_quest(key.quest, cost)
+            labels.weigh_layer(key.layer, cost)
             tokens = sum(getattr(sums, col) for col in _TOKENS)
-            labels.weigh_model(model_name(model_ref(provider, model)), cost, float(tokens))
+            labels.weigh_model(model_name(model_ref(key.provider, key.model)), cost, float(tokens))
 
     def today(self, labels: LabelGuard) -> Series:
         """Spend since today's midnight per folded quest (quests with spend today)."""
-        return self._per_quest(labels, 6)
+        return self._per_quest(labels, "in_today")
 
     def month(self, labels: LabelGuard) -> Series:
         """Spend since the 1st of the month per folded quest (quests with spend this month)."""
-        return self._per_quest(labels, 5)
+        return self._per_quest(labels, "in_month")
 
-    def _per_quest(self, labels: LabelGuard, span: int) -> Series:
+    def _per_quest(self, labels: LabelGuard, span: str) -> Series:
         spend: Series = {}
         for key, sums in self.totals.recent.items():
-            if key[span]:
-                quest = (labels.q(key[0]),)
+            if getattr(key, span):
+                quest = (labels.q(key.quest),)
                 spend[quest] = spend.get(quest, 0.0) + as_float(sums.cost)
         return spend
 
