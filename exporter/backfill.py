@@ -6,6 +6,8 @@ on the day of installation. Consistency with the live exporter is the point:
 * label values are cleaned and folded by the very guard a live refresh uses, computed from one
   live refresh, and each sample carries the ``job``/``instance`` labels the live scrape adds,
   so backfilled and live samples land in the same series;
+* a row counts under the label its quest had on the row's day (exporter/fold.py), as it did
+  live; the series of a quest kept on past days but not today is backfilled too;
 * a counter at hour H holds every valid row before H, so it only grows into the live value
   (no reset, no jump at the seam); sums are exact (Decimal, as PostgreSQL's numeric) and
   converted to float once, as the live exporter does, so not even the last bit differs;
@@ -93,6 +95,7 @@ def backfill(
             raise ConfigError("backfill needs a working database: the live queries failed")
         guard = refresher.ledger.labels
         assert guard is not None  # every refresh labels its families
+        guard.history = True  # a quest's series of days it was kept, even if it is no longer
     finally:
         refresher.close()
     end = _floor_hour(now)
@@ -103,7 +106,7 @@ def backfill(
         with conn.transaction():
             hourly = conn.execute(
                 q.hourly_spend(refresher.columns, spend.prices.periods).sql,
-                {"start": start, "end": end, **spend.prices.params()},
+                {"start": start, "end": end, **spend.prices.params(), **spend.split},
             ).fetchall()
             budgets = conn.execute(
                 q.BUDGET_DAYS.sql,
@@ -153,7 +156,7 @@ def _counters(
     buckets: dict[datetime, list[tuple[Key, Any]]] = defaultdict(list)
     spend_by_hour: dict[tuple[datetime, str], float] = defaultdict(float)
     for r in rows:
-        key = (r.quest, r.layer, r.provider, r.model, r.period, None)
+        key: Key = (r.quest, r.layer, r.provider, r.model, r.period, None, r.segment)
         if r.hour is None:
             totals[key] = totals.get(key, ZERO) + Sums.of(r)
         else:

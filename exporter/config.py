@@ -168,6 +168,8 @@ class Settings(BaseModel):
     """Wasted tasks exported one by one."""
     max_quests: int = Field(50, ge=1, le=10000)
     """Quests that keep their own label; the rest fold into `other`."""
+    fold_hold_days: int = Field(7, ge=0, le=366)
+    """Days a quest keeps its label after it was last among the kept ones."""
     max_layers: int = Field(10, ge=1, le=1000)
     """Layers that keep their own label."""
     max_models: int = Field(25, ge=1, le=1000)

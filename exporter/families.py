@@ -23,6 +23,7 @@ from prometheus_client.metrics_core import Metric as Family
 
 from exporter import catalog as c
 from exporter.config import Settings
+from exporter.fold import Fold
 from exporter.labels import LabelCleaner, keep_top
 
 Rows = Sequence[Any]
@@ -72,7 +73,9 @@ class LabelGuard:
     """Cleaning and folding of the quest and layer labels for one refresh.
 
     Sources offer the quests and layers they will label (:meth:`weigh_quest`,
-    :meth:`weigh_layer`) with their window spend; :meth:`decide` then keeps the heaviest.
+    :meth:`weigh_layer`), layers with their window spend; the spend source hands over the
+    quests its day-by-day fold keeps today (:meth:`fold`); :meth:`decide` then keeps those,
+    the largest budgets of today and the heaviest layers and models.
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -90,6 +93,18 @@ class LabelGuard:
         self.kept_layers: frozenset[str] = frozenset()
         self.kept_models: frozenset[str] = frozenset()
         self.folded: dict[str, int] = {}
+        self._fold: Fold | None = None
+        self._spenders: frozenset[str] | None = None
+        self.history = False
+        """Backfill: every label the fold counted rows under is shown, for every hour."""
+
+    def fold(self, fold: Fold | None, spenders: frozenset[str]) -> None:
+        """Take the spend source's decision: the quests with valid rows (``spenders``, cleaned),
+        and the day-by-day fold, None when no quest folds (every spender keeps its label)."""
+        self._fold = fold
+        self._spenders = spenders if fold is None else fold.kept_today
+        for quest in spenders:
+            self._quest_w[quest] += 0.0
 
     def weigh_quest(self, raw: str | None, weight: float = 0.0) -> None:
         """Offer a quest; one with no window spend still competes for a label of its own."""
@@ -114,12 +129,17 @@ class LabelGuard:
     def decide(self) -> LabelGuard:
         """Keep the heaviest quests, layers and models; the rest fold into ``other``.
 
-        A quest keeps its label when among the largest by window spend or by today's positive
-        allocation: a budget never hides in ``other``, so spend, budget and utilization of a
-        quest always join.
+        A quest keeps its label when the spend source's fold keeps it today or when among the
+        largest positive allocations of today: a budget never hides in ``other``, so spend,
+        budget and utilization of a quest always join. Room left under ``max_quests`` goes to
+        the other quests seen (by name).
         """
         top = self.settings.max_quests
-        self.kept_quests = keep_top(self._quest_w, top) | keep_top(self._quest_budget, top)
+        kept = self._spenders if self._spenders is not None else frozenset()
+        if len(kept) < top:
+            rest = {quest: w for quest, w in self._quest_w.items() if quest not in kept}
+            kept |= keep_top(rest, top - len(kept))
+        self.kept_quests = kept | keep_top(self._quest_budget, top)
         self.kept_layers = keep_top(self._layer_w, self.settings.max_layers)
         self.kept_models = keep_top(self._model_spend, self.settings.max_models) | keep_top(
             self._model_tokens, self.settings.max_models
@@ -140,6 +160,27 @@ class LabelGuard:
         """Return the cleaned, folded quest label."""
         value = self.quest(raw)
         return value if value in self.kept_quests else c.OTHER
+
+    def counted(self, quest: str | None, segment: int | None) -> str | None:
+        """The quest label a counter counts these rows under (``segment``: the fold's), None
+        when that label is not shown (kept neither today nor yesterday): its rows stay with
+        the series they counted in, which is gone."""
+        fold = self._fold
+        if fold is None:
+            return self.q(quest)
+        return self._shown(fold, fold.attribute(self.quest(quest), segment))
+
+    def counted_now(self, quest: str | None) -> str | None:
+        """The quest label a counter counts this quest's rows of today under."""
+        fold = self._fold
+        if fold is None:
+            return self.q(quest)
+        return self._shown(fold, fold.today(self.quest(quest)))
+
+    def _shown(self, fold: Fold, label: str) -> str | None:
+        shown = label == c.OTHER or label in self.kept_quests or label in fold.kept_yesterday
+        shown = shown or self.history
+        return label if shown else None
 
     def ql(self, quest: str | None, layer: str | None) -> tuple[str, str]:
         value = self.layer(layer)

@@ -184,19 +184,26 @@ SNAPSHOT = Query(
 # --- Backfill (a one-off history export, not part of a refresh) ------------------------------
 
 
+MOVED = "(c.quest = ANY(%(moved)s) OR (%(moved_null)s AND c.quest IS NULL))"
+"""A row of a quest whose label changed between days (exporter/fold.py)."""
+
+
 @cache
 def hourly_spend(cols: Columns, periods: Periods) -> Query:
-    """Valid rows per hour from %(start)s to %(end)s, one row per series for all before."""
+    """Valid rows per hour from %(start)s to %(end)s, one row per series for all before; the
+    rows of a quest whose label changed are split where it changed (%(bounds)s)."""
     return Query(
         "hourly_spend",
         f"""
         SELECT CASE WHEN c.ts < %(start)s THEN NULL
                     ELSE date_bin('1 hour', c.ts, %(start)s) END AS hour,
                c.quest, c.layer, c.provider, c.model, {periods.column} AS period,
+               CASE WHEN {MOVED} THEN width_bucket(c.ts, %(bounds)s::timestamptz[])
+                    ELSE 0 END AS segment,
                {cols.sums()}
         FROM cost_ledger c
         WHERE c.ts < %(end)s AND {cols.valid}
-        GROUP BY {periods.group_by(1, 2, 3, 4, 5)}
+        GROUP BY {periods.group_by(1, 2, 3, 4, 5, 7)}
         ORDER BY 1 NULLS FIRST
         """,
     )

@@ -262,6 +262,7 @@ class Rules:
     top_eff: int = 15
     top_waste: int = 20
     max_quests: int = 50
+    fold_hold_days: int = 7
     max_layers: int = 10
     max_models: int = 25
     max_len: int = 128
@@ -345,15 +346,15 @@ def expected(
         k = key(name, **labels)
         out[k] = out.get(k, 0.0) + value
 
-    # Cardinality guard: weights are the spend, by row time, since the midnight 30 days before
-    # today (whole days: they move once a day).
+    # Cardinality guard: layers and models by their spend, by row time, since the midnight 30
+    # days before today (whole days: they move once a day); quests day by day (fold_days).
     window_start = now - r.window
     weights_start = datetime.combine(today - r.window, time(), ZoneInfo(r.timezone))
     qw: dict[str, float] = defaultdict(float)
     lw: dict[str, float] = defaultdict(float)
     for c in valid:
         w = float(c.cost_usd) if c.ts >= weights_start else 0.0  # type: ignore[arg-type,operator]
-        qw[lab(c.quest)] += w
+        qw[lab(c.quest)] += 0.0
         lw[lab(c.layer)] += w
 
     # Per task, over all valid rows; in the window if any valid row is.
@@ -405,7 +406,27 @@ def expected(
         ranked = sorted(weights.items(), key=lambda kv: (-kv[1], kv[0]))
         return {k for k, _ in ranked[: r.max_quests]}
 
-    kept_q = top_q(qw) | top_q(qb)
+    # Quests: the fold's kept quests of today (every quest with valid rows when there are no
+    # more of them than max_quests), room left by name, and today's largest budgets.
+    spenders = {lab(c.quest) for c in valid}
+    kept_days = fold_days(valid, budgets, today, r) if len(spenders) > r.max_quests else None
+    kept_q = set(spenders) if kept_days is None else set(kept_days.get(today, set()))
+    if len(kept_q) < r.max_quests:
+        rest = sorted(q for q in qw if q not in kept_q)
+        kept_q |= set(rest[: r.max_quests - len(kept_q)])
+    kept_q |= top_q(qb)
+
+    def counted(c: Call, day: date | None = None) -> str | None:
+        """The quest label a counter counts the call under (as if on ``day``); None: not
+        shown, as kept neither today nor yesterday."""
+        if kept_days is None:
+            return lab(c.quest)
+        if day is None:
+            day = min(c.ts.astimezone(ZoneInfo(r.timezone)).date(), today)  # type: ignore[union-attr]
+        label = lab(c.quest) if lab(c.quest) in kept_days[day] else "other"
+        yesterday = kept_days.get(today - timedelta(days=1), set())
+        return label if label == "other" or label in kept_q | yesterday else None
+
     kept_l = {k for k, _ in sorted(lw.items(), key=lambda kv: (-kv[1], kv[0]))[: r.max_layers]}
     fq = lambda v: lab(v) if lab(v) in kept_q else "other"  # noqa: E731
     fl = lambda v: lab(v) if lab(v) in kept_l else "other"  # noqa: E731
@@ -431,15 +452,11 @@ def expected(
     listed: dict[Sample, Decimal] = defaultdict(Decimal)
     for c in valid:
         fam = FAMILY_OF.get(c.provider or "", "other")
-        labels = {"quest": fq(c.quest), "layer": fl(c.layer), "provider": fam}
+        quest = counted(c)
         per_model = {"provider": fam, "model": fm(c)}
-        add("scidex_spend_usd_total", float(c.cost_usd), **labels)  # type: ignore[arg-type]
-        add("scidex_llm_calls_total", 1, **labels)
-        add("scidex_reasoning_tokens_total", c.reasoning_tokens or 0, **labels)
         add("scidex_model_spend_usd_total", float(c.cost_usd), **per_model)  # type: ignore[arg-type]
         add("scidex_model_calls_total", 1, **per_model)
         for direction, n in c.categories().items():
-            add("scidex_tokens_total", n, direction=direction, **labels)
             add("scidex_model_tokens_total", n, direction=direction, **per_model)
         value = list_price(c)
         if value is None:
@@ -447,10 +464,29 @@ def expected(
             for direction, n in c.categories().items():
                 add("scidex_unpriced_tokens_total", n, direction=direction, **per_model)
         else:
-            listed[key("scidex_list_price_usd_total", catalogue=r.catalogue, **labels)] += value
             listed[
                 key("scidex_model_list_price_usd_total", catalogue=r.catalogue, **per_model)
             ] += value
+        # The series of today's rows of the quest exists, at 0 when none counted there yet.
+        now = counted(c, today)
+        if now is not None:
+            zero = {"quest": now, "layer": fl(c.layer), "provider": fam}
+            for name in ("scidex_spend_usd_total", "scidex_llm_calls_total"):
+                add(name, 0, **zero)
+            add("scidex_reasoning_tokens_total", 0, **zero)
+            for direction in c.categories():
+                add("scidex_tokens_total", 0, direction=direction, **zero)
+            if value is not None:
+                listed[key("scidex_list_price_usd_total", catalogue=r.catalogue, **zero)] += 0
+        if quest is not None:
+            labels = {"quest": quest, "layer": fl(c.layer), "provider": fam}
+            add("scidex_spend_usd_total", float(c.cost_usd), **labels)  # type: ignore[arg-type]
+            add("scidex_llm_calls_total", 1, **labels)
+            add("scidex_reasoning_tokens_total", c.reasoning_tokens or 0, **labels)
+            for direction, n in c.categories().items():
+                add("scidex_tokens_total", n, direction=direction, **labels)
+            if value is not None:
+                listed[key("scidex_list_price_usd_total", catalogue=r.catalogue, **labels)] += value
         if c.ts >= today_start:  # type: ignore[operator]
             spend_today[fq(c.quest)] = spend_today.get(fq(c.quest), 0.0) + float(c.cost_usd)  # type: ignore[arg-type]
         if c.ts >= month_start:  # type: ignore[operator]
@@ -585,6 +621,65 @@ def expected(
                 ptasks[fam]
             )
     return out
+
+
+def fold_days(
+    valid: list[Call], budgets: list[Budget], today: date, r: Rules
+) -> dict[date, set[str]]:
+    """The quests kept on each day, from the first day with spend to ``today``.
+
+    Candidates: the max_quests largest by spend over the 30 days before yesterday, and the
+    max_quests largest positive allocations of yesterday. Held: the candidates and free places
+    of the fold_hold_days days before. Candidates then held ones (most recent first) up to twice
+    max_quests; then quests that spend that day, in the order of their first row, take a free
+    place while fewer than max_quests of that day's spenders are kept.
+    """
+    zone = ZoneInfo(r.timezone)
+    lab = lambda v: _label(v, r.max_len)  # noqa: E731
+    spend: dict[tuple[str, date], Decimal] = defaultdict(Decimal)
+    spenders: dict[date, list[str]] = defaultdict(list)  # in the order of their first row
+    for c in valid:  # rows take ids in list order
+        day = min(c.ts.astimezone(zone).date(), today)  # type: ignore[union-attr]
+        spend[(lab(c.quest), day)] += Decimal(c.cost_usd)  # type: ignore[arg-type]
+        if lab(c.quest) not in spenders[day]:
+            spenders[day].append(lab(c.quest))
+    alloc: dict[tuple[str, date], Decimal] = defaultdict(Decimal)
+    for b in budgets:
+        a = None if b.allocated_usd is None else Decimal(b.allocated_usd)
+        if a is not None and a.is_finite() and a > 0:
+            alloc[(lab(b.quest), b.day)] += a
+
+    def largest(weights: dict[str, Decimal]) -> set[str]:
+        positive = sorted((-w, q) for q, w in weights.items() if w > 0)
+        return {q for _, q in positive[: r.max_quests]}
+
+    quests = {q for q, _ in spend}
+    chosen: dict[date, set[str]] = {}
+    kept: dict[date, set[str]] = {}
+    day = min(d for _, d in spend)
+    while day <= today:
+        ranked = {
+            q: sum(
+                (spend.get((q, day - timedelta(days=n)), Decimal(0)) for n in range(2, 32)),
+                Decimal(0),
+            )
+            for q in quests
+        }
+        yesterday = {q: a for (q, d), a in alloc.items() if d == day - timedelta(days=1)}
+        candidates = largest(ranked) | largest(yesterday)
+        order = sorted(candidates)
+        for back in range(1, r.fold_hold_days + 1):
+            for q in sorted(chosen.get(day - timedelta(days=back), set())):
+                if q not in order:
+                    order.append(q)
+        base = set(order[: 2 * r.max_quests])
+        free = [q for q in spenders.get(day, []) if q not in base]
+        places = r.max_quests - len(base & set(spenders.get(day, [])))
+        free = free[: max(places, 0)]
+        chosen[day] = candidates | set(free)
+        kept[day] = base | set(free)
+        day += timedelta(days=1)
+    return kept
 
 
 def _reason(c: Call) -> str:

@@ -86,6 +86,24 @@ def _every_interval(rules: Path, tmp: Path) -> Path:
     return copy
 
 
+def create_blocks(openmetrics: Path, storage: Path) -> None:
+    """Load an OpenMetrics file with timestamps into a TSDB directory (``promtool``)."""
+    blocks = subprocess.run(
+        [
+            require_binary("promtool"),
+            "tsdb",
+            "create-blocks-from",
+            "openmetrics",
+            str(openmetrics),
+            str(storage),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert blocks.returncode == 0, blocks.stderr
+
+
 @contextmanager
 def running_prometheus(
     tmp: Path,

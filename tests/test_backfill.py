@@ -22,9 +22,9 @@ from exporter import generate
 from exporter.config import load_settings
 from exporter.refresh import Refresher
 from exporter.server import MetricsServer
-from tests.conftest import require_binary, temporary_database
+from tests.conftest import temporary_database
 from tests.ledger import FAMILY_OF, Call, insert, list_price
-from tests.prom import Prometheus, running_prometheus
+from tests.prom import Prometheus, create_blocks, running_prometheus
 from tests.promql import panel_queries
 from tests.test_dashboards_e2e import ALL, HISTORY, substitute
 
@@ -110,20 +110,7 @@ def backfilled(
                 check=False,
             )
             assert run.returncode == 0, run.stderr
-            blocks = subprocess.run(
-                [
-                    require_binary("promtool"),
-                    "tsdb",
-                    "create-blocks-from",
-                    "openmetrics",
-                    str(history),
-                    str(tmp / "data"),
-                ],
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-            assert blocks.returncode == 0, blocks.stderr
+            create_blocks(history, tmp / "data")
             with running_prometheus(
                 tmp,
                 [f"127.0.0.1:{server.port}"],

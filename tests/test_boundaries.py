@@ -15,8 +15,8 @@ from exporter.backfill import backfill
 from exporter.config import DEFAULT_PROVIDER_RULES, load_settings
 from exporter.labels import ProviderFamilies
 from exporter.refresh import Refresher
-from tests.ledger import Budget, Call, Impact, insert, key, parse
-from tests.test_ledger_metrics import MIDNIGHT, NOW, TODAY, ago, scrape
+from tests.ledger import Budget, Call, Impact, Rules, expected, insert, key, parse
+from tests.test_ledger_metrics import MIDNIGHT, NOW, TODAY, ago, assert_matches, scrape
 
 D = Decimal
 US = timedelta(microseconds=1)
@@ -111,18 +111,39 @@ def test_minus_infinity_impact_counts_as_unknown(dsn: str) -> None:
     assert got[key("scidex_wasted_tasks", quest="q-a", layer="Forge")] == 1
 
 
-def test_fold_ranks_quests_by_window_spend_not_lifetime(dsn: str) -> None:
-    insert(
-        dsn,
-        [
-            Call(ago(days=40), "old", quest="q-big-long-ago", cost_usd=D("100")),
-            Call(ago(hours=1), "b", quest="q-b", cost_usd=D("2")),
-            Call(ago(hours=1), "c", quest="q-c", cost_usd=D("1")),
-        ],
-    )
+def test_a_quest_kept_long_ago_and_not_now_leaves_no_series(dsn: str) -> None:
+    # 40 days ago q-big-long-ago was the only quest and kept its label; its rows count there
+    # for good, and that series is not shown once the quest is no longer kept. Its rows of
+    # today would count in "other": that series is there, at 0.
+    calls = [
+        Call(ago(days=40), "old", quest="q-big-long-ago", cost_usd=D("100")),
+        Call(ago(hours=1), "b", quest="q-b", cost_usd=D("2")),
+        Call(ago(hours=1), "c", quest="q-c", cost_usd=D("1")),
+    ]
+    insert(dsn, calls)
     got = scrape(dsn, max_quests=2)
     spend = {dict(k[1])["quest"]: v for k, v in got.items() if k[0] == "scidex_spend_usd_total"}
-    assert spend == {"q-b": 2, "q-c": 1, "other": 100}
+    assert spend == {"q-b": 2, "q-c": 1, "other": 0}
+    assert_matches(got, expected(calls, [], [], NOW, TODAY, MIDNIGHT, Rules(max_quests=2)))
+
+
+def test_fold_ranks_by_the_days_before_yesterday_and_gives_free_places_in_row_order(
+    dsn: str,
+) -> None:
+    calls = [
+        Call(ago(days=3), "a1", quest="q-a", cost_usd=D("10")),
+        Call(ago(days=3), "b1", quest="q-b", cost_usd=D("5")),
+        Call(ago(days=3), "c1", quest="q-c", cost_usd=D("1")),  # no place left that day
+        Call(ago(hours=2), "n1", quest="q-new", cost_usd=D("50")),
+        Call(ago(hours=1), "a2", quest="q-a", cost_usd=D("1")),
+        Call(ago(hours=1), "c2", quest="q-c", cost_usd=D("7")),  # q-new took the free place
+    ]
+    insert(dsn, calls)
+    got = scrape(dsn, max_quests=2)
+    spend = {dict(k[1])["quest"]: v for k, v in got.items() if k[0] == "scidex_spend_usd_total"}
+    assert spend == {"q-a": 11, "q-b": 5, "q-new": 50, "other": 8}
+    assert got[key("scidex_quest_spend_today_usd", quest="other")] == 7
+    assert_matches(got, expected(calls, [], [], NOW, TODAY, MIDNIGHT, Rules(max_quests=2)))
 
 
 def test_two_raw_providers_of_one_family_sum_exactly(dsn: str) -> None:

@@ -302,23 +302,30 @@ def test_efficiency_top_15_by_ratio_with_ties_by_task_id(dsn: str) -> None:
 
 
 def test_quests_beyond_50_fold_into_other(dsn: str) -> None:
-    # The smallest spenders have the smallest budgets: neither keeps them a label.
+    # All new today: the first 50 to spend take the places, the later ones fold.
     calls = [
         Call(ago(hours=1), f"t{i}", quest=f"quest-{i:02d}", cost_usd=D(i + 1)) for i in range(55)
     ]
-    budgets = [Budget(f"quest-{i:02d}", TODAY, D(100 + i)) for i in range(55)]
-    insert(dsn, calls, budgets=budgets)
+    insert(dsn, calls)
     got = scrape(dsn)
     quests = {dict(k[1])["quest"] for k in got if k[0] == "scidex_spend_usd_total"}
     assert len(quests) == 51 and "other" in quests
-    assert {f"quest-{i:02d}" for i in range(5)}.isdisjoint(quests)
+    assert {f"quest-{i:02d}" for i in range(50, 55)}.isdisjoint(quests)
     other = {"quest": "other", "layer": "Forge", "provider": "bedrock"}
-    assert got[key("scidex_spend_usd_total", **other)] == 1 + 2 + 3 + 4 + 5
-    assert got[key("scidex_budget_allocated_usd", quest="other")] == 510
-    assert got[key("scidex_budget_utilization_ratio", quest="other")] == pytest.approx(15 / 510)
+    assert got[key("scidex_spend_usd_total", **other)] == 51 + 52 + 53 + 54 + 55
+    assert got[key("scidex_quest_spend_today_usd", quest="other")] == 51 + 52 + 53 + 54 + 55
     assert got[key("scidex_exporter_folded_label_values", label="quest")] == 5
+    assert_matches(got, expected(calls, [], [], NOW, TODAY, MIDNIGHT))
     got = scrape(dsn, max_quests=10)
     assert got[key("scidex_exporter_folded_label_values", label="quest")] == 45
+    # Today's largest budgets keep their labels, for the budget and spend-today gauges.
+    budgets = [Budget(f"quest-{i:02d}", TODAY, D(100 + i)) for i in range(55)]
+    insert(dsn, [], budgets=budgets)
+    got = scrape(dsn)
+    assert got[key("scidex_budget_allocated_usd", quest="quest-54")] == 154
+    assert got[key("scidex_quest_spend_today_usd", quest="quest-54")] == 55
+    assert key("scidex_budget_allocated_usd", quest="other") not in got
+    assert_matches(got, expected(calls, [], budgets, NOW, TODAY, MIDNIGHT))
 
 
 def test_a_quest_with_a_large_budget_keeps_its_label_spent_or_not(dsn: str) -> None:

@@ -2,9 +2,14 @@
 
 SPEND_TOTALS folds the rows after the watermark into exact running sums per series, model and
 price period (exporter/incremental.py), split by the recent spans a row's time falls in (the
-window's whole days, whose spend and tokens decide which quests and models keep a label; this
+window's whole days, whose spend and tokens decide which layers and models keep a label; this
 month; today), so those sums follow the new rows too; the spans move at midnight, when it
 reads the whole ledger again. List prices are applied to the exact sums (exporter/prices.py).
+
+With more quests than ``max_quests``, QUEST_DAYS reads the spend per quest and day, the fold
+decides which quests keep a label on which day (exporter/fold.py), and SPLIT_TOTALS reads the
+rows of the quests whose label changed split where it changed, so each row counts under the
+label of its day.
 """
 
 from __future__ import annotations
@@ -22,10 +27,12 @@ from prometheus_client.metrics_core import Metric as Family
 
 from exporter import catalog as c
 from exporter.families import LabelGuard, Series, as_float, family_of
+from exporter.fold import DAY, Fold, QuestDays, decide, midnights, quest_days
 from exporter.incremental import ZERO, Sums
+from exporter.labels import LabelCleaner
 from exporter.models import model_name, model_ref
 from exporter.prices import PriceBook
-from exporter.queries import REASONS, Columns, Periods, Query
+from exporter.queries import BUDGET_DAYS, MOVED, REASONS, Columns, Periods, Query
 from exporter.sources.base import Build, Excluded, Refresh, Source, Statement
 
 # Cumulative sums of the rows after id %(after)s (an index range scan of the primary key), split
@@ -80,19 +87,20 @@ def spend_totals(cols: Columns, periods: Periods, spans: bool = True) -> Query:
         GROUP BY {group_by}
     )
     SELECT 'sum' AS kind, final, quest, layer, provider, model, period, NULL AS reason,
-           in_window, in_month, in_today, {_SUMS}, NULL::bigint AS max_id
+           in_window, in_month, in_today, {_SUMS}, NULL::bigint AS max_id,
+           NULL::integer AS segment
     FROM g
     WHERE valid
     UNION ALL
     SELECT 'sum', c.id <= %(safe)s, c.quest, c.layer, c.provider, NULL, NULL, {cols.reason},
-           NULL, NULL, NULL, count(*), {nulls}, NULL
+           NULL, NULL, NULL, count(*), {nulls}, NULL, NULL
     FROM cost_ledger c
     WHERE EXISTS (SELECT FROM g WHERE NOT g.valid)
       AND {_AFTER} AND {cols.valid} IS NOT TRUE
     GROUP BY 1, 2, 3, 4, 5, 8
     UNION ALL
     SELECT 'largest', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, {nulls}, NULL,
-           (SELECT max(c.id) FROM cost_ledger c WHERE {_AFTER})
+           (SELECT max(c.id) FROM cost_ledger c WHERE {_AFTER}), NULL
     """,
     )
 
@@ -105,10 +113,30 @@ def recent_sums(cols: Columns) -> Query:
         "spend_totals",
         f"""
     SELECT 'recent' AS kind, c.id <= %(safe)s AS final, c.quest, c.layer, c.provider, c.model,
-           NULL AS period, NULL AS reason, {_RECENT}, {cols.sums()}, NULL::bigint AS max_id
+           NULL AS period, NULL AS reason, {_RECENT}, {cols.sums()}, NULL::bigint AS max_id,
+           NULL::integer AS segment
     FROM cost_ledger c
     WHERE c.ts >= %(recent_start)s AND {cols.valid}
     GROUP BY 2, 3, 4, 5, 6, 9, 10, 11
+    """,
+    )
+
+
+# The rows of the quests whose label changed between days (exporter/fold.py), split where it
+# changed: the main scan cannot split them (the planner estimates an expression of ts at one
+# group per row and sorts the whole ledger), and they are a few quests' rows.
+@cache
+def split_totals(cols: Columns, periods: Periods) -> Query:
+    nulls = ", ".join(f"NULL::boolean AS {span}" for span in _SPANS)
+    return Query(
+        "spend_totals",
+        f"""
+    SELECT 'split' AS kind, c.id <= %(safe)s AS final, c.quest, c.layer, c.provider, c.model,
+           {periods.column} AS period, NULL AS reason, {nulls}, {cols.sums()},
+           NULL::bigint AS max_id, width_bucket(c.ts, %(bounds)s::timestamptz[]) AS segment
+    FROM cost_ledger c
+    WHERE {_AFTER} AND {MOVED} AND {cols.valid}
+    GROUP BY {periods.group_by(2, 3, 4, 5, 6, 20)}
     """,
     )
 
@@ -133,8 +161,9 @@ SPEND_TOTALS = spend_totals(Columns(), Periods(0))
 _TOKENS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens")
 
 
-# quest, layer, provider, model, price period, exclusion reason (None: valid)
-Key = tuple[Any, Any, Any, Any, Any, Any]
+# quest, layer, provider, model, price period, exclusion reason (None: valid), and the fold's
+# segment of a quest that changed label (None: every row of the quest counts under one label)
+Key = tuple[Any, Any, Any, Any, Any, Any, int | None]
 
 
 class Recent(NamedTuple):
@@ -163,11 +192,15 @@ class SpendTotals:
     recent: dict[Recent, Sums] = field(default_factory=dict)
     read: bool = False  # whether any refresh has folded a whole ledger yet
 
-    def apply(self, full: bool, rows: Iterable[Any]) -> int | None:
+    def apply(
+        self, full: bool, rows: Iterable[Any], split: frozenset[Any] = frozenset()
+    ) -> int | None:
         """Fold the rows of SPEND_TOTALS (the whole ledger when ``full``, then with RECENT_SUMS'
-        rows); return the largest id seen.
+        and SPLIT_TOTALS' rows); return the largest id seen.
 
-        Nothing changes unless every row folds: a row that cannot leaves the totals as they were.
+        The valid sums of the (raw) quests in ``split`` come from SPLIT_TOTALS' rows instead of
+        the main scan's. Nothing changes unless every row folds: a row that cannot leaves the
+        totals as they were.
         """
         final = {} if full else dict(self.final)
         final_recent = {} if full else dict(self.final_recent)
@@ -178,8 +211,10 @@ class SpendTotals:
             if r.kind == "largest":
                 largest = r.max_id
                 continue
-            if r.kind == "sum":
-                key = (r.quest, r.layer, r.provider, r.model, r.period, r.reason)
+            if r.kind == "split" or (
+                r.kind == "sum" and (r.reason is not None or r.quest not in split)
+            ):
+                key = (r.quest, r.layer, r.provider, r.model, r.period, r.reason, r.segment)
                 _add(final if r.final else tail, key, r)
             if r.reason is None and (r.in_window or r.in_month or r.in_today):
                 span = Recent(
@@ -190,6 +225,15 @@ class SpendTotals:
         self.final_recent, self.recent = final_recent, _merged(final_recent, tail_recent)
         self.read = self.read or full
         return largest
+
+
+def moved_params(quests: frozenset[Any], bounds: tuple[datetime, ...]) -> dict[str, Any]:
+    """Bind parameters of MOVED: these (raw) quests, split at these bounds."""
+    return {
+        "moved": sorted(quest for quest in quests if quest is not None),
+        "moved_null": None in quests,
+        "bounds": list(bounds),
+    }
 
 
 T = TypeVar("T")
@@ -235,14 +279,21 @@ class SpendSource(Source):
         self._spans: date | None = None  # the day whose spans the recent sums hold
         self._newest: datetime | None = None
         self._long_history = False
+        self._oldest: datetime | None = None
+        self._quest = LabelCleaner(self.settings.max_label_length)
+        self.fold: Fold | None = None  # None: every quest keeps its label every day
+        self.quest_days = QuestDays()
+        self._split: tuple[frozenset[Any], tuple[datetime, ...]] = (frozenset(), ())
 
     def statement(self, query: str, refresh: Refresh) -> Statement:
         if query != SPEND_TOTALS.name:
             return Statement(newest_call(refresh.columns).sql, {})
-        plan = refresh.plan
         # A new day moves the spans: read the whole ledger once more.
-        after = plan.after if self._spans == refresh.instants.today else None
-        params: dict[str, Any] = {"after": after, "safe": plan.safe}
+        same_day = self._spans == refresh.instants.today
+        return self._main(refresh, refresh.plan.after if same_day else None)
+
+    def _main(self, refresh: Refresh, after: int | None) -> Statement:
+        params: dict[str, Any] = {"after": after, "safe": refresh.plan.safe}
         params |= self.prices.params() | refresh.instants.params()
         # A whole-ledger read splits every row by span when the history is short (one scan),
         # and scans the recent rows apart when it is long (the history stays unsplit).
@@ -252,30 +303,97 @@ class SpendSource(Source):
 
     def read(self, query: str, cur: psycopg.Cursor[Any], refresh: Refresh) -> None:
         statement = self.statement(query, refresh)
-        if query == SPEND_TOTALS.name and statement.params["after"] is None:
+        if query != SPEND_TOTALS.name:
+            rows = cur.execute(statement.sql, statement.params).fetchall()
+            self._newest = rows[0].ts if rows else None
+            return
+        full = statement.params["after"] is None
+        rows = self._scan(cur, refresh, statement.params["after"])
+        fold, days, split = None, QuestDays(), frozenset[Any]()
+        quests = {r.quest for r in rows if r.kind == "sum" and r.reason is None}
+        if not full:
+            quests |= {key[0] for key in self.totals.totals if key[5] is None}
+        if len({self._quest(quest) for quest in quests}) > self.settings.max_quests:
+            days = self._days(cur, refresh)
+            fold = decide(
+                days.merged,
+                days.allocated,
+                refresh.instants.today,
+                self.settings.max_quests,
+                self.settings.fold_hold_days,
+                self.settings.zone,
+                previous=self.fold,
+                since=days.since,
+            )
+            split = frozenset(quest for quest in quests if self._quest(quest) in fold.moved)
+            if not full and (split, fold.bounds) != self._split:
+                # A quest's label changed where the running sums are not split: read it all.
+                full, rows = True, self._scan(cur, refresh, None)
+            if split:
+                params = statement.params | {"after": None if full else statement.params["after"]}
+                params |= moved_params(split, fold.bounds)
+                sql = split_totals(refresh.columns, self.prices.periods).sql
+                rows += cur.execute(sql, params).fetchall()
+        largest = self.totals.apply(full, rows, split)
+        self.fold, self.quest_days = fold, days
+        self._split = (split, fold.bounds if fold else ())
+        self._spans = refresh.instants.today
+        refresh.watermark.record(refresh.plan, largest, refresh.clock)
+
+    @property
+    def split(self) -> dict[str, Any]:
+        """The parameters that split the rows of the quests whose label changed."""
+        return moved_params(*self._split)
+
+    def _scan(self, cur: psycopg.Cursor[Any], refresh: Refresh, after: int | None) -> list[Any]:
+        """The main scan's rows after ``after`` (the whole ledger when None)."""
+        if after is None:
             # Long: the history before the recent spans is longer than the spans themselves.
             (oldest,) = cur.execute(_OLDEST).fetchone() or (None,)
-            start = statement.params["recent_start"]
+            start = refresh.instants.params()["recent_start"]
+            self._oldest = oldest
             self._long_history = oldest is not None and oldest < start - (
                 refresh.instants.now - start
             )
-            statement = self.statement(query, refresh)
+        statement = self._main(refresh, after)
         rows = cur.execute(statement.sql, statement.params).fetchall()
-        if query != SPEND_TOTALS.name:
-            self._newest = rows[0].ts if rows else None
-            return
         # A model not seen before may change price on a date the sums are not split at: read
         # again, in the same snapshot, split there too (once: the models are known).
         models = {(r.provider, r.model) for r in rows if r.kind == "sum" and r.reason is None}
         if self.prices.cover(models):
-            statement = self.statement(query, refresh)
+            statement = self._main(refresh, after)
             rows = cur.execute(statement.sql, statement.params).fetchall()
-        full = statement.params["after"] is None
-        if full and self._long_history:
+        if after is None and self._long_history:
             rows += cur.execute(recent_sums(refresh.columns).sql, statement.params).fetchall()
-        largest = self.totals.apply(full, rows)
-        self._spans = refresh.instants.today
-        refresh.watermark.record(refresh.plan, largest, refresh.clock)
+        return rows
+
+    def _days(self, cur: psycopg.Cursor[Any], refresh: Refresh) -> QuestDays:
+        """Spend per quest and day, and the allocations before today: the fold's input.
+
+        Read whole when the fold starts and when the day turns, and by id in between.
+        """
+        today, zone = refresh.instants.today, self.settings.zone
+        old = self.quest_days
+        whole = old.first_day is None or old.today != today
+        if whole:
+            if self._oldest is None:
+                (self._oldest,) = cur.execute(_OLDEST).fetchone() or (None,)
+            first = self._oldest.astimezone(zone).date() if self._oldest else today
+            budgets = cur.execute(
+                BUDGET_DAYS.sql, {"first_day": first - DAY, "last_day": today - DAY}
+            ).fetchall()
+            allocated: dict[tuple[str, date], Decimal] = defaultdict(Decimal)
+            for b in budgets:
+                allocated[(self._quest(b.quest), b.day)] += b.allocated
+            old = QuestDays(first_day=first, today=today, allocated=dict(allocated))
+        assert old.first_day is not None
+        params = {
+            "after": None if whole else old.safe,
+            "safe": refresh.plan.safe,
+            "midnights": midnights(old.first_day, today + DAY, zone),
+        }
+        rows = cur.execute(quest_days(refresh.columns).sql, params).fetchall()
+        return old.folded(whole, rows, refresh.plan.safe, self._quest)
 
     @property
     def has_data(self) -> bool:
@@ -286,18 +404,20 @@ class SpendSource(Source):
         return self.has_data and SPEND_TOTALS.name in fresh
 
     def weigh(self, labels: LabelGuard) -> None:
-        # Every quest and layer of the ledger competes for a label, by its window spend; models
-        # by window spend and by window tokens (subscription calls cost $0).
-        for quest, layer, provider, model, _, reason in self.totals.totals:
+        # Every quest of the ledger competes for a label, decided day by day (exporter/fold.py);
+        # layers by window spend; models by window spend and by window tokens (subscription
+        # calls cost $0).
+        quests = set()
+        for quest, layer, provider, model, _, reason, _ in self.totals.totals:
             if reason is None:
-                labels.weigh_quest(quest)
+                quests.add(labels.quest(quest))
                 labels.weigh_layer(layer)
                 labels.weigh_model(model_name(model_ref(provider, model)))
+        labels.fold(self.fold, frozenset(quests))
         for key, sums in self.totals.recent.items():
             if not key.in_window:
                 continue
             cost = as_float(sums.cost)
-            labels.weigh_quest(key.quest, cost)
             labels.weigh_layer(key.layer, cost)
             tokens = sum(getattr(sums, col) for col in _TOKENS)
             labels.weigh_model(model_name(model_ref(key.provider, key.model)), cost, float(tokens))
@@ -341,7 +461,7 @@ class SpendSource(Source):
 
     def excluded(self) -> Excluded:
         out: Excluded = dict.fromkeys(self.exclusions, 0.0)
-        for (_, _, _, _, _, reason), sums in self.totals.totals.items():
+        for (_, _, _, _, _, reason, _), sums in self.totals.totals.items():
             if reason is not None:
                 out[("cost_ledger", reason)] += float(sums.calls)
         return out
@@ -374,22 +494,35 @@ def cumulative(
     listed: dict[tuple[str, ...], Decimal] = defaultdict(Decimal)
     listed_model: dict[tuple[str, ...], Decimal] = defaultdict(Decimal)
     unpriced: dict[tuple[str, ...], Sums] = defaultdict(lambda: ZERO)
-    for (quest, layer, provider, model, period, reason), s in totals.items():
+    for (quest, layer, provider, model, period, reason, segment), s in totals.items():
         if reason is not None:
             continue
         fam = family(provider)
         ref = model_ref(provider, model)
-        series = (*labels.ql(quest, layer), fam)
+        # None: rows of days its quest was kept, which no longer is (that series is gone).
+        counted = labels.counted(quest, segment)
+        layer_label = labels.ql(quest, layer)[1]
+        series = None if counted is None else (counted, layer_label, fam)
+        # The series today's rows will count in exists from the start, at 0: one that appears
+        # when a quest moves in or out of ``other`` would lose its first increase.
+        counted_now = labels.counted_now(quest)
+        now = None if counted_now is None else (counted_now, layer_label, fam)
         per_model = (fam, labels.m(model_name(ref)))
-        by_series[series] += s
         by_model[per_model] += s
+        if series is not None:
+            by_series[series] += s
+        if now is not None:
+            by_series[now] += ZERO
         price = prices.price(fam, ref, period)
         if price is None:
             unpriced[per_model] += s
-        else:
-            value = price.value(s)
+            continue
+        if now is not None:
+            listed[now] += 0
+        value = price.value(s)
+        listed_model[per_model] += value
+        if series is not None:
             listed[series] += value
-            listed_model[per_model] += value
     catalogue = prices.catalogue
     return {
         c.SPEND: {k: float(s.cost) for k, s in by_series.items()},
