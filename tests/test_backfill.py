@@ -72,6 +72,14 @@ def backfilled(
         now = datetime.now(UTC)
         with psycopg.connect(dsn, autocommit=True) as conn:
             plan = generate.load(conn, 4000, seed=9, end=now, days=DAYS + 1)
+            # The generator plans budgets to the UTC date of its last row; a zone ahead of UTC
+            # may already be a day further: plan that day like the one before.
+            conn.execute(
+                "INSERT INTO quest_budget_allocations (quest, day, allocated_usd)"
+                " SELECT quest, %(today)s, allocated_usd FROM quest_budget_allocations"
+                " WHERE day = %(today)s - 1 ON CONFLICT DO NOTHING",
+                {"today": now.astimezone(ZoneInfo(zone)).date()},
+            )
         # Spend after the last full hour whatever the minute, so the 1h rates are not zero.
         recent = [q.name for q in plan.quests[:3]]
         insert(
