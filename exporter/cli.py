@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import signal
 import sys
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import psycopg
 
 from exporter import __version__
-from exporter.config import ConfigError, Settings, load_settings
-from exporter.logs import redact, setup
+from exporter.config import ConfigError, Settings, load_settings, unknown_environment
+from exporter.logs import event, passwords_in, redact, setup
+
+log = logging.getLogger("exporter.cli")
 
 # Flags that map one-to-one onto settings; everything else is set in the file or environment.
 SETTING_FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--dsn", "dsn", str, "PostgreSQL connection string (default: $DATABASE_URL)"),
+    ("--dsn-file", "dsn_file", Path, "file holding the connection string (keeps it out of ps)"),
     ("--listen", "listen", str, "address to listen on (default 0.0.0.0)"),
     ("--port", "port", int, "port to serve /metrics on (default 9853)"),
     ("--interval", "interval_seconds", float, "seconds between refreshes (default 30)"),
@@ -131,8 +138,19 @@ def _serve(settings: Settings) -> int:
     from exporter.service import Exporter
 
     settings.dsn_value()
-    Exporter(settings).run_until_signal()
-    return 0
+    try:
+        exporter = Exporter(settings)
+    except OSError as exc:  # the port is taken, or the address is not this host's
+        where = f"[{settings.listen}]" if ":" in settings.listen else settings.listen
+        errno = exc.errno or 0  # asyncio wraps the system's message in a longer one
+        reason = os.strerror(errno) if errno > 0 else (exc.strerror or str(exc))
+        raise ConfigError(f"cannot listen on {where}:{settings.port}: {reason}") from None
+    exporter.run_until_signal()
+    # A refresh stuck in a connection attempt (a host that does not answer) would hold the
+    # process for the rest of its connect timeout, and log after "stopped": leave now.
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def _once(settings: Settings) -> int:
@@ -225,15 +243,34 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C: psycopg cancels a running query on the server for both."""
+
+
+def _terminate(signum: int, _: FrameType | None) -> None:
+    raise _Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the process exit code."""
     args = build_parser().parse_args(argv)
+    if args.command != "serve":  # serve stops cleanly on its own
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         if args.command == "generate":
             setup("INFO")
             return _generate(args)
         settings = _settings(args)
         setup(settings.log_level)
+        for name in unknown_environment():
+            event(log, logging.WARNING, "unknown environment variable ignored", variable=name)
+        if getattr(args, "dsn", None) and passwords_in(args.dsn):
+            event(
+                log,
+                logging.WARNING,
+                "a password on the command line can be read by other users (ps, /proc):"
+                " use --dsn-file, PGPASSFILE or DATABASE_URL",
+            )
         handlers: dict[str, Any] = {
             "serve": lambda: _serve(settings),
             "once": lambda: _once(settings),
@@ -243,8 +280,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         return int(handlers[args.command]())
     except ConfigError as exc:
-        print(f"resource-exporter: {exc}", file=sys.stderr)
+        print(f"resource-exporter: {redact(str(exc))}", file=sys.stderr)
         return 2
     except psycopg.Error as exc:
         print(f"resource-exporter: database error: {redact(str(exc).strip())}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the query was cancelled
+        terminated = isinstance(exc, _Terminated)
+        print(
+            f"resource-exporter: {'terminated' if terminated else 'interrupted'}", file=sys.stderr
+        )
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)

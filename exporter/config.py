@@ -6,6 +6,7 @@ its value came from, so a bad deployment fails at start with a message a person 
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
@@ -16,9 +17,18 @@ from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from exporter.catalog import OTHER
+from exporter.logs import keep_secret
 
 ENV_PREFIX = "RESOURCE_EXPORTER_"
 
@@ -85,14 +95,51 @@ RUNBOOK_URL = "https://github.com/scidex/resource-intelligence/blob/main/docs/ru
 """Where the runbook is published by default; deployments point ``mixin.runbook_url`` at theirs."""
 
 
-class MixinSettings(BaseModel):
+class _Section(BaseModel):
+    """A section of settings: unknown keys refused, frozen, documented by attribute
+    docstrings, no NaN or infinity, no boolean where a number is expected."""
+
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, use_attribute_docstrings=True, allow_inf_nan=False
+    )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """YAML reads `yes`, `no`, `on` and `off` as booleans; as a number they would become
+        1 or 0 (a port of 1), so a boolean is refused where a number is expected."""
+        field = cls.model_fields.get(info.field_name or "")
+        if isinstance(value, bool) and field is not None and field.annotation in (int, float):
+            raise ValueError("expected a number, got a boolean (YAML reads yes/no/on/off so)")
+        return value
+
+
+class HttpLimits(_Section):
+    """What one client of `/metrics` may cost the server (docs/security.md)."""
+
+    head_bytes: int = Field(16384, ge=1024, le=1048576)
+    """Bytes of a request line and headers; a scraper sends a few hundred. More: 431."""
+    head_timeout_seconds: float = Field(10.0, gt=0, le=3600)
+    """A request head must be complete this long after its first byte, or the connection is
+    dropped (a client trickling bytes)."""
+    idle_timeout_seconds: float = Field(30.0, gt=0, le=3600)
+    """A silent client, one that stopped reading, or a stalled TLS handshake is dropped."""
+    max_connections: int = Field(0, ge=0, le=100000)
+    """Open connections; 0: the file descriptor limit less 64. At the cap a new connection
+    takes the place of the one trickling a head the longest, or else of the one idle the
+    longest, so a scraper always gets in; a warning says so, at most once a minute."""
+    auth_workers: int = Field(2, ge=1, le=64)
+    """Threads checking passwords with bcrypt; a login that succeeded before never waits."""
+    auth_queue: int = Field(8, ge=0, le=10000)
+    """Logins waiting for a worker; more are answered 429 at once."""
+
+
+class MixinSettings(_Section):
     """What only the generated dashboard and alert rules read (``python -m dashboards``).
 
     Kept in the exporter's configuration so one file describes a deployment: the window and
     waste rules come from the exporter's own settings, these add the alerting thresholds.
     """
-
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     job: str = Field("resource-exporter", pattern=r'^[^"\\\s]+$')
     """The `job` label Prometheus gives the exporter's target (every rule selects it)."""
@@ -139,13 +186,15 @@ class MixinSettings(BaseModel):
         return value
 
 
-class Settings(BaseModel):
+class Settings(_Section):
     """Every setting of the exporter, with its default."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
-
     dsn: SecretStr | None = None
-    """PostgreSQL connection string (also `DATABASE_URL`)."""
+    """PostgreSQL connection string (also `DATABASE_URL`). A password in it is visible to other
+    users when given as a flag: prefer `dsn_file`, `PGPASSFILE` or `DATABASE_URL`."""
+    dsn_file: Path | None = None
+    """A file holding the connection string (a Docker or Kubernetes secret); it takes the place
+    of `dsn`. Without a password in it, libpq's `PGPASSFILE` (default `~/.pgpass`) supplies one."""
     listen: str = "0.0.0.0"
     """Address to serve `/metrics` on (`::` for IPv6)."""
     port: int = Field(9853, ge=0, le=65535)  # 0 picks a free port
@@ -177,7 +226,7 @@ class Settings(BaseModel):
     (at most twice this many); the rest fold into `other`."""
     max_label_length: int = Field(128, ge=8, le=4096)
     """Longer label values are cut."""
-    statement_timeout_seconds: float = Field(30.0, gt=0, le=3600)
+    statement_timeout_seconds: float = Field(30.0, ge=0.001, le=3600)
     """Per-query timeout in PostgreSQL."""
     work_mem_mb: int = Field(64, ge=1, le=65536)
     """`work_mem` of the exporter's session: the window's per-task aggregate stays in memory
@@ -192,6 +241,8 @@ class Settings(BaseModel):
     """`DEBUG`, `INFO`, `WARNING` or `ERROR`."""
     web_config_file: Path | None = None
     """TLS and basic auth for `/metrics` (exporter-toolkit's web-config.yml format)."""
+    http: HttpLimits = HttpLimits()
+    """What one client of `/metrics` may cost (below)."""
     providers: tuple[ProviderRule, ...] = DEFAULT_PROVIDER_RULES
     """Ordered `{family, pattern}` rules (case-insensitive regular expressions); the first
     match names the provider family, `other` takes the rest."""
@@ -232,7 +283,7 @@ class Settings(BaseModel):
 
 
 FIELDS = tuple(Settings.model_fields)
-_JSON_FIELDS = ("providers", "prices", "mixin")
+_JSON_FIELDS = ("providers", "prices", "mixin", "http")
 """Structured settings: their environment variables hold JSON."""
 
 
@@ -255,11 +306,28 @@ def _from_env(env: Mapping[str, str]) -> dict[str, tuple[Any, str]]:
     return values
 
 
+def unknown_environment(env: Mapping[str, str] | None = None) -> list[str]:
+    """Variables with the exporter's prefix that name no setting (a typo is otherwise silent),
+    each with the setting it probably meant."""
+    env = os.environ if env is None else env
+    names = [field.upper() for field in FIELDS]
+    out = []
+    for key in sorted(k for k in env if k.startswith(ENV_PREFIX)):
+        name = key.removeprefix(ENV_PREFIX)
+        if name in names:
+            continue
+        close = difflib.get_close_matches(name, names, n=1)
+        out.append(f"{key} (did you mean {ENV_PREFIX}{close[0]}?)" if close else key)
+    return out
+
+
 def _from_file(path: Path) -> dict[str, tuple[Any, str]]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"config file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path}: not UTF-8 (byte {exc.start})") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path}: not valid YAML: {exc}") from None
     if data is None:
@@ -288,10 +356,28 @@ def load_settings(
         if value is not None:
             flag = (flag_names or {}).get(key, f"--{key.replace('_', '-')}")
             merged[key] = (value, f"flag {flag}")
+    if "dsn_file" in merged and merged["dsn_file"][0] is not None:
+        merged["dsn"] = (_read_dsn_file(*merged["dsn_file"]), merged["dsn_file"][1])
+    if "dsn" in merged and isinstance(merged["dsn"][0], str):
+        keep_secret(merged["dsn"][0])  # no message prints it, however malformed
     try:
         return Settings.model_validate({k: v for k, (v, _) in merged.items()})
     except ValidationError as exc:
         raise ConfigError(_describe(exc, merged)) from None
+
+
+def _read_dsn_file(path: Any, source: str) -> str:
+    """The connection string in a file (surrounding whitespace and newlines dropped)."""
+    where = f"setting 'dsn_file' (from {source}): {path}"
+    try:
+        dsn = Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"{where}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where}: not UTF-8") from None
+    if not dsn:
+        raise ConfigError(f"{where}: the file is empty")
+    return dsn
 
 
 def _describe(exc: ValidationError, merged: Mapping[str, tuple[Any, str]]) -> str:

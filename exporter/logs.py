@@ -8,15 +8,41 @@ import sys
 import time
 from typing import Any
 
-# The value of password=... in conninfo, and the password of user:password@ in a URI.
+# The value of password=... in conninfo, and the password of user:password@ in a URI (also
+# one whose scheme lost its colon, as in a mistyped "postgresql//u:pw@host").
 _SECRETS = (
     re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE),
-    re.compile(r"(://[^:/@\s]*:)([^@\s]*)(@)"),
+    re.compile(r"(//[^:/@\s]*:)([^@\s]*)(@)"),
 )
+_KNOWN: set[str] = set()
+
+
+def passwords_in(dsn: str) -> set[str]:
+    """What looks like a password in a DSN, well-formed or not: after ``user:`` and before
+    the last ``@``, or the value of ``password=``."""
+    found = {match.group(2).strip("'") for match in _SECRETS[0].finditer(dsn)}
+    userinfo = dsn.rpartition("@")[0]
+    if userinfo:
+        found.add(userinfo.split("//", 1)[-1].partition(":")[2])
+    return {password for password in found if password}
+
+
+def keep_secret(dsn: str) -> None:
+    """Never print this DSN, nor the password in it, whatever its form.
+
+    A library's message about a malformed DSN quotes it, or a part of it; the patterns above
+    only recognise well-formed ones. So the configured DSN and anything that looks like its
+    password are replaced verbatim.
+    """
+    if dsn:
+        _KNOWN.add(dsn)
+        _KNOWN.update(passwords_in(dsn))
 
 
 def redact(text: str) -> str:
-    """Replace passwords in DSNs or conninfo strings with ``***``."""
+    """Replace passwords in DSNs or conninfo strings, and the configured DSN, with ``***``."""
+    for secret in sorted(_KNOWN, key=len, reverse=True):
+        text = text.replace(secret, "***")
     text = _SECRETS[0].sub(r"\1***", text)
     return _SECRETS[1].sub(r"\1***\3", text)
 

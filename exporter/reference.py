@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from exporter.cli import SETTING_FLAGS
-from exporter.config import ENV_PREFIX, MixinSettings, Settings
+from exporter.config import ENV_PREFIX, HttpLimits, MixinSettings, Settings
 
 _HEADER = """# Configuration
 
@@ -22,6 +22,16 @@ equal to 65535`. Unknown keys in the file are refused. `python -m dashboards --c
 
 | setting | flag | environment | default | meaning |
 |---|---|---|---|---|
+"""
+
+_HTTP = """
+## `http`: what one client of `/metrics` may cost
+
+The limits of the HTTP server ([security](security.md)). In the environment,
+`RESOURCE_EXPORTER_HTTP` holds the section as JSON.
+
+| setting | default | meaning |
+|---|---|---|
 """
 
 _MIXIN = """
@@ -85,7 +95,7 @@ def configuration_markdown() -> str:
         env = f"`{ENV_PREFIX}{name.upper()}`"
         if name == "dsn":
             env = f"`DATABASE_URL` or {env}"
-        elif name in ("providers", "mixin"):
+        elif name in ("providers", "mixin", "http"):
             env += " (JSON)"
         flag = f"`{flags[name]}`" if name in flags else ""
         rows.append(
@@ -95,4 +105,19 @@ def configuration_markdown() -> str:
         f"| `mixin.{name}` | {_default(MixinSettings, name)} | {_text(MixinSettings, name)} |"
         for name in MixinSettings.model_fields
     ]
-    return _HEADER + "\n".join(rows) + "\n" + _MIXIN + "\n".join(mixin) + "\n" + _EXAMPLE
+    http = [
+        f"| `http.{name}` | {_default(HttpLimits, name)} | {_text(HttpLimits, name)} |"
+        for name in HttpLimits.model_fields
+    ]
+    return (
+        _HEADER
+        + "\n".join(rows)
+        + "\n"
+        + _HTTP
+        + "\n".join(http)
+        + "\n"
+        + _MIXIN
+        + "\n".join(mixin)
+        + "\n"
+        + _EXAMPLE
+    )

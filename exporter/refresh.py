@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 import time
 from datetime import UTC, datetime
@@ -50,7 +51,11 @@ def connect(settings: Settings) -> psycopg.Connection[Any]:
             " set_config('statement_timeout', %s, false) AS statement_timeout,"
             " set_config('TimeZone', 'UTC', false) AS timezone,"
             " set_config('work_mem', %s, false) AS work_mem",
-            [f"{int(settings.statement_timeout_seconds * 1000)}ms", f"{settings.work_mem_mb}MB"],
+            [
+                # At least 1 ms: PostgreSQL reads 0 as "no timeout at all".
+                f"{max(1, round(settings.statement_timeout_seconds * 1000))}ms",
+                f"{settings.work_mem_mb}MB",
+            ],
         )
         conn.commit()
         conn.read_only = True
@@ -84,7 +89,7 @@ class Refresher:
             queries={query: QueryHealth() for query in self._by_query},
             started=clock(),
         )
-        self.snapshot = Snapshot.of(self.health.families())
+        self.snapshot = Snapshot.of(self.health.families(), fresh_until=-math.inf)
 
     def refresh(self, now: datetime | None = None) -> bool:
         """Run every query once and publish a snapshot; return True if all succeeded.
@@ -126,7 +131,12 @@ class Refresher:
         if ok:
             h.last_success = h.last_refresh
         h.ledger = build_ledger(self._ready(), self.settings, self.providers)
-        self.snapshot = Snapshot.of(h.ledger.families + h.families())
+        fresh_until = (
+            -math.inf
+            if h.last_success is None
+            else h.last_success + self.settings.max_staleness_seconds
+        )
+        self.snapshot = Snapshot.of(h.ledger.families + h.families(), fresh_until)
         return ok
 
     def _ready(self) -> list[Source]:
@@ -251,7 +261,7 @@ class Refresher:
         """Count a failure for every query that has not succeeded in this refresh."""
         self.health.database_up = False
         self._outage += 1
-        if _log_now(self._outage):
+        if _log_now(self._outage) and not self._closing.is_set():  # not after "stopped"
             event(
                 log,
                 logging.ERROR,

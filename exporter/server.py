@@ -3,7 +3,12 @@
 One asyncio event loop in a background thread serves every connection. A scrape only looks up
 bytes rendered by the last refresh, so there is nothing to run in parallel, and a thread per
 connection (http.server) spent its time handing the GIL around: 50 concurrent scrapers saw a
-p99 ten times this loop's. Only the bcrypt check of a new login leaves the loop (a thread).
+p99 ten times this loop's. Only the bcrypt check of a new login leaves the loop (a small pool).
+
+What one client may cost is bounded (``http`` in exporter/config.py, docs/security.md): the
+bytes and the time of a request head, the responses in flight on a connection (none while the
+client does not read), the connections (the least useful one makes room for a new one), and
+the logins waiting for bcrypt (the rest are shed at once).
 """
 
 from __future__ import annotations
@@ -11,19 +16,22 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import re
+import resource
 import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from email.utils import formatdate
 from functools import lru_cache
 from pathlib import Path
 from typing import Protocol
 
+from exporter.config import ConfigError, HttpLimits
 from exporter.logs import error_fields, event
 from exporter.snapshot import OPENMETRICS_CONTENT_TYPE, TEXT_CONTENT_TYPE, Snapshot
-from exporter.webconfig import BasicAuth, load_web_config, tls_context
+from exporter.webconfig import BasicAuth, WebConfig, load_web_config, tls_context
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +43,29 @@ LANDING_PAGE = b"""<!doctype html>
 """
 
 PUBLIC_PATHS = ("/-/healthy", "/-/ready")
-"""Liveness endpoints stay open under basic auth (container health checks), and say nothing."""
+"""Liveness and readiness stay open under basic auth (container health checks), and say
+nothing: ``/-/healthy`` answers while the process serves; ``/-/ready`` only while the data it
+serves is younger than ``max_staleness_seconds`` (503 before the first good refresh, and once
+the database has been out of reach that long)."""
 
-IDLE_TIMEOUT_SECONDS = 30.0
-"""A silent client (or one that stopped reading), or a stalled TLS handshake, is dropped after
-this long (checked every sixth of it)."""
-MAX_HEAD_BYTES = 16384
-"""Request line and headers; a scraper sends a few hundred bytes."""
+
+FD_RESERVE = 64
+"""File descriptors kept for the database, log files and the TLS handshakes in progress."""
+
+
+def connection_cap(limits: HttpLimits) -> int:
+    """The connection cap: as configured, or below the process' file descriptor limit."""
+    if limits.max_connections:
+        return limits.max_connections
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 10000
+    return max(8, min(10000, soft - FD_RESERVE))
+
+
+MAX_HEAD_BYTES: int = HttpLimits.model_fields["head_bytes"].default
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
+_CAP_LOG_SECONDS = 60.0
 
 _REASONS = {
     200: "OK",
@@ -49,7 +73,9 @@ _REASONS = {
     401: "Unauthorized",
     404: "Not Found",
     405: "Method Not Allowed",
+    429: "Too Many Requests",
     431: "Request Header Fields Too Large",
+    503: "Service Unavailable",
 }
 _TEXT = "text/plain; charset=utf-8"
 
@@ -75,7 +101,12 @@ class _Request:
             name, sep, value = line.partition(":")
             if not sep:
                 raise ValueError(line)
-            self.headers[name.strip().lower()] = value.strip()
+            name, value = name.strip().lower(), value.strip()
+            if name == "content-length" and (
+                not value.isdigit() or self.headers.get(name, value) != value
+            ):
+                raise ValueError(line)  # the body's length is ambiguous: RFC 9112 says 400
+            self.headers[name] = value
         connection = self.headers.get("connection", "").lower()
         if version == "HTTP/1.0":
             self.keep_alive = connection == "keep-alive"
@@ -87,14 +118,17 @@ class _Request:
 
 class _Connection(asyncio.Protocol):
     """One client connection. Requests are answered in order (pipelining works); the answer to
-    a scrape is bytes the refresh already rendered, so it is written from ``data_received``."""
+    a scrape is bytes the refresh already rendered, so it is written from ``data_received``.
+    While the client does not read its answers, nothing more is read or answered."""
 
     def __init__(self, server: MetricsServer) -> None:
         self.server = server
         self.transport: asyncio.Transport | None = None
         self.buffer = b""
         self.waiting = False  # a login is being checked; later requests wait their turn
+        self.paused = False  # the client does not read: answer nothing more meanwhile
         self.last_active = time.monotonic()
+        self.head_since: float | None = None  # when the first byte of an awaited head came
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -102,7 +136,7 @@ class _Connection(asyncio.Protocol):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             # Responses leave in one write; do not let the kernel hold back a small one.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.server.connections.add(self)
+        self.server.admit(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if exc is not None:
@@ -111,14 +145,17 @@ class _Connection(asyncio.Protocol):
         self.transport = None
 
     def pause_writing(self) -> None:
-        """The client is not reading: stop reading (and answering) its requests meanwhile."""
+        """The client is not reading: stop reading and answering its requests meanwhile."""
+        self.paused = True
         if self.transport is not None:
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self.paused = False
         self.last_active = time.monotonic()
         if self.transport is not None:
             self.transport.resume_reading()
+            self.process()
 
     def data_received(self, data: bytes) -> None:
         self.last_active = time.monotonic()
@@ -126,45 +163,73 @@ class _Connection(asyncio.Protocol):
         self.process()
 
     def process(self) -> None:
-        while self.transport is not None and not self.waiting:
-            end = self.buffer.find(b"\r\n\r\n")
-            if end < 0:
-                if len(self.buffer) > MAX_HEAD_BYTES:
+        limits = self.server.limits
+        while self.transport is not None and not self.waiting and not self.paused:
+            end = _HEAD_END.search(self.buffer)
+            if end is None:
+                if len(self.buffer) > limits.head_bytes:
                     self.finish(_response(431, _TEXT, b"Request header too large\n", close=True))
+                elif self.buffer and self.head_since is None:
+                    self.head_since = time.monotonic()
                 return
-            head, self.buffer = self.buffer[:end], self.buffer[end + 4 :]
+            head, self.buffer = self.buffer[: end.start()], self.buffer[end.end() :]
+            self.head_since = time.monotonic() if self.buffer else None
+            if len(head) > limits.head_bytes:
+                self.finish(_response(431, _TEXT, b"Request header too large\n", close=True))
+                return
             try:
+                if end.group() != b"\r\n\r\n" or b"\n" in head.replace(b"\r\n", b""):
+                    raise ValueError("a line ends in a bare LF")
                 request = _Request(head)
             except ValueError:
                 self.finish(_response(400, _TEXT, b"Bad Request\n", close=True))
                 return
             if self.server.auth is not None and request.path not in PUBLIC_PATHS:
-                # bcrypt takes ~50-100 ms by design: off the loop, so other scrapes go on.
-                self.waiting = True
-                check = asyncio.get_running_loop().run_in_executor(
-                    None, self.server.auth, request.headers.get("authorization")
-                )
-                check.add_done_callback(functools.partial(self.checked, request))
-                return
+                if not self.authorize(request):
+                    return
+                continue
             self.respond(request)
 
+    def authorize(self, request: _Request) -> bool:
+        """Answer a request that needs a login; False: its check went to the bcrypt pool."""
+        auth, header = self.server.auth, request.headers.get("authorization")
+        assert auth is not None
+        known = auth.cached(header)  # a login seen before, or a malformed header: at once
+        if known is True:
+            self.respond(request)
+        elif known is False:
+            self.send(request, _unauthorized(request))
+        elif (
+            self.server.auth_pending
+            >= self.server.limits.auth_workers + self.server.limits.auth_queue
+        ):
+            # Every worker busy and the queue full: shed at once rather than queue behind.
+            self.send(
+                request,
+                _response(
+                    429, _TEXT, b"Too many logins\n", close=not request.keep_alive, retry_after=1
+                ),
+            )
+        else:
+            # bcrypt takes ~50-100 ms by design: off the loop, so other scrapes go on.
+            self.server.auth_pending += 1
+            self.waiting = True
+            check = asyncio.get_running_loop().run_in_executor(
+                self.server.auth_pool, auth.verify, header
+            )
+            check.add_done_callback(functools.partial(self.checked, request))
+            return False
+        return True
+
     def checked(self, request: _Request, done: asyncio.Future[bool]) -> None:
+        self.server.auth_pending -= 1
         self.waiting = False
         if self.transport is None:
             return
         if done.exception() is None and done.result():
             self.respond(request)
         else:
-            self.send(
-                request,
-                _response(
-                    401,
-                    _TEXT,
-                    b"",
-                    close=not request.keep_alive,
-                    authenticate='Basic realm="resource-exporter"',
-                ),
-            )
+            self.send(request, _unauthorized(request))
         self.process()
 
     def respond(self, request: _Request) -> None:
@@ -190,6 +255,34 @@ class _Connection(asyncio.Protocol):
             self.transport = None
 
 
+def _unauthorized(request: _Request) -> bytes:
+    return _response(
+        401,
+        _TEXT,
+        b"",
+        close=not request.keep_alive,
+        authenticate='Basic realm="resource-exporter"',
+    )
+
+
+def accepts_gzip(header: str) -> bool:
+    """Whether an Accept-Encoding header admits gzip (RFC 9110: q=0 means "not acceptable")."""
+    weights: dict[str, float] = {}
+    for item in header.split(","):
+        coding, *params = (part.strip() for part in item.split(";"))
+        weight = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    weight = float(value)
+                except ValueError:
+                    weight = 0.0
+        weights[coding.lower()] = weight
+    weight = weights.get("gzip", weights.get("x-gzip", weights.get("*", 0.0)))
+    return weight > 0
+
+
 def _answer(source: SnapshotSource, request: _Request) -> bytes:
     """The response to an authorized request."""
     close = not request.keep_alive
@@ -199,10 +292,12 @@ def _answer(source: SnapshotSource, request: _Request) -> bytes:
     if request.path == "/metrics":
         snapshot = source.snapshot
         openmetrics = "application/openmetrics-text" in request.headers.get("accept", "")
-        compressed = "gzip" in request.headers.get("accept-encoding", "")
+        compressed = accepts_gzip(request.headers.get("accept-encoding", ""))
         body = snapshot.body(openmetrics=openmetrics, compressed=compressed)
         content_type = OPENMETRICS_CONTENT_TYPE if openmetrics else TEXT_CONTENT_TYPE
         return _response(200, content_type, body, close=close, head_only=head_only, gzip=compressed)
+    if request.path == "/-/ready" and not source.snapshot.fresh:
+        return _response(503, _TEXT, b"Not ready\n", close=close, head_only=head_only)
     if request.path in PUBLIC_PATHS:
         return _response(200, _TEXT, b"OK\n", close=close, head_only=head_only)
     if request.path == "/":
@@ -222,6 +317,7 @@ def _response(
     gzip: bool = False,
     allow: str | None = None,
     authenticate: str | None = None,
+    retry_after: int | None = None,
 ) -> bytes:
     """Status line, headers and body as one buffer: one write, one TCP segment when small."""
     lines = [
@@ -237,6 +333,8 @@ def _response(
         lines.append(f"Allow: {allow}")
     if authenticate:
         lines.append(f"WWW-Authenticate: {authenticate}")
+    if retry_after is not None:
+        lines.append(f"Retry-After: {retry_after}")
     if close:
         lines.append("Connection: close")
     head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
@@ -258,20 +356,30 @@ class MetricsServer:
         listen: str,
         port: int,
         web_config: Path | None = None,
-        idle_timeout: float = IDLE_TIMEOUT_SECONDS,
+        limits: HttpLimits | None = None,
     ) -> None:
         self.source = source
-        self.idle_timeout = idle_timeout
-        self.auth: Callable[[str | None], bool] | None = None
+        self.limits = limits = limits or HttpLimits()
+        self.cap = connection_cap(limits)
+        self.auth: BasicAuth | None = None
+        self.auth_pool = ThreadPoolExecutor(limits.auth_workers, thread_name_prefix="auth")
+        self.auth_pending = 0  # logins at the pool (running or queued); loop thread only
         self.connections: set[_Connection] = set()
+        self._evicted = 0
+        self._cap_logged = float("-inf")
         tls: ssl.SSLContext | None = None
+        self.web_config = web_config
+        self._web_files: tuple[Path, ...] = ()  # the config file and the files it names
+        self._web_seen: tuple[tuple[float, int] | None, ...] = ()  # their (mtime, size)
         if web_config is not None:
             config = load_web_config(web_config)
+            self._watch(config)
             if config.basic_auth_users:
                 self.auth = BasicAuth(config.basic_auth_users)
             if config.tls_server_config is not None:
                 tls = tls_context(config.tls_server_config, web_config.parent)
         self.tls = tls is not None
+        self._tls = tls
         self._loop = asyncio.new_event_loop()
         self._loop.set_exception_handler(_loop_error)
         # Bound here, so a taken port fails the constructor, not the background thread.
@@ -287,11 +395,12 @@ class MetricsServer:
                     backlog=1024,
                     reuse_address=True,
                     ssl=tls,
-                    ssl_handshake_timeout=idle_timeout if tls else None,
+                    ssl_handshake_timeout=limits.idle_timeout_seconds if tls else None,
                 )
             )
         except BaseException:
             self._loop.close()
+            self.auth_pool.shutdown(wait=False)
             raise
         self._thread = threading.Thread(target=self._run, name="metrics-http", daemon=True)
 
@@ -304,16 +413,90 @@ class MetricsServer:
         return self
 
     def _run(self) -> None:
-        self._loop.call_later(self.idle_timeout / 6, self._drop_idle)
+        self._loop.call_later(self._sweep_every, self._sweep)
         self._loop.run_forever()
 
-    def _drop_idle(self) -> None:
-        """Close connections silent for the idle timeout (one timer, not one per request)."""
-        cutoff = time.monotonic() - self.idle_timeout
-        for conn in [c for c in self.connections if c.last_active < cutoff]:
-            if conn.transport is not None:
+    @property
+    def _sweep_every(self) -> float:
+        return min(self.limits.idle_timeout_seconds, self.limits.head_timeout_seconds) / 6
+
+    def admit(self, conn: _Connection) -> None:
+        """Count a new connection; at the cap, drop the least useful one to make room."""
+        if len(self.connections) >= self.cap:
+            victim = _least_useful(self.connections)
+            if victim is None or victim.transport is None:
+                if conn.transport is not None:
+                    conn.transport.abort()
+                return
+            victim.transport.abort()
+            self.connections.discard(victim)
+            self._evicted += 1
+            now = time.monotonic()
+            if now - self._cap_logged >= _CAP_LOG_SECONDS:
+                event(
+                    log,
+                    logging.WARNING,
+                    "connection cap reached",
+                    cap=self.cap,
+                    dropped=self._evicted,
+                )
+                self._cap_logged, self._evicted = now, 0
+        self.connections.add(conn)
+
+    def reload(self) -> None:
+        """Read the web config again (it changed, or SIGHUP): new users and passwords, and a
+        new certificate and key for the handshakes to come. A file that does not load leaves
+        the running configuration as it was, with one line saying why; connections stay."""
+        if self.web_config is None:
+            return
+        self._web_seen = tuple(_stat(path) for path in self._web_files)
+        try:
+            config = load_web_config(self.web_config)
+            if (config.tls_server_config is not None) != self.tls:
+                raise ConfigError("turning TLS on or off needs a restart")
+            if config.tls_server_config is not None and self._tls is not None:
+                fresh = tls_context(config.tls_server_config, self.web_config.parent)
+                tls = config.tls_server_config
+                base = self.web_config.parent
+                # The listening socket keeps its context: load the new files into it.
+                self._tls.load_cert_chain(base / tls.cert_file, base / tls.key_file)
+                self._tls.minimum_version = fresh.minimum_version
+                self._tls.verify_mode = fresh.verify_mode
+                if tls.client_ca_file is not None:
+                    self._tls.load_verify_locations(base / tls.client_ca_file)
+            auth = BasicAuth(config.basic_auth_users) if config.basic_auth_users else None
+        except (ConfigError, ssl.SSLError, OSError) as exc:
+            event(log, logging.ERROR, "web config not reloaded", error=str(exc))
+            return
+        self._watch(config)
+        self._loop.call_soon_threadsafe(setattr, self, "auth", auth)
+        event(log, logging.INFO, "web config reloaded", users=len(config.basic_auth_users))
+
+    def _watch(self, config: WebConfig) -> None:
+        """Watch the config file and the certificate, key and CA files it names."""
+        assert self.web_config is not None
+        base, tls = self.web_config.parent, config.tls_server_config
+        named = () if tls is None else (tls.cert_file, tls.key_file, tls.client_ca_file)
+        self._web_files = (self.web_config, *(base / p for p in named if p is not None))
+        self._web_seen = tuple(_stat(path) for path in self._web_files)
+
+    def _web_config_changed(self) -> bool:
+        return tuple(_stat(path) for path in self._web_files) != self._web_seen
+
+    def _sweep(self) -> None:
+        """Drop connections silent for the idle timeout, or trickling a head past its deadline
+        (one timer, not one per request); notice a changed web config."""
+        if self._web_config_changed():
+            # bcrypt for the dummy hash and certificate loading take a moment: off the loop.
+            self._loop.run_in_executor(self.auth_pool, self.reload)
+        now = time.monotonic()
+        idle = now - self.limits.idle_timeout_seconds
+        head = now - self.limits.head_timeout_seconds
+        for conn in list(self.connections):
+            late = conn.head_since is not None and conn.head_since < head
+            if (conn.last_active < idle or late) and conn.transport is not None:
                 conn.transport.abort()
-        self._loop.call_later(self.idle_timeout / 6, self._drop_idle)
+        self._loop.call_later(self._sweep_every, self._sweep)
 
     def stop(self) -> None:
         """Stop accepting, drop open connections and end the loop's thread."""
@@ -326,6 +509,7 @@ class MetricsServer:
             self._close()
         self._loop.run_until_complete(self._server.wait_closed())
         self._loop.close()
+        self.auth_pool.shutdown(wait=False, cancel_futures=True)
 
     def _close(self) -> None:
         self._server.close()
@@ -333,6 +517,25 @@ class MetricsServer:
             if conn.transport is not None:
                 conn.transport.abort()
         self._loop.stop()
+
+
+def _stat(path: Path) -> tuple[float, int] | None:
+    """What tells that a file changed: its modification time and size."""
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return (info.st_mtime, info.st_size)
+
+
+def _least_useful(connections: set[_Connection]) -> _Connection | None:
+    """The connection trickling a head the longest, or else the one idle the longest; never
+    one whose login is being checked."""
+    trickling = [c for c in connections if c.head_since is not None and not c.waiting]
+    if trickling:
+        return min(trickling, key=lambda c: c.head_since or 0.0)
+    idle = [c for c in connections if not c.waiting]
+    return min(idle, key=lambda c: c.last_active, default=None)
 
 
 def _loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:

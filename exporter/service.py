@@ -26,7 +26,11 @@ class Exporter:
         self.settings = settings
         self.refresher = Refresher(settings)
         self.server = MetricsServer(
-            self.refresher, settings.listen, settings.port, settings.web_config_file
+            self.refresher,
+            settings.listen,
+            settings.port,
+            settings.web_config_file,
+            limits=settings.http,
         )
         self.scheduler = BackgroundScheduler(timezone=UTC)
         self.scheduler.add_job(
@@ -79,6 +83,8 @@ class Exporter:
 
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
+        # SIGHUP: read the web config again now (changes are also noticed within seconds).
+        signal.signal(signal.SIGHUP, lambda *_: self.server.reload())
         self.start()
         try:
             done.wait()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gzip
+import math
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -37,12 +39,20 @@ class Snapshot:
     families: tuple[Family, ...]
     text: bytes
     text_gzip: bytes
+    fresh_until: float = math.inf
+    """Unix time until which its data counts as fresh: the last refresh in which every query
+    succeeded, plus the staleness bound (``-inf``: none has). ``/-/ready`` says whether now is
+    before it."""
 
     @classmethod
-    def of(cls, families: Sequence[Family]) -> Snapshot:
+    def of(cls, families: Sequence[Family], fresh_until: float = math.inf) -> Snapshot:
         fams = tuple(families)
         text = generate_latest(_Families(fams))
-        return cls(fams, text, gzip.compress(text, compresslevel=6, mtime=0))
+        return cls(fams, text, gzip.compress(text, compresslevel=6, mtime=0), fresh_until)
+
+    @property
+    def fresh(self) -> bool:
+        return time.time() <= self.fresh_until
 
     @cached_property
     def openmetrics(self) -> bytes:

@@ -11,6 +11,8 @@ import base64
 import binascii
 import hashlib
 import hmac
+import re
+import secrets
 import ssl
 import threading
 from pathlib import Path
@@ -22,8 +24,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from exporter.config import ConfigError
 
 _TLS_VERSIONS = {"TLS12": ssl.TLSVersion.TLSv1_2, "TLS13": ssl.TLSVersion.TLSv1_3}
-# A valid bcrypt hash of a random string: unknown users cost as much time as known ones.
-_DUMMY_HASH = b"$2b$10$8KgnOElYFycV0582crVS7OgGTfROMPmaHLazIBsHS8i.vvQj5RfB6"
+BCRYPT_HASH = re.compile(r"\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}")
+"""A whole bcrypt hash: version, cost (4-31), 22 characters of salt and 31 of hash."""
 
 
 class TLSServerConfig(BaseModel):
@@ -50,6 +52,8 @@ def load_web_config(path: Path) -> WebConfig:
         config = WebConfig.model_validate(data)
     except OSError as exc:
         raise ConfigError(f"web config {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"web config {path}: not UTF-8 (byte {exc.start})") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"web config {path}: not valid YAML: {exc}") from None
     except ValidationError as exc:
@@ -60,8 +64,11 @@ def load_web_config(path: Path) -> WebConfig:
         )
         raise ConfigError(f"web config {path}: {problems}") from None
     for user, hashed in config.basic_auth_users.items():
-        if not hashed.startswith(("$2a$", "$2b$", "$2y$")):
-            raise ConfigError(f"web config {path}: 'basic_auth_users.{user}' is not a bcrypt hash")
+        if not BCRYPT_HASH.fullmatch(hashed):
+            raise ConfigError(
+                f"web config {path}: 'basic_auth_users.{user}' is not a bcrypt hash"
+                " ($2a$, $2b$ or $2y$, a cost, then 53 characters: whole)"
+            )
     if config.tls_server_config is not None:
         tls_context(config.tls_server_config, path.parent)  # fail now, not at the first scrape
     return config
@@ -89,7 +96,8 @@ class BasicAuth:
     """Check ``Authorization: Basic`` headers against bcrypt hashes, caching successes.
 
     bcrypt costs ~50-100 ms by design; the cache (keyed by a SHA-256 of the credentials, never
-    the password) keeps a scraper that authenticates every 15 s from paying it each time.
+    the password) keeps a scraper that authenticates every 15 s from paying it each time. The
+    server asks :meth:`cached` on its loop and sends only the rest to :meth:`verify`.
     """
 
     def __init__(self, users: dict[str, str]) -> None:
@@ -99,21 +107,54 @@ class BasicAuth:
         self._users = {u: h.encode() for u, h in users.items()}
         self._ok: set[bytes] = set()
         self._lock = threading.Lock()
+        # An unknown user is checked against a hash as costly as the costliest known one, so
+        # the time of an answer does not tell which users exist.
+        cost = max((int(h[4:6]) for h in users.values()), default=10)
+        self.dummy = bcrypt.hashpw(secrets.token_hex(16).encode(), bcrypt.gensalt(cost))
 
     def __call__(self, header: str | None) -> bool:
-        if not header or not header.startswith("Basic "):
-            return False
+        known = self.cached(header)
+        return known if known is not None else self.verify(header)
+
+    @staticmethod
+    def _credentials(header: str | None) -> tuple[str, str] | None:
+        """User and password of a Basic header (the scheme is case-insensitive, RFC 7617)."""
+        scheme, _, token = (header or "").strip().partition(" ")
+        if scheme.lower() != "basic":
+            return None
         try:
-            user, _, password = base64.b64decode(header[6:], validate=True).decode().partition(":")
+            user, sep, password = (
+                base64.b64decode(token.strip(), validate=True).decode().partition(":")
+            )
         except (binascii.Error, UnicodeDecodeError):
+            return None
+        return (user, password) if sep else None
+
+    @staticmethod
+    def _digest(user: str, password: str) -> bytes:
+        return hashlib.sha256(f"{user}\0{password}".encode()).digest()
+
+    def cached(self, header: str | None) -> bool | None:
+        """True: a login that succeeded before; False: no Basic credentials at all; None: ask
+        :meth:`verify`. Cheap: no bcrypt."""
+        credentials = self._credentials(header)
+        if credentials is None:
             return False
-        digest = hashlib.sha256(f"{user}\0{password}".encode()).digest()
+        digest = self._digest(*credentials)
         with self._lock:
             if any(hmac.compare_digest(digest, known) for known in self._ok):
                 return True
+        return None
+
+    def verify(self, header: str | None) -> bool:
+        """Check the password with bcrypt (slow by design); remember a success."""
+        credentials = self._credentials(header)
+        if credentials is None:
+            return False
+        user, password = credentials
         hashed = self._users.get(user)
-        ok = self._bcrypt.checkpw(password.encode(), hashed or _DUMMY_HASH) and hashed is not None
+        ok = self._bcrypt.checkpw(password.encode(), hashed or self.dummy) and hashed is not None
         if ok:
             with self._lock:
-                self._ok.add(digest)
+                self._ok.add(self._digest(user, password))
         return ok

@@ -324,3 +324,107 @@ def test_demo_serves_moving_numbers_and_leaves_nothing_behind(tmp_path: Path) ->
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=20) == 0
     assert processes_mentioning(str(data / "pgdata")) == []
+
+
+def test_a_taken_port_or_a_foreign_address_is_one_line_not_a_traceback(dsn: str) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = cli("serve", "--dsn", dsn, "--listen", "127.0.0.1", "--port", str(port))
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"resource-exporter: cannot listen on 127.0.0.1:{port}: Address already in use"
+    )
+    # TEST-NET-3 (RFC 5737): no host has it, so it cannot be bound here.
+    result = cli("serve", "--dsn", dsn, "--listen", "203.0.113.7", "--port", "0")
+    assert result.returncode == 2
+    assert result.stderr.startswith("resource-exporter: cannot listen on 203.0.113.7:0: ")
+    assert "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1
+
+
+def test_an_unknown_variable_with_the_prefix_is_warned_about(dsn: str) -> None:
+    env = os.environ | {"RESOURCE_EXPORTER_INTERVAL": "5"}
+    result = subprocess.run(
+        [sys.executable, "-m", "exporter", "check", "--dsn", dsn],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    (line,) = [x for x in result.stderr.splitlines() if "unknown environment variable" in x]
+    assert "RESOURCE_EXPORTER_INTERVAL_SECONDS" in line  # the likely meaning
+
+
+def _waiting_queries(dsn: str) -> int:
+    with psycopg.connect(dsn) as conn:
+        (n,) = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE application_name = 'resource-exporter' AND state = 'active'"
+        ).fetchone() or (0,)
+    return int(n)
+
+
+@pytest.mark.parametrize(
+    ("sig", "word", "code"),
+    [(signal.SIGTERM, "terminated", 143), (signal.SIGINT, "interrupted", 130)],
+)
+def test_once_stopped_mid_query_cancels_it_and_says_so_in_one_line(
+    dsn: str, sig: signal.Signals, word: str, code: int
+) -> None:
+    blocker = psycopg.connect(dsn)
+    blocker.execute(
+        "LOCK TABLE cost_ledger, impact_ledger, quest_budget_allocations IN ACCESS EXCLUSIVE MODE"
+    )
+    try:
+        with spawn("once", "--dsn", dsn, "--statement-timeout", "120") as proc:
+            deadline = time.monotonic() + 30
+            while _waiting_queries(dsn) == 0 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert _waiting_queries(dsn) == 1  # blocked behind the lock
+            proc.send_signal(sig)
+            assert proc.wait(timeout=10) == code
+            assert proc.stderr is not None
+            assert proc.stderr.read().strip().splitlines() == [f"resource-exporter: {word}"]
+        deadline = time.monotonic() + 10
+        while _waiting_queries(dsn) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _waiting_queries(dsn) == 0  # cancelled on the server, not left running
+    finally:
+        blocker.close()
+
+
+def test_serve_stops_within_seconds_while_a_connection_attempt_hangs() -> None:
+    import socket
+    import threading
+
+    with socket.socket() as silent:  # accepts, and never says a word: libpq waits
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        accepted: list[socket.socket] = []
+        threading.Thread(target=lambda: accepted.append(silent.accept()[0]), daemon=True).start()
+        dsn = f"host=127.0.0.1 port={port} dbname=x user=x"
+        env = {"RESOURCE_EXPORTER_CONNECT_TIMEOUT_SECONDS": "60"}
+        with subprocess.Popen(
+            [sys.executable, "-m", "exporter", "serve", "--dsn", dsn, "--port", "0"],
+            text=True,
+            stderr=subprocess.PIPE,
+            env={**os.environ, **env},
+        ) as proc:
+            assert proc.stderr is not None
+            deadline = time.monotonic() + 30
+            while not accepted and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert accepted  # the refresh is in its connection attempt
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=15) == 0  # the connect timeout is 60 s
+            lines = proc.stderr.read().strip().splitlines()
+        for conn in accepted:
+            conn.close()
+    assert "msg=stopped" in lines[-1]  # and nothing after it
+    assert not any("database unavailable" in line for line in lines)

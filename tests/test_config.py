@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from exporter.config import ConfigError, load_settings
+from exporter.config import ConfigError, load_settings, unknown_environment
 
 
 def test_defaults_match_the_contract() -> None:
@@ -87,3 +87,58 @@ def test_missing_dsn_says_how_to_set_it() -> None:
 def test_dsn_is_secret_in_repr() -> None:
     s = load_settings({"dsn": "postgresql://u:hunter2@h/db"}, env={})
     assert "hunter2" not in repr(s) and "hunter2" not in str(s.model_dump())
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "env", "message"),
+    [
+        # Below a millisecond PostgreSQL would read 0: no timeout at all.
+        ("statement_timeout_seconds: 0.0004\n", {}, "setting 'statement_timeout_seconds'"),
+        ("port: yes\n", {}, "setting 'port' (from config file"),  # YAML's yes is a boolean
+        ("http:\n  max_connections: on\n", {}, "setting 'http.max_connections'"),
+        ("waste_max_impact: .nan\n", {}, "setting 'waste_max_impact'"),
+        ("", {"RESOURCE_EXPORTER_WASTE_MAX_IMPACT": "nan"}, "setting 'waste_max_impact'"),
+        ("", {"RESOURCE_EXPORTER_GRACE_HOURS": "inf"}, "setting 'grace_hours'"),
+    ],
+)
+def test_values_that_would_be_silently_wrong_are_refused(
+    tmp_path: Path, yaml_text: str, env: dict[str, str], message: str
+) -> None:
+    f = tmp_path / "c.yml"
+    f.write_text(yaml_text, encoding="utf-8")
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_settings(env=env, config_file=f)
+
+
+def test_a_millisecond_statement_timeout_is_kept(dsn: str) -> None:
+    from exporter.refresh import connect
+
+    settings = load_settings({"dsn": dsn, "statement_timeout_seconds": 0.0012}, env={})
+    with connect(settings) as conn:
+        assert conn.execute("SHOW statement_timeout").fetchone() == ("1ms",)
+
+
+def test_a_config_file_that_is_not_utf8_is_one_clear_error(tmp_path: Path) -> None:
+    f = tmp_path / "c.yml"
+    f.write_bytes(b"timezone: Europe/Z\xfcrich\n")
+    with pytest.raises(ConfigError, match=r"config file .*c\.yml: not UTF-8"):
+        load_settings(env={}, config_file=f)
+    web = tmp_path / "web.yml"
+    web.write_bytes(b"basic_auth_users:\n  \xff: x\n")
+    from exporter.webconfig import load_web_config
+
+    with pytest.raises(ConfigError, match=r"web config .*web\.yml: not UTF-8"):
+        load_web_config(web)
+
+
+def test_unknown_variables_with_the_prefix_are_named_with_a_guess() -> None:
+    env = {
+        "RESOURCE_EXPORTER_INTERVAL": "5",
+        "RESOURCE_EXPORTER_PORT": "1",
+        "RESOURCE_EXPORTER_ZZZ": "x",
+        "OTHER": "y",
+    }
+    assert unknown_environment(env) == [
+        "RESOURCE_EXPORTER_INTERVAL (did you mean RESOURCE_EXPORTER_INTERVAL_SECONDS?)",
+        "RESOURCE_EXPORTER_ZZZ",
+    ]

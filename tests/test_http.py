@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import gzip
 import http.client
+import resource
 import socket
 import time
 from collections.abc import Iterator
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
-from exporter.server import MAX_HEAD_BYTES, MetricsServer
+from exporter.config import HttpLimits
+from exporter.server import FD_RESERVE, MAX_HEAD_BYTES, MetricsServer, connection_cap
 from exporter.snapshot import Snapshot
 
 TEXT = b"# HELP x_usd X.\n# TYPE x_usd gauge\nx_usd 1.5\n"
@@ -20,7 +23,7 @@ TEXT = b"# HELP x_usd X.\n# TYPE x_usd gauge\nx_usd 1.5\n"
 @pytest.fixture
 def server() -> Iterator[MetricsServer]:
     source = SimpleNamespace(snapshot=Snapshot((), TEXT, gzip.compress(TEXT, mtime=0)))
-    srv = MetricsServer(source, "127.0.0.1", 0, idle_timeout=1.2).start()  # type: ignore[arg-type]
+    srv = MetricsServer(source, "127.0.0.1", 0, limits=HttpLimits(idle_timeout_seconds=1.2)).start()  # type: ignore[arg-type]
     try:
         yield srv
     finally:
@@ -92,6 +95,15 @@ def test_pipelined_requests_are_answered_in_order(server: MetricsServer) -> None
         (b"GET /metrics HTTP/1.1\r\nno colon here\r\n\r\n", 400),
         (b"POST /metrics HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc", 405),
         (b"GET /metrics HTTP/1.1\r\nX-Big: " + b"a" * MAX_HEAD_BYTES, 431),
+        # Complete heads over the limit, arriving in one write.
+        (b"GET /" + b"a" * 100_000 + b" HTTP/1.1\r\n\r\n", 431),
+        (b"GET /metrics HTTP/1.1\r\n" + b"X-H: v\r\n" * 10_000 + b"\r\n", 431),
+        # Two lengths for one body: which one frames the next request is ambiguous.
+        (b"GET /metrics HTTP/1.1\r\nContent-Length: 0\r\nContent-Length: 24\r\n\r\n", 400),
+        (b"GET /metrics HTTP/1.1\r\nContent-Length: -1\r\n\r\n", 400),
+        # Bare LF line endings: rejected at once, not left to the idle timeout.
+        (b"GET /metrics HTTP/1.1\nHost: x\n\n", 400),
+        (b"GET /metrics HTTP/1.1\r\nHost: x\n\r\n", 400),
     ],
 )
 def test_bad_requests_get_a_status_and_a_closed_connection(
@@ -128,7 +140,7 @@ def test_silent_clients_are_dropped_after_the_idle_timeout(server: MetricsServer
 def test_a_client_that_stops_reading_does_not_hold_up_others() -> None:
     big = b"# many series\n" * 300_000  # 4 MB: more than the socket buffers hold
     source = SimpleNamespace(snapshot=Snapshot((), big, b""))
-    srv = MetricsServer(source, "127.0.0.1", 0, idle_timeout=1.2).start()  # type: ignore[arg-type]
+    srv = MetricsServer(source, "127.0.0.1", 0, limits=HttpLimits(idle_timeout_seconds=1.2)).start()  # type: ignore[arg-type]
     try:
         stalled = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
         stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -160,3 +172,142 @@ def test_stop_closes_open_connections_and_the_port(server: MetricsServer) -> Non
 def test_a_taken_port_fails_at_construction(server: MetricsServer) -> None:
     with pytest.raises(OSError):
         MetricsServer(SimpleNamespace(snapshot=None), "127.0.0.1", server.port)  # type: ignore[arg-type]
+
+
+def test_a_repeated_content_length_with_the_same_value_is_one_length(server: MetricsServer) -> None:
+    raw = b"GET /metrics HTTP/1.1\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n"
+    assert [r[0] for r in _responses(_exchange(server.port, raw + b"GET /x HTTP/1.0\r\n\r\n"))] == [
+        200,
+        404,
+    ]
+
+
+@pytest.mark.parametrize(
+    ("accept", "gzipped"),
+    [
+        ("gzip", True),
+        ("GZIP", True),
+        ("gzip;q=0", False),
+        ("gzip; q=0.0, identity", False),
+        ("gzip;q=0.5", True),
+        ("identity, *;q=0", False),
+        ("*", True),
+        ("br, *;q=0.1", True),
+        ("deflate", False),
+        ("gzip;q=nonsense", False),
+    ],
+)
+def test_gzip_only_when_the_client_accepts_it(
+    server: MetricsServer, accept: str, gzipped: bool
+) -> None:
+    raw = f"GET /metrics HTTP/1.0\r\nAccept-Encoding: {accept}\r\n\r\n".encode()
+    ((status, headers, body),) = _responses(_exchange(server.port, raw))
+    assert status == 200
+    assert (headers.get("content-encoding") == "gzip") is gzipped
+    assert (gzip.decompress(body) if gzipped else body) == TEXT
+
+
+def _server_side(srv: MetricsServer) -> list[Any]:
+    return list(srv.connections)
+
+
+def test_a_client_that_pipelines_and_never_reads_costs_bounded_memory() -> None:
+    big = b"# series\n" * 2_000  # 18 kB a response
+    source = SimpleNamespace(snapshot=Snapshot((), big, b""))
+    srv = MetricsServer(source, "127.0.0.1", 0).start()  # type: ignore[arg-type]
+    try:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            # 2,000 requests in one write, never read: 36 MB of answers if all were made.
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 2000)
+            deadline = time.monotonic() + 10
+            while not any(c.paused for c in _server_side(srv)) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            (conn,) = _server_side(srv)
+            assert conn.paused
+            time.sleep(0.3)
+            # What waits to be sent: at most the transport's high-water mark and one answer.
+            assert conn.transport.get_write_buffer_size() < 2 * len(big) + 65536
+            # The others are served meanwhile.
+            assert _exchange(srv.port, b"GET /-/healthy HTTP/1.0\r\n\r\n").endswith(b"OK\n")
+            # Reading resumes the answers.
+            sock.settimeout(10)
+            received = 0
+            while received < 2 * len(big):
+                chunk = sock.recv(1 << 20)
+                assert chunk
+                received += len(chunk)
+    finally:
+        srv.stop()
+
+
+def test_a_client_that_trickles_a_head_is_dropped_at_the_head_deadline() -> None:
+    source = SimpleNamespace(snapshot=Snapshot((), TEXT, b""))
+    limits = HttpLimits(head_timeout_seconds=0.6, idle_timeout_seconds=30)
+    srv = MetricsServer(source, "127.0.0.1", 0, limits=limits).start()  # type: ignore[arg-type]
+    try:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as sock:
+            sock.settimeout(0.2)
+            closed = False
+            for byte in b"GET /metrics HTTP/1.1\r\nHost: x" * 4:  # 8 s of trickling at most
+                try:
+                    sock.sendall(bytes([byte]))
+                    closed = sock.recv(1024) == b""
+                except TimeoutError:
+                    continue
+                except ConnectionError:
+                    closed = True
+                if closed:
+                    break
+            assert closed  # by the server, long before the idle timeout
+        # A request that keeps coming, each head within the deadline, is never cut.
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as sock:
+            for _ in range(4):
+                sock.sendall(b"GET /-/healthy HTTP/1.1\r\n")
+                time.sleep(0.2)
+                sock.sendall(b"Host: x\r\n\r\n")
+                assert sock.recv(1024).endswith(b"OK\n")
+                time.sleep(0.5)
+    finally:
+        srv.stop()
+
+
+def test_at_the_connection_cap_tricklers_make_room_and_a_scrape_gets_in(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    source = SimpleNamespace(snapshot=Snapshot((), TEXT, b""))
+    limits = HttpLimits(max_connections=10)
+    srv = MetricsServer(source, "127.0.0.1", 0, limits=limits).start()  # type: ignore[arg-type]
+    tricklers = []
+    try:
+        for _ in range(25):
+            sock = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nHost")  # and never more
+            tricklers.append(sock)
+            time.sleep(0.01)
+        for _ in range(3):
+            assert _responses(_exchange(srv.port, b"GET /metrics HTTP/1.0\r\n\r\n"))[0][2] == TEXT
+        assert len(srv.connections) <= 10
+        # The oldest tricklers were dropped to make room; the newest are still open.
+        tricklers[0].settimeout(5)
+        assert tricklers[0].recv(1024) == b""
+        tricklers[-1].settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            tricklers[-1].recv(1024)
+        # One line, not one per connection.
+        lines = [r for r in caplog.records if r.getMessage() == "connection cap reached"]
+        assert len(lines) == 1
+    finally:
+        for sock in tricklers:
+            sock.close()
+        srv.stop()
+
+
+def test_the_connection_cap_stays_below_the_file_descriptor_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (256, 4096))
+    assert connection_cap(HttpLimits()) == 256 - FD_RESERVE
+    assert connection_cap(HttpLimits(max_connections=50)) == 50
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (40, 4096))
+    assert connection_cap(HttpLimits()) == 8

@@ -6,28 +6,34 @@ import ast
 import base64
 import http.client
 import logging
+import os
+import socket
 import ssl
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import bcrypt
+import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from exporter.config import ConfigError, load_settings
+from exporter.config import ConfigError, HttpLimits, load_settings
 from exporter.refresh import Refresher
 from exporter.server import MetricsServer
-from exporter.webconfig import load_web_config
+from exporter.snapshot import Snapshot
+from exporter.webconfig import BasicAuth, load_web_config
 from tests.conftest import require_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A self-signed certificate for 127.0.0.1, made with openssl."""
-    folder = tmp_path_factory.mktemp("tls")
+def _make_cert(folder: Path) -> None:
+    """A new self-signed certificate and key for 127.0.0.1 in ``folder``, made with openssl."""
     subprocess.run(
         [
             require_binary("openssl"),
@@ -50,6 +56,13 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
         check=True,
         capture_output=True,
     )
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A self-signed certificate for 127.0.0.1."""
+    folder = tmp_path_factory.mktemp("tls")
+    _make_cert(folder)
     return folder
 
 
@@ -114,6 +127,123 @@ def test_tls_with_right_and_wrong_passwords(secured: tuple) -> None:
     assert _get(server, ctx, "/-/healthy")[0] == 200  # liveness stays open for health checks
 
 
+def test_the_basic_scheme_is_case_insensitive(secured: tuple) -> None:
+    server, refresher, ctx = secured
+    token = base64.b64encode(b"prometheus:right horse battery").decode()
+    for scheme in ("basic", "BASIC", "bAsIc"):
+        conn = http.client.HTTPSConnection("127.0.0.1", server.port, context=ctx, timeout=5)
+        try:
+            conn.request("GET", "/metrics", headers={"Authorization": f"{scheme} {token}"})
+            resp = conn.getresponse()
+            assert (resp.status, resp.read()) == (200, refresher.snapshot.text), scheme
+        finally:
+            conn.close()
+
+
+def test_an_unknown_user_costs_as_much_as_the_costliest_known_one() -> None:
+    users = {
+        "cheap": bcrypt.hashpw(b"a", bcrypt.gensalt(rounds=4)).decode(),
+        "dear": bcrypt.hashpw(b"b", bcrypt.gensalt(rounds=11)).decode(),
+    }
+    auth = BasicAuth(users)
+    assert auth.dummy[:7] == b"$2b$11$"
+    assert bcrypt.checkpw(b"x", auth.dummy) is False  # a valid hash of an unknown password
+    assert not auth("Basic " + base64.b64encode(b"nobody:b").decode())
+
+
+def test_failed_logins_are_shed_and_do_not_delay_a_known_one(tmp_path: Path) -> None:
+    """One bcrypt worker, one place in the queue: a third wrong password at once gets 429,
+    and a login that succeeded before is answered while the checks are still running."""
+    hashed = bcrypt.hashpw(b"right", bcrypt.gensalt(rounds=13)).decode()  # ~0.5 s a check
+    config = _web_config(tmp_path, f"basic_auth_users:\n  prometheus: '{hashed}'\n")
+    source = SimpleNamespace(snapshot=Snapshot((), b"x_usd 1\n", b""))
+    limits = HttpLimits(auth_workers=1, auth_queue=1)
+    server = MetricsServer(source, "127.0.0.1", 0, web_config=config, limits=limits).start()  # type: ignore[arg-type]
+
+    def ask(password: str) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+        token = base64.b64encode(f"prometheus:{password}".encode()).decode()
+        sock.sendall(f"GET /metrics HTTP/1.0\r\nAuthorization: Basic {token}\r\n\r\n".encode())
+        return sock
+
+    def status(sock: socket.socket) -> int:
+        with sock:
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+        return int(data.split(b" ", 2)[1])
+
+    try:
+        assert status(ask("right")) == 200  # checked once, then known
+        busy = [ask("wrong"), ask("wrong")]  # the worker and the queue
+        deadline = time.monotonic() + 10
+        while server.auth_pending < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server.auth_pending == 2
+        assert status(ask("wrong")) == 429  # shed, not queued behind bcrypt
+        assert status(ask("right")) == 200  # known: answered on the loop
+        assert server.auth_pending >= 1  # while the wrong ones are still being checked
+        assert [status(sock) for sock in busy] == [401, 401]
+    finally:
+        server.stop()
+
+
+def _wait(condition: Any, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert condition()
+
+
+def test_the_web_config_is_read_again_when_it_or_its_certificate_changes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """New users and a rotated certificate take effect without a restart; a broken file
+    leaves the running configuration as it was."""
+    _make_cert(tmp_path)
+    tls = "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n"
+
+    def users(name: str) -> str:
+        hashed = bcrypt.hashpw(name.encode(), bcrypt.gensalt(rounds=4)).decode()
+        return f"{tls}basic_auth_users:\n  {name}: '{hashed}'\n"
+
+    config = _web_config(tmp_path, users("alice"))
+    source = SimpleNamespace(snapshot=Snapshot((), b"x_usd 1\n", b""))
+    limits = HttpLimits(idle_timeout_seconds=1.2)  # the files are looked at every 0.2 s
+    server = MetricsServer(source, "127.0.0.1", 0, web_config=config, limits=limits).start()  # type: ignore[arg-type]
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+
+    def status(user: str) -> int:
+        return _get(server, ctx, "/metrics", user, user)[0]
+
+    def presented() -> bytes:
+        with (
+            socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw,
+            ctx.wrap_socket(raw) as sock,
+        ):
+            return sock.getpeercert(binary_form=True) or b""
+
+    def der(path: Path) -> bytes:
+        return ssl.PEM_cert_to_DER_cert(path.read_text(encoding="utf-8"))
+
+    try:
+        assert status("alice") == 200 and status("bob") == 401
+        config.write_text(users("bob"), encoding="utf-8")
+        _wait(lambda: status("bob") == 200)
+        assert status("alice") == 401
+        old = presented()
+        assert old == der(tmp_path / "server.crt")
+        _make_cert(tmp_path)  # rotated in place, the config file untouched
+        _wait(lambda: presented() != old)
+        assert presented() == der(tmp_path / "server.crt")
+        config.write_text("basic_auth_users: [\n", encoding="utf-8")
+        _wait(lambda: any(r.getMessage() == "web config not reloaded" for r in caplog.records))
+        assert status("bob") == 200  # the last good configuration still serves
+    finally:
+        server.stop()
+
+
 def test_tls_refuses_clients_that_do_not_trust_it_or_speak_plain_http(secured: tuple) -> None:
     server, _, _ = secured
     with pytest.raises(ssl.SSLCertVerificationError):
@@ -129,6 +259,12 @@ def test_tls_refuses_clients_that_do_not_trust_it_or_speak_plain_http(secured: t
     ("body", "message"),
     [
         ("basic_auth_users:\n  a: plaintext\n", "'basic_auth_users.a' is not a bcrypt hash"),
+        # Truncated: every login would fail, with nothing to say why.
+        ("basic_auth_users:\n  a: $2y$10$short\n", "'basic_auth_users.a' is not a bcrypt hash"),
+        (
+            "basic_auth_users:\n  a: $2b$99$" + "a" * 53 + "\n",
+            "'basic_auth_users.a' is not a bcrypt hash",
+        ),
         (
             "tls_server_config:\n  cert_file: x.crt\n  key_file: x.key\n",
             "cannot load the certificate or key",
@@ -187,6 +323,92 @@ def test_dsn_password_stays_out_of_metrics_and_logs(
 
     formatted = "\n".join(LogfmtFormatter().format(r) for r in caplog.records)
     assert "database unavailable" in formatted and secret not in formatted
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "postgresql//u:PW-7f3e@127.0.0.1:1/db",  # the scheme lost its colon
+        "u:PW-7f3e@127.0.0.1:1",  # no scheme at all
+        "host=127.0.0.1 port=1 password=PW-7f3e user",  # conninfo, one key without "="
+        "postgresql://u:PW-7f3e@127.0.0.1:notaport/db",
+    ],
+)
+@pytest.mark.parametrize("command", [["check"], ["once"], ["backfill", "--days", "1"]])
+def test_a_malformed_dsn_never_prints_its_password(
+    dsn: str, command: list[str], tmp_path: Path
+) -> None:
+    args = [*command, "--dsn", dsn]
+    if command[0] == "backfill":
+        args += ["--out", str(tmp_path / "out.om")]
+    result = subprocess.run(
+        [sys.executable, "-m", "exporter", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert result.stderr.strip()  # it says what is wrong...
+    assert "PW-7f3e" not in result.stdout + result.stderr  # ...without the password
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "exporter", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env,
+    )
+
+
+def test_a_dsn_file_keeps_the_connection_string_out_of_the_arguments(
+    dsn: str, tmp_path: Path
+) -> None:
+    secret = tmp_path / "dsn"
+    secret.write_text(dsn + "\n", encoding="utf-8")  # as a Docker secret ends
+    result = _cli("check", "--dsn-file", str(secret))
+    assert result.returncode == 0, result.stderr
+    assert "ledger contract: ok" in result.stdout
+    assert "command line" not in result.stderr  # no password given there: no warning
+    missing = _cli("check", "--dsn-file", str(tmp_path / "nope"))
+    assert missing.returncode == 2
+    assert "setting 'dsn_file' (from flag --dsn-file)" in missing.stderr
+    assert "No such file" in missing.stderr
+
+
+def test_a_password_on_the_command_line_is_warned_about_once() -> None:
+    result = _cli("check", "--dsn", "postgresql://u:PW-61aa@127.0.0.1:1/x")
+    warnings = [line for line in result.stderr.splitlines() if "on the command line" in line]
+    assert len(warnings) == 1 and "--dsn-file" in warnings[0]
+    assert "PW-61aa" not in result.stdout + result.stderr
+
+
+def test_pgpassfile_supplies_the_password_the_dsn_leaves_out(
+    own_server: Any, tmp_path: Path
+) -> None:
+    with psycopg.connect(own_server.dsn, autocommit=True) as conn:
+        conn.execute("CREATE ROLE reader LOGIN PASSWORD 'pass-9d2e'")
+        conn.execute(
+            "GRANT SELECT ON cost_ledger, impact_ledger, quest_budget_allocations TO reader"
+        )
+        (hba,) = conn.execute("SHOW hba_file").fetchone() or ("",)
+        rules = Path(hba).read_text(encoding="utf-8")
+        Path(hba).write_text("local all reader scram-sha-256\n" + rules, encoding="utf-8")
+        conn.execute("SELECT pg_reload_conf()")
+    params = conninfo_to_dict(own_server.dsn) | {"user": "reader"}
+    reader = make_conninfo(**params)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    refused = _cli("check", "--dsn", reader, env=env | {"PGPASSFILE": str(tmp_path / "none")})
+    assert refused.returncode != 0 and "password" in refused.stderr
+    passfile = tmp_path / "pgpass"
+    passfile.write_text("*:*:*:reader:pass-9d2e\n", encoding="utf-8")
+    passfile.chmod(0o600)
+    result = _cli("check", "--dsn", reader, env=env | {"PGPASSFILE": str(passfile)})
+    assert result.returncode == 0, result.stderr
+    assert "ledger contract: ok" in result.stdout
 
 
 def _execute_calls(path: Path) -> Iterator[tuple[int, ast.expr]]:

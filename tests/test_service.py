@@ -209,3 +209,35 @@ def test_a_client_hanging_up_mid_response_is_one_debug_line(
         server.stop()
     captured = capfd.readouterr()
     assert "Traceback" not in captured.err and "Exception occurred" not in captured.err
+
+
+def test_ready_means_serving_data_younger_than_the_staleness_bound(ledger: str) -> None:
+    """/-/ready: 503 before the first good refresh and once the data is older than
+    max_staleness_seconds; /-/healthy answers throughout."""
+    down = Refresher(load_settings({"dsn": "postgresql://x@127.0.0.1:1/none"}, env={}))
+    server = MetricsServer(down, "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{server.port}"
+    try:
+        assert get(url + "/-/ready")[0] == 503  # nothing refreshed yet
+        assert not down.refresh()
+        assert get(url + "/-/ready")[0] == 503  # the database is out of reach
+        assert get(url + "/-/healthy")[0] == 200
+    finally:
+        server.stop()
+        down.close()
+    refresher = Refresher(load_settings({"dsn": ledger, "max_staleness_seconds": 1.5}, env={}))
+    server = MetricsServer(refresher, "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{server.port}"
+    try:
+        assert refresher.refresh()
+        assert get(url + "/-/ready") == (200, get(url + "/-/ready")[1], b"OK\n")
+        deadline = time.monotonic() + 10
+        while get(url + "/-/ready")[0] == 200 and time.monotonic() < deadline:
+            time.sleep(0.1)  # no refresh: the data ages past the bound
+        assert get(url + "/-/ready")[0] == 503
+        assert get(url + "/-/healthy")[0] == 200
+        assert refresher.refresh()
+        assert get(url + "/-/ready")[0] == 200
+    finally:
+        server.stop()
+        refresher.close()
