@@ -428,3 +428,27 @@ def test_serve_stops_within_seconds_while_a_connection_attempt_hangs() -> None:
             conn.close()
     assert "msg=stopped" in lines[-1]  # and nothing after it
     assert not any("database unavailable" in line for line in lines)
+
+
+def test_sighup_reads_the_web_config_again(dsn: str, tmp_path: Path) -> None:
+    import bcrypt
+
+    hashed = bcrypt.hashpw(b"pw", bcrypt.gensalt(rounds=4)).decode()
+    config = tmp_path / "web.yml"
+    config.write_text(f"basic_auth_users:\n  prometheus: '{hashed}'\n", encoding="utf-8")
+    with spawn(
+        "serve", "--dsn", dsn, "--port", "0", "--listen", "127.0.0.1",
+        "--web.config.file", str(config),
+    ) as proc:  # fmt: skip
+        assert proc.stderr is not None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and "msg=serving" not in proc.stderr.readline():
+            pass
+        proc.send_signal(signal.SIGHUP)  # the file is unchanged: only the signal reloads it
+        deadline = time.monotonic() + 30
+        line = ""
+        while time.monotonic() < deadline and "web config reloaded" not in line:
+            line = proc.stderr.readline()
+        assert 'msg="web config reloaded" users=1' in line
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
