@@ -64,7 +64,8 @@ def connection_cap(limits: HttpLimits) -> int:
 
 
 MAX_HEAD_BYTES: int = HttpLimits.model_fields["head_bytes"].default
-_HEAD_END = re.compile(rb"\r?\n\r?\n")
+_BARE_LF_END = re.compile(rb"\n\r?\n")
+"""The end of a head whose lines end in a bare LF (RFC 9112 allows refusing it: 400)."""
 _CAP_LOG_SECONDS = 60.0
 
 _REASONS = {
@@ -165,20 +166,22 @@ class _Connection(asyncio.Protocol):
     def process(self) -> None:
         limits = self.server.limits
         while self.transport is not None and not self.waiting and not self.paused:
-            end = _HEAD_END.search(self.buffer)
-            if end is None:
-                if len(self.buffer) > limits.head_bytes:
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                if _BARE_LF_END.search(self.buffer):  # answer now, not at the idle timeout
+                    self.finish(_response(400, _TEXT, b"Bad Request\n", close=True))
+                elif len(self.buffer) > limits.head_bytes:
                     self.finish(_response(431, _TEXT, b"Request header too large\n", close=True))
                 elif self.buffer and self.head_since is None:
                     self.head_since = time.monotonic()
                 return
-            head, self.buffer = self.buffer[: end.start()], self.buffer[end.end() :]
+            head, self.buffer = self.buffer[:end], self.buffer[end + 4 :]
             self.head_since = time.monotonic() if self.buffer else None
             if len(head) > limits.head_bytes:
                 self.finish(_response(431, _TEXT, b"Request header too large\n", close=True))
                 return
             try:
-                if end.group() != b"\r\n\r\n" or b"\n" in head.replace(b"\r\n", b""):
+                if head.count(b"\n") != head.count(b"\r\n"):
                     raise ValueError("a line ends in a bare LF")
                 request = _Request(head)
             except ValueError:
@@ -265,6 +268,7 @@ def _unauthorized(request: _Request) -> bytes:
     )
 
 
+@lru_cache(maxsize=256)
 def accepts_gzip(header: str) -> bool:
     """Whether an Accept-Encoding header admits gzip (RFC 9110: q=0 means "not acceptable")."""
     weights: dict[str, float] = {}
