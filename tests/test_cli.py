@@ -17,7 +17,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.conftest import assert_promtool_clean
+from tests.conftest import assert_promtool_clean, run_cli
 from tests.ledger import key, parse, relax
 
 END = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
@@ -26,14 +26,7 @@ END = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 def cli(
     *args: str, env: dict[str, str] | None = None, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "exporter", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-        check=False,
-    )
+    return run_cli(*args, env={**os.environ, **(env or {})}, timeout=timeout)
 
 
 @contextmanager
@@ -346,15 +339,7 @@ def test_a_taken_port_or_a_foreign_address_is_one_line_not_a_traceback(dsn: str)
 
 
 def test_an_unknown_variable_with_the_prefix_is_warned_about(dsn: str) -> None:
-    env = os.environ | {"RESOURCE_EXPORTER_INTERVAL": "5"}
-    result = subprocess.run(
-        [sys.executable, "-m", "exporter", "check", "--dsn", dsn],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env=env,
-    )
+    result = cli("check", "--dsn", dsn, env={"RESOURCE_EXPORTER_INTERVAL": "5"})
     assert result.returncode == 0, result.stderr
     (line,) = [x for x in result.stderr.splitlines() if "unknown environment variable" in x]
     assert "RESOURCE_EXPORTER_INTERVAL_SECONDS" in line  # the likely meaning

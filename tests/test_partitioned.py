@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from collections.abc import Iterator
 from datetime import date
 
@@ -11,7 +10,7 @@ import psycopg
 import pytest
 
 from exporter import generate
-from tests.conftest import temporary_database
+from tests.conftest import run_cli, temporary_database
 from tests.test_incremental import random_batches
 
 # The contract's columns; the primary key of a partitioned table must hold the partition key.
@@ -71,13 +70,7 @@ def test_incremental_sums_equal_a_full_recomputation_on_a_partitioned_ledger(
 
 
 def _check(dsn: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "exporter", "check", "--dsn", dsn],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return run_cli("check", "--dsn", dsn, timeout=60)
 
 
 def test_check_accepts_a_partitioned_ledger_and_sees_its_indexes(partitioned: str) -> None:

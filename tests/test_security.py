@@ -27,7 +27,7 @@ from exporter.refresh import Refresher
 from exporter.server import MetricsServer
 from exporter.snapshot import Snapshot
 from exporter.webconfig import BasicAuth, load_web_config
-from tests.conftest import require_binary
+from tests.conftest import require_binary, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -341,27 +341,10 @@ def test_a_malformed_dsn_never_prints_its_password(
     args = [*command, "--dsn", dsn]
     if command[0] == "backfill":
         args += ["--out", str(tmp_path / "out.om")]
-    result = subprocess.run(
-        [sys.executable, "-m", "exporter", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_cli(*args, timeout=60)
     assert result.returncode != 0
     assert result.stderr.strip()  # it says what is wrong...
     assert "PW-7f3e" not in result.stdout + result.stderr  # ...without the password
-
-
-def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "exporter", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env=env,
-    )
 
 
 def test_a_dsn_file_keeps_the_connection_string_out_of_the_arguments(
@@ -369,18 +352,18 @@ def test_a_dsn_file_keeps_the_connection_string_out_of_the_arguments(
 ) -> None:
     secret = tmp_path / "dsn"
     secret.write_text(dsn + "\n", encoding="utf-8")  # as a Docker secret ends
-    result = _cli("check", "--dsn-file", str(secret))
+    result = run_cli("check", "--dsn-file", str(secret))
     assert result.returncode == 0, result.stderr
     assert "ledger contract: ok" in result.stdout
     assert "command line" not in result.stderr  # no password given there: no warning
-    missing = _cli("check", "--dsn-file", str(tmp_path / "nope"))
+    missing = run_cli("check", "--dsn-file", str(tmp_path / "nope"))
     assert missing.returncode == 2
     assert "setting 'dsn_file' (from flag --dsn-file)" in missing.stderr
     assert "No such file" in missing.stderr
 
 
 def test_a_password_on_the_command_line_is_warned_about_once() -> None:
-    result = _cli("check", "--dsn", "postgresql://u:PW-61aa@127.0.0.1:1/x")
+    result = run_cli("check", "--dsn", "postgresql://u:PW-61aa@127.0.0.1:1/x")
     warnings = [line for line in result.stderr.splitlines() if "on the command line" in line]
     assert len(warnings) == 1 and "--dsn-file" in warnings[0]
     assert "PW-61aa" not in result.stdout + result.stderr
@@ -401,12 +384,12 @@ def test_pgpassfile_supplies_the_password_the_dsn_leaves_out(
     params = conninfo_to_dict(own_server.dsn) | {"user": "reader"}
     reader = make_conninfo(**params)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    refused = _cli("check", "--dsn", reader, env=env | {"PGPASSFILE": str(tmp_path / "none")})
+    refused = run_cli("check", "--dsn", reader, env=env | {"PGPASSFILE": str(tmp_path / "none")})
     assert refused.returncode != 0 and "password" in refused.stderr
     passfile = tmp_path / "pgpass"
     passfile.write_text("*:*:*:reader:pass-9d2e\n", encoding="utf-8")
     passfile.chmod(0o600)
-    result = _cli("check", "--dsn", reader, env=env | {"PGPASSFILE": str(passfile)})
+    result = run_cli("check", "--dsn", reader, env=env | {"PGPASSFILE": str(passfile)})
     assert result.returncode == 0, result.stderr
     assert "ledger contract: ok" in result.stdout
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import random
 import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +19,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from exporter.config import load_settings
 from exporter.refresh import Refresher
+from tests.conftest import run_cli
 from tests.prom import free_port
 from tests.test_incremental import NOW, _families, _full, _insert, _rows
 
@@ -105,12 +104,6 @@ def test_incremental_sums_on_a_standby_equal_a_full_recomputation(
 
 def test_check_on_a_standby(replica: tuple[str, str]) -> None:
     _, standby = replica
-    result = subprocess.run(
-        [sys.executable, "-m", "exporter", "check", "--dsn", standby],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_cli("check", "--dsn", standby, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "ledger contract: ok" in result.stdout
