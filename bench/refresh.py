@@ -14,7 +14,9 @@ ledger is a longer history with the same window) is loaded into an embedded Post
   second scan; ours classifies them in the same scan); the mean latency of each;
 * peak RSS of a ``resource-exporter serve`` process that refreshed a few times.
 
-Medians (query-exporter: mean of its runs) and ratios are printed as a Markdown table.
+Medians (query-exporter: mean of its runs) and ratios are printed as a Markdown table, then
+where a steady refresh spends its time: each query's wait for PostgreSQL and its Python, each
+source's building of families, and the rendering of the exposition.
 """
 
 from __future__ import annotations
@@ -75,10 +77,28 @@ def full_refresh(dsn: str, runs: int) -> tuple[float, float]:
         refresher.close()
 
 
-def steady_refresh(dsn: str, plan: generate.LedgerPlan, runs: int, batch: int) -> float:
+def phases(refresher: Refresher) -> dict[str, float]:
+    """Where the last refresh spent its time: each query's wait for PostgreSQL and its Python
+    (folding the rows in), each source's building of families, the rendering."""
+    h = refresher.health
+    out: dict[str, float] = {}
+    for query, health in sorted(h.queries.items()):
+        out[f"{query}: query"] = health.database
+        out[f"{query}: Python"] = health.duration - health.database
+    for source, seconds in sorted(h.build_seconds.items()):
+        out[f"{source}: families"] = seconds
+    out["rendering"] = h.render_seconds
+    return out
+
+
+def steady_refresh(
+    dsn: str, plan: generate.LedgerPlan, runs: int, batch: int
+) -> tuple[float, dict[str, float]]:
+    """Median steady refresh after ``batch`` new rows, and the median of each phase."""
     refresher = Refresher(load_settings({"dsn": dsn}, env={}))
     traffic = generate.LiveTraffic(plan)
     times = []
+    split: list[dict[str, float]] = []
     try:
         for _ in range(3):  # the first is a full reconciliation; then the watermark settles
             _ok(refresher.refresh())
@@ -90,7 +110,9 @@ def steady_refresh(dsn: str, plan: generate.LedgerPlan, runs: int, batch: int) -
                 started = time.perf_counter()
                 _ok(refresher.refresh())
                 times.append(time.perf_counter() - started)
-        return statistics.median(times)
+                split.append(phases(refresher) | {"whole refresh": times[-1]})
+        medians = {name: statistics.median(run[name] for run in split) for name in split[0]}
+        return statistics.median(times), medians
     finally:
         refresher.close()
 
@@ -259,11 +281,13 @@ def bench_size(rows: int, runs: int, batch: int, quick: bool = False) -> dict[st
             plan = generate.load(conn, rows, days=days, progress=generate.Progress(rows).update)
             conn.execute("VACUUM ANALYZE")
         full, spend = full_refresh(dsn, runs)
+        steady, steady_phases = steady_refresh(dsn, plan, runs, batch)
         result = {
             "rows": rows,
             "full": full,
             "spend": spend,
-            "steady": steady_refresh(dsn, plan, runs, batch),
+            "steady": steady,
+            "phases": steady_phases,
             "floor": psql_floor(dsn, runs),
             "qe": None if quick else query_exporter(dsn, "spend", min(runs, 3), full),
             "qe_excluded": None if quick else query_exporter(dsn, "excluded", min(runs, 3), full),
@@ -311,6 +335,12 @@ def main() -> int:
             f"{_seconds(excluded)} | {_ratio(r['spend'], qe)} | {_ratio(r['spend'], same)} | "
             f"{r['rss']:.0f} MiB |"
         )
+    print(f"\nWhere a steady refresh ({args.batch} new rows) spends its time (medians):\n")
+    print("| phase | " + " | ".join(f"{r['rows']:,} rows" for r in results) + " |")
+    print("|---|" + "---|" * len(results))
+    for name in base["phases"]:
+        cells = " | ".join(f"{r['phases'].get(name, float('nan')) * 1000:.1f} ms" for r in results)
+        print(f"| {name} | {cells} |")
     return 0
 
 

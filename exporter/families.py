@@ -63,6 +63,8 @@ class LedgerFamilies:
     cleaned: dict[str, int] = field(default_factory=dict)
     labels: LabelGuard | None = None
     """The guard that labelled them (backfill labels its history with the same one)."""
+    build_seconds: dict[str, float] = field(default_factory=dict)
+    """Time each source took to build its families."""
 
     @property
     def series(self) -> int:

@@ -21,6 +21,9 @@ class QueryHealth:
 
     success: bool = False
     duration: float = 0.0
+    database: float = 0.0
+    """Of ``duration``, the time spent waiting for PostgreSQL (statements and streamed rows);
+    the rest is the exporter's Python, folding the rows in."""
     last_success: float | None = None
     errors: int = 0
     failing: int = 0
@@ -40,6 +43,10 @@ class Health:
     failures: int = 0
     skipped: int = 0
     refresh_duration: float = 0.0
+    build_seconds: dict[str, float] = field(default_factory=dict)
+    """Time each source took to build its families in the last refresh."""
+    render_seconds: float = 0.0
+    """Time the last refresh took to render the exposition (text and gzip)."""
     last_refresh: float | None = None
     last_success: float | None = None
     database_up: bool = False

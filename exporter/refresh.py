@@ -13,8 +13,9 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import psycopg
 from psycopg.rows import namedtuple_row
@@ -34,12 +35,40 @@ log = logging.getLogger(__name__)
 S = TypeVar("S", bound=Source)
 
 
+class TimedCursor(psycopg.Cursor[Any]):
+    """A cursor that counts the time spent waiting for PostgreSQL: in ``execute`` (which
+    returns once the whole result is in) and while streaming rows. Building Python rows from
+    a result (``fetchall``) is the exporter's own time."""
+
+    waited = 0.0
+
+    def execute(self, *args: Any, **kwargs: Any) -> Self:
+        started = time.perf_counter()
+        try:
+            return super().execute(*args, **kwargs)
+        finally:
+            self.waited += time.perf_counter() - started
+
+    def stream(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        rows = super().stream(*args, **kwargs)
+        while True:
+            started = time.perf_counter()
+            try:
+                row = next(rows)
+            except StopIteration:
+                return
+            finally:
+                self.waited += time.perf_counter() - started
+            yield row
+
+
 def connect(settings: Settings) -> psycopg.Connection[Any]:
     """Open a read-only session with the exporter's timeouts."""
     conn = psycopg.connect(
         settings.dsn_value(),
         connect_timeout=settings.connect_timeout_seconds,
         fallback_application_name="resource-exporter",
+        cursor_factory=TimedCursor,
         row_factory=namedtuple_row,
         # Plan every statement with its parameters: a generic plan of "id > $1" cannot tell the
         # rows after a watermark (an index range) from the whole ledger (a scan).
@@ -131,12 +160,15 @@ class Refresher:
         if ok:
             h.last_success = h.last_refresh
         h.ledger = build_ledger(self._ready(), self.settings, self.providers)
+        h.build_seconds = h.ledger.build_seconds
         fresh_until = (
             -math.inf
             if h.last_success is None
             else h.last_success + self.settings.max_staleness_seconds
         )
+        started = time.perf_counter()
         self.snapshot = Snapshot.of(h.ledger.families + h.families(), fresh_until)
+        h.render_seconds = time.perf_counter() - started
         return ok
 
     def _ready(self) -> list[Source]:
@@ -193,7 +225,10 @@ class Refresher:
         started = time.perf_counter()
         try:
             with conn.transaction(), conn.cursor() as cur:
-                source.read(query, cur, refresh)
+                try:
+                    source.read(query, cur, refresh)
+                finally:
+                    health.database = cur.waited if isinstance(cur, TimedCursor) else 0.0
         except psycopg.Error as exc:
             health.duration = time.perf_counter() - started
             if conn.broken:

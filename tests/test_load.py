@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import time
 from collections import defaultdict
+from datetime import UTC, datetime, timedelta
 
 import psycopg
 
@@ -51,3 +52,28 @@ def test_the_refresh_benchmark_builds_its_baseline_queries() -> None:
 
     spend, excluded = refresh.QE_QUERIES["spend"][1], refresh.QE_QUERIES["excluded"][1]
     assert "c.cache_read_tokens" in spend and "invalid_tokens" in excluded
+
+
+def test_a_refresh_says_where_it_spent_its_time(dsn: str) -> None:
+    """bench.refresh reports these phases; they must be measured, and add up."""
+    from bench.refresh import phases
+    from exporter.config import load_settings
+    from exporter.refresh import Refresher
+    from exporter.sources import KINDS
+    from tests.ledger import Call, insert
+
+    now = datetime.now(UTC)
+    insert(dsn, [Call(now - timedelta(hours=i), f"t{i}") for i in range(40)])
+    refresher = Refresher(load_settings({"dsn": dsn}, env={}))
+    try:
+        assert refresher.refresh()
+        split = phases(refresher)
+    finally:
+        refresher.close()
+    assert {f"{kind.__name__}: families" for kind in KINDS} <= set(split)
+    for query, health in refresher.health.queries.items():
+        assert 0 < health.database <= health.duration, query
+        assert split[f"{query}: query"] == health.database
+    assert split["rendering"] > 0
+    queries = sum(h.duration for h in refresher.health.queries.values())
+    assert queries <= refresher.health.refresh_duration  # the queries run inside it

@@ -6,6 +6,7 @@ catalog entries; the refresher, the health families and the catalog test pick it
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 from exporter import catalog as c
@@ -59,8 +60,10 @@ def build_ledger(
     out = LedgerFamilies(labels=labels)
     excluded: Excluded = {}
     for source in ready:
+        started = time.perf_counter()
         out.families += source.build(build)
         excluded |= source.excluded()
+        out.build_seconds[type(source).__name__] = time.perf_counter() - started
     if excluded:
         out.families.append(family_of(c.LEDGER_EXCLUDED_ROWS, excluded))
     out.folded = labels.folded
