@@ -34,6 +34,7 @@ from typing import Any, TextIO
 from exporter import catalog as c
 from exporter import queries as q
 from exporter.config import ConfigError, Settings
+from exporter.days import local_midnight
 from exporter.families import LabelGuard, Series
 from exporter.incremental import ZERO, Sums
 from exporter.prices import PriceBook
@@ -57,10 +58,6 @@ class Summary:
 
 def _floor_hour(ts: datetime) -> datetime:
     return ts.replace(minute=0, second=0, microsecond=0)
-
-
-def _local_midnight(day: date, settings: Settings) -> datetime:
-    return datetime.combine(day, datetime.min.time(), settings.zone).astimezone(UTC)
 
 
 class _History:
@@ -203,13 +200,13 @@ def _budgets(
     for r in rows:
         allocated[(r.day, guard.q(r.quest))] += float(r.allocated)
     for (day, quest), value in sorted(allocated.items()):
-        midnight = _local_midnight(day, settings)
+        midnight = local_midnight(day, settings.zone)
         if hours[0] <= midnight <= hours[-1]:
             history.add(c.BUDGET_ALLOCATED, [("quest", quest)], midnight, value)
     quests = {quest for _, quest in allocated} | {quest for _, quest in spend_by_hour}
     for at in hours:
         day = at.astimezone(settings.zone).date()
-        since = max(_local_midnight(day, settings), hours[0])
+        since = max(local_midnight(day, settings.zone), hours[0])
         for quest in sorted(quests):
             spent = sum(spend_by_hour.get((h, quest), 0.0) for h in _hours_between(since, at))
             budget = allocated.get((day, quest))

@@ -29,20 +29,18 @@ from bisect import bisect_right
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, datetime
 from decimal import Decimal
 from functools import cache
 from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo
 
 from exporter import catalog as c
-from exporter.queries import Columns, Query
+from exporter.days import DAY, local_midnight
+from exporter.queries import AFTER, Columns, Query
 
-DAY = timedelta(days=1)
 RANK_DAYS = 30
 """The days of spend a quest is ranked by (ending the day before yesterday)."""
-
-_AFTER = "(%(after)s::bigint IS NULL OR c.id > %(after)s)"
 
 
 @cache
@@ -56,19 +54,10 @@ def quest_days(cols: Columns) -> Query:
            width_bucket(c.ts, %(midnights)s::timestamptz[]) AS day,
            sum(c.cost_usd::numeric) AS cost, min(c.id) AS first_id
     FROM cost_ledger c
-    WHERE {_AFTER} AND {cols.valid}
+    WHERE {AFTER} AND {cols.valid}
     GROUP BY 1, 2, 3
     """,
     )
-
-
-def midnights(first: date, last: date, zone: ZoneInfo) -> list[datetime]:
-    """The local midnights of the days from ``first`` to ``last``, as UTC instants."""
-    days = (last - first).days + 1
-    return [
-        datetime.combine(first + i * DAY, datetime.min.time(), zone).astimezone(UTC)
-        for i in range(days)
-    ]
 
 
 Days = dict[date, dict[str, tuple[Decimal, int]]]
@@ -259,6 +248,6 @@ def _attribution(spend: Days, decided: dict[date, Day], today: date, zone: ZoneI
         kept_yesterday=decided.get(today - DAY, empty).kept,
         label_of=label_of,
         moved=moved,
-        bounds=tuple(midnights(day, day, zone)[0] for day in cut),
+        bounds=tuple(local_midnight(day, zone) for day in cut),
         days=decided,
     )

@@ -184,6 +184,10 @@ SNAPSHOT = Query(
 # --- Backfill (a one-off history export, not part of a refresh) ------------------------------
 
 
+AFTER = "(%(after)s::bigint IS NULL OR c.id > %(after)s)"
+"""The rows after id %(after)s (an index range scan of the primary key); %(after)s NULL: every
+row, whatever its id (the test folds away: statements are planned with their parameters)."""
+
 MOVED = "(c.quest = ANY(%(moved)s) OR (%(moved_null)s AND c.quest IS NULL))"
 """A row of a quest whose label changed between days (exporter/fold.py)."""
 

@@ -31,7 +31,7 @@ from typing import Protocol
 from exporter.config import ConfigError, HttpLimits
 from exporter.logs import error_fields, event
 from exporter.snapshot import OPENMETRICS_CONTENT_TYPE, TEXT_CONTENT_TYPE, Snapshot
-from exporter.webconfig import BasicAuth, WebConfig, load_web_config, tls_context
+from exporter.webconfig import BasicAuth, WebConfig, configure_tls, load_web_config, tls_context
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,6 @@ def connection_cap(limits: HttpLimits) -> int:
     return max(8, min(10000, soft - FD_RESERVE))
 
 
-MAX_HEAD_BYTES: int = HttpLimits.model_fields["head_bytes"].default
 _BARE_LF_END = re.compile(rb"\n\r?\n")
 """The end of a head whose lines end in a bare LF (RFC 9112 allows refusing it: 400)."""
 _CAP_LOG_SECONDS = 60.0
@@ -378,8 +377,7 @@ class MetricsServer:
         if web_config is not None:
             config = load_web_config(web_config)
             self._watch(config)
-            if config.basic_auth_users:
-                self.auth = BasicAuth(config.basic_auth_users)
+            self.auth = _auth(config)
             if config.tls_server_config is not None:
                 tls = tls_context(config.tls_server_config, web_config.parent)
         self.tls = tls is not None
@@ -459,16 +457,9 @@ class MetricsServer:
             if (config.tls_server_config is not None) != self.tls:
                 raise ConfigError("turning TLS on or off needs a restart")
             if config.tls_server_config is not None and self._tls is not None:
-                fresh = tls_context(config.tls_server_config, self.web_config.parent)
-                tls = config.tls_server_config
-                base = self.web_config.parent
                 # The listening socket keeps its context: load the new files into it.
-                self._tls.load_cert_chain(base / tls.cert_file, base / tls.key_file)
-                self._tls.minimum_version = fresh.minimum_version
-                self._tls.verify_mode = fresh.verify_mode
-                if tls.client_ca_file is not None:
-                    self._tls.load_verify_locations(base / tls.client_ca_file)
-            auth = BasicAuth(config.basic_auth_users) if config.basic_auth_users else None
+                configure_tls(self._tls, config.tls_server_config, self.web_config.parent)
+            auth = _auth(config)
         except (ConfigError, ssl.SSLError, OSError) as exc:
             event(log, logging.ERROR, "web config not reloaded", error=str(exc))
             return
@@ -521,6 +512,10 @@ class MetricsServer:
             if conn.transport is not None:
                 conn.transport.abort()
         self._loop.stop()
+
+
+def _auth(config: WebConfig) -> BasicAuth | None:
+    return BasicAuth(config.basic_auth_users) if config.basic_auth_users else None
 
 
 def _stat(path: Path) -> tuple[float, int] | None:

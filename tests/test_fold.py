@@ -161,7 +161,7 @@ def test_increase_across_the_fold_changes_is_the_ledger_spend(dsn: str, tmp_path
     history = tmp_path / "fold.om"
     history.write_text(_openmetrics(steps), encoding="utf-8")
     create_blocks(history, tmp_path / "data")
-    kept = fold_days([c for c in steps[-1].calls], _budgets(start), steps[-1].at.date(), RULES)
+    kept = fold_days(steps[-1].calls, _budgets(start), steps[-1].at.date(), RULES)
     with running_prometheus(tmp_path, [], storage=tmp_path / "data") as prom:
         last = steps[-1].at.timestamp()
         resets = prom.query(f"sum(resets({SPEND}[{DAYS + 1}d]))", at=last)

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from exporter.config import HttpLimits
-from exporter.server import FD_RESERVE, MAX_HEAD_BYTES, MetricsServer, connection_cap
+from exporter.server import FD_RESERVE, MetricsServer, connection_cap
 from exporter.snapshot import Snapshot
 
 TEXT = b"# HELP x_usd X.\n# TYPE x_usd gauge\nx_usd 1.5\n"
@@ -94,7 +94,7 @@ def test_pipelined_requests_are_answered_in_order(server: MetricsServer) -> None
         (b"GET /metrics SPDY/3\r\n\r\n", 400),
         (b"GET /metrics HTTP/1.1\r\nno colon here\r\n\r\n", 400),
         (b"POST /metrics HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc", 405),
-        (b"GET /metrics HTTP/1.1\r\nX-Big: " + b"a" * MAX_HEAD_BYTES, 431),
+        (b"GET /metrics HTTP/1.1\r\nX-Big: " + b"a" * HttpLimits().head_bytes, 431),
         # Complete heads over the limit, arriving in one write.
         (b"GET /" + b"a" * 100_000 + b" HTTP/1.1\r\n\r\n", 431),
         (b"GET /metrics HTTP/1.1\r\n" + b"X-H: v\r\n" * 10_000 + b"\r\n", 431),

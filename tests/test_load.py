@@ -73,7 +73,6 @@ def test_a_refresh_says_where_it_spent_its_time(dsn: str) -> None:
     assert {f"{kind.__name__}: families" for kind in KINDS} <= set(split)
     for query, health in refresher.health.queries.items():
         assert 0 < health.database <= health.duration, query
-        assert split[f"{query}: query"] == health.database
     assert split["rendering"] > 0
     queries = sum(h.duration for h in refresher.health.queries.values())
     assert queries <= refresher.health.refresh_duration  # the queries run inside it

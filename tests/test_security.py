@@ -148,7 +148,8 @@ def test_an_unknown_user_costs_as_much_as_the_costliest_known_one() -> None:
     auth = BasicAuth(users)
     assert auth.dummy[:7] == b"$2b$11$"
     assert bcrypt.checkpw(b"x", auth.dummy) is False  # a valid hash of an unknown password
-    assert not auth("Basic " + base64.b64encode(b"nobody:b").decode())
+    assert auth.cached("Basic " + base64.b64encode(b"nobody:b").decode()) is None
+    assert not auth.verify("Basic " + base64.b64encode(b"nobody:b").decode())
 
 
 def test_failed_logins_are_shed_and_do_not_delay_a_known_one(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import psycopg
@@ -18,6 +18,7 @@ from prometheus_client.metrics_core import Metric as Family
 
 from exporter.catalog import MetricSpec
 from exporter.config import Settings
+from exporter.days import local_midnight
 from exporter.families import LabelGuard
 from exporter.incremental import Plan, Watermark
 from exporter.labels import ProviderFamilies
@@ -50,7 +51,7 @@ class Instants:
         following = (first + timedelta(days=31)).replace(day=1)
 
         def midnight(day: date) -> datetime:
-            return datetime.combine(day, datetime.min.time(), settings.zone).astimezone(UTC)
+            return local_midnight(day, settings.zone)
 
         return cls(
             now=now,

@@ -26,13 +26,14 @@ import psycopg
 from prometheus_client.metrics_core import Metric as Family
 
 from exporter import catalog as c
+from exporter.days import DAY, midnights
 from exporter.families import LabelGuard, Series, as_float, family_of
-from exporter.fold import DAY, Fold, QuestDays, decide, midnights, quest_days
+from exporter.fold import Fold, QuestDays, decide, quest_days
 from exporter.incremental import ZERO, Sums
 from exporter.labels import LabelCleaner
 from exporter.models import model_name, model_ref
 from exporter.prices import PriceBook
-from exporter.queries import BUDGET_DAYS, MOVED, REASONS, Columns, Periods, Query
+from exporter.queries import AFTER, BUDGET_DAYS, MOVED, REASONS, Columns, Periods, Query
 from exporter.sources.base import Build, Excluded, Refresh, Source, Statement
 
 # Cumulative sums of the rows after id %(after)s (an index range scan of the primary key), split
@@ -49,7 +50,6 @@ from exporter.sources.base import Build, Excluded, Refresh, Source, Statement
 # come from a second, filtered scan that runs only when the first one saw excluded rows (an init
 # plan the executor checks before starting that scan). The largest id is read from the end of
 # the primary key, not aggregated over every row.
-_AFTER = "(%(after)s::bigint IS NULL OR c.id > %(after)s)"
 # Which recent spans a row falls in (by its time): the label guard's window (whole days), this
 # month, today. They move once a day, at midnight, when the source reads the whole ledger again;
 # between midnights the spans' sums follow the new rows like the counters.
@@ -83,7 +83,7 @@ def spend_totals(cols: Columns, periods: Periods, spans: bool = True) -> Query:
                {periods.column} AS period, {cols.valid} IS TRUE AS valid, {recent},
                {cols.sums()}
         FROM cost_ledger c
-        WHERE {_AFTER}
+        WHERE {AFTER}
         GROUP BY {group_by}
     )
     SELECT 'sum' AS kind, final, quest, layer, provider, model, period, NULL AS reason,
@@ -96,11 +96,11 @@ def spend_totals(cols: Columns, periods: Periods, spans: bool = True) -> Query:
            NULL, NULL, NULL, count(*), {nulls}, NULL, NULL
     FROM cost_ledger c
     WHERE EXISTS (SELECT FROM g WHERE NOT g.valid)
-      AND {_AFTER} AND {cols.valid} IS NOT TRUE
+      AND {AFTER} AND {cols.valid} IS NOT TRUE
     GROUP BY 1, 2, 3, 4, 5, 8
     UNION ALL
     SELECT 'largest', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, {nulls}, NULL,
-           (SELECT max(c.id) FROM cost_ledger c WHERE {_AFTER}), NULL
+           (SELECT max(c.id) FROM cost_ledger c WHERE {AFTER}), NULL
     """,
     )
 
@@ -135,7 +135,7 @@ def split_totals(cols: Columns, periods: Periods) -> Query:
            {periods.column} AS period, NULL AS reason, {nulls}, {cols.sums()},
            NULL::bigint AS max_id, width_bucket(c.ts, %(bounds)s::timestamptz[]) AS segment
     FROM cost_ledger c
-    WHERE {_AFTER} AND {MOVED} AND {cols.valid}
+    WHERE {AFTER} AND {MOVED} AND {cols.valid}
     GROUP BY {periods.group_by(2, 3, 4, 5, 6, 20)}
     """,
     )
