@@ -235,6 +235,9 @@ class Settings(_Section):
     """A query's families are dropped when it has not succeeded for this long."""
     reconcile_interval_seconds: float = Field(3600.0, ge=0)
     """How often every running sum is recomputed from the whole ledger (0: every refresh)."""
+    impact_lag_seconds: float = Field(300.0, ge=0, le=86400)
+    """How long after its `measured_at` an impact may commit and still be read by the next
+    refresh; a later one shows at the next reconciliation (docs/semantics.md)."""
     connect_timeout_seconds: int = Field(5, ge=1, le=300)
     """Connection timeout."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -146,7 +146,14 @@ _ADVICE = f"""
            EXISTS (SELECT FROM pg_statistic_ext s
                    WHERE s.stxrelid = t.oid AND 'd' = ANY (s.stxkind)
                      AND s.stxkeys::int2[] @> ARRAY[t.task, t.provider, t.model]::int2[])
-               AS task_provider_stats
+               AS task_provider_stats,
+           NOT EXISTS (SELECT FROM pg_class i WHERE i.oid = to_regclass('impact_ledger')
+                         AND i.relkind IN ('r', 'p'))
+           OR EXISTS (SELECT FROM pg_index i
+                      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+                      WHERE i.indrelid = to_regclass('impact_ledger')
+                        AND a.attname = 'measured_at')
+               AS impact_measured_index
     FROM t
 """
 
@@ -169,18 +176,27 @@ ADVICE = {
         "no ndistinct statistics on cost_ledger (task_id, provider, model): the window is"
         " sorted instead of hashed"
     ),
+    "impact_measured_index": (
+        "no index on impact_ledger (measured_at): every refresh scans impact_ledger to find the"
+        " impacts measured since the last one"
+    ),
 }
 """What ``schema.sql`` creates for the exporter's queries, and what its absence costs."""
 
 
 def performance_advice(conn: psycopg.Connection[Any]) -> list[str]:
-    """Return one line per index or statistics object of ``schema.sql`` that cost_ledger lacks.
+    """Return one line per index or statistics object of ``schema.sql`` that the ledger lacks.
 
-    Only for a table: a view's indexes live on its base tables, which this cannot see.
+    Only for tables: a view's indexes live on its base tables, which this cannot see.
     """
     found = conn.cursor(row_factory=dict_row).execute(_ADVICE).fetchone()
-    if found is None or not found["is_table"]:
+    if found is None:
         return []
+    return [
+        f"{text} (see exporter/sql/schema.sql)"
+        for key, text in ADVICE.items()
+        if not found[key] and (found["is_table"] or key.startswith("impact_"))
+    ]
     return [
         f"{text} (see exporter/sql/schema.sql)" for key, text in ADVICE.items() if not found[key]
     ]

@@ -5,28 +5,31 @@ each spent over its whole life. Reading that from the ledger every refresh costs
 plus every earlier row of long-running tasks. Instead the exporter keeps, per window task, the
 sums over ids <= a watermark (the same snapshot-safe watermark as the cumulative sums, see
 exporter/incremental.py) and re-reads the rows after it; a task that enters the window (a new
-task, or an old one with a new row) has its history read once. Tasks leave when their latest
-row falls out of the window. The periodic full reconciliation rebuilds everything.
+task, or an old one with a new row) has its history read once, and only the impacts measured
+since the last refresh are read. Tasks leave when their latest row falls out of the window. The
+rankings and sums are kept with them (exporter/summary.py), so a refresh re-ranks only what
+changed. The periodic full reconciliation rebuilds everything.
 """
 
 from __future__ import annotations
 
-import heapq
 import json
-import math
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from functools import cache
 from typing import Any, NamedTuple
+
+from sortedcontainers import SortedList
 
 from exporter.config import Settings
 from exporter.incremental import Plan, Sums
 from exporter.labels import ProviderFamilies
 from exporter.models import model_ref
 from exporter.prices import Price, PriceBook
+from exporter.summary import Summary, WindowRow
 
 
 @dataclass(slots=True)
@@ -93,27 +96,29 @@ def _intern(value: str | None) -> str | None:
     return None if value is None else sys.intern(value)
 
 
-class WindowRow(NamedTuple):
-    """One row of the window families, in the shape exporter/families.py reads."""
-
-    kind: str  # efficiency, efficiency_list, waste, waste_total, quest, provider
-    task_id: str | None
-    quest: str | None
-    layer: str | None
-    cost: Decimal
-    tokens: Decimal | int
-    impact: float | None
-    tasks: int
-    family: str | None
-    listed: Decimal = Decimal(0)  # the list-price value of the same tasks' priced calls
-
-
 @dataclass
 class WindowTasks:
-    """The final part of every window task's sums, and the watermark it is exact up to."""
+    """Every window task's sums, its latest impact, and the summary ranked from them.
 
+    ``final`` holds the sums over ids <= ``frozen_id``; ``open`` the tasks with rows after it
+    as of the last refresh (their final part merged with those rows: the state the summary
+    holds for them). Every task held is in the window and in ``summary`` and ``by_time``.
+    """
+
+    settings: Settings
     final: dict[str, Task] = field(default_factory=dict)
+    open: dict[str, Task] = field(default_factory=dict)
+    impacts: dict[str, float | None] = field(default_factory=dict)
     frozen_id: int = -1
+    impacts_since: datetime | None = None
+    """A steady refresh reads the impacts measured after this (the database's clock at the
+    last refresh, less ``impact_lag_seconds``)."""
+    summary: Summary = field(init=False)
+    by_time: SortedList = field(default_factory=SortedList)  # (last_ts, task_id)
+    cutoff: datetime | None = None  # the grace cutoff ``summary`` classified waste with
+
+    def __post_init__(self) -> None:
+        self.summary = Summary(self.settings)
 
     def bounds(self, plan: Plan) -> tuple[bool, int]:
         """Return (full, safe): whether to rebuild, and the id up to which rows are final.
@@ -124,163 +129,161 @@ class WindowTasks:
         """
         return plan.full or self.frozen_id < 0, max(plan.safe, self.frozen_id)
 
-    def tracked(self) -> str:
-        """The tasks the final part holds, as the JSON array the steady statement reads."""
-        return json.dumps(list(self.final))
+    def entering(self, tail: Iterable[Any]) -> str:
+        """The tail's tasks that ``final`` does not hold (new, or back in the window), as the
+        JSON array the history statement reads: their earlier rows are read once."""
+        return json.dumps(sorted({r.task_id for r in tail} - self.final.keys()))
 
-    def apply(
-        self,
-        plan: Plan,
-        rows: Iterable[Any],
-        window_start: datetime,
-        providers: ProviderFamilies,
-        prices: PriceBook,
-    ) -> tuple[dict[str, Task], dict[str, float | None]]:
-        """Fold one statement's rows in; return the window's tasks and their impacts.
+    def task(self, task_id: str) -> Task:
+        """A held task as the summary counts it."""
+        return self.open.get(task_id) or self.final[task_id]
 
-        ``rows`` may be a stream that fails part way: nothing held changes until it is read to
-        the end. A rebuild folds rows as they arrive into new dicts; a steady refresh keeps its
-        few tail rows until then, and folds them by part (final before open, ids growing).
-        """
-        full, safe = self.bounds(plan)
+    def rows(self) -> list[WindowRow]:
+        return self.summary.rows(self.task, self.impacts)
 
-        @cache
-        def priced(provider: str, model: str | None, period: datetime | None) -> _Priced:
-            family = providers.family(provider)
-            return _Priced(family, prices.price(family, model_ref(provider, model), period))
-
+    def rebuild(self, plan: Plan, rows: Iterable[Any], now: Now) -> None:
+        """Replace everything held by a rebuild's rows (parts 0 and 2, and every window
+        task's impact). ``rows`` may be a stream that fails part way: nothing held changes
+        until it is read to the end."""
+        window_start, grace_cutoff, priced = now
         final: dict[str, Task] = {}
         open_tail: dict[str, Task] = {}
         impacts: dict[str, float | None] = {}
-        later: list[Any] = []
+        clock = None
         for r in rows:
             if r.kind == "impact":
                 impacts[r.task_id] = r.impact
-            elif full:
-                _fold(final if r.part == 0 else open_tail, r, priced)
+            elif r.kind == "clock":
+                clock = r.last_ts
             else:
-                later.append(r)
-        if not full:
-            final = self.final
-            for r in sorted(later, key=lambda r: r.part):
-                _fold(final if r.part < 2 else open_tail, r, priced)
-        # One pass over what is held: tasks whose latest row left the window are dropped.
+                _fold(final if r.part == 0 else open_tail, r, priced)
+        opened = _merged(final, open_tail)
+        current = {k: t for k, t in final.items() if k not in opened} | opened
         current = {
-            k: t for k, t in final.items() if t.last_ts is not None and t.last_ts >= window_start
+            k: t for k, t in current.items() if t.last_ts is not None and t.last_ts >= window_start
         }
-        for task_id, tail in open_tail.items():
-            base = final.get(task_id)
-            task = tail if base is None else base.merged(tail)
-            if task.last_ts is not None and task.last_ts >= window_start:
-                current[task_id] = task
-        for task_id in [k for k in final if k not in current]:
-            del final[task_id]
-        self.final = final
-        self.frozen_id = safe
-        return current, impacts
+        summary = Summary(self.settings)
+        for task_id, t in current.items():
+            impact = impacts.get(task_id)
+            summary.add(task_id, t, impact, summary.wasted_task(t, impact, grace_cutoff))
+        self.final = {k: t for k, t in final.items() if k in current}
+        self.open = {k: t for k, t in opened.items() if k in current}
+        self.impacts = {k: v for k, v in impacts.items() if k in current}
+        self.summary = summary
+        self.by_time = SortedList((t.last_ts, k) for k, t in current.items())
+        self.cutoff = grace_cutoff
+        self.frozen_id = self.bounds(plan)[1]
+        self._clock(clock)
+
+    def advance(self, plan: Plan, tail: list[Any], history: list[Any], now: Now) -> None:
+        """Fold in a steady refresh's rows: the tail after ``frozen_id`` (parts 1 and 2), the
+        entering tasks' earlier rows (part 0), and the impacts that changed.
+
+        Only the tasks these touch, and those that left the window or crossed the grace
+        cutoff since the last refresh, are taken out of the summary and put back. A failure
+        half way leaves nothing trustworthy: everything is dropped and the next refresh
+        rebuilds.
+        """
+        try:
+            self._touch(tail, history, now)
+        except BaseException:
+            self.frozen_id = -1  # rebuild at the next refresh
+            raise
+        self.frozen_id = self.bounds(plan)[1]
+
+    def _touch(self, tail: list[Any], history: list[Any], now: Now) -> None:
+        window_start, grace_cutoff, priced = now
+        old_cutoff = self.cutoff if self.cutoff is not None else grace_cutoff
+        sums = [r for r in history if r.kind in ("sum", "label")] + tail
+        impacts = [r for r in history if r.kind == "impact"]
+        clock = next((r.last_ts for r in history if r.kind == "clock"), None)
+        touched = set(self.open)  # re-derived from this tail
+        touched.update(r.task_id for r in sums)
+        held = self.final.keys() | self.open.keys()
+        touched.update(r.task_id for r in impacts if r.task_id in held)
+        # Time moves too: tasks whose latest row left the window, or crossed the grace cutoff
+        # (either way, if the clock stepped back).
+        by_time = self.by_time
+        touched.update(k for _, k in by_time.irange(None, (window_start,), (True, False)))
+        low, high = sorted((old_cutoff, grace_cutoff))
+        touched.update(k for _, k in by_time.irange((low,), (high,), (True, False)))
+
+        summary = self.summary
+        for task_id in touched:
+            t = self.open.get(task_id) or self.final.get(task_id)
+            if t is not None:
+                impact = self.impacts.get(task_id)
+                summary.remove(task_id, t, impact, summary.wasted_task(t, impact, old_cutoff))
+                by_time.remove((t.last_ts, task_id))
+        open_tail: dict[str, Task] = {}
+        for r in sorted(sums, key=lambda r: r.part):  # final before open, ids growing
+            _fold(self.final if r.part < 2 else open_tail, r, priced)
+        self.open = _merged(self.final, open_tail)
+        for r in impacts:
+            if r.task_id in touched:
+                self.impacts[r.task_id] = r.impact
+        for task_id in touched:
+            t = self.open.get(task_id) or self.final.get(task_id)
+            if t is None or t.last_ts is None or t.last_ts < window_start:
+                self.final.pop(task_id, None)
+                self.open.pop(task_id, None)
+                self.impacts.pop(task_id, None)
+                continue
+            impact = self.impacts.get(task_id)
+            summary.add(task_id, t, impact, summary.wasted_task(t, impact, grace_cutoff))
+            by_time.add((t.last_ts, task_id))
+        self.cutoff = grace_cutoff
+        self._clock(clock)
+
+    def _clock(self, clock: datetime | None) -> None:
+        if clock is not None:
+            self.impacts_since = clock - timedelta(seconds=self.settings.impact_lag_seconds)
 
 
-class _Priced(NamedTuple):
+def _merged(final: dict[str, Task], open_tail: dict[str, Task]) -> dict[str, Task]:
+    """The open tail's tasks with their final part added (copies: ``final`` is kept as is)."""
+    out = {}
+    for task_id, tail in open_tail.items():
+        base = final.get(task_id)
+        out[task_id] = tail if base is None else base.merged(tail)
+    return out
+
+
+class Priced(NamedTuple):
     family: str
     price: Price | None
 
 
-def _fold(target: dict[str, Task], r: Any, priced: Callable[..., _Priced]) -> None:
+Pricer = Callable[[str, str | None, datetime | None], Priced]
+
+
+class Now(NamedTuple):
+    """What a refresh's instant decides for the window's tasks, and how it prices rows."""
+
+    window_start: datetime  # a task whose latest row is older has left the window
+    grace_cutoff: datetime  # a task whose latest row is older may count as waste
+    priced: Pricer
+
+
+def pricer(providers: ProviderFamilies, prices: PriceBook) -> Pricer:
+    """The provider family and list price of a provider, model and price period, looked up
+    once per read for each of them, not per row."""
+
+    @cache
+    def priced(provider: str, model: str | None, period: datetime | None) -> Priced:
+        family = providers.family(provider)
+        return Priced(family, prices.price(family, model_ref(provider, model), period))
+
+    return priced
+
+
+def _fold(target: dict[str, Task], r: Any, priced: Pricer) -> None:
     task = target.get(r.task_id)
     if task is None:
         task = target[r.task_id] = Task()
     if r.kind == "sum":
-        # Looked up once per provider, model and period, not per row.
         family, price = priced(r.provider, r.model, r.period)
         listed = Decimal(0) if price is None else price.value(Sums.of(r))
         task.add(family, r.cost, int(r.input_tokens + r.output_tokens), listed)
     else:
         task.label(r.last_ts, r.quest, r.layer)
-
-
-def summarize(
-    tasks: dict[str, Task],
-    impacts: dict[str, float | None],
-    settings: Settings,
-    grace_cutoff: datetime,
-) -> list[WindowRow]:
-    """Rankings, waste, per-quest and per-provider sums of the window's tasks.
-
-    Ties rank by task_id in code-point order, which is the byte order of UTF-8 (PostgreSQL's
-    COLLATE "C"), so rankings do not depend on a locale.
-    """
-    scored = []
-    scored_list = []
-    wasted = []
-    waste_total: dict[tuple[Any, Any], list[Any]] = {}
-    quest: dict[Any, list[Any]] = {}
-    family_sum: dict[str, list[Any]] = {}
-    zero = Decimal(0)
-    min_tokens = settings.waste_min_tokens  # both integers: exact
-    max_impact = settings.waste_max_impact
-    get_impact = impacts.get
-    for task_id, t in tasks.items():
-        cost, tokens = t.cost, t.tokens
-        impact = get_impact(task_id)
-        if impact is not None and impact > 0:
-            if cost > zero:
-                scored.append((-(impact / float(cost)), task_id))
-            if t.listed > zero:
-                scored_list.append((-(impact / float(t.listed)), task_id))
-        quiet = impact is None or impact <= max_impact
-        if tokens > min_tokens and quiet and t.last_ts < grace_cutoff:  # type: ignore[operator]
-            wasted.append((-tokens, task_id))
-            acc = waste_total.get((t.quest, t.layer))
-            if acc is None:
-                waste_total[(t.quest, t.layer)] = [cost, tokens, 1, t.listed]
-            else:
-                acc[0] += cost
-                acc[1] += tokens
-                acc[2] += 1
-                acc[3] += t.listed
-        q = quest.get(t.quest)
-        if q is None:
-            q = quest[t.quest] = [zero, 0, [], 0]
-        q[0] += cost
-        q[1] += tokens
-        if impact is not None:
-            q[2].append(impact)
-        q[3] += 1
-        for family, p_cost, p_tokens, p_listed in t.by_family():
-            f = family_sum.get(family)
-            if f is None:
-                f = family_sum[family] = [zero, 0, 0, zero]
-            f[0] += p_cost
-            f[1] += p_tokens
-            f[2] += 1  # a task yields each of its families once
-            f[3] += p_listed
-
-    def ranked(kind: str, top: int, candidates: list[tuple[Any, str]]) -> list[WindowRow]:
-        rows = []
-        for _, task_id in heapq.nsmallest(top, candidates):
-            t = tasks[task_id]
-            impact = impacts.get(task_id)
-            rows.append(
-                WindowRow(
-                    kind, task_id, t.quest, t.layer, t.cost, t.tokens, impact, 1, None, t.listed
-                )
-            )
-        return rows
-
-    out = ranked("efficiency", settings.top_efficiency_tasks, scored)
-    out += ranked("efficiency_list", settings.top_efficiency_tasks, scored_list)
-    out += ranked("waste", settings.top_waste_tasks, wasted)
-    out += [
-        WindowRow("waste_total", None, q_, l_, cost, tokens, None, n, None, listed)
-        for (q_, l_), (cost, tokens, n, listed) in waste_total.items()
-    ]
-    out += [
-        # fsum: the same total whatever order the tasks were folded in
-        WindowRow("quest", None, q_, None, cost, tokens, math.fsum(i) if i else None, n, None)
-        for q_, (cost, tokens, i, n) in quest.items()
-    ]
-    out += [
-        WindowRow("provider", None, None, None, cost, tokens, None, n, f, listed)
-        for f, (cost, tokens, n, listed) in family_sum.items()
-    ]
-    return out

@@ -185,6 +185,11 @@ def test_check_says_which_index_or_statistics_the_ledger_lacks(dsn: str) -> None
         conn.execute("CREATE VIEW cost_ledger AS SELECT * FROM ledger_base")
     result = cli("check", "--dsn", dsn)
     assert result.returncode == 0 and "ledger performance" not in result.stdout  # a view
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("DROP INDEX impact_ledger_measured_at_idx")
+    result = cli("check", "--dsn", dsn)
+    (advice,) = [line for line in result.stdout.splitlines() if "ledger performance" in line]
+    assert "impact_ledger (measured_at)" in advice
 
 
 def test_check_says_when_the_task_index_does_not_cover_the_lookup(dsn: str) -> None:

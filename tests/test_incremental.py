@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -16,7 +17,7 @@ from exporter.config import load_settings
 from exporter.refresh import Refresher
 from exporter.sources import Instants, WindowSource
 from exporter.sources.spend import SPEND_TOTALS, SpendSource
-from exporter.sources.window import WINDOW_TASKS, window_tasks_steady
+from exporter.sources.window import WINDOW_TASKS, window_tail
 from tests.ledger import ledger_samples, parse
 
 NOW = datetime(2026, 11, 20, 15, 0, tzinfo=UTC)
@@ -49,6 +50,22 @@ def _insert(conn: psycopg.Connection, rows: list[tuple[Any, ...]]) -> None:
     conn.cursor().executemany(
         f"INSERT INTO cost_ledger {COLUMNS} VALUES (%s, %s, %s, %s, %s, %s, %s, %s)", rows
     )
+
+
+def _measure(conn: psycopg.Connection, rng: random.Random, n: int) -> None:
+    """Measure or re-measure the impact of ``n`` random tasks, as the platform does: every
+    write sets ``measured_at`` to the time of the write (the contract, docs/semantics.md). A
+    task may also get a row before it is measured: no score and no time."""
+    for _ in range(n):
+        pending = rng.random() < 0.15
+        score = None if pending else rng.choice([None, 0.0, -0.5, 0.3, 0.5, 0.9, 2.0, 7.5])
+        conn.execute(
+            "INSERT INTO impact_ledger (task_id, impact_score, measured_at)"
+            " VALUES (%(task)s, %(score)s, CASE WHEN %(pending)s THEN NULL ELSE now() END)"
+            " ON CONFLICT (task_id) DO UPDATE SET impact_score = excluded.impact_score,"
+            " measured_at = now()",
+            {"task": f"t{rng.randint(0, 30)}", "score": score, "pending": pending},
+        )
 
 
 def _families(refresher: Refresher, now: datetime = NOW) -> dict[Any, float]:
@@ -111,6 +128,8 @@ def random_batches(dsn: str, seed: int) -> None:
                     conn = open_txns.pop(rng.randrange(len(open_txns)))
                     conn.rollback() if rng.random() < 0.2 else conn.commit()
                     conn.close()
+                if rng.random() < 0.5:  # impacts measured, and measured again
+                    _measure(writer, rng, rng.randint(1, 6))
                 assert _families(incremental, now) == _full(dsn, now)
                 # Tasks that left the window are dropped: what is kept follows the window.
                 (in_window,) = writer.execute(
@@ -233,7 +252,15 @@ def test_the_steady_state_reads_only_the_new_rows(dsn: str) -> None:
     old = [(NOW - timedelta(days=100), "t-old", "q1", "Forge", "glm-4.6", 5, 5, 1)] * 30
     with psycopg.connect(dsn, autocommit=True) as writer:
         _insert(writer, _rows(rng, 5000) + old)
+        # Impacts measured a day ago: of the window's tasks, and of 5,000 tasks long gone.
+        writer.execute(
+            "INSERT INTO impact_ledger (task_id, impact_score, measured_at)"
+            " SELECT t, 1, now() - interval '1 day' FROM"
+            " (SELECT 't' || g FROM generate_series(0, 30) g"
+            "  UNION ALL SELECT 'gone-' || g FROM generate_series(1, 5000) g) AS x(t)"
+        )
         writer.execute("ANALYZE cost_ledger")
+        writer.execute("ANALYZE impact_ledger")
         top = writer.execute("SELECT max(id) FROM cost_ledger").fetchone()[0]  # type: ignore[index]
         plan = "\n".join(
             r[0]
@@ -254,20 +281,35 @@ def test_the_steady_state_reads_only_the_new_rows(dsn: str) -> None:
     new = [*_rows(rng, 10), (NOW, "t-new", "q1", "Forge", "glm-4.6", 5, 5, 1), (NOW, *old[0][1:])]
     with psycopg.connect(dsn, autocommit=True) as writer:
         _insert(writer, new)
+        writer.execute(
+            "UPDATE impact_ledger SET impact_score = 2, measured_at = now()"
+            " WHERE task_id IN ('t1', 't2')"
+        )
         assert incremental.refresh(NOW)
+        window = incremental.source(WindowSource)
+        assert window.tasks.impacts["t1"] == window.tasks.impacts["t2"] == 2.0
+        writer.execute("UPDATE impact_ledger SET measured_at = now() WHERE task_id = 't3'")
         with psycopg.connect(dsn) as conn:
             sql, params = incremental.statement(
                 WINDOW_TASKS.name, Instants.at(NOW, incremental.settings)
             )
             periods = incremental.sources[0].prices.periods
-            assert sql == window_tasks_steady(incremental.columns, periods).sql
+            assert sql == window_tail(incremental.columns, periods).sql
             read = _rows_read(_explain_analyze(conn, sql, params), "cost_ledger")
+            # The entering tasks' history, and only the impacts measured since.
+            history = window.history(incremental.columns, json.dumps(["t-new", "t-old"]))
+            plan = _explain_analyze(conn, *history)
+            history_read = _rows_read(plan, "cost_ledger")
+            impacts_read = _rows_read(plan, "impact_ledger")
             # Spend today, this month and the label weights: the tail too, within a day.
             _, spend = incremental.statement(
                 SPEND_TOTALS.name, Instants.at(NOW, incremental.settings)
             )
             assert spend["after"] is not None
     assert read <= 2 * (len(new) + len(old)) + 10, read
+    assert history_read <= 2 * len(old) + 5, history_read  # its sums, and its latest row
+    # t1 and t2 (less than the lag ago), t3, and the entering tasks' own: not 5,031 impacts.
+    assert impacts_read <= 10, impacts_read
     incremental.close()
 
 

@@ -18,7 +18,8 @@ from exporter import catalog as c
 from exporter.families import LabelGuard, Series, as_float, family_of
 from exporter.queries import OPTIONAL_TOKENS, Columns, Periods, Query
 from exporter.sources.base import Build, Refresh, Source, Statement
-from exporter.tasks import WindowRow, WindowTasks, summarize
+from exporter.summary import WindowRow
+from exporter.tasks import Now, WindowTasks, pricer
 
 # The window families (rankings, waste, per-quest impact, providers) are computed in Python
 # from per-task lifetime sums that the exporter keeps, like the cumulative sums, as a final
@@ -49,6 +50,13 @@ def _impacts(tasks: str) -> str:
             LIMIT 1),
            {_NO_SUMS}
     FROM ({tasks}) k
+    """
+
+
+# The database's clock (the transaction's start): impacts measured after it, less the lag, are
+# read by the next steady refresh.
+_CLOCK = f"""
+    SELECT 'clock', NULL, NULL, NULL, NULL, NULL, NULL, NULL, now(), NULL, {_NO_SUMS}
     """
 
 
@@ -117,6 +125,8 @@ def window_tasks(cols: Columns, periods: Periods) -> Query:
         ) latest ON true
         UNION ALL
         {_impacts("SELECT task_id FROM tracked")}
+        UNION ALL
+        {_CLOCK}
         """,
     )
 
@@ -124,33 +134,59 @@ def window_tasks(cols: Columns, periods: Periods) -> Query:
 WINDOW_TASKS = window_tasks(Columns(), Periods(0))
 
 
-# Add the rows after %(after)s (a primary-key range scan) to the tasks the exporter holds
-# (%(tracked)s, a JSON array: tens of thousands of ids dump and parse faster than a text[]).
-# For a tail task it does not hold (a new task, or an old one back in the window), read
-# everything up to %(after)s once.
+# A steady refresh reads the rows after %(after)s (a primary-key range scan), grouped per task
+# as a rebuild groups the window; the labels come from each part's latest row.
 @cache
-def window_tasks_steady(cols: Columns, periods: Periods) -> Query:
-    """Adds the rows after the watermark to the per-task sums the exporter holds."""
+def window_tail(cols: Columns, periods: Periods) -> Query:
+    """The rows after the watermark, summed per task, provider, model and price period."""
     optional = "".join(f", {cols.ref(col)} AS {col}" for col in OPTIONAL_TOKENS)
     return Query(
         "window_tasks",
         f"""
-        WITH tracked AS (SELECT json_array_elements_text(%(tracked)s::json) AS task_id),
-        tail AS MATERIALIZED (
+        WITH tail AS MATERIALIZED (
             SELECT CASE WHEN c.id <= %(safe)s THEN 1 ELSE 2 END AS part, c.id, c.task_id,
                    c.provider, c.model, c.quest, c.layer, c.ts, c.cost_usd, c.input_tokens,
                    c.output_tokens{optional}
             FROM cost_ledger c
             WHERE c.id > %(after)s AND c.task_id IS NOT NULL AND {cols.valid}
-        ),
-        fresh AS (
-            SELECT DISTINCT t.task_id FROM tail t
-            WHERE NOT EXISTS (SELECT FROM tracked k WHERE k.task_id = t.task_id)
         )
+        SELECT 'sum' AS kind, c.part, c.task_id, c.provider, c.model, {periods.column} AS period,
+               NULL AS quest, NULL AS layer, NULL::timestamptz AS last_ts,
+               NULL::float8 AS impact, {cols.sums(_KEPT)}
+        FROM tail c
+        GROUP BY {periods.group_by(2, 3, 4, 5)}
+        UNION ALL
+        (SELECT DISTINCT ON (part, task_id)
+                'label', part, task_id, NULL, NULL, NULL, quest, layer, ts, NULL, {_NO_SUMS}
+         FROM tail
+         ORDER BY part, task_id, ts DESC, id DESC)
+        """,
+    )
+
+
+# Then, for the tail's tasks the exporter does not hold (%(entering)s, a JSON array: new tasks,
+# or old ones back in the window), every valid row up to %(after)s, once (the (task_id, ts)
+# index); the latest impact of those tasks and of every task with an impact measured after
+# %(impacts_since)s (the measured_at index); and the database's clock, which sets the next
+# refresh's %(impacts_since)s.
+_CHANGED = """
+    SELECT task_id FROM entering
+    UNION
+    SELECT i.task_id FROM impact_ledger i WHERE i.measured_at > %(impacts_since)s
+"""
+
+
+@cache
+def window_history(cols: Columns, periods: Periods) -> Query:
+    """The entering tasks' earlier rows, and the impacts that changed."""
+    return Query(
+        "window_tasks",
+        f"""
+        WITH entering AS (SELECT json_array_elements_text(%(entering)s::json) AS task_id)
         SELECT 'sum' AS kind, 0 AS part, f.task_id, h.provider, h.model, h.period,
                NULL AS quest, NULL AS layer, NULL::timestamptz AS last_ts,
                NULL::float8 AS impact, {_SUMS}
-        FROM fresh f
+        FROM entering f
         CROSS JOIN LATERAL (
             SELECT c.provider, c.model, {periods.column} AS period, {cols.sums(_KEPT)}
             FROM cost_ledger c
@@ -159,7 +195,7 @@ def window_tasks_steady(cols: Columns, periods: Periods) -> Query:
         ) h
         UNION ALL
         SELECT 'label', 0, f.task_id, NULL, NULL, NULL, h.quest, h.layer, h.ts, NULL, {_NO_SUMS}
-        FROM fresh f
+        FROM entering f
         CROSS JOIN LATERAL (
             SELECT c.quest, c.layer, c.ts
             FROM cost_ledger c
@@ -168,17 +204,9 @@ def window_tasks_steady(cols: Columns, periods: Periods) -> Query:
             LIMIT 1
         ) h
         UNION ALL
-        SELECT 'sum', c.part, c.task_id, c.provider, c.model, {periods.column}, NULL, NULL,
-               NULL, NULL, {cols.sums(_KEPT)}
-        FROM tail c
-        GROUP BY {periods.group_by(2, 3, 4, 5)}
+        {_impacts(_CHANGED)}
         UNION ALL
-        (SELECT DISTINCT ON (part, task_id)
-                'label', part, task_id, NULL, NULL, NULL, quest, layer, ts, NULL, {_NO_SUMS}
-         FROM tail
-         ORDER BY part, task_id, ts DESC, id DESC)
-        UNION ALL
-        {_impacts("SELECT task_id FROM tracked UNION SELECT task_id FROM tail")}
+        {_CLOCK}
         """,
     )
 
@@ -211,31 +239,40 @@ class WindowSource(Source):
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
-        self.tasks = WindowTasks()
+        self.tasks = WindowTasks(self.settings)
         self._rows: list[WindowRow] | None = None
 
     def statement(self, query: str, refresh: Refresh) -> Statement:
+        """The rebuild, or a steady refresh's first statement (the tail)."""
         full, safe = self.tasks.bounds(refresh.plan)
         params = refresh.instants.params() | {"after": self.tasks.frozen_id, "safe": safe}
         params |= self.prices.params()
-        if full:
-            return Statement(window_tasks(refresh.columns, self.prices.periods).sql, params)
-        steady = window_tasks_steady(refresh.columns, self.prices.periods).sql
-        return Statement(steady, params | {"tracked": self.tasks.tracked()})
+        build = window_tasks if full else window_tail
+        return Statement(build(refresh.columns, self.prices.periods).sql, params)
+
+    def history(self, columns: Columns, entering: str) -> Statement:
+        """A steady refresh's second statement: the entering tasks' earlier rows (``entering``,
+        a JSON array of task ids) and the impacts that changed."""
+        sql = window_history(columns, self.prices.periods).sql
+        params: dict[str, Any] = {"after": self.tasks.frozen_id, "entering": entering}
+        params |= {"impacts_since": self.tasks.impacts_since} | self.prices.params()
+        return Statement(sql, params)
 
     def read(self, query: str, cur: psycopg.Cursor[Any], refresh: Refresh) -> None:
         # A rebuild returns rows for every task of the window: they are folded into the
         # per-task sums as they arrive instead of being held all at once.
         statement = self.statement(query, refresh)
         instants = refresh.instants
-        tasks, impacts = self.tasks.apply(
-            refresh.plan,
-            cur.stream(statement.sql, statement.params, size=2000),
-            instants.window_start,
-            self.providers,
-            self.prices,
-        )
-        self._rows = summarize(tasks, impacts, self.settings, instants.grace_cutoff)
+        now = Now(instants.window_start, instants.grace_cutoff, pricer(self.providers, self.prices))
+        if self.tasks.bounds(refresh.plan)[0]:
+            rows = cur.stream(statement.sql, statement.params, size=2000)
+            self.tasks.rebuild(refresh.plan, rows, now)
+        else:
+            tail = cur.execute(statement.sql, statement.params).fetchall()
+            history = self.history(refresh.columns, self.tasks.entering(tail))
+            found = cur.execute(history.sql, history.params).fetchall()
+            self.tasks.advance(refresh.plan, tail, found, now)
+        self._rows = self.tasks.rows()
 
     @property
     def has_data(self) -> bool:

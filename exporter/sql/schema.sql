@@ -38,8 +38,11 @@ CREATE TABLE IF NOT EXISTS impact_ledger (
     quest        text,
     layer        text,
     impact_score double precision,     -- NULL: not measured yet
-    measured_at  timestamptz
+    measured_at  timestamptz               -- set to the time of every write of impact_score
 );
+-- A steady refresh reads the impacts measured since its last refresh (less impact_lag_seconds),
+-- not the impact of every window task.
+CREATE INDEX IF NOT EXISTS impact_ledger_measured_at_idx ON impact_ledger (measured_at);
 
 CREATE TABLE IF NOT EXISTS quest_budget_allocations (
     quest         text    NOT NULL,
