@@ -22,6 +22,7 @@ from psycopg.rows import namedtuple_row
 
 from exporter.config import Settings
 from exporter.contract import check_relations
+from exporter.exposition import TextRenderer
 from exporter.families import LedgerFamilies
 from exporter.health import Health, QueryHealth
 from exporter.incremental import Plan, Watermark
@@ -118,6 +119,7 @@ class Refresher:
             queries={query: QueryHealth() for query in self._by_query},
             started=clock(),
         )
+        self._renderer = TextRenderer()
         self.snapshot = Snapshot.of(self.health.families(), fresh_until=-math.inf)
 
     def refresh(self, now: datetime | None = None) -> bool:
@@ -167,7 +169,8 @@ class Refresher:
             else h.last_success + self.settings.max_staleness_seconds
         )
         started = time.perf_counter()
-        self.snapshot = Snapshot.of(h.ledger.families + h.families(), fresh_until)
+        families = h.ledger.families + h.families()
+        self.snapshot = Snapshot.of(families, fresh_until, self._renderer)
         h.render_seconds = time.perf_counter() - started
         return ok
 

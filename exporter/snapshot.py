@@ -5,7 +5,7 @@ from __future__ import annotations
 import gzip
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -13,18 +13,10 @@ from prometheus_client import generate_latest
 from prometheus_client.metrics_core import Metric as Family
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
+from exporter.exposition import Families, TextRenderer
+
 TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OPENMETRICS_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
-
-
-class _Families:
-    """The minimal collector interface prometheus-client's renderers ask for."""
-
-    def __init__(self, families: Sequence[Family]) -> None:
-        self._families = families
-
-    def collect(self) -> Iterator[Family]:
-        return iter(self._families)
 
 
 @dataclass(frozen=True)
@@ -45,9 +37,15 @@ class Snapshot:
     before it."""
 
     @classmethod
-    def of(cls, families: Sequence[Family], fresh_until: float = math.inf) -> Snapshot:
+    def of(
+        cls,
+        families: Sequence[Family],
+        fresh_until: float = math.inf,
+        renderer: TextRenderer | None = None,
+    ) -> Snapshot:
+        """Render ``families``; a refresher's ``renderer`` reuses its last rendering's lines."""
         fams = tuple(families)
-        text = generate_latest(_Families(fams))
+        text = renderer.render(fams) if renderer else generate_latest(Families(fams))
         return cls(fams, text, gzip.compress(text, compresslevel=6, mtime=0), fresh_until)
 
     @property
@@ -57,7 +55,7 @@ class Snapshot:
     @cached_property
     def openmetrics(self) -> bytes:
         # prometheus-client's OpenMetrics renderer carries no annotations.
-        return bytes(generate_openmetrics(_Families(self.families)))  # type: ignore[no-untyped-call]
+        return bytes(generate_openmetrics(Families(self.families)))  # type: ignore[no-untyped-call]
 
     @cached_property
     def openmetrics_gzip(self) -> bytes:

@@ -1,0 +1,98 @@
+"""The exporter's renderer writes what prometheus-client's generate_latest writes, byte for
+byte, however the series and their values change between renderings."""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+
+import psycopg
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    InfoMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
+
+from exporter import generate
+from exporter.config import load_settings
+from exporter.exposition import Families, TextRenderer
+from exporter.refresh import Refresher
+
+LABEL_VALUES = st.text(
+    st.characters(codec="utf-8", exclude_categories=("Cs",)) | st.sampled_from('\\"\n{}=,'),
+    max_size=8,
+)
+VALUES = st.floats() | st.sampled_from([0.0, -0.0, math.inf, -math.inf, 1e21, 123456789.0])
+SERIES = st.dictionaries(st.tuples(LABEL_VALUES, LABEL_VALUES), VALUES, max_size=6)
+
+
+def _families(kinds: list[str], series: list[dict[tuple[str, str], float]]) -> list[Metric]:
+    out: list[Metric] = []
+    for i, (kind, values) in enumerate(zip(kinds, series, strict=True)):
+        name, doc = f"scidex_test_{i}", 'help with \\ and\nnewline and "quotes"'
+        fam: Metric
+        if kind == "counter":
+            fam = CounterMetricFamily(name, doc, labels=("quest", "layer"))
+        elif kind == "gauge":
+            fam = GaugeMetricFamily(name, doc, labels=("quest", "layer"))
+        elif kind == "info":
+            fam = InfoMetricFamily(name, doc)
+            for quest, layer in values:
+                fam.add_metric([], {"quest": quest, "layer": layer})
+            out.append(fam)
+            continue
+        else:  # a type the renderer leaves to the library whole
+            fam = SummaryMetricFamily(name, doc, labels=("quest",))
+            for (quest, _), value in values.items():
+                fam.add_metric([quest], count_value=3, sum_value=value)
+            out.append(fam)
+            continue
+        for (quest, layer), value in values.items():
+            fam.add_metric([quest, layer], value)
+        out.append(fam)
+    return out
+
+
+KINDS = st.lists(st.sampled_from(["counter", "gauge", "info", "summary"]), min_size=1, max_size=4)
+
+
+@settings(max_examples=150, deadline=None)
+@given(KINDS, st.data())
+def test_every_rendering_equals_the_library(kinds: list[str], data: st.DataObject) -> None:
+    renderer = TextRenderer()
+    series = [data.draw(SERIES) for _ in kinds]
+    for _ in range(3):  # values change, series come and go, the renderer keeps its lines
+        families = _families(kinds, series)
+        assert renderer.render(families) == generate_latest(Families(families))
+        series = [
+            {
+                **{k: data.draw(VALUES) if data.draw(st.booleans()) else v for k, v in s.items()},
+                **data.draw(SERIES),
+            }
+            for s in series
+        ]
+
+
+def test_a_refresh_renders_what_the_library_renders(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        plan = generate.load(conn, 5_000)
+    traffic = generate.LiveTraffic(plan)
+    refresher = Refresher(load_settings({"dsn": dsn}, env={}))
+    try:
+        for _ in range(3):
+            assert refresher.refresh()
+            snapshot = refresher.snapshot
+            assert snapshot.text == generate_latest(Families(snapshot.families))
+            assert b"scidex_spend_usd_total{" in snapshot.text
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                cur = conn.cursor()
+                with cur.copy(generate.COPY_COST) as copy:
+                    for row in traffic.batch(datetime.now(UTC), calls=200):
+                        copy.write_row(row)
+    finally:
+        refresher.close()
