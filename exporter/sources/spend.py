@@ -511,14 +511,14 @@ def cumulative(
         by_model[per_model] += s
         if series is not None:
             by_series[series] += s
-        if now is not None:
-            by_series[now] += ZERO
+        if now is not None and now not in by_series:
+            by_series[now] = ZERO
         price = prices.price(fam, ref, period)
         if price is None:
             unpriced[per_model] += s
             continue
-        if now is not None:
-            listed[now] += 0
+        if now is not None and now not in listed:
+            listed[now] = Decimal(0)
         value = price.value(s)
         listed_model[per_model] += value
         if series is not None:
