@@ -11,6 +11,7 @@ integers), so taking a contribution out leaves exactly what summing the rest wou
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from datetime import datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -121,7 +122,7 @@ class Summary:
             # a task yields each of its families once
             _accumulate(self.family, family, sign, f_cost, f_tokens, 1, f_listed, count=2)
 
-    def rows(self, tasks: Any, impacts: dict[str, float | None]) -> list[WindowRow]:
+    def rows(self, tasks: Any, impacts: Mapping[str, float]) -> list[WindowRow]:
         """The rows of the window families; ``tasks`` looks up a ranked task by id."""
 
         def ranked(kind: str, top: int, candidates: SortedList) -> list[WindowRow]:

@@ -108,7 +108,7 @@ class WindowTasks:
     settings: Settings
     final: dict[str, Task] = field(default_factory=dict)
     open: dict[str, Task] = field(default_factory=dict)
-    impacts: dict[str, float | None] = field(default_factory=dict)
+    impacts: dict[str, float] = field(default_factory=dict)  # measured ones only
     frozen_id: int = -1
     impacts_since: datetime | None = None
     """A steady refresh reads the impacts measured after this (the database's clock at the
@@ -143,34 +143,44 @@ class WindowTasks:
 
     def rebuild(self, plan: Plan, rows: Iterable[Any], now: Now) -> None:
         """Replace everything held by a rebuild's rows (parts 0 and 2, and every window
-        task's impact). ``rows`` may be a stream that fails part way: nothing held changes
-        until it is read to the end."""
+        task's impact).
+
+        What was held is dropped first, so that the window's tasks are never held twice: the
+        source keeps publishing its last rows if ``rows`` (a stream) fails part way, and the
+        next refresh rebuilds again.
+        """
         window_start, grace_cutoff, priced = now
+        self.final, self.open, self.impacts, self.by_time = {}, {}, {}, SortedList()
+        self.summary, self.frozen_id = Summary(self.settings), -1
         final: dict[str, Task] = {}
         open_tail: dict[str, Task] = {}
-        impacts: dict[str, float | None] = {}
+        impacts: dict[str, float] = {}
         clock = None
         for r in rows:
             if r.kind == "impact":
-                impacts[r.task_id] = r.impact
+                if r.impact is not None:  # no score and no impact row both count as none
+                    impacts[r.task_id] = r.impact
             elif r.kind == "clock":
                 clock = r.last_ts
             else:
                 _fold(final if r.part == 0 else open_tail, r, priced)
         opened = _merged(final, open_tail)
-        current = {k: t for k, t in final.items() if k not in opened} | opened
-        current = {
-            k: t for k, t in current.items() if t.last_ts is not None and t.last_ts >= window_start
-        }
-        summary = Summary(self.settings)
-        for task_id, t in current.items():
+        summary = self.summary
+        by_time = []
+        for task_id in [*final, *(k for k in opened if k not in final)]:
+            t = opened.get(task_id) or final[task_id]
+            if t.last_ts is None or t.last_ts < window_start:
+                final.pop(task_id, None)
+                opened.pop(task_id, None)
+                impacts.pop(task_id, None)
+                continue
             impact = impacts.get(task_id)
             summary.add(task_id, t, impact, summary.wasted_task(t, impact, grace_cutoff))
-        self.final = {k: t for k, t in final.items() if k in current}
-        self.open = {k: t for k, t in opened.items() if k in current}
-        self.impacts = {k: v for k, v in impacts.items() if k in current}
-        self.summary = summary
-        self.by_time = SortedList((t.last_ts, k) for k, t in current.items())
+            by_time.append((t.last_ts, task_id))
+        for task_id in [k for k in impacts if k not in final and k not in opened]:
+            del impacts[task_id]
+        self.final, self.open, self.impacts = final, opened, impacts
+        self.by_time = SortedList(by_time)
         self.cutoff = grace_cutoff
         self.frozen_id = self.bounds(plan)[1]
         self._clock(clock)
@@ -220,7 +230,11 @@ class WindowTasks:
             _fold(self.final if r.part < 2 else open_tail, r, priced)
         self.open = _merged(self.final, open_tail)
         for r in impacts:
-            if r.task_id in touched:
+            if r.task_id not in touched:
+                continue
+            if r.impact is None:
+                self.impacts.pop(r.task_id, None)
+            else:
                 self.impacts[r.task_id] = r.impact
         for task_id in touched:
             t = self.open.get(task_id) or self.final.get(task_id)
