@@ -11,8 +11,9 @@ instead) is loaded into an embedded PostgreSQL, and:
 * floor: the same full-refresh SQL run by ``psql`` (no Python at all);
 * query-exporter: the generic SQL exporter (PyPI, in its own venv under bench/.venv-qe)
   computing the families of our spend_totals query with the same row validity: spend, tokens
-  and calls (its spend query), and the rows left out by reason (its excluded-rows query, a
-  second scan; ours classifies them in the same scan); the mean latency of each;
+  and calls (its spend query), the same seven sums by series and model as ours (its
+  model query), and the rows left out by reason (its excluded-rows query, a second scan; ours
+  classifies them in the same scan); the mean latency of each;
 * peak RSS of a ``resource-exporter serve`` process that refreshed a few times.
 
 Medians (query-exporter: mean of its runs) and ratios are printed as a Markdown table, then
@@ -167,6 +168,34 @@ metrics:
     type: gauge
     description: Cumulative LLM calls
     labels: [quest, layer, provider]
+  qe_model_spend_usd:
+    type: gauge
+    description: Cumulative LLM cost by model
+    labels: [quest, layer, provider, model]
+  qe_model_input_tokens:
+    type: gauge
+    description: Cumulative input tokens by model
+    labels: [quest, layer, provider, model]
+  qe_model_output_tokens:
+    type: gauge
+    description: Cumulative output tokens by model
+    labels: [quest, layer, provider, model]
+  qe_model_cache_read_tokens:
+    type: gauge
+    description: Cumulative prompt-cache read tokens by model
+    labels: [quest, layer, provider, model]
+  qe_model_cache_write_tokens:
+    type: gauge
+    description: Cumulative prompt-cache write tokens by model
+    labels: [quest, layer, provider, model]
+  qe_model_reasoning_tokens:
+    type: gauge
+    description: Cumulative reasoning tokens by model
+    labels: [quest, layer, provider, model]
+  qe_model_calls:
+    type: gauge
+    description: Cumulative LLM calls by model
+    labels: [quest, layer, provider, model]
   qe_excluded_rows:
     type: gauge
     description: Ledger rows left out of the sums, by reason
@@ -193,6 +222,22 @@ QE_QUERIES = {
 FROM cost_ledger c
 WHERE {_COLUMNS.valid}
 GROUP BY quest, layer, provider""",
+    ),
+    # The same sums as ours, by the same series and model (ours also splits final from tail).
+    "models": (
+        "[qe_model_spend_usd, qe_model_input_tokens, qe_model_output_tokens,"
+        " qe_model_cache_read_tokens, qe_model_cache_write_tokens, qe_model_reasoning_tokens,"
+        " qe_model_calls]",
+        f"""SELECT quest, layer, provider, coalesce(model, '') AS model,
+       sum(cost_usd) AS qe_model_spend_usd, sum(input_tokens) AS qe_model_input_tokens,
+       sum(output_tokens) AS qe_model_output_tokens,
+       coalesce(sum(cache_read_tokens), 0) AS qe_model_cache_read_tokens,
+       coalesce(sum(cache_write_tokens), 0) AS qe_model_cache_write_tokens,
+       coalesce(sum(reasoning_tokens), 0) AS qe_model_reasoning_tokens,
+       count(*) AS qe_model_calls
+FROM cost_ledger c
+WHERE {_COLUMNS.valid}
+GROUP BY quest, layer, provider, model""",
     ),
     "excluded": (
         "[qe_excluded_rows]",
@@ -295,6 +340,7 @@ def bench_size(
             "phases": steady_phases,
             "floor": psql_floor(dsn, runs),
             "qe": None if quick else query_exporter(dsn, "spend", min(runs, 3), full),
+            "qe_models": None if quick else query_exporter(dsn, "models", min(runs, 3), full),
             "qe_excluded": None if quick else query_exporter(dsn, "excluded", min(runs, 3), full),
             "rss": float("nan") if quick else peak_rss(dsn),
         }
@@ -334,20 +380,24 @@ def main() -> int:
     base = results[0]
     print(
         f"| ledger rows | full refresh | psql floor | full / floor | steady refresh "
-        f"({args.batch} new rows) | steady / steady at {base['rows']:,} | our spend query, "
-        "full | query-exporter: spend query | + its excluded-rows query | ours / "
-        "query-exporter, spend query | ours / query-exporter, same families | peak RSS |"
+        f"({args.batch} new rows) | steady / full | steady / steady at {base['rows']:,} | "
+        "our spend query, full | query-exporter: spend query | + its excluded-rows query | "
+        "query-exporter: the same sums by model | ours / query-exporter, spend query | "
+        "ours / query-exporter, same families | ours / query-exporter, same sums and "
+        "families | peak RSS |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        qe, excluded = r["qe"], r["qe_excluded"]
+        qe, models, excluded = r["qe"], r["qe_models"], r["qe_excluded"]
         same = qe + excluded if qe is not None and excluded is not None else None
+        same_sums = models + excluded if models is not None and excluded is not None else None
         print(
             f"| {r['rows']:,} | {r['full']:.2f} s | {r['floor']:.2f} s | "
             f"{r['full'] / r['floor']:.2f} | {r['steady'] * 1000:.0f} ms | "
-            f"{r['steady'] / base['steady']:.2f} | {r['spend']:.2f} s | {_seconds(qe)} | "
-            f"{_seconds(excluded)} | {_ratio(r['spend'], qe)} | {_ratio(r['spend'], same)} | "
-            f"{r['rss']:.0f} MiB |"
+            f"{r['steady'] / r['full']:.3f} | {r['steady'] / base['steady']:.2f} | "
+            f"{r['spend']:.2f} s | {_seconds(qe)} | {_seconds(excluded)} | {_seconds(models)} | "
+            f"{_ratio(r['spend'], qe)} | {_ratio(r['spend'], same)} | "
+            f"{_ratio(r['spend'], same_sums)} | {r['rss']:.0f} MiB |"
         )
     print(f"\nWhere a steady refresh ({args.batch} new rows) spends its time (medians):\n")
     print("| phase | " + " | ".join(f"{r['rows']:,} rows" for r in results) + " |")
