@@ -221,6 +221,51 @@ def test_reconciliation_catches_ids_assigned_out_of_sequence(dsn: str) -> None:
     incremental.close()
 
 
+def test_an_impact_written_outside_the_contract_shows_at_the_reconciliation(dsn: str) -> None:
+    """A re-measurement backdated by more than impact_lag_seconds is not read by a steady
+    refresh (docs/semantics.md); the periodic full reconciliation reads it."""
+    clock = [1_000_000.0]
+    incremental = Refresher(
+        load_settings({"dsn": dsn, "reconcile_interval_seconds": 600}, env={}),
+        clock=lambda: clock[0],
+    )
+    with psycopg.connect(dsn, autocommit=True) as writer:
+        _insert(writer, [(NOW - timedelta(days=1), "t-a", "q1", "Forge", "glm-4.6", 5, 5, 2)])
+        writer.execute(
+            "INSERT INTO impact_ledger (task_id, impact_score, measured_at)"
+            " VALUES ('t-a', 1, now())"
+        )
+        for _ in range(3):
+            got = _families(incremental)
+            clock[0] += 30
+        assert _impact(got, "t-a") == 1
+        # Within the lag: read by the next refresh.
+        writer.execute(
+            "UPDATE impact_ledger SET impact_score = 3, measured_at = now() - interval '4 min'"
+        )
+        assert _impact(_families(incremental), "t-a") == 3
+        clock[0] += 30
+        # Backdated past the lag: the contract is broken, and the steady path keeps 3...
+        writer.execute(
+            "UPDATE impact_ledger SET impact_score = 5, measured_at = now() - interval '1 hour'"
+        )
+        assert _impact(_families(incremental), "t-a") == 3
+    clock[0] += 600  # ...until the periodic full reconciliation
+    got = _families(incremental)
+    assert _impact(got, "t-a") == 5
+    assert got == _full(dsn)
+    incremental.close()
+
+
+def _impact(families: dict[Any, float], task: str) -> float:
+    (value,) = [
+        v
+        for (name, labels), v in families.items()
+        if name == "scidex_task_impact_score" and ("task_id", task) in labels
+    ]
+    return value
+
+
 def test_rows_with_negative_ids_are_counted_once(dsn: str) -> None:
     """A full recomputation reads every id; the steady path must not read them again."""
     with psycopg.connect(dsn, autocommit=True) as writer:
