@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, fields
 from datetime import date, datetime
 from decimal import Decimal
 from functools import cache
+from operator import attrgetter
 from typing import Any, NamedTuple, TypeVar
 
 import psycopg
@@ -159,6 +160,7 @@ SPEND_TOTALS = spend_totals(Columns(), Periods(0))
 
 
 _TOKENS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens")
+_token_values = attrgetter(*_TOKENS)
 
 
 # quest, layer, provider, model, price period, exclusion reason (None: valid), and the fold's
@@ -419,24 +421,29 @@ class SpendSource(Source):
                 continue
             cost = as_float(sums.cost)
             labels.weigh_layer(key.layer, cost)
-            tokens = sum(getattr(sums, col) for col in _TOKENS)
-            labels.weigh_model(model_name(model_ref(key.provider, key.model)), cost, float(tokens))
+            tokens = float(sum(_token_values(sums)))
+            labels.weigh_model(model_name(model_ref(key.provider, key.model)), cost, tokens)
 
     def today(self, labels: LabelGuard) -> Series:
         """Spend since today's midnight per folded quest (quests with spend today)."""
-        return self._per_quest(labels, "in_today")
+        return self._per_quest(labels)[1]
 
     def month(self, labels: LabelGuard) -> Series:
         """Spend since the 1st of the month per folded quest (quests with spend this month)."""
-        return self._per_quest(labels, "in_month")
+        return self._per_quest(labels)[0]
 
-    def _per_quest(self, labels: LabelGuard, span: str) -> Series:
-        spend: Series = {}
+    def _per_quest(self, labels: LabelGuard) -> tuple[Series, Series]:
+        """This month's and today's spend per folded quest, in one pass."""
+        month: Series = {}
+        today: Series = {}
         for key, sums in self.totals.recent.items():
-            if getattr(key, span):
+            if key.in_month:
                 quest = (labels.q(key.quest),)
-                spend[quest] = spend.get(quest, 0.0) + as_float(sums.cost)
-        return spend
+                cost = as_float(sums.cost)
+                month[quest] = month.get(quest, 0.0) + cost
+                if key.in_today:
+                    today[quest] = today.get(quest, 0.0) + cost
+        return month, today
 
     def build(self, build: Build) -> list[Family]:
         labels = build.labels
@@ -445,10 +452,9 @@ class SpendSource(Source):
         newest = self._newest
         if newest is not None and counters[c.SPEND]:
             families.append(family_of(c.LEDGER_LAST_CALL, {(): newest.timestamp()}))
-        today = self.today(labels)
+        month, today = self._per_quest(labels)
         from exporter.sources.budget import BudgetSource  # budget reads today's spend from here
 
-        month = self.month(labels)
         budget = build.source(BudgetSource)
         if budget is not None:  # a quest with a budget has spent 0 rather than nothing
             for quest in budget.allocated(labels):
