@@ -24,6 +24,7 @@ source's building of families, and the rendering of the exposition.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import statistics
@@ -51,6 +52,12 @@ from exporter.sources.spend import SPEND_TOTALS
 BENCH = Path(__file__).resolve().parent
 QE_VENV = BENCH / ".venv-qe"
 ROWS_PER_30_DAYS = 1_000_000
+SETTINGS: dict[str, Any] = {}
+"""Settings every exporter of the run gets besides the DSN (``--setting``)."""
+
+
+def settings(**values: Any) -> Any:
+    return load_settings({**SETTINGS, **values}, env={})
 
 
 def median_time(fn: Any, runs: int) -> float:
@@ -64,7 +71,7 @@ def median_time(fn: Any, runs: int) -> float:
 
 def full_refresh(dsn: str, runs: int) -> tuple[float, float]:
     """Median full refresh, and the median time of its spend/token query alone."""
-    refresher = Refresher(load_settings({"dsn": dsn, "reconcile_interval_seconds": 0}, env={}))
+    refresher = Refresher(settings(dsn=dsn, reconcile_interval_seconds=0))
     spend: list[float] = []
 
     def once() -> None:
@@ -97,7 +104,7 @@ def steady_refresh(
     dsn: str, plan: generate.LedgerPlan, runs: int, batch: int
 ) -> tuple[float, dict[str, float]]:
     """Median steady refresh after ``batch`` new rows, and the median of each phase."""
-    refresher = Refresher(load_settings({"dsn": dsn}, env={}))
+    refresher = Refresher(settings(dsn=dsn))
     traffic = generate.LiveTraffic(plan)
     times = []
     split: list[dict[str, float]] = []
@@ -126,9 +133,8 @@ def _ok(success: bool) -> None:
 
 def psql_floor(dsn: str, runs: int) -> float:
     """Time the full-refresh SQL through psql, with the parameters rendered as literals."""
-    settings = load_settings({"dsn": dsn}, env={})
-    refresher = Refresher(settings)
-    instants = Instants.at(datetime.now(UTC), settings)
+    refresher = Refresher(settings(dsn=dsn))
+    instants = Instants.at(datetime.now(UTC), refresher.settings)
     with psycopg.connect(dsn) as conn:
         refresher.refresh()  # a first refresh: the plan of a full one (nothing final yet)
         cur = psycopg.ClientCursor(conn)
@@ -372,7 +378,18 @@ def main() -> int:
         default=None,
         help="days of history for every size (default: 1 M rows per 30 days)",
     )
+    parser.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting for every exporter of the run (e.g. work_mem_mb=256)",
+    )
     args = parser.parse_args()
+    for item in args.setting:
+        name, _, value = item.partition("=")
+        SETTINGS[name] = value
+        os.environ[f"RESOURCE_EXPORTER_{name.upper()}"] = value  # the served exporter's too
     results = [
         bench_size(int(s), args.runs, args.batch, args.quick, args.days)
         for s in args.sizes.split(",")

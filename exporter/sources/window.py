@@ -62,10 +62,12 @@ _CLOCK = f"""
 
 # Rebuild from the window: the tasks with a valid row since %(window_start)s (one scan of the ts
 # index, hashed per task, raw provider and model: the schema's ndistinct statistics on those
-# columns let the planner see about one group per task), with what each spent before the window
-# from a probe of the (task_id, ts) index that finds nothing for most tasks. Joining the
-# window's tasks to their whole history made the planner hash-join (scan) the whole ledger once
-# the history outgrew the window. The latest valid row is looked up only when a task's rows
+# columns let the planner see about one group per task), with what each spent before the window.
+# Which tasks did is a semi-join the planner chooses a plan for: probes of the (task_id, ts)
+# index when the history before the window is long, a scan of it when short (a probe that
+# aggregates per task cost 30 s for 430,000 window tasks; the semi-join, 65 ms); only those
+# tasks' earlier rows are then summed. Joining the window's tasks to their whole history made the
+# planner hash-join (scan) the whole ledger once the history outgrew the window. The latest valid row is looked up only when a task's rows
 # disagree on the labels (hashing beats sorting the window by task and time to find it).
 @cache
 def window_tasks(cols: Columns, periods: Periods) -> Query:
@@ -92,7 +94,13 @@ def window_tasks(cols: Columns, periods: Periods) -> Query:
             FROM win
             GROUP BY final, task_id
         ),
-        tracked AS (SELECT DISTINCT task_id FROM win_tasks)
+        tracked AS (SELECT DISTINCT task_id FROM win_tasks),
+        earlier AS (
+            SELECT t.task_id FROM tracked t
+            WHERE EXISTS (SELECT FROM cost_ledger c
+                          WHERE c.task_id = t.task_id AND c.ts < %(window_start)s
+                            AND {cols.valid})
+        )
         SELECT 'sum' AS kind, CASE WHEN final THEN 0 ELSE 2 END AS part, task_id, provider,
                model, period, NULL AS quest, NULL AS layer, NULL::timestamptz AS last_ts,
                NULL::float8 AS impact, {_SUMS}
@@ -100,7 +108,7 @@ def window_tasks(cols: Columns, periods: Periods) -> Query:
         UNION ALL
         SELECT 'sum', CASE WHEN b.final THEN 0 ELSE 2 END, t.task_id, b.provider, b.model,
                b.period, NULL, NULL, NULL, NULL, {_SUMS}
-        FROM tracked t
+        FROM earlier t
         CROSS JOIN LATERAL (
             SELECT c.id <= %(safe)s AS final, c.provider, c.model, {periods.column} AS period,
                    {cols.sums(_KEPT)}
