@@ -20,6 +20,7 @@ from prometheus_client.core import (
     InfoMetricFamily,
 )
 from prometheus_client.metrics_core import Metric as Family
+from prometheus_client.samples import Sample
 
 from exporter import catalog as c
 from exporter.config import Settings
@@ -42,10 +43,16 @@ def family_of(metric: c.MetricSpec, series: Mapping[tuple[str, ...], float]) -> 
     fam: CounterMetricFamily | GaugeMetricFamily
     if metric.kind == "counter":
         fam = CounterMetricFamily(metric.family, metric.help, labels=metric.labels)
+        name = fam.name + "_total"
     else:
         fam = GaugeMetricFamily(metric.family, metric.help, labels=metric.labels)
-    for labels, value in sorted(series.items()):
-        fam.add_metric(list(labels), value)
+        name = fam.name
+    # The samples add_metric would append, built at once (thousands per refresh).
+    names = metric.labels
+    fam.samples = [
+        Sample(name, dict(zip(names, labels, strict=True)), value)
+        for labels, value in sorted(series.items())
+    ]
     return fam
 
 

@@ -43,3 +43,9 @@ def model_name(ref: str | None) -> str | None:
     name = _VENDOR.sub("", name)
     name = _DATE.sub("", name)
     return name or None
+
+
+@lru_cache(maxsize=4096)
+def model_label(provider: str | None, model: str | None) -> str | None:
+    """The normalised model name of a ledger row's provider and model."""
+    return model_name(model_ref(provider, model))

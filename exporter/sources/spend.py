@@ -32,7 +32,7 @@ from exporter.families import LabelGuard, Series, as_float, family_of
 from exporter.fold import Fold, QuestDays, decide, quest_days
 from exporter.incremental import ZERO, Sums
 from exporter.labels import LabelCleaner
-from exporter.models import model_name, model_ref
+from exporter.models import model_label, model_name, model_ref
 from exporter.prices import PriceBook
 from exporter.queries import AFTER, BUDGET_DAYS, MOVED, REASONS, Columns, Periods, Query
 from exporter.sources.base import Build, Excluded, Refresh, Source, Statement
@@ -414,7 +414,7 @@ class SpendSource(Source):
             if reason is None:
                 quests.add(labels.quest(quest))
                 labels.weigh_layer(layer)
-                labels.weigh_model(model_name(model_ref(provider, model)))
+                labels.weigh_model(model_label(provider, model))
         labels.fold(self.fold, frozenset(quests))
         for key, sums in self.totals.recent.items():
             if not key.in_window:
@@ -422,7 +422,7 @@ class SpendSource(Source):
             cost = as_float(sums.cost)
             labels.weigh_layer(key.layer, cost)
             tokens = float(sum(_token_values(sums)))
-            labels.weigh_model(model_name(model_ref(key.provider, key.model)), cost, tokens)
+            labels.weigh_model(model_label(key.provider, key.model), cost, tokens)
 
     def today(self, labels: LabelGuard) -> Series:
         """Spend since today's midnight per folded quest (quests with spend today)."""

@@ -67,8 +67,9 @@ _CLOCK = f"""
 # index when the history before the window is long, a scan of it when short (a probe that
 # aggregates per task cost 30 s for 430,000 window tasks; the semi-join, 65 ms); only those
 # tasks' earlier rows are then summed. Joining the window's tasks to their whole history made the
-# planner hash-join (scan) the whole ledger once the history outgrew the window. The latest valid row is looked up only when a task's rows
-# disagree on the labels (hashing beats sorting the window by task and time to find it).
+# planner hash-join (scan) the whole ledger once the history outgrew the window. The latest valid
+# row is looked up only when a task's rows disagree on the labels (hashing beats sorting the
+# window by task and time to find it).
 @cache
 def window_tasks(cols: Columns, periods: Periods) -> Query:
     """Rebuilds the per-task sums of the window's tasks (first refresh and reconciliation)."""
