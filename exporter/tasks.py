@@ -209,8 +209,8 @@ class WindowTasks:
         clock = next((r.last_ts for r in history if r.kind == "clock"), None)
         touched = set(self.open)  # re-derived from this tail
         touched.update(r.task_id for r in sums)
-        held = self.final.keys() | self.open.keys()
-        touched.update(r.task_id for r in impacts if r.task_id in held)
+        final, opened = self.final, self.open  # (a union of their keys would cost the window)
+        touched.update(r.task_id for r in impacts if r.task_id in final or r.task_id in opened)
         # Time moves too: tasks whose latest row left the window, or crossed the grace cutoff
         # (either way, if the clock stepped back).
         by_time = self.by_time
