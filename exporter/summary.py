@@ -11,7 +11,7 @@ integers), so taking a contribution out leaves exactly what summing the rest wou
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -90,14 +90,31 @@ class Summary:
         return task.tokens > self.min_tokens and quiet and task.last_ts < grace_cutoff
 
     def add(self, task_id: str, task: Task, impact: float | None, wasted: bool) -> None:
-        self._change(task_id, task, impact, wasted, 1)
+        self._change(task_id, task, impact, wasted, 1, SortedList.add)
 
     def remove(self, task_id: str, task: Task, impact: float | None, wasted: bool) -> None:
         """Take out exactly what ``add`` put in for the same arguments."""
-        self._change(task_id, task, impact, wasted, -1)
+        self._change(task_id, task, impact, wasted, -1, SortedList.remove)
 
-    def _change(self, task_id: str, t: Task, impact: float | None, wasted: bool, sign: int) -> None:
-        update = SortedList.add if sign > 0 else SortedList.remove
+    def fill(self, tasks: Iterable[tuple[str, Task, float | None, bool]]) -> None:
+        """``add`` every one of ``tasks`` to this empty summary: a rebuild's hundreds of
+        thousands of ranking keys are sorted once, not inserted one by one."""
+        assert not (self.scored or self.scored_list or self.wasted or self.quest)
+        keys: tuple[list[Any], list[Any], list[Any]] = ([], [], [])
+        self.scored, self.scored_list, self.wasted = keys
+        for task_id, task, impact, wasted in tasks:
+            self._change(task_id, task, impact, wasted, 1, list.append)
+        self.scored, self.scored_list, self.wasted = (SortedList(k) for k in keys)
+
+    def _change(
+        self,
+        task_id: str,
+        t: Task,
+        impact: float | None,
+        wasted: bool,
+        sign: int,
+        update: Callable[[Any, Any], None],
+    ) -> None:
         cost, tokens, listed = t.cost, t.tokens, t.listed
         if impact is not None and impact > 0:
             if cost > _ZERO:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -167,16 +167,21 @@ class WindowTasks:
         opened = _merged(final, open_tail)
         summary = self.summary
         by_time = []
-        for task_id in [*final, *(k for k in opened if k not in final)]:
-            t = opened.get(task_id) or final[task_id]
-            if t.last_ts is None or t.last_ts < window_start:
-                final.pop(task_id, None)
-                opened.pop(task_id, None)
-                impacts.pop(task_id, None)
-                continue
-            impact = impacts.get(task_id)
-            summary.add(task_id, t, impact, summary.wasted_task(t, impact, grace_cutoff))
-            by_time.append((t.last_ts, task_id))
+
+        def current() -> Iterator[tuple[str, Task, float | None, bool]]:
+            """The window's tasks; the others are dropped on the way."""
+            for task_id in [*final, *(k for k in opened if k not in final)]:
+                t = opened.get(task_id) or final[task_id]
+                if t.last_ts is None or t.last_ts < window_start:
+                    final.pop(task_id, None)
+                    opened.pop(task_id, None)
+                    impacts.pop(task_id, None)
+                    continue
+                impact = impacts.get(task_id)
+                by_time.append((t.last_ts, task_id))
+                yield task_id, t, impact, summary.wasted_task(t, impact, grace_cutoff)
+
+        summary.fill(current())
         for task_id in [k for k in impacts if k not in final and k not in opened]:
             del impacts[task_id]
         self.final, self.open, self.impacts = final, opened, impacts
