@@ -31,7 +31,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 import urllib.request
 from datetime import UTC, datetime
@@ -39,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import yaml
 from psycopg.conninfo import conninfo_to_dict
 
 from bench.load import exporter_process, refreshes
@@ -153,67 +153,28 @@ def psql_floor(dsn: str, runs: int) -> float:
     return median_time(lambda: subprocess.run(run, check=True), runs)
 
 
-QE_CONFIG = """
-databases:
-  ledger:
-    dsn: {dsn}
-metrics:
-  qe_spend_usd:
-    type: gauge
-    description: Cumulative LLM cost
-    labels: [quest, layer, provider]
-  qe_input_tokens:
-    type: gauge
-    description: Cumulative input tokens
-    labels: [quest, layer, provider]
-  qe_output_tokens:
-    type: gauge
-    description: Cumulative output tokens
-    labels: [quest, layer, provider]
-  qe_calls:
-    type: gauge
-    description: Cumulative LLM calls
-    labels: [quest, layer, provider]
-  qe_model_spend_usd:
-    type: gauge
-    description: Cumulative LLM cost by model
-    labels: [quest, layer, provider, model]
-  qe_model_input_tokens:
-    type: gauge
-    description: Cumulative input tokens by model
-    labels: [quest, layer, provider, model]
-  qe_model_output_tokens:
-    type: gauge
-    description: Cumulative output tokens by model
-    labels: [quest, layer, provider, model]
-  qe_model_cache_read_tokens:
-    type: gauge
-    description: Cumulative prompt-cache read tokens by model
-    labels: [quest, layer, provider, model]
-  qe_model_cache_write_tokens:
-    type: gauge
-    description: Cumulative prompt-cache write tokens by model
-    labels: [quest, layer, provider, model]
-  qe_model_reasoning_tokens:
-    type: gauge
-    description: Cumulative reasoning tokens by model
-    labels: [quest, layer, provider, model]
-  qe_model_calls:
-    type: gauge
-    description: Cumulative LLM calls by model
-    labels: [quest, layer, provider, model]
-  qe_excluded_rows:
-    type: gauge
-    description: Ledger rows left out of the sums, by reason
-    labels: [reason]
-queries:
-  {name}:
-    interval: {interval}
-    databases: [ledger]
-    metrics: {metrics}
-    sql: |
-{sql}
-"""
+# query-exporter's metrics: name -> (description, labels).
+_SERIES = ["quest", "layer", "provider"]
+QE_METRICS: dict[str, tuple[str, list[str]]] = {
+    "qe_spend_usd": ("Cumulative LLM cost", _SERIES),
+    "qe_input_tokens": ("Cumulative input tokens", _SERIES),
+    "qe_output_tokens": ("Cumulative output tokens", _SERIES),
+    "qe_calls": ("Cumulative LLM calls", _SERIES),
+    **{
+        f"qe_model_{sum_}": (f"Cumulative {sum_.replace('_', ' ')} by model", [*_SERIES, "model"])
+        for sum_ in (
+            "spend_usd",
+            "input_tokens",
+            "output_tokens",
+            "cache_read_tokens",
+            "cache_write_tokens",
+            "reasoning_tokens",
+            "calls",
+        )
+    },
+    "qe_excluded_rows": ("Ledger rows left out of the sums, by reason", ["reason"]),
+}
+
 
 # What a query-exporter user writes for the families of our spend query, with the same row
 # validity: the sums, and the rows left out of them by reason (a second query and scan; every
@@ -221,7 +182,7 @@ queries:
 _COLUMNS = q.Columns(*[frozenset(q.OPTIONAL_TOKENS)] * 2)  # the generated ledger: all, bigint
 QE_QUERIES = {
     "spend": (
-        "[qe_spend_usd, qe_input_tokens, qe_output_tokens, qe_calls]",
+        ["qe_spend_usd", "qe_input_tokens", "qe_output_tokens", "qe_calls"],
         f"""SELECT quest, layer, provider, sum(cost_usd) AS qe_spend_usd,
        sum(input_tokens) AS qe_input_tokens, sum(output_tokens) AS qe_output_tokens,
        count(*) AS qe_calls
@@ -231,9 +192,7 @@ GROUP BY quest, layer, provider""",
     ),
     # The same sums as ours, by the same series and model (ours also splits final from tail).
     "models": (
-        "[qe_model_spend_usd, qe_model_input_tokens, qe_model_output_tokens,"
-        " qe_model_cache_read_tokens, qe_model_cache_write_tokens, qe_model_reasoning_tokens,"
-        " qe_model_calls]",
+        [name for name in QE_METRICS if name.startswith("qe_model_")],
         f"""SELECT quest, layer, provider, coalesce(model, '') AS model,
        sum(cost_usd) AS qe_model_spend_usd, sum(input_tokens) AS qe_model_input_tokens,
        sum(output_tokens) AS qe_model_output_tokens,
@@ -246,7 +205,7 @@ WHERE {_COLUMNS.valid}
 GROUP BY quest, layer, provider, model""",
     ),
     "excluded": (
-        "[qe_excluded_rows]",
+        ["qe_excluded_rows"],
         f"""SELECT k.reason, coalesce(x.n, 0) AS qe_excluded_rows
 FROM (VALUES {", ".join(f"('{reason}')" for reason in q.REASONS)}) k (reason)
 LEFT JOIN (SELECT reason, count(*) AS n
@@ -277,16 +236,18 @@ def query_exporter(dsn: str, name: str, runs: int, expected_seconds: float) -> f
     interval = max(2, int(expected_seconds * 2) + 1)
     metrics, sql = QE_QUERIES[name]
     config = Path(tempfile.mkdtemp()) / "config.yaml"
-    config.write_text(
-        QE_CONFIG.format(
-            dsn=sa_dsn,
-            name=name,
-            interval=interval,
-            metrics=metrics,
-            sql=textwrap.indent(sql, " " * 6),
-        ),
-        encoding="utf-8",
-    )
+    settings = {
+        "databases": {"ledger": {"dsn": sa_dsn}},
+        "metrics": {
+            metric: {"type": "gauge", "description": QE_METRICS[metric][0], "labels": labels}
+            for metric in metrics
+            for labels in [QE_METRICS[metric][1]]
+        },
+        "queries": {
+            name: {"interval": interval, "databases": ["ledger"], "metrics": metrics, "sql": sql}
+        },
+    }
+    config.write_text(yaml.safe_dump(settings, sort_keys=False), encoding="utf-8")
     port = 9561
     pattern = rf'query_latency_(count|sum)\{{[^}}]*query="{name}"[^}}]*\}} (\S+)'.encode()
     with subprocess.Popen(

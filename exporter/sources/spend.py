@@ -286,6 +286,7 @@ class SpendSource(Source):
         self.fold: Fold | None = None  # None: every quest keeps its label every day
         self.quest_days = QuestDays()
         self._split: tuple[frozenset[Any], tuple[datetime, ...]] = (frozenset(), ())
+        self._spent: tuple[LabelGuard, Series, Series] | None = None  # the last refresh's
 
     def statement(self, query: str, refresh: Refresh) -> Statement:
         if query != SPEND_TOTALS.name:
@@ -428,12 +429,11 @@ class SpendSource(Source):
         """Spend since today's midnight per folded quest (quests with spend today)."""
         return self._per_quest(labels)[1]
 
-    def month(self, labels: LabelGuard) -> Series:
-        """Spend since the 1st of the month per folded quest (quests with spend this month)."""
-        return self._per_quest(labels)[0]
-
     def _per_quest(self, labels: LabelGuard) -> tuple[Series, Series]:
-        """This month's and today's spend per folded quest, in one pass."""
+        """This month's and today's spend per folded quest, in one pass per refresh (the
+        budget families read today's too)."""
+        if self._spent is not None and self._spent[0] is labels:
+            return self._spent[1], self._spent[2]
         month: Series = {}
         today: Series = {}
         for key, sums in self.totals.recent.items():
@@ -443,6 +443,7 @@ class SpendSource(Source):
                 month[quest] = month.get(quest, 0.0) + cost
                 if key.in_today:
                     today[quest] = today.get(quest, 0.0) + cost
+        self._spent = (labels, month, today)
         return month, today
 
     def build(self, build: Build) -> list[Family]:
@@ -452,7 +453,7 @@ class SpendSource(Source):
         newest = self._newest
         if newest is not None and counters[c.SPEND]:
             families.append(family_of(c.LEDGER_LAST_CALL, {(): newest.timestamp()}))
-        month, today = self._per_quest(labels)
+        month, today = (dict(spent) for spent in self._per_quest(labels))  # zeros added below
         from exporter.sources.budget import BudgetSource  # budget reads today's spend from here
 
         budget = build.source(BudgetSource)
