@@ -6,12 +6,16 @@ changes and put back after (``remove`` / ``add``), so a refresh costs what chang
 with new rows or a new impact, the tasks leaving the window, and those crossing the grace
 cutoff (exporter/tasks.py finds them). Every sum is exact (Decimal and int, and the impacts as
 integers), so taking a contribution out leaves exactly what summing the rest would give.
+
+A ranking publishes its best few of hundreds of thousands of tasks, so it holds only a few
+hundred more than it publishes (``Ranking``), not a key per task.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -28,6 +32,9 @@ if TYPE_CHECKING:
 # which is what math.fsum returns for the same floats.
 _SCALE_BITS = 1074
 _ZERO = Decimal(0)
+SPARE = 500
+"""How many keys a ranking holds beyond those it publishes: what it can lose (tasks leaving
+the window, or ranking worse) before it must look at every task again."""
 
 
 def exact(value: float) -> int:
@@ -60,6 +67,55 @@ class WindowRow(NamedTuple):
     listed: Decimal = Decimal(0)  # the list-price value of the same tasks' priced calls
 
 
+class Ranking:
+    """The ``top`` smallest of many keys, holding at most ``top + spare`` of them.
+
+    Every key added and not removed is either held or larger than ``bound`` (``None``: every
+    key is held), so whether a key is held is known without holding the others, and the held
+    ones are the smallest. When fewer than ``top`` are held while more were added, ``stale``
+    says so, and ``refill`` takes the smallest again from every key.
+    """
+
+    def __init__(self, top: int, spare: int) -> None:
+        self.top, self.keep = top, top + spare
+        self.held: SortedList = SortedList()
+        self.bound: Any = None
+        self.count = 0  # keys added and not removed, held or not
+
+    def add(self, key: Any) -> None:
+        self.count += 1
+        if self.bound is None or key <= self.bound:
+            self.held.add(key)
+            if len(self.held) > self.keep:
+                self.held.pop()
+                self.bound = self.held[-1]
+
+    def remove(self, key: Any) -> None:
+        """Take out a key that was added (a held one, or one that only counts)."""
+        if self.count <= 0:
+            raise KeyError(f"taking out a key that was never added: {key!r}")
+        if self.bound is None or key <= self.bound:
+            self.held.remove(key)
+        self.count -= 1
+
+    @property
+    def stale(self) -> bool:
+        return len(self.held) < min(self.top, self.count)
+
+    def refill(self, keys: Iterable[Any]) -> None:
+        """Hold the smallest again, from ``keys``: every key added and not removed."""
+        best = heapq.nsmallest(self.keep + 1, keys)
+        self.bound = best[self.keep - 1] if len(best) > self.keep else None
+        self.held = SortedList(best[: self.keep])
+
+    def best(self) -> Iterator[Any]:
+        yield from self.held.islice(0, self.top)
+
+
+Everything = Callable[[], Iterable[tuple[str, "Task", float | None, bool]]]
+"""Every task a summary holds, as ``add`` took it: (task_id, task, impact, wasted)."""
+
+
 class Summary:
     """Rankings, waste, per-quest and per-provider sums of the tasks added and not removed.
 
@@ -68,14 +124,13 @@ class Summary:
     """
 
     def __init__(self, settings: Settings) -> None:
-        self.top_efficiency = settings.top_efficiency_tasks
-        self.top_waste = settings.top_waste_tasks
+        spare = SPARE
         self.min_tokens = settings.waste_min_tokens  # both integers: exact
         self.max_impact = settings.waste_max_impact
-        # (-(impact per $), task_id): the best first
-        self.scored: SortedList = SortedList()
-        self.scored_list: SortedList = SortedList()
-        self.wasted: SortedList = SortedList()  # (-tokens, task_id)
+        # (-(impact per $), task_id) and (-(impact per list-price $), task_id): the best first
+        self.scored = Ranking(settings.top_efficiency_tasks, spare)
+        self.scored_list = Ranking(settings.top_efficiency_tasks, spare)
+        self.wasted = Ranking(settings.top_waste_tasks, spare)  # (-tokens, task_id)
         # (quest, layer) -> [cost, tokens, tasks, listed] of the wasted tasks
         self.waste_total: dict[tuple[str | None, str | None], list[Any]] = {}
         # quest -> [cost, tokens, exact impact sum, measured tasks, tasks]
@@ -90,39 +145,29 @@ class Summary:
         return task.tokens > self.min_tokens and quiet and task.last_ts < grace_cutoff
 
     def add(self, task_id: str, task: Task, impact: float | None, wasted: bool) -> None:
-        self._change(task_id, task, impact, wasted, 1, SortedList.add)
+        self._change(task_id, task, impact, wasted, 1)
 
     def remove(self, task_id: str, task: Task, impact: float | None, wasted: bool) -> None:
         """Take out exactly what ``add`` put in for the same arguments."""
-        self._change(task_id, task, impact, wasted, -1, SortedList.remove)
+        self._change(task_id, task, impact, wasted, -1)
 
-    def fill(self, tasks: Iterable[tuple[str, Task, float | None, bool]]) -> None:
-        """``add`` every one of ``tasks`` to this empty summary: a rebuild's hundreds of
-        thousands of ranking keys are sorted once, not inserted one by one."""
-        assert not (self.scored or self.scored_list or self.wasted or self.quest)
-        keys: tuple[list[Any], list[Any], list[Any]] = ([], [], [])
-        self.scored, self.scored_list, self.wasted = keys
-        for task_id, task, impact, wasted in tasks:
-            self._change(task_id, task, impact, wasted, 1, list.append)
-        self.scored, self.scored_list, self.wasted = (SortedList(k) for k in keys)
-
-    def _change(
-        self,
-        task_id: str,
-        t: Task,
-        impact: float | None,
-        wasted: bool,
-        sign: int,
-        update: Callable[[Any, Any], None],
-    ) -> None:
-        cost, tokens, listed = t.cost, t.tokens, t.listed
+    def _keys(
+        self, task_id: str, t: Task, impact: float | None, wasted: bool
+    ) -> Iterator[tuple[Ranking, Any]]:
+        """The rankings a task is in, and its key in each."""
         if impact is not None and impact > 0:
-            if cost > _ZERO:
-                update(self.scored, (-(impact / float(cost)), task_id))
-            if listed > _ZERO:
-                update(self.scored_list, (-(impact / float(listed)), task_id))
+            if t.cost > _ZERO:
+                yield self.scored, (-(impact / float(t.cost)), task_id)
+            if t.listed > _ZERO:
+                yield self.scored_list, (-(impact / float(t.listed)), task_id)
         if wasted:
-            update(self.wasted, (-tokens, task_id))
+            yield self.wasted, (-t.tokens, task_id)
+
+    def _change(self, task_id: str, t: Task, impact: float | None, wasted: bool, sign: int) -> None:
+        for ranking, key in self._keys(task_id, t, impact, wasted):
+            (ranking.add if sign > 0 else ranking.remove)(key)
+        cost, tokens, listed = t.cost, t.tokens, t.listed
+        if wasted:
             _accumulate(self.waste_total, (t.quest, t.layer), sign, cost, tokens, 1, listed)
         _accumulate(
             self.quest,
@@ -139,12 +184,18 @@ class Summary:
             # a task yields each of its families once
             _accumulate(self.family, family, sign, f_cost, f_tokens, 1, f_listed, count=2)
 
-    def rows(self, tasks: Any, impacts: Mapping[str, float]) -> list[WindowRow]:
-        """The rows of the window families; ``tasks`` looks up a ranked task by id."""
+    def rows(
+        self, tasks: Callable[[str], Task], impacts: Mapping[str, float], every: Everything
+    ) -> list[WindowRow]:
+        """The rows of the window families; ``tasks`` looks up a ranked task by id, and
+        ``every`` yields every task added (for a ranking that must look at them again)."""
+        for ranking in (self.scored, self.scored_list, self.wasted):
+            if ranking.stale:
+                ranking.refill(k for t in every() for r, k in self._keys(*t) if r is ranking)
 
-        def ranked(kind: str, top: int, candidates: SortedList) -> list[WindowRow]:
+        def ranked(kind: str, ranking: Ranking) -> list[WindowRow]:
             out = []
-            for _, task_id in candidates.islice(0, top):
+            for _, task_id in ranking.best():
                 t = tasks(task_id)
                 impact = impacts.get(task_id)
                 out.append(
@@ -154,9 +205,9 @@ class Summary:
                 )
             return out
 
-        out = ranked("efficiency", self.top_efficiency, self.scored)
-        out += ranked("efficiency_list", self.top_efficiency, self.scored_list)
-        out += ranked("waste", self.top_waste, self.wasted)
+        out = ranked("efficiency", self.scored)
+        out += ranked("efficiency_list", self.scored_list)
+        out += ranked("waste", self.wasted)
         out += [
             WindowRow("waste_total", None, q_, l_, cost, tokens, None, n, None, listed)
             for (q_, l_), (cost, tokens, n, listed) in self.waste_total.items()

@@ -22,7 +22,7 @@ from decimal import Decimal
 from functools import cache
 from typing import Any, NamedTuple
 
-from sortedcontainers import SortedList
+from sortedcontainers import SortedKeyList
 
 from exporter.config import Settings
 from exporter.incremental import Plan, Sums
@@ -114,11 +114,16 @@ class WindowTasks:
     """A steady refresh reads the impacts measured after this (the database's clock at the
     last refresh, less ``impact_lag_seconds``)."""
     summary: Summary = field(init=False)
-    by_time: SortedList = field(default_factory=SortedList)  # (last_ts, task_id)
+    by_time: SortedKeyList = field(init=False)  # the task ids, by their task's last_ts
     cutoff: datetime | None = None  # the grace cutoff ``summary`` classified waste with
 
     def __post_init__(self) -> None:
         self.summary = Summary(self.settings)
+        self.by_time = self._by_time(())
+
+    def _by_time(self, task_ids: Iterable[str]) -> SortedKeyList:
+        """The held tasks by their latest row (a key per task, the ``datetime`` it holds)."""
+        return SortedKeyList(task_ids, key=lambda task_id: self.task(task_id).last_ts)
 
     def bounds(self, plan: Plan) -> tuple[bool, int]:
         """Return (full, safe): whether to rebuild, and the id up to which rows are final.
@@ -139,7 +144,14 @@ class WindowTasks:
         return self.open.get(task_id) or self.final[task_id]
 
     def rows(self) -> list[WindowRow]:
-        return self.summary.rows(self.task, self.impacts)
+        return self.summary.rows(self.task, self.impacts, self._every)
+
+    def _every(self) -> Iterator[tuple[str, Task, float | None, bool]]:
+        """Every held task as the summary took it."""
+        assert self.cutoff is not None  # set by every rebuild and steady refresh
+        for task_id in [*self.final, *(k for k in self.open if k not in self.final)]:
+            t, impact = self.task(task_id), self.impacts.get(task_id)
+            yield task_id, t, impact, self.summary.wasted_task(t, impact, self.cutoff)
 
     def rebuild(self, plan: Plan, rows: Iterable[Any], now: Now) -> None:
         """Replace everything held by a rebuild's rows (parts 0 and 2, and every window
@@ -150,7 +162,7 @@ class WindowTasks:
         next refresh rebuilds again.
         """
         window_start, grace_cutoff, priced = now
-        self.final, self.open, self.impacts, self.by_time = {}, {}, {}, SortedList()
+        self.final, self.open, self.impacts, self.by_time = {}, {}, {}, self._by_time(())
         self.summary, self.frozen_id = Summary(self.settings), -1
         final: dict[str, Task] = {}
         open_tail: dict[str, Task] = {}
@@ -166,26 +178,21 @@ class WindowTasks:
                 _fold(final if r.part == 0 else open_tail, r, priced)
         opened = _merged(final, open_tail)
         summary = self.summary
-        by_time = []
-
-        def current() -> Iterator[tuple[str, Task, float | None, bool]]:
-            """The window's tasks; the others are dropped on the way."""
-            for task_id in [*final, *(k for k in opened if k not in final)]:
-                t = opened.get(task_id) or final[task_id]
-                if t.last_ts is None or t.last_ts < window_start:
-                    final.pop(task_id, None)
-                    opened.pop(task_id, None)
-                    impacts.pop(task_id, None)
-                    continue
-                impact = impacts.get(task_id)
-                by_time.append((t.last_ts, task_id))
-                yield task_id, t, impact, summary.wasted_task(t, impact, grace_cutoff)
-
-        summary.fill(current())
+        held = []  # the window's tasks; the others are dropped on the way
+        for task_id in [*final, *(k for k in opened if k not in final)]:
+            t = opened.get(task_id) or final[task_id]
+            if t.last_ts is None or t.last_ts < window_start:
+                final.pop(task_id, None)
+                opened.pop(task_id, None)
+                impacts.pop(task_id, None)
+                continue
+            impact = impacts.get(task_id)
+            held.append(task_id)
+            summary.add(task_id, t, impact, summary.wasted_task(t, impact, grace_cutoff))
         for task_id in [k for k in impacts if k not in final and k not in opened]:
             del impacts[task_id]
         self.final, self.open, self.impacts = final, opened, impacts
-        self.by_time = SortedList(by_time)
+        self.by_time = self._by_time(held)
         self.cutoff = grace_cutoff
         self.frozen_id = self.bounds(plan)[1]
         self._clock(clock)
@@ -219,9 +226,9 @@ class WindowTasks:
         # Time moves too: tasks whose latest row left the window, or crossed the grace cutoff
         # (either way, if the clock stepped back).
         by_time = self.by_time
-        touched.update(k for _, k in by_time.irange(None, (window_start,), (True, False)))
+        touched.update(by_time.irange_key(None, window_start, (True, False)))
         low, high = sorted((old_cutoff, grace_cutoff))
-        touched.update(k for _, k in by_time.irange((low,), (high,), (True, False)))
+        touched.update(by_time.irange_key(low, high, (True, False)))
 
         summary = self.summary
         for task_id in touched:
@@ -229,7 +236,7 @@ class WindowTasks:
             if t is not None:
                 impact = self.impacts.get(task_id)
                 summary.remove(task_id, t, impact, summary.wasted_task(t, impact, old_cutoff))
-                by_time.remove((t.last_ts, task_id))
+                by_time.remove(task_id)
         open_tail: dict[str, Task] = {}
         for r in sorted(sums, key=lambda r: r.part):  # final before open, ids growing
             _fold(self.final if r.part < 2 else open_tail, r, priced)
@@ -250,7 +257,7 @@ class WindowTasks:
                 continue
             impact = self.impacts.get(task_id)
             summary.add(task_id, t, impact, summary.wasted_task(t, impact, grace_cutoff))
-            by_time.add((t.last_ts, task_id))
+            by_time.add(task_id)
         self.cutoff = grace_cutoff
         self._clock(clock)
 

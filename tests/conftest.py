@@ -16,6 +16,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from exporter import summary
 from exporter.generate import create_schema
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -95,6 +96,13 @@ def temporary_database(admin_dsn: str, schema: bool = False) -> Iterator[str]:
     finally:
         with psycopg.connect(admin_dsn, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(autouse=True)
+def few_spare_ranking_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rankings hold one key beyond those they publish (``summary.SPARE`` in production), so
+    that the tests' small ledgers exercise the keys dropped and the rankings refilled."""
+    monkeypatch.setattr(summary, "SPARE", 1)
 
 
 @pytest.fixture

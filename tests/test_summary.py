@@ -1,13 +1,14 @@
-"""The window summary's exact impact sums round as math.fsum does, whatever is taken out."""
+"""The window summary: exact impact sums round as math.fsum does, whatever is taken out, and a
+ranking holding a few keys publishes what sorting every key would."""
 
 from __future__ import annotations
 
 import math
 
-from hypothesis import given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from exporter.summary import exact, rounded
+from exporter.summary import Ranking, exact, rounded
 
 FINITE = st.floats(min_value=-1e300, max_value=1e300)  # no sum of 50 can overflow
 
@@ -27,3 +28,31 @@ def test_the_extremes_are_exact() -> None:
     assert rounded(exact(1e308) + exact(1e308) - exact(1e308)) == 1e308
     assert rounded(exact(0.1) + exact(0.2)) == math.fsum([0.1, 0.2]) == 0.30000000000000004
     assert rounded(-2 * exact(1.7e308)) == -math.inf  # past the largest float
+
+
+@given(
+    st.integers(1, 4),
+    st.integers(0, 3),
+    st.lists(st.tuples(st.booleans(), st.integers(0, 9)), max_size=60),
+)
+@example(1, 0, [(True, 1), (True, 2), (True, 3), (False, 0), (False, 1)])  # refilled, then
+@settings(max_examples=300)  # a key not held is taken out
+def test_a_ranking_publishes_the_smallest_keys_added_and_not_removed(
+    top: int, spare: int, ops: list[tuple[bool, int]]
+) -> None:
+    ranking = Ranking(top, spare)
+    keys: set[tuple[int, str]] = set()  # what was added and not removed
+    for n, (add, value) in enumerate(ops):
+        if add or not keys:
+            key = (value, f"t{n}")  # ties on the value rank by the second part
+            ranking.add(key)
+            keys.add(key)
+        else:
+            key = sorted(keys)[value % len(keys)]
+            ranking.remove(key)
+            keys.remove(key)
+        assert len(ranking.held) <= top + spare
+        if ranking.stale:
+            ranking.refill(iter(keys))
+        assert list(ranking.best()) == sorted(keys)[:top]
+        assert ranking.count == len(keys)
