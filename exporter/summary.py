@@ -4,8 +4,9 @@ Summing and ranking every window task on every refresh costs what the window hol
 of milliseconds at 40,000 tasks). Instead each task's contribution is taken out before the task
 changes and put back after (``remove`` / ``add``), so a refresh costs what changed: the tasks
 with new rows or a new impact, the tasks leaving the window, and those crossing the grace
-cutoff (exporter/tasks.py finds them). Every sum is exact (Decimal and int, and the impacts as
-integers), so taking a contribution out leaves exactly what summing the rest would give.
+cutoff (exporter/tasks.py finds them). Every sum is exact (dollars and impacts as integers, see
+``amount`` and ``exact``), so taking a contribution out leaves exactly what summing the rest would
+give.
 
 A ranking publishes its best few of hundreds of thousands of tasks, so it holds only a few
 hundred more than it publishes (``Ranking``), not a key per task.
@@ -31,7 +32,8 @@ if TYPE_CHECKING:
 # sums of impacts are exact whatever order tasks come and go in. int / int rounds correctly,
 # which is what math.fsum returns for the same floats.
 _SCALE_BITS = 1074
-_ZERO = Decimal(0)
+_MICRO_MICRO = 12
+_PER_DOLLAR = 10**_MICRO_MICRO
 SPARE = 500
 """How many keys a ranking holds beyond those it publishes: what it can lose (tasks leaving
 the window, or ranking worse) before it must look at every task again."""
@@ -41,6 +43,30 @@ def exact(value: float) -> int:
     """``value`` as an integer multiple of 2**-1074 (exact for every finite float)."""
     numerator, denominator = value.as_integer_ratio()
     return numerator << (_SCALE_BITS - denominator.bit_length() + 1)
+
+
+Amount = int | Decimal
+"""Dollars in units of 10**-12: an int (a third of a Decimal's memory, and faster to add), or a
+Decimal in the same unit for the rare value with finer digits (the sums it enters become
+Decimals, still exact)."""
+
+
+def amount(dollars: Decimal) -> Amount:
+    """``dollars`` in units of 10**-12, exactly."""
+    scaled = dollars.scaleb(_MICRO_MICRO)
+    whole = int(scaled)
+    return whole if whole == scaled else scaled
+
+
+def dollars(value: Amount) -> Decimal:
+    """An amount back in dollars, exactly."""
+    return Decimal(value).scaleb(-_MICRO_MICRO)
+
+
+def _float(value: Amount) -> float:
+    """The float nearest to an amount's dollars (int / int rounds correctly, as float() of the
+    same Decimal does)."""
+    return value / _PER_DOLLAR if isinstance(value, int) else float(dollars(value))
 
 
 def rounded(total: int) -> float:
@@ -156,10 +182,10 @@ class Summary:
     ) -> Iterator[tuple[Ranking, Any]]:
         """The rankings a task is in, and its key in each."""
         if impact is not None and impact > 0:
-            if t.cost > _ZERO:
-                yield self.scored, (-(impact / float(t.cost)), task_id)
-            if t.listed > _ZERO:
-                yield self.scored_list, (-(impact / float(t.listed)), task_id)
+            if t.cost > 0:
+                yield self.scored, (-(impact / _float(t.cost)), task_id)
+            if t.listed > 0:
+                yield self.scored_list, (-(impact / _float(t.listed)), task_id)
         if wasted:
             yield self.wasted, (-t.tokens, task_id)
 
@@ -198,26 +224,32 @@ class Summary:
             for _, task_id in ranking.best():
                 t = tasks(task_id)
                 impact = impacts.get(task_id)
-                out.append(
-                    WindowRow(
-                        kind, task_id, t.quest, t.layer, t.cost, t.tokens, impact, 1, None, t.listed
-                    )
+                cost, listed = dollars(t.cost), dollars(t.listed)
+                row = WindowRow(
+                    kind, task_id, t.quest, t.layer, cost, t.tokens, impact, 1, None, listed
                 )
+                out.append(row)
             return out
 
         out = ranked("efficiency", self.scored)
         out += ranked("efficiency_list", self.scored_list)
         out += ranked("waste", self.wasted)
         out += [
-            WindowRow("waste_total", None, q_, l_, cost, tokens, None, n, None, listed)
+            WindowRow(
+                "waste_total", None, q_, l_, dollars(cost), tokens, None, n, None, dollars(listed)
+            )
             for (q_, l_), (cost, tokens, n, listed) in self.waste_total.items()
         ]
         out += [
-            WindowRow("quest", None, q_, None, cost, tokens, rounded(i) if m else None, n, None)
+            WindowRow(
+                "quest", None, q_, None, dollars(cost), tokens, rounded(i) if m else None, n, None
+            )
             for q_, (cost, tokens, i, m, n) in self.quest.items()
         ]
         out += [
-            WindowRow("provider", None, None, None, cost, tokens, None, n, f, listed)
+            WindowRow(
+                "provider", None, None, None, dollars(cost), tokens, None, n, f, dollars(listed)
+            )
             for f, (cost, tokens, n, listed) in self.family.items()
         ]
         return out

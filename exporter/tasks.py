@@ -18,7 +18,6 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from decimal import Decimal
 from functools import cache
 from typing import Any, NamedTuple
 
@@ -29,7 +28,7 @@ from exporter.incremental import Plan, Sums
 from exporter.labels import ProviderFamilies
 from exporter.models import model_ref
 from exporter.prices import Price, PriceBook
-from exporter.summary import Summary, WindowRow
+from exporter.summary import Amount, Summary, WindowRow, amount
 
 
 @dataclass(slots=True)
@@ -40,16 +39,16 @@ class Task:
     per-family split is a dict only for the few that use several.
     """
 
-    cost: Decimal = Decimal(0)
+    cost: Amount = 0
     tokens: int = 0
-    listed: Decimal = Decimal(0)  # list-price value of its priced calls
+    listed: Amount = 0  # list-price value of its priced calls
     last_ts: datetime | None = None
     quest: str | None = None
     layer: str | None = None
     family: str | None = None  # the only family so far (None: none yet, or several)
     shares: dict[str, list[Any]] | None = None  # family -> [cost, tokens, listed], once several
 
-    def add(self, family: str, cost: Decimal, tokens: int, listed: Decimal) -> None:
+    def add(self, family: str, cost: Amount, tokens: int, listed: Amount) -> None:
         if self.shares is None and self.family != family:
             if self.family is None:  # the first sum of this task
                 self.family = family
@@ -57,7 +56,7 @@ class Task:
                 self.shares = {self.family: [self.cost, self.tokens, self.listed]}
                 self.family = None
         if self.shares is not None:
-            acc = self.shares.setdefault(family, [Decimal(0), 0, Decimal(0)])
+            acc = self.shares.setdefault(family, [0, 0, 0])
             acc[0] += cost
             acc[1] += tokens
             acc[2] += listed
@@ -65,7 +64,7 @@ class Task:
         self.tokens += tokens
         self.listed += listed
 
-    def by_family(self) -> Iterable[tuple[str, Decimal, int, Decimal]]:
+    def by_family(self) -> Iterable[tuple[str, Amount, int, Amount]]:
         if self.shares is not None:
             return ((f, c, t, li) for f, (c, t, li) in self.shares.items())
         if self.family is None:
@@ -309,7 +308,7 @@ def _fold(target: dict[str, Task], r: Any, priced: Pricer) -> None:
         task = target[r.task_id] = Task()
     if r.kind == "sum":
         family, price = priced(r.provider, r.model, r.period)
-        listed = Decimal(0) if price is None else price.value(Sums.of(r))
-        task.add(family, r.cost, int(r.input_tokens + r.output_tokens), listed)
+        listed = 0 if price is None else amount(price.value(Sums.of(r)))
+        task.add(family, amount(r.cost), int(r.input_tokens + r.output_tokens), listed)
     else:
         task.label(r.last_ts, r.quest, r.layer)

@@ -1,14 +1,16 @@
-"""The window summary: exact impact sums round as math.fsum does, whatever is taken out, and a
-ranking holding a few keys publishes what sorting every key would."""
+"""The window summary: exact impact sums round as math.fsum does, whatever is taken out; dollars
+held as integers are the Decimals they came from; a ranking holding a few keys publishes what
+sorting every key would."""
 
 from __future__ import annotations
 
 import math
+from decimal import Decimal
 
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from exporter.summary import Ranking, exact, rounded
+from exporter.summary import Ranking, _float, amount, dollars, exact, rounded
 
 FINITE = st.floats(min_value=-1e300, max_value=1e300)  # no sum of 50 can overflow
 
@@ -28,6 +30,33 @@ def test_the_extremes_are_exact() -> None:
     assert rounded(exact(1e308) + exact(1e308) - exact(1e308)) == 1e308
     assert rounded(exact(0.1) + exact(0.2)) == math.fsum([0.1, 0.2]) == 0.30000000000000004
     assert rounded(-2 * exact(1.7e308)) == -math.inf  # past the largest float
+
+
+# Ledger costs and list prices, with up to 18 decimals (finer than the integers' 12): no sum of
+# 25 has more digits than a Decimal context holds (28), so the Decimal sum is exact too.
+DOLLARS = st.decimals(min_value=0, max_value=10**6, places=None, allow_nan=False).filter(
+    lambda d: d.as_tuple().exponent >= -18  # type: ignore[operator]
+)
+
+
+@given(st.lists(DOLLARS, max_size=20), st.lists(DOLLARS, max_size=5))
+def test_dollars_as_integers_sum_to_the_exact_decimal_sum(
+    kept: list[Decimal], gone: list[Decimal]
+) -> None:
+    total = sum((amount(d) for d in kept + gone), start=0)
+    total -= sum((amount(d) for d in gone), start=0)
+    exact_sum = sum(kept, start=Decimal(0))
+    assert dollars(total) == exact_sum
+    assert _float(total) == float(exact_sum)
+
+
+def test_dollars_finer_than_the_integers_stay_exact() -> None:
+    assert amount(Decimal("0.000001")) == 10**6
+    fine = amount(Decimal("1E-15"))
+    assert isinstance(fine, Decimal) and dollars(fine + amount(Decimal(2))) == Decimal(
+        "2.000000000000001"
+    )
+    assert _float(amount(Decimal("0.1"))) == 0.1
 
 
 @given(
