@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -26,7 +26,7 @@ from sortedcontainers import SortedList
 from exporter.config import Settings
 
 if TYPE_CHECKING:
-    from exporter.tasks import Task
+    from exporter.store import Task
 
 # Every finite float is a multiple of 2**-1074: scaled by 2**1074 it is an exact integer, so
 # sums of impacts are exact whatever order tasks come and go in. int / int rounds correctly,
@@ -211,7 +211,10 @@ class Summary:
             _accumulate(self.family, family, sign, f_cost, f_tokens, 1, f_listed, count=2)
 
     def rows(
-        self, tasks: Callable[[str], Task], impacts: Mapping[str, float], every: Everything
+        self,
+        tasks: Callable[[str], Task],
+        impacts: Callable[[str], float | None],
+        every: Everything,
     ) -> list[WindowRow]:
         """The rows of the window families; ``tasks`` looks up a ranked task by id, and
         ``every`` yields every task added (for a ranking that must look at them again)."""
@@ -223,7 +226,7 @@ class Summary:
             out = []
             for _, task_id in ranking.best():
                 t = tasks(task_id)
-                impact = impacts.get(task_id)
+                impact = impacts(task_id)
                 cost, listed = dollars(t.cost), dollars(t.listed)
                 row = WindowRow(
                     kind, task_id, t.quest, t.layer, cost, t.tokens, impact, 1, None, listed

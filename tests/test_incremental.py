@@ -337,7 +337,7 @@ def test_the_steady_state_reads_only_the_new_rows(dsn: str) -> None:
         )
         assert incremental.refresh(NOW)
         window = incremental.source(WindowSource)
-        assert window.tasks.impacts["t1"] == window.tasks.impacts["t2"] == 2.0
+        assert window.tasks.final.impact("t1") == window.tasks.final.impact("t2") == 2.0
         writer.execute("UPDATE impact_ledger SET measured_at = now() WHERE task_id = 't3'")
         with psycopg.connect(dsn) as conn:
             sql, params = incremental.statement(

@@ -1,0 +1,405 @@
+"""The window's per-task sums in typed arrays: under 100 bytes a task instead of a kilobyte.
+
+At ten million rows in the window the exporter holds about 430,000 tasks. As Python objects
+(a ``Task``, its id string, its sums, a dict entry, an impact) each cost about a kilobyte. Here
+a task is a slot number in a few ``array``s: its id is a few bytes of one blob, found through
+an open-addressing index of slot numbers, its dollars are int64 (exporter/summary.py's amounts;
+the rare one that does not fit is kept aside), and a task that used several provider families
+chains one row per family in three more arrays. Tasks are read and written as ``Task``
+objects, made on demand; rows are folded straight into the arrays.
+
+Each task's latest row is also filed by its hour, so the tasks whose latest row is in a span
+(the ones leaving the window, or crossing the grace cutoff) are found without a sorted index.
+An hour's list is only appended to: a task whose latest row moved keeps a stale entry, which
+``within`` skips by checking the task's time.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from array import array
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from exporter.summary import Amount
+
+
+@dataclass(slots=True)
+class Task:
+    """One task's valid spend, by provider family, and its latest valid row's labels.
+
+    What the summary reads, made from a ``TaskStore`` on demand; held as is only for the few
+    tasks with rows after the watermark. Most tasks use one provider family, so the per-family
+    split is a dict only for the few that use several.
+    """
+
+    cost: Amount = 0
+    tokens: int = 0
+    listed: Amount = 0  # list-price value of its priced calls
+    last_ts: datetime | None = None
+    quest: str | None = None
+    layer: str | None = None
+    family: str | None = None  # the only family so far (None: none yet, or several)
+    shares: dict[str, list[Any]] | None = None  # family -> [cost, tokens, listed], once several
+
+    def add(self, family: str, cost: Amount, tokens: int, listed: Amount) -> None:
+        if self.shares is None and self.family != family:
+            if self.family is None:  # the first sum of this task
+                self.family = family
+            else:
+                self.shares = {self.family: [self.cost, self.tokens, self.listed]}
+                self.family = None
+        if self.shares is not None:
+            acc = self.shares.setdefault(family, [0, 0, 0])
+            acc[0] += cost
+            acc[1] += tokens
+            acc[2] += listed
+        self.cost += cost
+        self.tokens += tokens
+        self.listed += listed
+
+    def by_family(self) -> Iterable[tuple[str, Amount, int, Amount]]:
+        if self.shares is not None:
+            return ((f, c, t, li) for f, (c, t, li) in self.shares.items())
+        if self.family is None:
+            return ()
+        return ((self.family, self.cost, self.tokens, self.listed),)
+
+    def label(self, last_ts: datetime, quest: str | None, layer: str | None) -> None:
+        """Take the labels of a later row; on a tie the later part (larger ids) wins."""
+        if self.last_ts is None or last_ts >= self.last_ts:
+            self.last_ts, self.quest, self.layer = last_ts, _intern(quest), _intern(layer)
+
+    def merged(self, tail: Task) -> Task:
+        """This task with the rows of a later part added (a copy: self is kept as is)."""
+        out = Task(
+            self.cost, self.tokens, self.listed, self.last_ts, self.quest, self.layer, self.family
+        )
+        if self.shares is not None:
+            out.shares = {f: list(v) for f, v in self.shares.items()}
+        for family, cost, tokens, listed in tail.by_family():
+            out.add(family, cost, tokens, listed)
+        if tail.last_ts is not None:
+            out.label(tail.last_ts, tail.quest, tail.layer)
+        return out
+
+
+def _intern(value: str | None) -> str | None:
+    """One string object per distinct label value, however many tasks carry it."""
+    return None if value is None else sys.intern(value)
+
+
+class Tasks(dict[str, Task]):
+    """Tasks as objects, folded into as a ``TaskStore`` is (the few with rows after the
+    watermark)."""
+
+    def _task(self, task_id: str) -> Task:
+        task = self.get(task_id)
+        if task is None:
+            task = self[task_id] = Task()
+        return task
+
+    def add(self, task_id: str, family: str, cost: Amount, tokens: int, listed: Amount) -> None:
+        self._task(task_id).add(family, cost, tokens, listed)
+
+    def label(self, task_id: str, last_ts: datetime, quest: str | None, layer: str | None) -> None:
+        self._task(task_id).label(last_ts, quest, layer)
+
+
+_EMPTY, _GONE = 0, -1  # index entries besides slot + 1
+_NO_TIME = -(2**63)
+_NO_FAMILY, _END = -1, -1
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_HOUR = 3_600_000_000  # microseconds
+
+
+def _micros(ts: datetime) -> int:
+    return (ts - _EPOCH) // timedelta(microseconds=1)
+
+
+class _Triples:
+    """(cost, tokens, listed) per row, exact: int64 arrays, and a dict for a row that does not
+    fit (a Decimal amount, or a sum past int64)."""
+
+    def __init__(self) -> None:
+        self.cols = (array("q"), array("q"), array("q"))
+        self.big: dict[int, tuple[Amount, int, Amount]] = {}
+
+    def append(self) -> int:
+        for col in self.cols:
+            col.append(0)
+        return len(self.cols[0]) - 1
+
+    def get(self, row: int) -> tuple[Amount, int, Amount]:
+        big = self.big.get(row)
+        if big is not None:
+            return big
+        cost, tokens, listed = self.cols
+        return cost[row], tokens[row], listed[row]
+
+    def set(self, row: int, values: tuple[Amount, int, Amount]) -> None:
+        self.big.pop(row, None)
+        try:
+            for col, value in zip(self.cols, values, strict=True):
+                col[row] = value  # type: ignore[assignment]  # a Decimal raises TypeError
+        except (OverflowError, TypeError):
+            self.big[row] = values
+
+    def add(self, row: int, values: tuple[Amount, int, Amount]) -> None:
+        cost, tokens, listed = self.get(row)
+        self.set(row, (cost + values[0], tokens + values[1], listed + values[2]))
+
+
+class _Codes:
+    """A small integer per distinct label value (quests, layers, provider families)."""
+
+    def __init__(self) -> None:
+        self.values: list[str | None] = [None]
+        self.codes: dict[str | None, int] = {None: 0}
+
+    def code(self, value: str | None) -> int:
+        code = self.codes.get(value)
+        if code is None:
+            code = self.codes[value] = len(self.values)
+            self.values.append(value)
+        return code
+
+
+class TaskStore:
+    """Tasks by id: their sums (as ``Task``), their latest impact, and an index by time."""
+
+    def __init__(self) -> None:
+        self._blob = bytearray()  # every id, UTF-8, each ended by a NUL (text never holds one)
+        self._start = array("Q")  # slot -> where its id starts in the blob
+        self._alive = bytearray()  # slot -> 1 while held
+        self._index = array("i", bytes(4 * 8))  # hash -> slot + 1, _EMPTY or _GONE
+        self._used = 0  # index entries not _EMPTY
+        self._free: list[int] = []
+        self._live = 0
+        self._totals = _Triples()
+        self._time = array("q")  # the latest row's time, in microseconds (or _NO_TIME)
+        self._quest = array("i")
+        self._layer = array("i")
+        self._family = array("i")  # a family code, _NO_FAMILY, or -2 - the first share row
+        self._impact = array("d")  # NaN: none measured
+        self._labels = _Codes()
+        self._shares = _Triples()  # one row per family of a task that used several
+        self._share_family = array("i")
+        self._share_next = array("i")
+        self._share_free: list[int] = []
+        self._hours: dict[int, array[int]] = {}
+
+    # -- ids --------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return self._live
+
+    def __contains__(self, task_id: object) -> bool:
+        return isinstance(task_id, str) and self._find(task_id)[1] >= 0
+
+    def __iter__(self) -> Iterator[str]:
+        for slot, alive in enumerate(self._alive):
+            if alive:
+                yield self._id(slot)
+
+    def _id(self, slot: int) -> str:
+        start = self._start[slot]
+        return self._blob[start : self._blob.index(0, start)].decode()
+
+    def _find(self, task_id: str) -> tuple[int, int]:
+        """(index position, slot): the slot holding ``task_id``, or -1 and the position to
+        file it at."""
+        key = task_id.encode()
+        blob, start, index = self._blob, self._start, self._index
+        mask = len(index) - 1
+        position, reuse = hash(task_id) & mask, -1
+        while True:
+            entry = index[position]
+            if entry == _EMPTY:
+                return (position if reuse < 0 else reuse), -1
+            if entry == _GONE:
+                reuse = position if reuse < 0 else reuse
+            else:
+                at = start[entry - 1]
+                if blob[at : at + len(key)] == key and blob[at + len(key)] == 0:
+                    return position, entry - 1
+            position = (position + 1) & mask
+
+    def _slot(self, task_id: str) -> int:
+        """The slot of ``task_id``, a new one if it is not held."""
+        position, slot = self._find(task_id)
+        if slot >= 0:
+            return slot
+        if self._free:
+            slot = self._free.pop()
+            self._start[slot] = len(self._blob)
+            self._alive[slot] = 1
+            self._totals.set(slot, (0, 0, 0))
+            self._time[slot], self._impact[slot] = _NO_TIME, math.nan
+            self._quest[slot] = self._layer[slot] = 0
+            self._family[slot] = _NO_FAMILY
+        else:
+            slot = len(self._start)
+            self._start.append(len(self._blob))
+            self._alive.append(1)
+            self._totals.append()
+            self._time.append(_NO_TIME)
+            self._impact.append(math.nan)
+            for col in (self._quest, self._layer):
+                col.append(0)
+            self._family.append(_NO_FAMILY)
+        self._blob += task_id.encode() + b"\0"
+        if self._index[position] == _EMPTY:
+            self._used += 1
+        self._index[position] = slot + 1
+        self._live += 1
+        if self._used * 10 >= len(self._index) * 7:
+            self._reindex()
+        return slot
+
+    def _reindex(self) -> None:
+        """Twice as many index entries as tasks (at least), and no _GONE ones."""
+        size = 8
+        while size < 2 * self._live + 2:
+            size *= 2
+        self._index = array("i", bytes(4 * size))
+        self._used = 0
+        for slot, alive in enumerate(self._alive):
+            if alive:
+                position, _ = self._find(self._id(slot))
+                self._index[position] = slot + 1
+                self._used += 1
+
+    def pop(self, task_id: str) -> None:
+        """Forget a task, if held."""
+        position, slot = self._find(task_id)
+        if slot < 0:
+            return
+        self._index[position] = _GONE
+        self._drop_shares(slot)
+        self._totals.set(slot, (0, 0, 0))
+        self._alive[slot] = 0
+        self._time[slot] = _NO_TIME
+        self._free.append(slot)
+        self._live -= 1
+
+    # -- sums -------------------------------------------------------------------------------
+
+    def ensure(self, task_id: str) -> None:
+        """Hold ``task_id`` (with no sums if it was not held)."""
+        self._slot(task_id)
+
+    def add(self, task_id: str, family: str, cost: Amount, tokens: int, listed: Amount) -> None:
+        """Fold one row's sums into a task, as ``Task.add`` does."""
+        slot, code, values = self._slot(task_id), self._labels.code(family), (cost, tokens, listed)
+        held = self._family[slot]
+        if held == _NO_FAMILY:
+            self._family[slot] = code
+        elif held >= 0 and held != code:  # a second family: split what it has so far
+            held = self._family[slot] = -2 - self._new_share(held, self._totals.get(slot), _END)
+        if held < 0 and held != _NO_FAMILY:
+            row = -2 - held
+            while self._share_family[row] != code and self._share_next[row] != _END:
+                row = self._share_next[row]
+            if self._share_family[row] == code:
+                self._shares.add(row, values)
+            else:
+                self._share_next[row] = self._new_share(code, values, _END)
+        self._totals.add(slot, values)
+
+    def label(self, task_id: str, last_ts: datetime, quest: str | None, layer: str | None) -> None:
+        """Take the labels of a later row, as ``Task.label`` does."""
+        slot, micros = self._slot(task_id), _micros(last_ts)
+        held = self._time[slot]
+        if held == _NO_TIME or micros >= held:
+            self._quest[slot] = self._labels.code(quest)
+            self._layer[slot] = self._labels.code(layer)
+            self._time[slot] = micros
+            if held == _NO_TIME or held // _HOUR != micros // _HOUR:
+                self._hours.setdefault(micros // _HOUR, array("i")).append(slot)
+
+    def _new_share(self, family: int, values: tuple[Amount, int, Amount], after: int) -> int:
+        if self._share_free:
+            row = self._share_free.pop()
+            self._share_family[row], self._share_next[row] = family, after
+        else:
+            row = self._shares.append()
+            self._share_family.append(family)
+            self._share_next.append(after)
+        self._shares.set(row, values)
+        return row
+
+    def _drop_shares(self, slot: int) -> None:
+        held = self._family[slot]
+        row = -2 - held if held < _NO_FAMILY else _END
+        while row != _END:
+            self._shares.set(row, (0, 0, 0))
+            self._share_free.append(row)
+            row = self._share_next[row]
+        self._family[slot] = _NO_FAMILY
+
+    def get(self, task_id: str) -> Task | None:
+        """A copy of a held task's sums and labels (changing it changes nothing held)."""
+        slot = self._find(task_id)[1]
+        if slot < 0:
+            return None
+        cost, tokens, listed = self._totals.get(slot)
+        values = self._labels.values
+        micros = self._time[slot]
+        task = Task(
+            cost,
+            tokens,
+            listed,
+            None if micros == _NO_TIME else _EPOCH + timedelta(microseconds=micros),
+            values[self._quest[slot]],
+            values[self._layer[slot]],
+        )
+        held = self._family[slot]
+        if held >= 0:
+            task.family = values[held]
+        elif held != _NO_FAMILY:
+            task.shares = {}
+            row = -2 - held
+            while row != _END:
+                family = values[self._share_family[row]]
+                task.shares[family] = list(self._shares.get(row))  # type: ignore[index]
+                row = self._share_next[row]
+        return task
+
+    # -- impacts and time -------------------------------------------------------------------
+
+    def impact(self, task_id: str) -> float | None:
+        slot = self._find(task_id)[1]
+        if slot < 0 or math.isnan(self._impact[slot]):
+            return None
+        return self._impact[slot]
+
+    def set_impact(self, task_id: str, impact: float | None) -> None:
+        """Record a held task's latest impact (``None``: none measured)."""
+        slot = self._find(task_id)[1]
+        if slot >= 0:
+            self._impact[slot] = math.nan if impact is None else impact
+
+    def within(self, low: datetime | None, high: datetime) -> Iterator[str]:
+        """The held tasks whose latest row is at ``low`` or later and before ``high`` (each at
+        most once)."""
+        start = _NO_TIME + 1 if low is None else _micros(low)  # a task with no time is in none
+        end = _micros(high)
+        first = None if low is None else start // _HOUR
+        seen = set()
+        for hour in sorted(h for h in self._hours if (first is None or h >= first)):
+            if hour > end // _HOUR:
+                break
+            for slot in self._hours[hour]:
+                if self._alive[slot] and start <= self._time[slot] < end and slot not in seen:
+                    seen.add(slot)
+                    yield self._id(slot)
+
+    def forget_before(self, ts: datetime) -> None:
+        """Drop the hours wholly before ``ts``: no task held should be filed there any more."""
+        last = _micros(ts) // _HOUR
+        for hour in [h for h in self._hours if h < last]:
+            del self._hours[hour]

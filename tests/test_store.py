@@ -1,0 +1,104 @@
+"""The compact task store holds what a dict of Task objects holds, whatever is folded, dropped
+and refiled in it."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from exporter.store import Task, TaskStore
+
+TASK_IDS = [f"t{i}" for i in range(40)] + ["", "tâche-é", "a\u3000b", "t1 ", "T1"]
+IDS = st.sampled_from(TASK_IDS)
+FAMILIES = st.sampled_from(["anthropic", "openai", "max", "glm"])
+LABELS = st.sampled_from([None, "q-a", "q-b", "Forge", "Agora"])
+START = datetime(2026, 11, 1, tzinfo=UTC)
+TIMES = st.integers(0, 10 * 24 * 3600).map(lambda s: START + timedelta(seconds=s, microseconds=7))
+AMOUNTS = st.one_of(
+    st.integers(0, 10**15),
+    st.integers(2**62, 2**64),  # past int64 once summed
+    st.sampled_from([Decimal("0.5"), Decimal("1E-3")]),  # finer than the integers
+)
+OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("add"), IDS, FAMILIES, AMOUNTS, st.integers(0, 10**6), AMOUNTS),
+        st.tuples(st.just("label"), IDS, TIMES, LABELS, LABELS),
+        st.tuples(st.just("pop"), IDS),
+        st.tuples(st.just("impact"), IDS, st.one_of(st.none(), st.floats(-5, 5))),
+        st.tuples(st.just("ensure"), IDS),
+    ),
+    max_size=150,
+)
+
+
+def _fields(task: Task | None) -> tuple[object, ...] | None:
+    if task is None:
+        return None
+    return (
+        task.cost,
+        task.tokens,
+        task.listed,
+        task.last_ts,
+        task.quest,
+        task.layer,
+        sorted((f, c, t, li) for f, c, t, li in task.by_family()),
+    )
+
+
+@settings(max_examples=1000)
+@given(OPS, TIMES, TIMES)
+def test_the_store_holds_what_task_objects_hold(
+    ops: list[tuple[object, ...]], low: datetime, high: datetime
+) -> None:
+    store = TaskStore()
+    tasks: dict[str, Task] = {}
+    impacts: dict[str, float] = {}
+    for op, task_id, *args in ops:
+        assert isinstance(task_id, str)
+        if op == "add":
+            store.add(task_id, *args)  # type: ignore[arg-type]
+            tasks.setdefault(task_id, Task()).add(*args)  # type: ignore[arg-type]
+        elif op == "label":
+            store.label(task_id, *args)  # type: ignore[arg-type]
+            tasks.setdefault(task_id, Task()).label(*args)  # type: ignore[arg-type]
+        elif op == "pop":
+            store.pop(task_id)
+            tasks.pop(task_id, None)
+            impacts.pop(task_id, None)
+        elif op == "ensure":
+            store.ensure(task_id)
+            tasks.setdefault(task_id, Task())
+        elif task_id in tasks:
+            (impact,) = args
+            store.set_impact(task_id, impact)  # type: ignore[arg-type]
+            if impact is None:
+                impacts.pop(task_id, None)
+            else:
+                impacts[task_id] = impact  # type: ignore[assignment]
+    assert len(store) == len(tasks)
+    assert sorted(store) == sorted(tasks)
+    for task_id in TASK_IDS:
+        assert (task_id in store) == (task_id in tasks)
+        assert _fields(store.get(task_id)) == _fields(tasks.get(task_id)), task_id
+        assert store.impact(task_id) == impacts.get(task_id)
+    low, high = sorted((low, high))
+    in_span = {k for k, t in tasks.items() if t.last_ts is not None and low <= t.last_ts < high}
+    assert sorted(store.within(low, high)) == sorted(in_span)
+    before = {k for k, t in tasks.items() if t.last_ts is not None and t.last_ts < high}
+    assert sorted(store.within(None, high)) == sorted(before)
+
+
+def test_many_tasks_come_and_go() -> None:
+    """Past the first index sizes, with most tasks dropped and their slots reused."""
+    store = TaskStore()
+    for n in range(5000):
+        store.add(f"task-{n}", "anthropic", n, 1, 0)
+        if n % 3:
+            store.pop(f"task-{n - 1}")
+    held = {f"task-{n}" for n in range(5000) if (n + 1) % 3 == 0} | {"task-4999"}
+    assert set(store) == held and len(store) == len(held)
+    got = store.get("task-2")
+    assert got is not None and (got.cost, got.family) == (2, "anthropic")
