@@ -344,8 +344,15 @@ class TaskStore:
     def get(self, task_id: str) -> Task | None:
         """A copy of a held task's sums and labels (changing it changes nothing held)."""
         slot = self._find(task_id)[1]
-        if slot < 0:
-            return None
+        return None if slot < 0 else self._task(slot)
+
+    def items(self) -> Iterator[tuple[str, Task, float | None]]:
+        """Every held task: its id, a copy of its sums and labels, and its impact."""
+        for slot, alive in enumerate(self._alive):
+            if alive:
+                yield self._id(slot), self._task(slot), self._impact_at(slot)
+
+    def _task(self, slot: int) -> Task:
         cost, tokens, listed = self._totals.get(slot)
         values = self._labels.values
         micros = self._time[slot]
@@ -373,9 +380,11 @@ class TaskStore:
 
     def impact(self, task_id: str) -> float | None:
         slot = self._find(task_id)[1]
-        if slot < 0 or math.isnan(self._impact[slot]):
-            return None
-        return self._impact[slot]
+        return None if slot < 0 else self._impact_at(slot)
+
+    def _impact_at(self, slot: int) -> float | None:
+        impact = self._impact[slot]
+        return None if math.isnan(impact) else impact
 
     def set_impact(self, task_id: str, impact: float | None) -> None:
         """Record a held task's latest impact (``None``: none measured)."""

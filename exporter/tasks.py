@@ -79,8 +79,8 @@ class WindowTasks:
     def _every(self) -> Iterator[tuple[str, Task, float | None, bool]]:
         """Every held task as the summary took it."""
         assert self.cutoff is not None  # set by every rebuild and steady refresh
-        for task_id in self.final:
-            t, impact = self.task(task_id), self.final.impact(task_id)
+        for task_id, t, impact in self.final.items():
+            t = self.open.get(task_id) or t
             yield task_id, t, impact, self.summary.wasted_task(t, impact, self.cutoff)
 
     def rebuild(self, plan: Plan, rows: Iterable[Any], now: Now) -> None:
@@ -111,14 +111,12 @@ class WindowTasks:
         for task_id in opened:
             final.ensure(task_id)
         summary = self.summary
-        for task_id in final:  # the window's tasks; the others are dropped on the way
-            t = opened.get(task_id) or final.get(task_id)
-            assert t is not None
+        for task_id, t, impact in final.items():  # the window's; the others are dropped
+            t = opened.get(task_id) or t
             if t.last_ts is None or t.last_ts < window_start:
                 final.pop(task_id)
                 opened.pop(task_id, None)
                 continue
-            impact = final.impact(task_id)
             summary.add(task_id, t, impact, summary.wasted_task(t, impact, grace_cutoff))
         final.forget_before(window_start)
         self.final, self.open = final, opened

@@ -80,6 +80,9 @@ def test_the_store_holds_what_task_objects_hold(
                 impacts[task_id] = impact  # type: ignore[assignment]
     assert len(store) == len(tasks)
     assert sorted(store) == sorted(tasks)
+    assert sorted((k, _fields(t), i) for k, t, i in store.items()) == sorted(
+        (k, _fields(t), impacts.get(k)) for k, t in tasks.items()
+    )
     for task_id in TASK_IDS:
         assert (task_id in store) == (task_id in tasks)
         assert _fields(store.get(task_id)) == _fields(tasks.get(task_id)), task_id
