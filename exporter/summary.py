@@ -14,14 +14,13 @@ hundred more than it publishes (``Ranking``), not a key per task.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, NamedTuple
-
-from sortedcontainers import SortedList
 
 from exporter.config import Settings
 
@@ -99,19 +98,20 @@ class Ranking:
     Every key added and not removed is either held or larger than ``bound`` (``None``: every
     key is held), so whether a key is held is known without holding the others, and the held
     ones are the smallest. When fewer than ``top`` are held while more were added, ``stale``
-    says so, and ``refill`` takes the smallest again from every key.
+    says so, and ``refill`` takes the smallest again from every key. A few hundred keys are
+    held: a sorted list is all it takes.
     """
 
     def __init__(self, top: int, spare: int) -> None:
         self.top, self.keep = top, top + spare
-        self.held: SortedList = SortedList()
+        self.held: list[Any] = []
         self.bound: Any = None
         self.count = 0  # keys added and not removed, held or not
 
     def add(self, key: Any) -> None:
         self.count += 1
         if self.bound is None or key <= self.bound:
-            self.held.add(key)
+            bisect.insort(self.held, key)
             if len(self.held) > self.keep:
                 self.held.pop()
                 self.bound = self.held[-1]
@@ -121,7 +121,10 @@ class Ranking:
         if self.count <= 0:
             raise KeyError(f"taking out a key that was never added: {key!r}")
         if self.bound is None or key <= self.bound:
-            self.held.remove(key)
+            at = bisect.bisect_left(self.held, key)
+            if at == len(self.held) or self.held[at] != key:
+                raise KeyError(f"taking out a key that was never added: {key!r}")
+            del self.held[at]
         self.count -= 1
 
     @property
@@ -132,10 +135,10 @@ class Ranking:
         """Hold the smallest again, from ``keys``: every key added and not removed."""
         best = heapq.nsmallest(self.keep + 1, keys)
         self.bound = best[self.keep - 1] if len(best) > self.keep else None
-        self.held = SortedList(best[: self.keep])
+        self.held = best[: self.keep]
 
     def best(self) -> Iterator[Any]:
-        yield from self.held.islice(0, self.top)
+        yield from self.held[: self.top]
 
 
 Everything = Callable[[], Iterable[tuple[str, "Task", float | None, bool]]]
