@@ -7,7 +7,7 @@ constant fragments like these, and values always travel as bind parameters.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
 
@@ -16,7 +16,7 @@ from exporter.incremental import Sums
 OPTIONAL_TOKENS = ("cache_read_tokens", "cache_write_tokens", "reasoning_tokens")
 """Optional cost_ledger columns: a relation without one of them reads it as 0."""
 
-SUMS = tuple(f.name for f in fields(Sums))
+SUMS = Sums._fields
 """The exact sums of a group of rows, in ``incremental.Sums`` order."""
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
 from functools import cache
@@ -59,7 +59,7 @@ _RECENT = (
     " c.ts >= %(today_start)s AS in_today"
 )
 _SPANS = ("in_window", "in_month", "in_today")
-_SUMS = ", ".join(f.name for f in fields(Sums))
+_SUMS = ", ".join(Sums._fields)
 
 
 @cache
@@ -70,7 +70,7 @@ def spend_totals(cols: Columns, periods: Periods, spans: bool = True) -> Query:
     whole ledger) they are not, and RECENT_SUMS reads the spans from the recent rows alone:
     three more booleans per row of the whole history cost more than a scan of the window.
     """
-    nulls = ", ".join("NULL" for _ in fields(Sums)[1:])
+    nulls = ", ".join("NULL" for _ in Sums._fields[1:])
     if spans:
         recent, group_by = _RECENT, periods.group_by(1, 2, 3, 4, 5, 7, 8, 9, 10)
     else:
@@ -410,13 +410,14 @@ class SpendSource(Source):
         # Every quest of the ledger competes for a label, decided day by day (exporter/fold.py);
         # layers by window spend; models by window spend and by window tokens (subscription
         # calls cost $0).
-        quests = set()
-        for quest, layer, provider, model, _, reason, _ in self.totals.totals:
-            if reason is None:
-                quests.add(labels.quest(quest))
-                labels.weigh_layer(layer)
-                labels.weigh_model(model_label(provider, model))
-        labels.fold(self.fold, frozenset(quests))
+        # Every valid key offers its labels at weight 0: once per distinct value will do.
+        valid = {k[:4] for k in self.totals.totals if k[5] is None}  # (its exclusion reason)
+        quests = frozenset(labels.quest(quest) for quest in {k[0] for k in valid})
+        for layer in {k[1] for k in valid}:
+            labels.weigh_layer(layer)
+        for provider, model in {k[2:4] for k in valid}:
+            labels.weigh_model(model_label(provider, model))
+        labels.fold(self.fold, quests)
         for key, sums in self.totals.recent.items():
             if not key.in_window:
                 continue
