@@ -33,6 +33,7 @@ SETTING_FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--grace-hours", "grace_hours", float, "hours before an idle task may count as waste (6)"),
     ("--max-quests", "max_quests", int, "quests that keep their own label (default 50)"),
     ("--statement-timeout", "statement_timeout_seconds", float, "seconds per query (30)"),
+    ("--rebuild-timeout", "rebuild_timeout_seconds", float, "seconds per rebuild query (600)"),
     ("--log-level", "log_level", str, "DEBUG, INFO, WARNING or ERROR (default INFO)"),
     (
         "--web.config.file",

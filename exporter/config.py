@@ -228,6 +228,9 @@ class Settings(_Section):
     """Longer label values are cut."""
     statement_timeout_seconds: float = Field(30.0, ge=0.001, le=3600)
     """Per-query timeout in PostgreSQL."""
+    rebuild_timeout_seconds: float = Field(600.0, ge=0.001, le=86400)
+    """Per-query timeout of a rebuild, which reads the whole ledger or window (the first
+    refresh, each reconciliation, the spans at midnight): it grows with the daily volume."""
     work_mem_mb: int = Field(64, ge=1, le=65536)
     """`work_mem` of the exporter's session: the window's per-task aggregate stays in memory
     (one statement runs at a time)."""

@@ -81,11 +81,7 @@ def connect(settings: Settings) -> psycopg.Connection[Any]:
             " set_config('statement_timeout', %s, false) AS statement_timeout,"
             " set_config('TimeZone', 'UTC', false) AS timezone,"
             " set_config('work_mem', %s, false) AS work_mem",
-            [
-                # At least 1 ms: PostgreSQL reads 0 as "no timeout at all".
-                f"{max(1, round(settings.statement_timeout_seconds * 1000))}ms",
-                f"{settings.work_mem_mb}MB",
-            ],
+            [_milliseconds(settings.statement_timeout_seconds), f"{settings.work_mem_mb}MB"],
         )
         conn.commit()
         conn.read_only = True
@@ -94,6 +90,17 @@ def connect(settings: Settings) -> psycopg.Connection[Any]:
         conn.close()
         raise
     return conn
+
+
+def _milliseconds(seconds: float) -> str:
+    """A timeout as PostgreSQL reads it: at least 1 ms (0 would be no timeout at all)."""
+    return f"{max(1, round(seconds * 1000))}ms"
+
+
+def _timeout(cur: psycopg.Cursor[Any], seconds: float) -> None:
+    """Set ``statement_timeout`` for the rest of the transaction (undone if its savepoint
+    rolls back)."""
+    cur.execute("SELECT set_config('statement_timeout', %s, true)", [_milliseconds(seconds)])
 
 
 class Refresher:
@@ -228,10 +235,16 @@ class Refresher:
         started = time.perf_counter()
         try:
             with conn.transaction(), conn.cursor() as cur:
+                # A rebuild reads the whole ledger or window: it gets a timeout of its own.
+                rebuild = source.rebuilds(query, refresh)
+                if rebuild:
+                    _timeout(cur, self.settings.rebuild_timeout_seconds)
                 try:
                     source.read(query, cur, refresh)
                 finally:
                     health.database = cur.waited if isinstance(cur, TimedCursor) else 0.0
+                if rebuild:
+                    _timeout(cur, self.settings.statement_timeout_seconds)
         except psycopg.Error as exc:
             health.duration = time.perf_counter() - started
             if conn.broken:

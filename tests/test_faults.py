@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -14,6 +15,7 @@ import pytest
 from exporter.config import load_settings
 from exporter.refresh import Refresher
 from exporter.service import Exporter
+from exporter.sources import WindowSource
 from exporter.sources import spend as spend_source
 from tests.conftest import StoppableServer
 from tests.ledger import Call, Impact, insert, key, parse
@@ -133,7 +135,8 @@ def test_a_hung_query_is_cancelled_and_the_others_refresh(
     dsn: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     _ledger(dsn)
-    refresher = Refresher(load_settings({"dsn": dsn, "statement_timeout_seconds": 0.5}, env={}))
+    timeouts = {"statement_timeout_seconds": 0.5, "rebuild_timeout_seconds": 0.5}
+    refresher = Refresher(load_settings({"dsn": dsn, **timeouts}, env={}))
     blocker = psycopg.connect(dsn)
     blocker.execute("LOCK TABLE impact_ledger IN ACCESS EXCLUSIVE MODE")
     try:
@@ -155,6 +158,36 @@ def test_a_hung_query_is_cancelled_and_the_others_refresh(
     assert line.fields["query"] == "window_tasks"
     assert line.fields["error_kind"] == "QueryCanceled"
     assert "statement timeout" in line.fields["error"]
+
+
+def test_a_rebuild_runs_under_its_own_timeout_and_a_steady_read_under_the_statement_one(
+    dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The first refresh reads the whole window: it waits for a lock longer than
+    statement_timeout_seconds, within rebuild_timeout_seconds; a steady refresh does not."""
+    _ledger(dsn)
+    timeouts = {"statement_timeout_seconds": 0.5, "rebuild_timeout_seconds": 30}
+    refresher = Refresher(load_settings({"dsn": dsn, **timeouts}, env={}))
+    with psycopg.connect(dsn) as blocker:
+        blocker.execute("LOCK TABLE impact_ledger IN ACCESS EXCLUSIVE MODE")
+        release = threading.Timer(1.5, blocker.rollback)
+        release.start()
+        started = time.monotonic()
+        assert refresher.refresh() is True
+        assert time.monotonic() - started >= 1.5
+        release.join()
+        assert refresher.refresh() is True  # the watermark settles: the next one is steady
+        assert refresher.source(WindowSource).tasks.frozen_id >= 0
+        blocker.execute("LOCK TABLE impact_ledger IN ACCESS EXCLUSIVE MODE")
+        started = time.monotonic()
+        assert refresher.refresh() is False
+        assert time.monotonic() - started < 3
+    samples = parse(refresher.snapshot.text)
+    assert samples[key("scidex_exporter_query_success", query="window_tasks")] == 0
+    (line,) = _log_lines(caplog, "query failed")
+    assert line.fields["query"] == "window_tasks"
+    assert "statement timeout" in line.fields["error"]
+    refresher.close()
 
 
 def test_a_view_missing_a_column_is_named_and_the_rest_works(

@@ -146,6 +146,11 @@ class Source(ABC):
     def read(self, query: str, cur: psycopg.Cursor[Any], refresh: Refresh) -> None:
         """Run one query and fold its result in; on any error nothing held changes."""
 
+    def rebuilds(self, query: str, refresh: Refresh) -> bool:
+        """Whether the query reads the whole ledger or window in this refresh (it then runs
+        under ``rebuild_timeout_seconds``)."""
+        return refresh.plan.full
+
     @property
     @abstractmethod
     def has_data(self) -> bool:

@@ -295,6 +295,9 @@ class SpendSource(Source):
         same_day = self._spans == refresh.instants.today
         return self._main(refresh, refresh.plan.after if same_day else None)
 
+    def rebuilds(self, query: str, refresh: Refresh) -> bool:
+        return query == SPEND_TOTALS.name and self.statement(query, refresh).params["after"] is None
+
     def _main(self, refresh: Refresh, after: int | None) -> Statement:
         params: dict[str, Any] = {"after": after, "safe": refresh.plan.safe}
         params |= self.prices.params() | refresh.instants.params()

@@ -259,6 +259,9 @@ class WindowSource(Source):
         build = window_tasks if full else window_tail
         return Statement(build(refresh.columns, self.prices.periods).sql, params)
 
+    def rebuilds(self, query: str, refresh: Refresh) -> bool:
+        return self.tasks.bounds(refresh.plan)[0]
+
     def history(self, columns: Columns, entering: str) -> Statement:
         """A steady refresh's second statement: the entering tasks' earlier rows (``entering``,
         a JSON array of task ids) and the impacts that changed."""
