@@ -13,9 +13,9 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from datetime import UTC, datetime
-from typing import Any, Self, TypeVar
+from typing import Any, Self, TypeVar, cast
 
 import psycopg
 from psycopg.rows import namedtuple_row
@@ -50,17 +50,19 @@ class TimedCursor(psycopg.Cursor[Any]):
         finally:
             self.waited += time.perf_counter() - started
 
-    def stream(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
-        rows = super().stream(*args, **kwargs)
-        while True:
-            started = time.perf_counter()
-            try:
-                row = next(rows)
-            except StopIteration:
-                return
-            finally:
-                self.waited += time.perf_counter() - started
-            yield row
+    def stream(self, *args: Any, **kwargs: Any) -> Generator[Any, None, None]:
+        """Rows as ``Cursor.stream`` yields them; closing this closes that stream at once."""
+        stream = cast(Generator[Any, None, None], super().stream(*args, **kwargs))
+        with contextlib.closing(stream) as rows:
+            while True:
+                started = time.perf_counter()
+                try:
+                    row = next(rows)
+                except StopIteration:
+                    return
+                finally:
+                    self.waited += time.perf_counter() - started
+                yield row
 
 
 def connect(settings: Settings) -> psycopg.Connection[Any]:

@@ -12,6 +12,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from exporter import tasks as tasks_module
 from exporter.config import load_settings
 from exporter.refresh import Refresher
 from exporter.service import Exporter
@@ -187,6 +188,31 @@ def test_a_rebuild_runs_under_its_own_timeout_and_a_steady_read_under_the_statem
     (line,) = _log_lines(caplog, "query failed")
     assert line.fields["query"] == "window_tasks"
     assert "statement timeout" in line.fields["error"]
+    refresher.close()
+
+
+def test_a_fold_failing_mid_stream_fails_that_query_and_does_not_hang(
+    dsn: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The window's rebuild folds rows as they stream in. A stream holds the connection until
+    it is closed: a failure (or Ctrl-C) part way must close it, or rolling back waits forever."""
+    _ledger(dsn)
+    refresher = Refresher(load_settings({"dsn": dsn}, env={}))
+
+    def fail(*_: Any) -> None:
+        raise TypeError("unsupported operand")
+
+    monkeypatch.setattr(tasks_module, "_fold", fail)
+    done: list[bool] = []
+    worker = threading.Thread(target=lambda: done.append(refresher.refresh()), daemon=True)
+    worker.start()
+    worker.join(30)
+    assert done == [False], "the refresh is stuck behind the stream it left open"
+    (line,) = _log_lines(caplog, "query result not usable")
+    assert line.fields["query"] == "window_tasks" and line.fields["error_kind"] == "TypeError"
+    monkeypatch.undo()
+    assert refresher.refresh()  # the same session goes on
+    assert parse(refresher.snapshot.text)[SPEND] == 4
     refresher.close()
 
 

@@ -8,8 +8,10 @@ window's tasks, a steady refresh the rows after the watermark and the impacts.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Generator
+from contextlib import closing
 from functools import cache
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 from prometheus_client.metrics_core import Metric as Family
@@ -277,8 +279,11 @@ class WindowSource(Source):
         instants = refresh.instants
         now = Now(instants.window_start, instants.grace_cutoff, pricer(self.providers, self.prices))
         if self.tasks.bounds(refresh.plan)[0]:
-            rows = cur.stream(statement.sql, statement.params, size=2000)
-            self.tasks.rebuild(refresh.plan, rows, now)
+            # A stream holds the connection's lock until it is closed: closed here at once if
+            # the fold fails (or Ctrl-C stops it), or the savepoint's rollback would wait on it.
+            stream = cur.stream(statement.sql, statement.params, size=2000)
+            with closing(cast(Generator[Any, None, None], stream)) as rows:
+                self.tasks.rebuild(refresh.plan, rows, now)
         else:
             tail = cur.execute(statement.sql, statement.params).fetchall()
             history = self.history(refresh.columns, self.tasks.entering(tail))
