@@ -5,8 +5,8 @@ At ten million rows in the window the exporter holds about 430,000 tasks. As Pyt
 a task is a slot number in a few ``array``s: its id is a few bytes of one blob, found through
 an open-addressing index of slot numbers, its dollars are int64 (exporter/summary.py's amounts;
 the rare one that does not fit is kept aside), and a task that used several provider families
-chains one row per family in three more arrays. Tasks are read and written as ``Task``
-objects, made on demand; rows are folded straight into the arrays.
+chains one row per family in three more arrays. Rows are folded straight into the arrays;
+a task is read as a ``Task`` object, made on demand.
 
 Each task's latest row is also filed by its hour, so the tasks whose latest row is in a span
 (the ones leaving the window, or crossing the grace cutoff) are found without a sorted index.
