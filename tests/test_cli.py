@@ -37,12 +37,19 @@ def spawn(*args: str) -> Iterator[subprocess.Popen[str]]:
         text=True,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        preexec_fn=_interruptible,
     ) as proc:
         try:
             yield proc
         finally:
             if proc.poll() is None:
                 proc.kill()
+
+
+def _interruptible() -> None:
+    """In the child: SIGINT as a terminal's Ctrl-C delivers it, even when the tests run as a
+    background job without job control (which starts them with SIGINT ignored, inherited)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_for_line(proc: subprocess.Popen[str], pattern: str, timeout: float = 60) -> re.Match:
