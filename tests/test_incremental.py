@@ -102,7 +102,7 @@ def test_a_late_commit_with_a_smaller_id_is_never_skipped(dsn: str) -> None:
     incremental.close()
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(16))
 def test_random_batches_and_commit_orders_match_a_full_recomputation(dsn: str, seed: int) -> None:
     random_batches(dsn, seed)
 

@@ -438,17 +438,22 @@ class SpendSource(Source):
         budget families read today's too)."""
         if self._spent is not None and self._spent[0] is labels:
             return self._spent[1], self._spent[2]
-        month: Series = {}
-        today: Series = {}
+        # Summed exactly and converted once: float sums would depend on the keys' order, which
+        # differs between a steady refresh and a full recomputation.
+        month: dict[tuple[str, ...], Decimal] = {}
+        today: dict[tuple[str, ...], Decimal] = {}
         for key, sums in self.totals.recent.items():
             if key.in_month:
                 quest = (labels.q(key.quest),)
-                cost = as_float(sums.cost)
-                month[quest] = month.get(quest, 0.0) + cost
+                month[quest] = month.get(quest, Decimal(0)) + sums.cost
                 if key.in_today:
-                    today[quest] = today.get(quest, 0.0) + cost
-        self._spent = (labels, month, today)
-        return month, today
+                    today[quest] = today.get(quest, Decimal(0)) + sums.cost
+        spent = (
+            {k: as_float(v) for k, v in month.items()},
+            {k: as_float(v) for k, v in today.items()},
+        )
+        self._spent = (labels, *spent)
+        return spent
 
     def build(self, build: Build) -> list[Family]:
         labels = build.labels
