@@ -90,6 +90,7 @@ class WindowRow(NamedTuple):
     tasks: int
     family: str | None
     listed: Decimal = Decimal(0)  # the list-price value of the same tasks' priced calls
+    impact_exact: int = 0  # a quest row's impact sum, exact (``exact``), for summing quests
 
 
 class Ranking:
@@ -248,7 +249,16 @@ class Summary:
         ]
         out += [
             WindowRow(
-                "quest", None, q_, None, dollars(cost), tokens, rounded(i) if m else None, n, None
+                "quest",
+                None,
+                q_,
+                None,
+                dollars(cost),
+                tokens,
+                rounded(i) if m else None,
+                n,
+                None,
+                impact_exact=i,
             )
             for q_, (cost, tokens, i, m, n) in self.quest.items()
         ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Generator
 from contextlib import closing
+from decimal import Decimal
 from functools import cache
 from typing import Any, cast
 
@@ -20,7 +21,7 @@ from exporter import catalog as c
 from exporter.families import LabelGuard, Series, as_float, family_of
 from exporter.queries import OPTIONAL_TOKENS, Columns, Periods, Query
 from exporter.sources.base import Build, Refresh, Source, Statement
-from exporter.summary import WindowRow
+from exporter.summary import WindowRow, rounded
 from exporter.tasks import Now, WindowTasks, pricer
 
 # The window families (rankings, waste, per-quest impact, providers) are computed in Python
@@ -307,20 +308,26 @@ class WindowSource(Source):
         return _window(rows, build.labels) + _providers(rows, build.providers.families)
 
 
+WASTE = ("tokens", "usd", "tasks", "listed")
+
+
 def _window(rows: list[WindowRow], labels: LabelGuard) -> list[Family]:
     ranked: dict[str, dict[tuple[str, ...], WindowRow]] = {
         "efficiency": {},
         "efficiency_list": {},
         "waste": {},
     }
-    waste: dict[str, Series] = {
-        "tokens": defaultdict(float),
-        "usd": defaultdict(float),
-        "tasks": defaultdict(float),
-        "listed": defaultdict(float),
+    # Several raw values can share one label (quests folded into `other`, text that cleans the
+    # same): their sums are exact and converted once, or they would follow the rows' order,
+    # which differs between a steady refresh and a rebuild.
+    exact: dict[str, dict[tuple[str, ...], Any]] = {
+        "tokens": defaultdict(int),
+        "usd": defaultdict(Decimal),
+        "tasks": defaultdict(int),
+        "listed": defaultdict(Decimal),
+        "quest_usd": defaultdict(Decimal),
+        "quest_impact": defaultdict(int),  # in units of 2**-1074 (summary.exact)
     }
-    quest_cost: Series = defaultdict(float)
-    quest_impact: Series = defaultdict(float)
     for r in rows:
         key: tuple[str, ...]
         if r.kind in ranked:
@@ -329,14 +336,17 @@ def _window(rows: list[WindowRow], labels: LabelGuard) -> list[Family]:
             ranked[r.kind].setdefault(key, r)
         elif r.kind == "waste_total":
             key = labels.ql(r.quest, r.layer)
-            waste["tokens"][key] += as_float(r.tokens)
-            waste["usd"][key] += as_float(r.cost)
-            waste["tasks"][key] += r.tasks
-            waste["listed"][key] += as_float(r.listed)
+            exact["tokens"][key] += r.tokens
+            exact["usd"][key] += r.cost
+            exact["tasks"][key] += r.tasks
+            exact["listed"][key] += r.listed
         elif r.kind == "quest":
             key = (labels.q(r.quest),)
-            quest_cost[key] += as_float(r.cost)
-            quest_impact[key] += as_float(r.impact)
+            exact["quest_usd"][key] += r.cost
+            exact["quest_impact"][key] += r.impact_exact
+    waste = {name: {k: as_float(v) for k, v in exact[name].items()} for name in WASTE}
+    quest_cost = {k: as_float(v) for k, v in exact["quest_usd"].items()}
+    quest_impact = {k: rounded(v) for k, v in exact["quest_impact"].items()}
     eff, wasted, eff_list = ranked["efficiency"], ranked["waste"], ranked["efficiency_list"]
     return [
         family_of(
