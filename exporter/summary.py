@@ -86,11 +86,11 @@ class WindowRow(NamedTuple):
     layer: str | None
     cost: Decimal
     tokens: Decimal | int
-    impact: float | None
+    impact: float | None  # a ranked task's (a quest row sums ``impact_exact``)
     tasks: int
     family: str | None
     listed: Decimal = Decimal(0)  # the list-price value of the same tasks' priced calls
-    impact_exact: int = 0  # a quest row's impact sum, exact (``exact``), for summing quests
+    impact_exact: int = 0  # a quest row's impact sum, exact (``exact``): rounded once per label
 
 
 class Ranking:
@@ -163,7 +163,7 @@ class Summary:
         self.wasted = Ranking(settings.top_waste_tasks, spare)  # (-tokens, task_id)
         # (quest, layer) -> [cost, tokens, tasks, listed] of the wasted tasks
         self.waste_total: dict[tuple[str | None, str | None], list[Any]] = {}
-        # quest -> [cost, tokens, exact impact sum, measured tasks, tasks]
+        # quest -> [cost, tokens, exact impact sum, tasks]
         self.quest: dict[str | None, list[Any]] = {}
         # provider family -> [cost, tokens, tasks, listed]
         self.family: dict[str, list[Any]] = {}
@@ -206,9 +206,8 @@ class Summary:
             cost,
             tokens,
             0 if impact is None else exact(impact),
-            0 if impact is None else 1,
             1,
-            count=4,
+            count=3,
         )
         for family, f_cost, f_tokens, f_listed in t.by_family():
             # a task yields each of its families once
@@ -255,12 +254,12 @@ class Summary:
                 None,
                 dollars(cost),
                 tokens,
-                rounded(i) if m else None,
+                None,
                 n,
                 None,
                 impact_exact=i,
             )
-            for q_, (cost, tokens, i, m, n) in self.quest.items()
+            for q_, (cost, tokens, i, n) in self.quest.items()
         ]
         out += [
             WindowRow(
