@@ -387,10 +387,8 @@ class TaskStore:
         return None if math.isnan(impact) else impact
 
     def set_impact(self, task_id: str, impact: float | None) -> None:
-        """Record a held task's latest impact (``None``: none measured)."""
-        slot = self._find(task_id)[1]
-        if slot >= 0:
-            self._impact[slot] = math.nan if impact is None else impact
+        """Record a task's latest impact (``None``: none measured), holding it if it was not."""
+        self._impact[self._slot(task_id)] = math.nan if impact is None else impact
 
     def within(self, low: datetime | None, high: datetime) -> Iterator[str]:
         """The held tasks whose latest row is at ``low`` or later and before ``high`` (each at

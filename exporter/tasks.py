@@ -99,14 +99,12 @@ class WindowTasks:
         all_final = self.bounds(plan)[1] < 0
         clock = None
         for r in rows:
-            if r.kind == "impact":
-                if r.impact is not None:  # no score and no impact row both count as none
-                    final.ensure(r.task_id)
-                    final.set_impact(r.task_id, r.impact)
-            elif r.kind == "clock":
+            if r.kind == "clock":
                 clock = r.last_ts
-            else:
-                _fold(final if r.part == 0 or all_final else open_tail, r, priced)
+                continue
+            _fold(final if r.part == 0 or all_final else open_tail, r, priced)
+            if r.kind == "label" and r.impact is not None:  # on every label row of the task
+                final.set_impact(r.task_id, r.impact)
         opened = _merged(final, open_tail)
         for task_id in opened:
             final.ensure(task_id)

@@ -71,9 +71,10 @@ def test_the_store_holds_what_task_objects_hold(
         elif op == "ensure":
             store.ensure(task_id)
             tasks.setdefault(task_id, Task())
-        elif task_id in tasks:
+        else:
             (impact,) = args
             store.set_impact(task_id, impact)  # type: ignore[arg-type]
+            tasks.setdefault(task_id, Task())
             if impact is None:
                 impacts.pop(task_id, None)
             else:

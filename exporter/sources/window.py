@@ -31,7 +31,9 @@ from exporter.tasks import Now, WindowTasks, pricer
 #   'sum'    (part, task_id, provider, model, period, sums): valid spend of a task on one raw
 #            provider and model in one price period (the list price is applied to its sums);
 #   'label'  (part, task_id, quest, layer, last_ts): the task's latest valid row, by (ts, id);
-#   'impact' (task_id, impact): the latest measured impact of a task that may be in the window.
+#            a rebuild's also carries the task's latest impact (NULL: none measured);
+#   'impact' (task_id, impact): the latest measured impact of a task that may be in the window
+#            (a steady refresh's, for the tasks whose impact may have changed).
 # part 0 is final (ids the exporter already holds, or up to %(safe)s when rebuilding), 1 the
 # tail rows that became final (ids up to %(safe)s), 2 the open tail; a later part holds larger
 # ids, so it wins a tie on ts.
@@ -42,15 +44,21 @@ _SUMS = ", ".join(_KEPT)
 _NO_SUMS = ", ".join(f"NULL::numeric AS {name}" for name in _KEPT)
 
 
-def _impacts(tasks: str) -> str:
+def _latest_impact(task_id: str) -> str:
+    """The latest measured impact of task ``task_id`` (an SQL expression), NULL for none."""
     return f"""
-    SELECT 'impact', NULL, k.task_id, NULL, NULL, NULL, NULL, NULL, NULL,
            (SELECT CASE WHEN i.impact_score IN ('NaN', 'Infinity', '-Infinity') THEN NULL
                         ELSE i.impact_score END
             FROM impact_ledger i
-            WHERE i.task_id = k.task_id
+            WHERE i.task_id = {task_id}
             ORDER BY i.measured_at DESC NULLS LAST
-            LIMIT 1),
+            LIMIT 1)"""
+
+
+def _impacts(tasks: str) -> str:
+    return f"""
+    SELECT 'impact', NULL, k.task_id, NULL, NULL, NULL, NULL, NULL, NULL,
+           {_latest_impact("k.task_id")},
            {_NO_SUMS}
     FROM ({tasks}) k
     """
@@ -124,7 +132,7 @@ def window_tasks(cols: Columns, periods: Periods) -> Query:
         SELECT 'label', CASE WHEN w.final THEN 0 ELSE 2 END, w.task_id, NULL, NULL, NULL,
                CASE WHEN latest.found THEN latest.quest ELSE w.quest END,
                CASE WHEN latest.found THEN latest.layer ELSE w.layer END,
-               w.last_ts, NULL, {_NO_SUMS}
+               w.last_ts, {_latest_impact("w.task_id")}, {_NO_SUMS}
         FROM win_tasks w
         LEFT JOIN LATERAL (
             SELECT true AS found, c.quest, c.layer
@@ -135,8 +143,6 @@ def window_tasks(cols: Columns, periods: Periods) -> Query:
             ORDER BY c.id DESC
             LIMIT 1
         ) latest ON true
-        UNION ALL
-        {_impacts("SELECT task_id FROM tracked")}
         UNION ALL
         {_CLOCK}
         """,
