@@ -149,8 +149,17 @@ class _Triples:
             self.big[row] = values
 
     def add(self, row: int, values: tuple[Amount, int, Amount]) -> None:
-        cost, tokens, listed = self.get(row)
-        self.set(row, (cost + values[0], tokens + values[1], listed + values[2]))
+        big = self.big.get(row) if self.big else None
+        if big is None:  # the usual case, in place: a value that does not fit raises
+            cost, tokens, listed = self.cols
+            sums = (cost[row] + values[0], tokens[row] + values[1], listed[row] + values[2])
+            try:
+                cost[row], tokens[row], listed[row] = sums  # type: ignore[assignment]
+                return
+            except (OverflowError, TypeError):  # columns set before it are hidden by big
+                self.big[row] = sums
+                return
+        self.set(row, (big[0] + values[0], big[1] + values[1], big[2] + values[2]))
 
 
 class _Codes:

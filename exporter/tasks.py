@@ -21,12 +21,12 @@ from functools import cache
 from typing import Any, NamedTuple
 
 from exporter.config import Settings
-from exporter.incremental import Plan, Sums
+from exporter.incremental import Plan
 from exporter.labels import ProviderFamilies
 from exporter.models import model_ref
-from exporter.prices import Price, PriceBook
+from exporter.prices import MILLION, Price, PriceBook
 from exporter.store import Task, Tasks, TaskStore
-from exporter.summary import Summary, WindowRow, amount
+from exporter.summary import Amount, Summary, WindowRow, amount
 
 
 @dataclass
@@ -196,7 +196,7 @@ def _merged(final: TaskStore, open_tail: Tasks) -> dict[str, Task]:
 
 class Priced(NamedTuple):
     family: str
-    price: Price | None
+    listed: Callable[[Any], Amount]  # a row's list price (summary's units; 0: no price)
 
 
 Pricer = Callable[[str, str | None, datetime | None], Priced]
@@ -217,15 +217,32 @@ def pricer(providers: ProviderFamilies, prices: PriceBook) -> Pricer:
     @cache
     def priced(provider: str, model: str | None, period: datetime | None) -> Priced:
         family = providers.family(provider)
-        return Priced(family, prices.price(family, model_ref(provider, model), period))
+        return Priced(family, lister(prices.price(family, model_ref(provider, model), period)))
 
     return priced
 
 
+def lister(price: Price | None) -> Callable[[Any], Amount]:
+    """The list price of a row's token sums, exactly, in summary's units: the tokens times
+    each price per token in those units, an int for a price per million tokens with at most
+    six decimals (the catalogue's), else a Decimal. A rebuild prices about a row a task, and
+    summing Decimals in dollars took a third of its fold."""
+    if price is None:
+        return lambda r: 0
+    per_million = (price.input, price.output, price.cache_read, price.cache_write)
+    i, o, cr, cw = (amount(p / MILLION) for p in per_million)
+    return lambda r: (
+        int(r.input_tokens or 0) * i
+        + int(r.output_tokens or 0) * o
+        + int(r.cache_read_tokens or 0) * cr
+        + int(r.cache_write_tokens or 0) * cw
+    )
+
+
 def _fold(target: TaskStore | Tasks, r: Any, priced: Pricer) -> None:
     if r.kind == "sum":
-        family, price = priced(r.provider, r.model, r.period)
-        listed = 0 if price is None else amount(price.value(Sums.of(r)))
-        target.add(r.task_id, family, amount(r.cost), int(r.input_tokens + r.output_tokens), listed)
+        family, listed = priced(r.provider, r.model, r.period)
+        cost, tokens = amount(r.cost), int(r.input_tokens + r.output_tokens)
+        target.add(r.task_id, family, cost, tokens, listed(r))
     else:
         target.label(r.task_id, r.last_ts, r.quest, r.layer)

@@ -1,16 +1,19 @@
 """The window summary: exact impact sums round as math.fsum does, whatever is taken out; dollars
-held as integers are the Decimals they came from; a ranking holding a few keys publishes what
-sorting every key would."""
+held as integers are the Decimals they came from, and so are list prices computed as integers;
+a ranking holding a few keys publishes what sorting every key would."""
 
 from __future__ import annotations
 
 import math
-from decimal import Decimal
+from decimal import Decimal, localcontext
+from types import SimpleNamespace
 
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from exporter.prices import Price
 from exporter.summary import Ranking, _float, amount, dollars, exact, rounded
+from exporter.tasks import lister
 
 FINITE = st.floats(min_value=-1e300, max_value=1e300)  # no sum of 50 can overflow
 
@@ -57,6 +60,31 @@ def test_dollars_finer_than_the_integers_stay_exact() -> None:
         "2.000000000000001"
     )
     assert _float(amount(Decimal("0.1"))) == 0.1
+
+
+# Prices per million tokens with up to nine decimals: up to six are whole units per token.
+PER_MILLION = st.decimals(min_value=0, max_value=1000, places=None, allow_nan=False).filter(
+    lambda d: d.as_tuple().exponent >= -9  # type: ignore[operator]
+)
+TOKENS = st.one_of(st.none(), st.integers(0, 10**12).map(Decimal))  # NULL: a column it lacks
+
+
+@given(st.lists(PER_MILLION, min_size=4, max_size=4), st.lists(TOKENS, min_size=4, max_size=4))
+@example([Decimal(3), Decimal(15), Decimal("0.3"), Decimal("3.75")], [Decimal(7)] * 4)
+@example([Decimal("0.0000001"), Decimal(1), Decimal(1), Decimal(1)], [Decimal(3)] * 4)
+def test_a_rows_list_price_is_the_exact_price_of_its_tokens(
+    per_million: list[Decimal], tokens: list[Decimal | None]
+) -> None:
+    names = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens")
+    row = SimpleNamespace(**dict(zip(names, tokens, strict=True)))
+    listed = lister(Price(*per_million))(row)
+    with localcontext() as ctx:
+        ctx.prec = 100
+        value = sum((p * (t or 0) for p, t in zip(per_million, tokens, strict=True)), Decimal(0))
+        assert Decimal(listed) == value / 10**6 * 10**12
+    if all(p.as_tuple().exponent >= -6 for p in per_million):  # type: ignore[operator]
+        assert isinstance(listed, int)
+    assert lister(None)(row) == 0
 
 
 @given(
