@@ -184,7 +184,8 @@ class TaskStore:
         self._blob = bytearray()  # every id, UTF-8, each ended by a NUL (text never holds one)
         self._start = array("Q")  # slot -> where its id starts in the blob
         self._alive = bytearray()  # slot -> 1 while held
-        self._index = array("i", bytes(4 * 8))  # hash -> slot + 1, _EMPTY or _GONE
+        # hash of an id's UTF-8 (randomized per process, as str's) -> slot + 1, _EMPTY or _GONE
+        self._index = array("i", bytes(4 * 8))
         self._used = 0  # index entries not _EMPTY
         self._free: list[int] = []
         self._live = 0
@@ -224,7 +225,7 @@ class TaskStore:
         key = task_id.encode()
         blob, start, index = self._blob, self._start, self._index
         mask = len(index) - 1
-        position, reuse = hash(task_id) & mask, -1
+        position, reuse = hash(key) & mask, -1
         while True:
             entry = index[position]
             if entry == _EMPTY:
@@ -270,17 +271,22 @@ class TaskStore:
         return slot
 
     def _reindex(self) -> None:
-        """Twice as many index entries as tasks (at least), and no _GONE ones."""
+        """Twice as many index entries as tasks (at least), and no _GONE ones. Every id held
+        is distinct, so each takes the first empty entry from its hash (of its UTF-8 bytes,
+        read from the blob as they are)."""
         size = 8
         while size < 2 * self._live + 2:
             size *= 2
-        self._index = array("i", bytes(4 * size))
-        self._used = 0
+        index, mask = array("i", bytes(4 * size)), size - 1
+        blob, start = self._blob, self._start
         for slot, alive in enumerate(self._alive):
             if alive:
-                position, _ = self._find(self._id(slot))
-                self._index[position] = slot + 1
-                self._used += 1
+                at = start[slot]
+                position = hash(bytes(blob[at : blob.index(0, at)])) & mask
+                while index[position] != _EMPTY:
+                    position = (position + 1) & mask
+                index[position] = slot + 1
+        self._index, self._used = index, self._live
 
     def pop(self, task_id: str) -> None:
         """Forget a task, if held."""
