@@ -8,6 +8,7 @@ producing a duplicate series.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -47,13 +48,32 @@ def family_of(metric: c.MetricSpec, series: Mapping[tuple[str, ...], float]) -> 
     else:
         fam = GaugeMetricFamily(metric.family, metric.help, labels=metric.labels)
         name = fam.name
-    # The samples add_metric would append, built at once (thousands per refresh).
-    names = metric.labels
-    fam.samples = [
-        Sample(name, dict(zip(names, labels, strict=True)), value)
-        for labels, value in sorted(series.items())
-    ]
+    # The samples add_metric would append, built at once (thousands per refresh); a series
+    # whose value is as last built keeps its Sample.
+    names, last, kept = metric.labels, _LAST.get(name, {}), {}
+    samples = []
+    for labels, value in sorted(series.items()):
+        sample = last.get(labels)
+        if sample is None or not _same(sample.value, value):
+            sample = Sample(name, dict(zip(names, labels, strict=True)), value)
+        samples.append(sample)
+        kept[labels] = sample
+    _LAST[name] = kept
+    fam.samples = samples
     return fam
+
+
+_LAST: dict[str, dict[tuple[str, ...], Sample]] = {}
+"""Each family's samples as last built, by label values. Between two refreshes most series
+keep their value: reusing their Samples saves building a label dict each, and the renderer
+(exporter/exposition.py) compares them by identity. Samples are never changed, so sharing one
+between two builders of a family (a backfill) is harmless; it holds no more series than the
+last families do."""
+
+
+def _same(a: float, b: float) -> bool:
+    """The same value and text: a zero's sign renders ("-0.0"), NaN never equals."""
+    return a == b and (a != 0 or math.copysign(1.0, a) == math.copysign(1.0, b))
 
 
 def as_float(value: Decimal | float | int | None) -> float:

@@ -4,6 +4,7 @@ byte, however the series and their values change between renderings."""
 from __future__ import annotations
 
 import math
+import struct
 from datetime import UTC, datetime
 
 import psycopg
@@ -11,16 +12,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import generate_latest
 from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
     InfoMetricFamily,
     Metric,
     SummaryMetricFamily,
 )
 
 from exporter import generate
+from exporter.catalog import MetricSpec
 from exporter.config import load_settings
 from exporter.exposition import Families, TextRenderer
+from exporter.families import family_of
 from exporter.refresh import Refresher
 
 LABEL_VALUES = st.text(
@@ -36,11 +37,12 @@ def _families(kinds: list[str], series: list[dict[tuple[str, str], float]]) -> l
     for i, (kind, values) in enumerate(zip(kinds, series, strict=True)):
         name, doc = f"scidex_test_{i}", 'help with \\ and\nnewline and "quotes"'
         fam: Metric
-        if kind == "counter":
-            fam = CounterMetricFamily(name, doc, labels=("quest", "layer"))
-        elif kind == "gauge":
-            fam = GaugeMetricFamily(name, doc, labels=("quest", "layer"))
-        elif kind == "info":
+        if kind in ("counter", "gauge"):  # as the sources build them, samples reused
+            sample_name = name + ("_total" if kind == "counter" else "")
+            spec = MetricSpec(sample_name, kind, doc, ("quest", "layer"))  # type: ignore[arg-type]
+            out.append(family_of(spec, values))
+            continue
+        if kind == "info":
             fam = InfoMetricFamily(name, doc)
             for quest, layer in values:
                 fam.add_metric([], {"quest": quest, "layer": layer})
@@ -50,12 +52,12 @@ def _families(kinds: list[str], series: list[dict[tuple[str, str], float]]) -> l
             fam = SummaryMetricFamily(name, doc, labels=("quest",))
             for (quest, _), value in values.items():
                 fam.add_metric([quest], count_value=3, sum_value=value)
-            out.append(fam)
-            continue
-        for (quest, layer), value in values.items():
-            fam.add_metric([quest, layer], value)
         out.append(fam)
     return out
+
+
+def _bits(value: float) -> bytes:
+    return struct.pack("d", value)  # tells -0.0 from 0.0
 
 
 KINDS = st.lists(st.sampled_from(["counter", "gauge", "info", "summary"]), min_size=1, max_size=4)
@@ -69,6 +71,10 @@ def test_every_rendering_equals_the_library(kinds: list[str], data: st.DataObjec
     for _ in range(3):  # values change, series come and go, the renderer keeps its lines
         families = _families(kinds, series)
         assert renderer.render(families) == generate_latest(Families(families))
+        for kind, fam, values in zip(kinds, families, series, strict=True):
+            if kind in ("counter", "gauge"):  # each sample as given, whatever was reused
+                got = {(s.labels["quest"], s.labels["layer"]): _bits(s.value) for s in fam.samples}
+                assert got == {k: _bits(v) for k, v in values.items()}
         series = [
             {
                 **{k: data.draw(VALUES) if data.draw(st.booleans()) else v for k, v in s.items()},
