@@ -17,6 +17,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import math
+import operator
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from decimal import Decimal
@@ -281,10 +282,6 @@ def _accumulate(
             raise KeyError(f"taking out a group that was never added: {key!r}")
         groups[key] = list(values)
         return
-    for i, value in enumerate(values):
-        if sign > 0:
-            acc[i] += value
-        else:
-            acc[i] -= value
+    acc[:] = map(operator.add if sign > 0 else operator.sub, acc, values)
     if acc[count] == 0:
         del groups[key]
