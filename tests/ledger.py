@@ -350,12 +350,13 @@ def expected(
     # days before today (whole days: they move once a day); quests day by day (fold_days).
     window_start = now - r.window
     weights_start = datetime.combine(today - r.window, time(), ZoneInfo(r.timezone))
+    # Weights are exact sums, compared as floats: the float nearest each sum.
     qw: dict[str, float] = defaultdict(float)
-    lw: dict[str, float] = defaultdict(float)
+    lw: dict[str, Decimal] = defaultdict(Decimal)
     for c in valid:
-        w = float(c.cost_usd) if c.ts >= weights_start else 0.0  # type: ignore[arg-type,operator]
+        w = c.cost_usd if c.ts >= weights_start else Decimal(0)  # type: ignore[operator]
         qw[lab(c.quest)] += 0.0
-        lw[lab(c.layer)] += w
+        lw[lab(c.layer)] += w  # type: ignore[operator]
 
     # Per task, over all valid rows; in the window if any valid row is.
     tasks: dict[str, dict[str, Any]] = {}
@@ -384,7 +385,7 @@ def expected(
     }
     for t in waste.values():
         qw[lab(t["quest"])] += 0.0
-        lw[lab(t["layer"])] += 0.0
+        lw[lab(t["layer"])] += 0
     for t in in_window.values():
         qw[lab(t["quest"])] += 0.0
     # This month, in the configured zone.
@@ -427,20 +428,21 @@ def expected(
         yesterday = kept_days.get(today - timedelta(days=1), set())
         return label if label == "other" or label in kept_q | yesterday else None
 
-    kept_l = {k for k, _ in sorted(lw.items(), key=lambda kv: (-kv[1], kv[0]))[: r.max_layers]}
+    by_weight = sorted(lw.items(), key=lambda kv: (-float(kv[1]), kv[0]))
+    kept_l = {k for k, _ in by_weight[: r.max_layers]}
     fq = lambda v: lab(v) if lab(v) in kept_q else "other"  # noqa: E731
     fl = lambda v: lab(v) if lab(v) in kept_l else "other"  # noqa: E731
 
     # Models keep a label when among the max_models largest by window spend or window tokens.
-    mw: dict[str, float] = defaultdict(float)
-    mt: dict[str, float] = defaultdict(float)
+    mw: dict[str, Decimal] = defaultdict(Decimal)
+    mt: dict[str, int] = defaultdict(int)
     for c in valid:
         inside = c.ts >= weights_start  # type: ignore[operator]
-        mw[c.model_label()] += float(c.cost_usd) if inside else 0.0  # type: ignore[arg-type]
-        mt[c.model_label()] += sum(c.categories().values()) if inside else 0.0
+        mw[c.model_label()] += c.cost_usd if inside else Decimal(0)  # type: ignore[operator]
+        mt[c.model_label()] += sum(c.categories().values()) if inside else 0
 
-    def top(weights: dict[str, float]) -> set[str]:
-        ranked = sorted(weights.items(), key=lambda kv: (-kv[1], kv[0]))
+    def top(weights: dict[str, Any]) -> set[str]:
+        ranked = sorted(weights.items(), key=lambda kv: (-float(kv[1]), kv[0]))
         return {k for k, _ in ranked[: r.max_models]}
 
     kept_m = top(mw) | top(mt)

@@ -328,6 +328,35 @@ def test_quests_beyond_50_fold_into_other(dsn: str) -> None:
     assert_matches(got, expected(calls, [], budgets, NOW, TODAY, MIDNIGHT))
 
 
+def test_layers_and_models_are_weighed_by_exact_window_spend(dsn: str) -> None:
+    # Zeta's window spend, 0.1 + 0.2, is 0.3 exactly: a tie with Atlas, which keeps the one
+    # label by name. Summed as floats it was 0.30000000000000004, and Zeta took it; the same
+    # for their models (and their tokens tie too).
+    sonnet, opus = "bedrock/us.anthropic.claude-sonnet-4", "bedrock/us.anthropic.claude-opus-4"
+    calls = [
+        Call(ago(hours=3), "t1", quest="q-a", layer="Zeta", provider=sonnet, cost_usd=D("0.1")),
+        Call(ago(hours=2), "t2", quest="q-b", layer="Zeta", provider=sonnet, cost_usd=D("0.2")),
+        Call(
+            ago(hours=1),
+            "t3",
+            quest="q-a",
+            layer="Atlas",
+            provider=opus,
+            cost_usd=D("0.3"),
+            input_tokens=200,
+            output_tokens=100,
+        ),
+    ]
+    insert(dsn, calls)
+    got = scrape(dsn, max_layers=1, max_models=1)
+    layers = {dict(k[1])["layer"] for k in got if k[0] == "scidex_spend_usd_total"}
+    assert layers == {"Atlas", "other"}
+    models = {dict(k[1])["model"] for k in got if k[0] == "scidex_model_spend_usd_total"}
+    assert models == {"claude-opus-4", "other"}
+    rules = Rules(max_layers=1, max_models=1)
+    assert_matches(got, expected(calls, [], [], NOW, TODAY, MIDNIGHT, rules))
+
+
 def test_a_quest_with_a_large_budget_keeps_its_label_spent_or_not(dsn: str) -> None:
     # max_quests 2: the two largest spenders, and the two largest allocations today.
     calls = [

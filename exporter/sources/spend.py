@@ -421,13 +421,20 @@ class SpendSource(Source):
         for provider, model in {k[2:4] for k in valid}:
             labels.weigh_model(model_label(provider, model))
         labels.fold(self.fold, quests)
+        # The window's spend and tokens per raw layer and model, summed exactly and converted
+        # once: float sums would follow the keys' order, which differs between a steady refresh
+        # and a full recomputation, and could tip a near tie for the last label.
+        layers: dict[Any, Decimal] = defaultdict(Decimal)
+        models: dict[tuple[Any, Any], Sums] = defaultdict(lambda: ZERO)
         for key, sums in self.totals.recent.items():
-            if not key.in_window:
-                continue
-            cost = as_float(sums.cost)
-            labels.weigh_layer(key.layer, cost)
+            if key.in_window:
+                layers[key.layer] += sums.cost
+                models[key.provider, key.model] += sums
+        for layer, cost in layers.items():
+            labels.weigh_layer(layer, float(cost))
+        for (provider, model), sums in models.items():
             tokens = float(sum(_token_values(sums)))
-            labels.weigh_model(model_label(key.provider, key.model), cost, tokens)
+            labels.weigh_model(model_label(provider, model), float(sums.cost), tokens)
 
     def today(self, labels: LabelGuard) -> Series:
         """Spend since today's midnight per folded quest (quests with spend today)."""
