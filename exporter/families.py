@@ -64,9 +64,10 @@ def family_of(metric: c.MetricSpec, series: Mapping[tuple[str, ...], float]) -> 
 
 
 _LAST: dict[str, dict[tuple[str, ...], Sample]] = {}
-"""Each family's samples as last built, by label values. Between two refreshes most series
-keep their value: reusing their Samples saves building a label dict each, and the renderer
-(exporter/exposition.py) compares them by identity. Samples are never changed, so sharing one
+"""Each family's samples as last built, by label values. Many series keep their value between
+two refreshes (those without new rows, budgets, the rankings): reusing their Samples saves
+building a label dict each, and the renderer (exporter/exposition.py) compares them by
+identity. Samples are never changed, so sharing one
 between two builders of a family (a backfill) is harmless; it holds no more series than the
 last families do."""
 

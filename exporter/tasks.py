@@ -225,8 +225,9 @@ def pricer(providers: ProviderFamilies, prices: PriceBook) -> Pricer:
 def lister(price: Price | None) -> Callable[[Any], Amount]:
     """The list price of a row's token sums, exactly, in summary's units: the tokens times
     each price per token in those units, an int for a price per million tokens with at most
-    six decimals (the catalogue's), else a Decimal. A rebuild prices about a row a task, and
-    summing Decimals in dollars took a third of its fold."""
+    six decimals (the catalogue's), else a Decimal. The formula of ``Price.value``, written
+    again: a rebuild prices about a row a task, and Decimals in dollars took a third of its
+    fold (a test holds the two equal)."""
     if price is None:
         return lambda r: 0
     per_million = (price.input, price.output, price.cache_read, price.cache_write)

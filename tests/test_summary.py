@@ -11,6 +11,7 @@ from types import SimpleNamespace
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from exporter.incremental import Sums
 from exporter.prices import Price
 from exporter.summary import Ranking, _float, amount, dollars, exact, rounded
 from exporter.tasks import lister
@@ -77,11 +78,15 @@ def test_a_rows_list_price_is_the_exact_price_of_its_tokens(
 ) -> None:
     names = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens")
     row = SimpleNamespace(**dict(zip(names, tokens, strict=True)))
-    listed = lister(Price(*per_million))(row)
+    price = Price(*per_million)
+    listed = lister(price)(row)
     with localcontext() as ctx:
         ctx.prec = 100
         value = sum((p * (t or 0) for p, t in zip(per_million, tokens, strict=True)), Decimal(0))
         assert Decimal(listed) == value / 10**6 * 10**12
+    # The same formula as the cumulative list-price counters' (prices.Price.value): written
+    # twice for the rebuild's speed, so the two must not drift apart.
+    assert Decimal(listed) == price.value(Sums.of(row)).scaleb(12)
     if all(p.as_tuple().exponent >= -6 for p in per_million):  # type: ignore[operator]
         assert isinstance(listed, int)
     assert lister(None)(row) == 0
