@@ -194,9 +194,13 @@ def _merged(final: TaskStore, open_tail: Tasks) -> dict[str, Task]:
     return out
 
 
+Lister = Callable[[int, int, int, int], Amount]
+"""The list price of token sums: input, output, cache read, cache write."""
+
+
 class Priced(NamedTuple):
     family: str
-    listed: Callable[[Any], Amount]  # a row's list price (summary's units; 0: no price)
+    listed: Lister  # in summary's units (0: no price)
 
 
 Pricer = Callable[[str, str | None, datetime | None], Priced]
@@ -222,28 +226,29 @@ def pricer(providers: ProviderFamilies, prices: PriceBook) -> Pricer:
     return priced
 
 
-def lister(price: Price | None) -> Callable[[Any], Amount]:
-    """The list price of a row's token sums, exactly, in summary's units: the tokens times
-    each price per token in those units, an int for a price per million tokens with at most
-    six decimals (the catalogue's), else a Decimal. The formula of ``Price.value``, written
-    again: a rebuild prices about a row a task, and Decimals in dollars took a third of its
-    fold (a test holds the two equal)."""
+def lister(price: Price | None) -> Lister:
+    """The list price of token sums (input, output, cache read, cache write), exactly, in
+    summary's units: the tokens times each price per token in those units, an int for a
+    price per million tokens with at most six decimals (the catalogue's), else a Decimal. The
+    formula of ``Price.value``, written again: a rebuild prices about a row a task, and
+    Decimals in dollars took a third of its fold (a test holds the two equal)."""
     if price is None:
-        return lambda r: 0
+        return lambda i, o, cr, cw: 0
     per_million = (price.input, price.output, price.cache_read, price.cache_write)
-    i, o, cr, cw = (amount(p / MILLION) for p in per_million)
-    return lambda r: (
-        int(r.input_tokens or 0) * i
-        + int(r.output_tokens or 0) * o
-        + int(r.cache_read_tokens or 0) * cr
-        + int(r.cache_write_tokens or 0) * cw
-    )
+    pi, po, pcr, pcw = (amount(p / MILLION) for p in per_million)
+    return lambda i, o, cr, cw: i * pi + o * po + cr * pcr + cw * pcw
 
 
 def _fold(target: TaskStore | Tasks, r: Any, priced: Pricer) -> None:
-    if r.kind == "sum":
-        family, listed = priced(r.provider, r.model, r.period)
-        cost, tokens = amount(r.cost), int(r.input_tokens + r.output_tokens)
-        target.add(r.task_id, family, cost, tokens, listed(r))
-    else:
+    if r.kind == "label":
         target.label(r.task_id, r.last_ts, r.quest, r.layer)
+        return
+    family, listed = priced(r.provider, r.model, r.period)
+    if r.cost_i8 is not None:  # whole numbers within int64 (window._crossing): the usual case
+        i, o = r.input_tokens_i8, r.output_tokens_i8
+        cr, cw = r.cache_read_tokens_i8, r.cache_write_tokens_i8
+        target.add(r.task_id, family, r.cost_i8, i + o, listed(i, o, cr, cw))
+    else:
+        sums = (r.input_tokens, r.output_tokens, r.cache_read_tokens, r.cache_write_tokens)
+        tokens = int(r.input_tokens + r.output_tokens)
+        target.add(r.task_id, family, amount(r.cost), tokens, listed(*(int(t or 0) for t in sums)))

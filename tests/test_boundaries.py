@@ -11,10 +11,13 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+import psycopg
+
 from exporter.backfill import backfill
 from exporter.config import DEFAULT_PROVIDER_RULES, load_settings
 from exporter.labels import ProviderFamilies
 from exporter.refresh import Refresher
+from exporter.sources.window import _crossing
 from tests.ledger import Budget, Call, Impact, Rules, expected, insert, key, parse
 from tests.test_ledger_metrics import MIDNIGHT, NOW, TODAY, ago, assert_matches, scrape
 
@@ -194,3 +197,59 @@ def test_backfill_counts_a_row_from_the_next_hour_on(dsn: str) -> None:
     assert samples[("scidex_quest_spend_today_usd", at[11])] == 2
     assert samples[("scidex_budget_utilization_ratio", at[10])] == 0
     assert samples[("scidex_budget_utilization_ratio", at[11])] == 0.2
+
+
+def _crossed(pg_server: str, sql_type: str, sums: tuple[Any, ...]) -> tuple[Any, ...]:
+    columns = ", ".join(f"%s::{sql_type}" for _ in sums)
+    names = "cost, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens"
+    with psycopg.connect(pg_server) as conn:
+        row = conn.execute(
+            f"SELECT {_crossing('v')} FROM (VALUES ({columns})) v({names})", sums
+        ).fetchone()
+    assert row is not None
+    return tuple(row)
+
+
+def test_window_sums_cross_as_int8_only_while_whole_and_within_int64(pg_server: str) -> None:
+    # (cost, input, output, cache read, cache write) -> the int8 columns (the cost in 10^-12
+    # $, a NULL count as 0), or None: they cross as they are.
+    cases: list[tuple[str, tuple[Any, ...], tuple[int, ...] | None]] = [
+        ("numeric", (D("1.5"), 10, 20, None, None), (1_500_000_000_000, 10, 20, 0, 0)),
+        ("numeric", (D("1E-12"), 0, 0, 0, 0), (1, 0, 0, 0, 0)),
+        ("numeric", (D("1E-13"), 0, 0, 0, 0), None),
+        ("numeric", (D("9223372.036854775807"), 0, 0, 0, 0), (2**63 - 1, 0, 0, 0, 0)),
+        ("numeric", (D("9223372.036854775808"), 0, 0, 0, 0), None),
+        ("numeric", (D(0), 2**63 - 1, 0, 0, 2**63 - 1), (0, 2**63 - 1, 0, 0, 2**63 - 1)),
+        ("numeric", (D(0), 0, 2**63, 0, 0), None),
+        ("numeric", (D(0), 0, 0, D("2.5"), 0), None),
+        ("float8", (1.0, 3.0, 2.0**63 - 1024, 0.0, None), (10**12, 3, 2**63 - 1024, 0, 0)),
+        ("float8", (1.0, 2.5, 0.0, 0.0, 0.0), None),
+        ("float8", (1.0, 0.0, 0.0, 2.0**63, 0.0), None),
+    ]
+    for sql_type, sums, whole in cases:
+        got = _crossed(pg_server, sql_type, sums)
+        ints, exact = got[:5], got[5:]
+        if whole is None:
+            assert ints == (None,) * 5, sums
+            assert exact == sums, sums  # as they are, in their own type
+        else:
+            assert ints == whole and exact == (None,) * 5, sums
+
+
+def test_window_sums_finer_than_the_units_or_past_int64_stay_exact(dsn: str) -> None:
+    calls = [
+        Call(ago(hours=1), "fine", cost_usd=D("0.1000000000001")),  # finer than 10^-12 $
+        Call(ago(days=2), "big", input_tokens=2**62, cost_usd=D("1")),
+        Call(ago(days=2, hours=1), "big", input_tokens=2**62, cost_usd=D("2")),  # 2**63 in all
+        Call(ago(hours=1), "plain", cost_usd=D("0.25")),
+    ]
+    impacts = [Impact("fine", 1.0), Impact("plain", 1.0)]
+    insert(dsn, calls, impacts)
+    got = scrape(dsn)
+    cost = {dict(k[1])["task_id"]: v for k, v in got.items() if k[0] == "scidex_task_cost_usd"}
+    assert cost == {"fine": 0.1000000000001, "plain": 0.25}
+    wasted = {
+        dict(k[1])["task_id"]: v for k, v in got.items() if k[0] == "scidex_task_wasted_tokens"
+    }
+    assert wasted == {"big": float(2**63 + 100)}
+    assert_matches(got, expected(calls, impacts, [], NOW, TODAY, MIDNIGHT, Rules()))

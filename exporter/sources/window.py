@@ -29,7 +29,8 @@ from exporter.tasks import Now, WindowTasks, pricer
 # part (ids <= the watermark) plus a tail re-read each refresh (exporter/tasks.py). Both
 # statements return rows of three kinds:
 #   'sum'    (part, task_id, provider, model, period, sums): valid spend of a task on one raw
-#            provider and model in one price period (the list price is applied to its sums);
+#            provider and model in one price period (the list price is applied to its sums;
+#            they cross as _crossing says);
 #   'label'  (part, task_id, quest, layer, last_ts): the task's latest valid row, by (ts, id);
 #            a rebuild's also carries the task's latest impact (NULL: none measured);
 #   'impact' (task_id, impact): the latest measured impact of a task that may be in the window
@@ -40,8 +41,34 @@ from exporter.tasks import Now, WindowTasks, pricer
 # A task keeps its cost and the token sums its list price reads (prices.Price.value): not
 # calls or reasoning tokens, which would only widen the window's groups.
 _KEPT = ("cost", "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens")
-_SUMS = ", ".join(_KEPT)
-_NO_SUMS = ", ".join(f"NULL::numeric AS {name}" for name in _KEPT)
+_PER_DOLLAR = 10**12  # summary.amount's units
+_INT8_END = 2**63  # compared in the sum's own type: a float sum below it fits int8 too
+
+
+def _crossing(alias: str) -> str:
+    """The sums of a row (the ``_KEPT`` columns of ``alias``) as they cross to the exporter.
+
+    When every sum is a whole number within int64 (the cost in summary's units, 10^-12 $),
+    they cross as int8 (the ``*_i8`` columns; an optional count's NULL as 0) and the numeric
+    columns are NULL: psycopg reads an int8 several times faster than a numeric, and a
+    rebuild reads about a row a task. Otherwise (finer digits, past int64, a fractional count
+    in a view) the int8 columns are NULL and the sums cross as they are.
+    """
+    whole = [f"({alias}.cost * {_PER_DOLLAR})"]
+    whole += [f"coalesce({alias}.{name}, 0)" for name in _KEPT[1:]]
+    fits = " AND ".join(f"floor({v}) = {v} AND abs({v}) < {_INT8_END}" for v in whole)
+    return ", ".join(
+        [
+            f"CASE WHEN {fits} THEN {v}::int8 END AS {n}_i8"
+            for v, n in zip(whole, _KEPT, strict=True)
+        ]
+        + [f"CASE WHEN NOT ({fits}) THEN {alias}.{n} END AS {n}" for n in _KEPT]
+    )
+
+
+_NO_SUMS = ", ".join(
+    [f"NULL::int8 AS {n}_i8" for n in _KEPT] + [f"NULL::numeric AS {n}" for n in _KEPT]
+)
 
 
 def _latest_impact(task_id: str) -> str:
@@ -113,13 +140,13 @@ def window_tasks(cols: Columns, periods: Periods) -> Query:
                           WHERE c.task_id = t.task_id AND c.ts < %(window_start)s
                             AND {cols.valid})
         )
-        SELECT 'sum' AS kind, CASE WHEN final THEN 0 ELSE 2 END AS part, task_id, provider,
-               model, period, NULL AS quest, NULL AS layer, NULL::timestamptz AS last_ts,
-               NULL::float8 AS impact, {_SUMS}
-        FROM win
+        SELECT 'sum' AS kind, CASE WHEN w.final THEN 0 ELSE 2 END AS part, w.task_id,
+               w.provider, w.model, w.period, NULL AS quest, NULL AS layer,
+               NULL::timestamptz AS last_ts, NULL::float8 AS impact, {_crossing("w")}
+        FROM win w
         UNION ALL
         SELECT 'sum', CASE WHEN b.final THEN 0 ELSE 2 END, t.task_id, b.provider, b.model,
-               b.period, NULL, NULL, NULL, NULL, {_SUMS}
+               b.period, NULL, NULL, NULL, NULL, {_crossing("b")}
         FROM earlier t
         CROSS JOIN LATERAL (
             SELECT c.id <= %(safe)s AS final, c.provider, c.model, {periods.column} AS period,
@@ -168,11 +195,15 @@ def window_tail(cols: Columns, periods: Periods) -> Query:
             FROM cost_ledger c
             WHERE c.id > %(after)s AND c.task_id IS NOT NULL AND {cols.valid}
         )
-        SELECT 'sum' AS kind, c.part, c.task_id, c.provider, c.model, {periods.column} AS period,
+        SELECT 'sum' AS kind, s.part, s.task_id, s.provider, s.model, s.period,
                NULL AS quest, NULL AS layer, NULL::timestamptz AS last_ts,
-               NULL::float8 AS impact, {cols.sums(_KEPT)}
-        FROM tail c
-        GROUP BY {periods.group_by(2, 3, 4, 5)}
+               NULL::float8 AS impact, {_crossing("s")}
+        FROM (
+            SELECT c.part, c.task_id, c.provider, c.model, {periods.column} AS period,
+                   {cols.sums(_KEPT)}
+            FROM tail c
+            GROUP BY {periods.group_by(1, 2, 3, 4)}
+        ) s
         UNION ALL
         (SELECT DISTINCT ON (part, task_id)
                 'label', part, task_id, NULL, NULL, NULL, quest, layer, ts, NULL, {_NO_SUMS}
@@ -203,7 +234,7 @@ def window_history(cols: Columns, periods: Periods) -> Query:
         WITH entering AS (SELECT json_array_elements_text(%(entering)s::json) AS task_id)
         SELECT 'sum' AS kind, 0 AS part, f.task_id, h.provider, h.model, h.period,
                NULL AS quest, NULL AS layer, NULL::timestamptz AS last_ts,
-               NULL::float8 AS impact, {_SUMS}
+               NULL::float8 AS impact, {_crossing("h")}
         FROM entering f
         CROSS JOIN LATERAL (
             SELECT c.provider, c.model, {periods.column} AS period, {cols.sums(_KEPT)}
