@@ -201,6 +201,10 @@ class TaskStore:
         self._share_next = array("i")
         self._share_free: list[int] = []
         self._hours: dict[int, array[int]] = {}
+        # The id ``_slot`` last found, and its slot: a rebuild's row adds to, labels and sets
+        # the impact of one task, and each lookup hashes and compares its id.
+        self._last_id: str | None = None
+        self._last_slot = -1
 
     # -- ids --------------------------------------------------------------------------------
 
@@ -240,9 +244,15 @@ class TaskStore:
 
     def _slot(self, task_id: str) -> int:
         """The slot of ``task_id``, a new one if it is not held."""
+        if task_id == self._last_id:
+            return self._last_slot
         position, slot = self._find(task_id)
-        if slot >= 0:
-            return slot
+        if slot < 0:
+            slot = self._new_slot(task_id, position)
+        self._last_id, self._last_slot = task_id, slot
+        return slot
+
+    def _new_slot(self, task_id: str, position: int) -> int:
         if self._free:
             slot = self._free.pop()
             self._start[slot] = len(self._blob)
@@ -293,6 +303,8 @@ class TaskStore:
         position, slot = self._find(task_id)
         if slot < 0:
             return
+        if task_id == self._last_id:
+            self._last_id = None
         self._index[position] = _GONE
         self._drop_shares(slot)
         self._totals.set(slot, (0, 0, 0))
