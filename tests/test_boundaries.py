@@ -17,7 +17,7 @@ from exporter.backfill import backfill
 from exporter.config import DEFAULT_PROVIDER_RULES, load_settings
 from exporter.labels import ProviderFamilies
 from exporter.refresh import Refresher
-from exporter.sources.window import _crossing
+from exporter.sources.window import _crossing, _fitted
 from tests.ledger import Budget, Call, Impact, Rules, expected, insert, key, parse
 from tests.test_ledger_metrics import MIDNIGHT, NOW, TODAY, ago, assert_matches, scrape
 
@@ -200,19 +200,19 @@ def test_backfill_counts_a_row_from_the_next_hour_on(dsn: str) -> None:
 
 
 def _crossed(pg_server: str, sql_type: str, sums: tuple[Any, ...]) -> tuple[Any, ...]:
-    columns = ", ".join(f"%s::{sql_type}" for _ in sums)
+    columns = ", ".join(["%s::numeric"] + [f"%s::{sql_type}" for _ in sums[1:]])  # cost: numeric
     names = "cost, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens"
+    source = f"(SELECT * FROM (VALUES ({columns})) s({names}))"
     with psycopg.connect(pg_server) as conn:
-        row = conn.execute(
-            f"SELECT {_crossing('v')} FROM (VALUES ({columns})) v({names})", sums
-        ).fetchone()
+        row = conn.execute(f"SELECT {_crossing('v')} FROM {_fitted(source, 'v')}", sums).fetchone()
     assert row is not None
     return tuple(row)
 
 
 def test_window_sums_cross_as_int8_only_while_whole_and_within_int64(pg_server: str) -> None:
     # (cost, input, output, cache read, cache write) -> the int8 columns (the cost in 10^-12
-    # $, a NULL count as 0), or None: they cross as they are.
+    # $, a NULL count as 0), or None: they cross as they are. The cost is summed as numeric
+    # (queries.COST), the counts in their column's type.
     cases: list[tuple[str, tuple[Any, ...], tuple[int, ...] | None]] = [
         ("numeric", (D("1.5"), 10, 20, None, None), (1_500_000_000_000, 10, 20, 0, 0)),
         ("numeric", (D("1E-12"), 0, 0, 0, 0), (1, 0, 0, 0, 0)),
@@ -222,9 +222,9 @@ def test_window_sums_cross_as_int8_only_while_whole_and_within_int64(pg_server: 
         ("numeric", (D(0), 2**63 - 1, 0, 0, 2**63 - 1), (0, 2**63 - 1, 0, 0, 2**63 - 1)),
         ("numeric", (D(0), 0, 2**63, 0, 0), None),
         ("numeric", (D(0), 0, 0, D("2.5"), 0), None),
-        ("float8", (1.0, 3.0, 2.0**63 - 1024, 0.0, None), (10**12, 3, 2**63 - 1024, 0, 0)),
-        ("float8", (1.0, 2.5, 0.0, 0.0, 0.0), None),
-        ("float8", (1.0, 0.0, 0.0, 2.0**63, 0.0), None),
+        ("float8", (D(1), 3.0, 2.0**63 - 1024, 0.0, None), (10**12, 3, 2**63 - 1024, 0, 0)),
+        ("float8", (D(1), 2.5, 0.0, 0.0, 0.0), None),
+        ("float8", (D(1), 0.0, 0.0, 2.0**63, 0.0), None),
     ]
     for sql_type, sums, whole in cases:
         got = _crossed(pg_server, sql_type, sums)

@@ -41,28 +41,44 @@ from exporter.tasks import Now, WindowTasks, pricer
 # A task keeps its cost and the token sums its list price reads (prices.Price.value): not
 # calls or reasoning tokens, which would only widen the window's groups.
 _KEPT = ("cost", "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens")
-_PER_DOLLAR = 10**12  # summary.amount's units
+_UNITS = 12  # summary.amount's units: 10^-12 $
 _INT8_END = 2**63  # compared in the sum's own type: a float sum below it fits int8 too
 
 
-def _crossing(alias: str) -> str:
-    """The sums of a row (the ``_KEPT`` columns of ``alias``) as they cross to the exporter.
+def _fitted(source: str, alias: str) -> str:
+    """``source`` (a relation with the ``_KEPT`` columns) as ``alias``, with ``fits``: whether
+    its sums cross as int8 (``_crossing``).
 
-    When every sum is a whole number within int64 (the cost in summary's units, 10^-12 $),
-    they cross as int8 (the ``*_i8`` columns; an optional count's NULL as 0) and the numeric
-    columns are NULL: psycopg reads an int8 several times faster than a numeric, and a
-    rebuild reads about a row a task. Otherwise (finer digits, past int64, a fractional count
-    in a view) the int8 columns are NULL and the sums cross as they are.
+    Every sum is valid, so not negative. A whole number of units: the cost has at most 12
+    decimals (its scale; trailing zeros only cost the fast path) and each count none. Tested
+    once per row (OFFSET 0 keeps the planner from copying the test into every column).
     """
-    whole = [f"({alias}.cost * {_PER_DOLLAR})"]
-    whole += [f"coalesce({alias}.{name}, 0)" for name in _KEPT[1:]]
-    fits = " AND ".join(f"floor({v}) = {v} AND abs({v}) < {_INT8_END}" for v in whole)
+    a = alias
+    fits = [f"scale({a}.cost) <= {_UNITS}", f"{a}.cost * 1e{_UNITS} < {_INT8_END}"]
+    fits += [f"floor({v}) = {v} AND {v} < {_INT8_END}" for v in _counts(a)]
+    return f"(SELECT {a}.*, {' AND '.join(fits)} AS fits FROM {source} {a} OFFSET 0) {a}"
+
+
+def _counts(alias: str) -> list[str]:
+    return [f"coalesce({alias}.{name}, 0)" for name in _KEPT[1:]]
+
+
+def _crossing(alias: str) -> str:
+    """The sums of a row of ``_fitted(..., alias)`` as they cross to the exporter.
+
+    When they fit, as int8 (the ``*_i8`` columns: the cost in summary's units, an optional
+    count's NULL as 0), with the numeric columns NULL: psycopg reads an int8 several times
+    faster than a numeric, and a rebuild reads about a row a task. Otherwise (finer digits,
+    past int64, a fractional count in a view) the int8 columns are NULL and the sums cross as
+    they are.
+    """
+    whole = [f"{alias}.cost * 1e{_UNITS}", *_counts(alias)]
     return ", ".join(
         [
-            f"CASE WHEN {fits} THEN {v}::int8 END AS {n}_i8"
+            f"CASE WHEN {alias}.fits THEN ({v})::int8 END AS {n}_i8"
             for v, n in zip(whole, _KEPT, strict=True)
         ]
-        + [f"CASE WHEN NOT ({fits}) THEN {alias}.{n} END AS {n}" for n in _KEPT]
+        + [f"CASE WHEN NOT {alias}.fits THEN {alias}.{n} END AS {n}" for n in _KEPT]
     )
 
 
@@ -143,18 +159,23 @@ def window_tasks(cols: Columns, periods: Periods) -> Query:
         SELECT 'sum' AS kind, CASE WHEN w.final THEN 0 ELSE 2 END AS part, w.task_id,
                w.provider, w.model, w.period, NULL AS quest, NULL AS layer,
                NULL::timestamptz AS last_ts, NULL::float8 AS impact, {_crossing("w")}
-        FROM win w
+        FROM {_fitted("win", "w")}
         UNION ALL
         SELECT 'sum', CASE WHEN b.final THEN 0 ELSE 2 END, t.task_id, b.provider, b.model,
                b.period, NULL, NULL, NULL, NULL, {_crossing("b")}
         FROM earlier t
-        CROSS JOIN LATERAL (
+        CROSS JOIN LATERAL {
+            _fitted(
+                f'''(
             SELECT c.id <= %(safe)s AS final, c.provider, c.model, {periods.column} AS period,
                    {cols.sums(_KEPT)}
             FROM cost_ledger c
             WHERE c.task_id = t.task_id AND c.ts < %(window_start)s AND {cols.valid}
             GROUP BY {periods.group_by(1, 2, 3)}
-        ) b
+        )''',
+                "b",
+            )
+        }
         UNION ALL
         SELECT 'label', CASE WHEN w.final THEN 0 ELSE 2 END, w.task_id, NULL, NULL, NULL,
                CASE WHEN latest.found THEN latest.quest ELSE w.quest END,
@@ -198,12 +219,17 @@ def window_tail(cols: Columns, periods: Periods) -> Query:
         SELECT 'sum' AS kind, s.part, s.task_id, s.provider, s.model, s.period,
                NULL AS quest, NULL AS layer, NULL::timestamptz AS last_ts,
                NULL::float8 AS impact, {_crossing("s")}
-        FROM (
+        FROM {
+            _fitted(
+                f'''(
             SELECT c.part, c.task_id, c.provider, c.model, {periods.column} AS period,
                    {cols.sums(_KEPT)}
             FROM tail c
             GROUP BY {periods.group_by(1, 2, 3, 4)}
-        ) s
+        )''',
+                "s",
+            )
+        }
         UNION ALL
         (SELECT DISTINCT ON (part, task_id)
                 'label', part, task_id, NULL, NULL, NULL, quest, layer, ts, NULL, {_NO_SUMS}
@@ -236,12 +262,17 @@ def window_history(cols: Columns, periods: Periods) -> Query:
                NULL AS quest, NULL AS layer, NULL::timestamptz AS last_ts,
                NULL::float8 AS impact, {_crossing("h")}
         FROM entering f
-        CROSS JOIN LATERAL (
+        CROSS JOIN LATERAL {
+            _fitted(
+                f'''(
             SELECT c.provider, c.model, {periods.column} AS period, {cols.sums(_KEPT)}
             FROM cost_ledger c
             WHERE c.task_id = f.task_id AND c.id <= %(after)s AND {cols.valid}
             GROUP BY {periods.group_by(1, 2)}
-        ) h
+        )''',
+                "h",
+            )
+        }
         UNION ALL
         SELECT 'label', 0, f.task_id, NULL, NULL, NULL, h.quest, h.layer, h.ts, NULL, {_NO_SUMS}
         FROM entering f
