@@ -96,6 +96,7 @@ def phases(refresher: Refresher) -> dict[str, float]:
         out[f"{query}: Python"] = health.duration - health.database
     for source, seconds in sorted(h.build_seconds.items()):
         out[f"{source}: families"] = seconds
+    assert h.render_seconds is not None  # set by every refresh
     out["rendering"] = h.render_seconds
     return out
 

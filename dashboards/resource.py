@@ -66,6 +66,7 @@ class P(IntEnum):
     CACHE_SHARE_BY_MODEL = 41
     UNPRICED = 42
     MONTH_VS_BUDGET = 43
+    REFRESH_PHASES = 44
 
 
 LAYER_COLORS = {
@@ -770,6 +771,21 @@ def exporter_health(layout: g.Layout, cfg: Config) -> None:
     )
     for panel_id, panel in zip(ids, panels, strict=True):
         layout.add(panel_id, panel, w=3, h=4)
+    duration, database = c.QUERY_DURATION.name, c.QUERY_DATABASE.name
+    phases = g.timeseries(
+        "Where a refresh spends its time",
+        "Each query's wait for PostgreSQL and the exporter's Python folding its rows in, each "
+        "source building its families, and rendering the exposition (that of the refresh "
+        "before). A slow refresh shows which part grew.",
+        [
+            target(f"max by (query) ({database})", "{{query}}: database"),
+            target(f"max by (query) ({duration} - {database})", "{{query}}: Python"),
+            target(f"max by (source) ({c.BUILD_DURATION.name})", "{{source}}: families"),
+            target(f"max({c.RENDER_DURATION.name})", "rendering"),
+        ],
+        "s",
+    )
+    layout.add(P.REFRESH_PHASES, phases, w=24, h=8)
 
 
 SECTIONS = (

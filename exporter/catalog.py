@@ -395,6 +395,14 @@ QUERY_DURATION = _m(
     ("query",),
     "s",
 )
+QUERY_DATABASE = _m(
+    "exporter_query_database_seconds",
+    "gauge",
+    "Of the query's duration in the last refresh, the time spent waiting for PostgreSQL "
+    "(statements and streamed rows); the rest is the exporter folding the rows in.",
+    ("query",),
+    "s",
+)
 QUERY_LAST_SUCCESS = _m(
     "exporter_query_last_success_timestamp_seconds",
     "gauge",
@@ -434,6 +442,21 @@ REFRESH_DURATION = _m(
     "exporter_refresh_duration_seconds",
     "gauge",
     "Duration of the last refresh, all queries included.",
+    (),
+    "s",
+)
+BUILD_DURATION = _m(
+    "exporter_build_duration_seconds",
+    "gauge",
+    "Time a source took to build its families in the last refresh, after its queries.",
+    ("source",),
+    "s",
+)
+RENDER_DURATION = _m(
+    "exporter_render_duration_seconds",
+    "gauge",
+    "Time the refresh before the last one took to render the exposition, text and gzip "
+    "(a refresh renders this family, so it cannot hold its own).",
     (),
     "s",
 )
@@ -508,12 +531,15 @@ HEALTH_METRICS: tuple[MetricSpec, ...] = (
     BUILD_INFO,
     QUERY_SUCCESS,
     QUERY_DURATION,
+    QUERY_DATABASE,
     QUERY_LAST_SUCCESS,
     QUERY_ERRORS,
     REFRESHES,
     REFRESH_FAILURES,
     REFRESH_SKIPPED,
     REFRESH_DURATION,
+    BUILD_DURATION,
+    RENDER_DURATION,
     LAST_REFRESH,
     LAST_SUCCESS,
     START_TIME,

@@ -15,6 +15,11 @@ from exporter import catalog as c
 from exporter.families import LedgerFamilies, family_of, info_family
 
 
+def source_label(name: str) -> str:
+    """A source's ``source`` label: its class name without "Source", in lower case."""
+    return name.removesuffix("Source").lower()
+
+
 @dataclass
 class QueryHealth:
     """Outcome of one named query, across refreshes."""
@@ -45,8 +50,9 @@ class Health:
     refresh_duration: float = 0.0
     build_seconds: dict[str, float] = field(default_factory=dict)
     """Time each source took to build its families in the last refresh."""
-    render_seconds: float = 0.0
-    """Time the last refresh took to render the exposition (text and gzip)."""
+    render_seconds: float | None = None
+    """Time the last refresh took to render the exposition (text and gzip): published by the
+    next refresh, which renders after building its families."""
     last_refresh: float | None = None
     last_success: float | None = None
     database_up: bool = False
@@ -62,6 +68,7 @@ class Health:
             info,
             family_of(c.QUERY_SUCCESS, {(n,): float(h.success) for n, h in qs}),
             family_of(c.QUERY_DURATION, {(n,): h.duration for n, h in qs}),
+            family_of(c.QUERY_DATABASE, {(n,): h.database for n, h in qs}),
             family_of(
                 c.QUERY_LAST_SUCCESS,
                 {(n,): h.last_success for n, h in qs if h.last_success is not None},
@@ -71,6 +78,14 @@ class Health:
             family_of(c.REFRESH_FAILURES, {(): float(self.failures)}),
             family_of(c.REFRESH_SKIPPED, {(): float(self.skipped)}),
             family_of(c.REFRESH_DURATION, {(): self.refresh_duration}),
+            family_of(
+                c.BUILD_DURATION,
+                {(source_label(k),): v for k, v in sorted(self.build_seconds.items())},
+            ),
+            family_of(
+                c.RENDER_DURATION,
+                {} if self.render_seconds is None else {(): self.render_seconds},
+            ),
             family_of(c.START_TIME, {(): self.started}),
             family_of(c.REFRESH_INTERVAL, {(): self.interval}),
             family_of(c.WINDOW, {(): self.window}),

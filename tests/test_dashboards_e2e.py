@@ -168,6 +168,10 @@ TIMELY = {
     (P.DATA_AGE, "A"),
     (P.NEWEST_CALL, "A"),
     (P.REFRESH_DURATION, "A"),
+    (P.REFRESH_PHASES, "A"),
+    (P.REFRESH_PHASES, "B"),
+    (P.REFRESH_PHASES, "C"),
+    (P.REFRESH_PHASES, "D"),
 }
 # Queries that need spend history; tests/test_backfill.py checks them on backfilled data.
 HISTORY = {
@@ -275,6 +279,7 @@ def _serve_and_scrape(dsn: str, tmp: Path) -> Iterator[tuple[Prometheus, Want, d
     want = expected(calls, impacts, budgets, now, now.date(), midnight)
     refresher = Refresher(load_settings({"dsn": dsn}, env={}))
     assert refresher.refresh(now)
+    assert refresher.refresh(now)  # a steady one: the same numbers, and a rendering timed
     server = MetricsServer(refresher, "127.0.0.1", 0).start()
     try:
         with running_prometheus(
@@ -318,6 +323,19 @@ def _check_timely(
         if panel_id == P.DAILY_SPEND_BY_PROVIDER:
             assert {(s["metric"]["provider"],) for s in result} <= families
         assert all(float(s["values"][-1][1]) == 0 for s in result)  # no spend during the run
+        return
+    if panel_id == P.REFRESH_PHASES:
+        # Which series, and seconds that a refresh of this small ledger can take.
+        result = prom.query(expr, at=end)
+        queries = {"spend_totals", "newest_call", "budget_today", "window_tasks"}
+        label, series = {
+            "A": ("query", queries),  # each query's wait for PostgreSQL
+            "B": ("query", queries),  # and its Python
+            "C": ("source", {"spend", "window", "budget"}),
+            "D": ("", {""}),  # rendering
+        }[ref]
+        assert {s["metric"].get(label, "") for s in result} == series
+        assert all(0 <= float(s["value"][1]) < 60 for s in result)
         return
     (sample,) = prom.query(expr, at=end)
     value = float(sample["value"][1])

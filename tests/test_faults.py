@@ -150,6 +150,10 @@ def test_a_hung_query_is_cancelled_and_the_others_refresh(
     samples = parse(refresher.snapshot.text)
     assert samples[key("scidex_exporter_query_success", query="window_tasks")] == 0
     assert samples[key("scidex_exporter_query_duration_seconds", query="window_tasks")] >= 0.5
+    # It waited on the lock: PostgreSQL's time, not the exporter's.
+    waited = samples[key("scidex_exporter_query_database_seconds", query="window_tasks")]
+    duration = samples[key("scidex_exporter_query_duration_seconds", query="window_tasks")]
+    assert 0.5 <= waited <= duration
     for other in ("spend_totals", "newest_call", "budget_today"):
         assert samples[key("scidex_exporter_query_success", query=other)] == 1
     assert samples[SPEND] == 4

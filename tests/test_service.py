@@ -107,6 +107,35 @@ def test_a_refresh_while_one_runs_is_skipped_not_overlapped(ledger: str) -> None
     assert samples[key("scidex_exporter_refresh_skipped_total")] == 1
 
 
+def test_where_a_refresh_spends_its_time_is_published(ledger: str) -> None:
+    refresher = Refresher(load_settings({"dsn": ledger}, env={}))
+    assert refresher.refresh()
+    first = parse(refresher.snapshot.text)
+    rendered = refresher.health.render_seconds
+    assert refresher.refresh()
+    refresher.close()
+    second = parse(refresher.snapshot.text)
+    # A refresh renders after building its families: the first has no rendering to publish,
+    # the second publishes the first's.
+    assert key("scidex_exporter_render_duration_seconds") not in first
+    assert rendered is not None and rendered > 0
+    assert second[key("scidex_exporter_render_duration_seconds")] == rendered
+    for samples in (first, second):
+        built = {
+            dict(k[1])["source"]: v
+            for k, v in samples.items()
+            if k[0] == "scidex_exporter_build_duration_seconds"
+        }
+        assert set(built) == {"spend", "window", "budget"}
+        assert all(v > 0 for v in built.values())
+        queries = {dict(k[1])["query"] for k in samples if k[0] == "scidex_exporter_query_success"}
+        assert queries == {"spend_totals", "newest_call", "budget_today", "window_tasks"}
+        for query in queries:
+            waited = samples[key("scidex_exporter_query_database_seconds", query=query)]
+            # Some Python runs around every statement: strictly less.
+            assert 0 < waited < samples[key("scidex_exporter_query_duration_seconds", query=query)]
+
+
 def _active_exporter_backends(conn: psycopg.Connection) -> int:
     row = conn.execute(
         "SELECT count(*) FROM pg_stat_activity"
