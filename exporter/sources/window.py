@@ -49,9 +49,11 @@ def _fitted(source: str, alias: str) -> str:
     """``source`` (a relation with the ``_KEPT`` columns) as ``alias``, with ``fits``: whether
     its sums cross as int8 (``_crossing``).
 
-    Every sum is valid, so not negative. A whole number of units: the cost has at most 12
-    decimals (its scale; trailing zeros only cost the fast path) and each count none. Tested
-    once per row (OFFSET 0 keeps the planner from copying the test into every column).
+    Sums of valid rows are never negative, so only the upper bound is tested. A whole number
+    of units: the cost has at most 12 decimals (its scale: trailing zeros past it only cost the
+    fast path), and each count none. Tested once per row: OFFSET 0 keeps the planner from
+    copying the test into each of ``_crossing``'s ten columns, which cost a rebuild's query
+    half again its database time at 1 M rows.
     """
     a = alias
     fits = [f"scale({a}.cost) <= {_UNITS}", f"{a}.cost * 1e{_UNITS} < {_INT8_END}"]
@@ -127,6 +129,16 @@ _CLOCK = f"""
 @cache
 def window_tasks(cols: Columns, periods: Periods) -> Query:
     """Rebuilds the per-task sums of the window's tasks (first refresh and reconciliation)."""
+    earlier_sums = _fitted(
+        f"""(
+            SELECT c.id <= %(safe)s AS final, c.provider, c.model, {periods.column} AS period,
+                   {cols.sums(_KEPT)}
+            FROM cost_ledger c
+            WHERE c.task_id = t.task_id AND c.ts < %(window_start)s AND {cols.valid}
+            GROUP BY {periods.group_by(1, 2, 3)}
+        )""",
+        "b",
+    )
     return Query(
         "window_tasks",
         f"""
@@ -164,18 +176,7 @@ def window_tasks(cols: Columns, periods: Periods) -> Query:
         SELECT 'sum', CASE WHEN b.final THEN 0 ELSE 2 END, t.task_id, b.provider, b.model,
                b.period, NULL, NULL, NULL, NULL, {_crossing("b")}
         FROM earlier t
-        CROSS JOIN LATERAL {
-            _fitted(
-                f'''(
-            SELECT c.id <= %(safe)s AS final, c.provider, c.model, {periods.column} AS period,
-                   {cols.sums(_KEPT)}
-            FROM cost_ledger c
-            WHERE c.task_id = t.task_id AND c.ts < %(window_start)s AND {cols.valid}
-            GROUP BY {periods.group_by(1, 2, 3)}
-        )''',
-                "b",
-            )
-        }
+        CROSS JOIN LATERAL {earlier_sums}
         UNION ALL
         SELECT 'label', CASE WHEN w.final THEN 0 ELSE 2 END, w.task_id, NULL, NULL, NULL,
                CASE WHEN latest.found THEN latest.quest ELSE w.quest END,
@@ -206,6 +207,15 @@ WINDOW_TASKS = window_tasks(Columns(), Periods(0))
 def window_tail(cols: Columns, periods: Periods) -> Query:
     """The rows after the watermark, summed per task, provider, model and price period."""
     optional = "".join(f", {cols.ref(col)} AS {col}" for col in OPTIONAL_TOKENS)
+    tail_sums = _fitted(
+        f"""(
+            SELECT c.part, c.task_id, c.provider, c.model, {periods.column} AS period,
+                   {cols.sums(_KEPT)}
+            FROM tail c
+            GROUP BY {periods.group_by(1, 2, 3, 4)}
+        )""",
+        "s",
+    )
     return Query(
         "window_tasks",
         f"""
@@ -219,17 +229,7 @@ def window_tail(cols: Columns, periods: Periods) -> Query:
         SELECT 'sum' AS kind, s.part, s.task_id, s.provider, s.model, s.period,
                NULL AS quest, NULL AS layer, NULL::timestamptz AS last_ts,
                NULL::float8 AS impact, {_crossing("s")}
-        FROM {
-            _fitted(
-                f'''(
-            SELECT c.part, c.task_id, c.provider, c.model, {periods.column} AS period,
-                   {cols.sums(_KEPT)}
-            FROM tail c
-            GROUP BY {periods.group_by(1, 2, 3, 4)}
-        )''',
-                "s",
-            )
-        }
+        FROM {tail_sums}
         UNION ALL
         (SELECT DISTINCT ON (part, task_id)
                 'label', part, task_id, NULL, NULL, NULL, quest, layer, ts, NULL, {_NO_SUMS}
@@ -254,6 +254,15 @@ _CHANGED = """
 @cache
 def window_history(cols: Columns, periods: Periods) -> Query:
     """The entering tasks' earlier rows, and the impacts that changed."""
+    history_sums = _fitted(
+        f"""(
+            SELECT c.provider, c.model, {periods.column} AS period, {cols.sums(_KEPT)}
+            FROM cost_ledger c
+            WHERE c.task_id = f.task_id AND c.id <= %(after)s AND {cols.valid}
+            GROUP BY {periods.group_by(1, 2)}
+        )""",
+        "h",
+    )
     return Query(
         "window_tasks",
         f"""
@@ -262,17 +271,7 @@ def window_history(cols: Columns, periods: Periods) -> Query:
                NULL AS quest, NULL AS layer, NULL::timestamptz AS last_ts,
                NULL::float8 AS impact, {_crossing("h")}
         FROM entering f
-        CROSS JOIN LATERAL {
-            _fitted(
-                f'''(
-            SELECT c.provider, c.model, {periods.column} AS period, {cols.sums(_KEPT)}
-            FROM cost_ledger c
-            WHERE c.task_id = f.task_id AND c.id <= %(after)s AND {cols.valid}
-            GROUP BY {periods.group_by(1, 2)}
-        )''',
-                "h",
-            )
-        }
+        CROSS JOIN LATERAL {history_sums}
         UNION ALL
         SELECT 'label', 0, f.task_id, NULL, NULL, NULL, h.quest, h.layer, h.ts, NULL, {_NO_SUMS}
         FROM entering f
