@@ -32,8 +32,9 @@ if TYPE_CHECKING:
 # sums of impacts are exact whatever order tasks come and go in. int / int rounds correctly,
 # which is what math.fsum returns for the same floats.
 _SCALE_BITS = 1074
-_MICRO_MICRO = 12
-_PER_DOLLAR = 10**_MICRO_MICRO
+AMOUNT_DIGITS = 12
+"""An amount is dollars in units of 10**-AMOUNT_DIGITS (the window's SQL sends them so)."""
+_PER_DOLLAR = 10**AMOUNT_DIGITS
 SPARE = 500
 """How many keys a ranking holds beyond those it publishes: what it can lose (tasks leaving
 the window, or ranking worse) before it must look at every task again."""
@@ -53,14 +54,14 @@ Decimals, still exact)."""
 
 def amount(dollars: Decimal) -> Amount:
     """``dollars`` in units of 10**-12, exactly."""
-    scaled = dollars.scaleb(_MICRO_MICRO)
+    scaled = dollars.scaleb(AMOUNT_DIGITS)
     whole = int(scaled)
     return whole if whole == scaled else scaled
 
 
 def dollars(value: Amount) -> Decimal:
     """An amount back in dollars, exactly."""
-    return Decimal(value).scaleb(-_MICRO_MICRO)
+    return Decimal(value).scaleb(-AMOUNT_DIGITS)
 
 
 def _float(value: Amount) -> float:

@@ -21,7 +21,7 @@ from exporter import catalog as c
 from exporter.families import LabelGuard, Series, as_float, family_of
 from exporter.queries import OPTIONAL_TOKENS, Columns, Periods, Query
 from exporter.sources.base import Build, Refresh, Source, Statement
-from exporter.summary import WindowRow, rounded
+from exporter.summary import AMOUNT_DIGITS, WindowRow, rounded
 from exporter.tasks import Now, WindowTasks, pricer
 
 # The window families (rankings, waste, per-quest impact, providers) are computed in Python
@@ -41,7 +41,6 @@ from exporter.tasks import Now, WindowTasks, pricer
 # A task keeps its cost and the token sums its list price reads (prices.Price.value): not
 # calls or reasoning tokens, which would only widen the window's groups.
 _KEPT = ("cost", "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens")
-_UNITS = 12  # summary.amount's units: 10^-12 $
 _INT8_END = 2**63  # compared in the sum's own type: a float sum below it fits int8 too
 
 
@@ -56,7 +55,7 @@ def _fitted(source: str, alias: str) -> str:
     half again its database time at 1 M rows.
     """
     a = alias
-    fits = [f"scale({a}.cost) <= {_UNITS}", f"{a}.cost * 1e{_UNITS} < {_INT8_END}"]
+    fits = [f"scale({a}.cost) <= {AMOUNT_DIGITS}", f"{a}.cost * 1e{AMOUNT_DIGITS} < {_INT8_END}"]
     fits += [f"floor({v}) = {v} AND {v} < {_INT8_END}" for v in _counts(a)]
     return f"(SELECT {a}.*, {' AND '.join(fits)} AS fits FROM {source} {a} OFFSET 0) {a}"
 
@@ -74,7 +73,7 @@ def _crossing(alias: str) -> str:
     past int64, a fractional count in a view) the int8 columns are NULL and the sums cross as
     they are.
     """
-    whole = [f"{alias}.cost * 1e{_UNITS}", *_counts(alias)]
+    whole = [f"{alias}.cost * 1e{AMOUNT_DIGITS}", *_counts(alias)]
     return ", ".join(
         [
             f"CASE WHEN {alias}.fits THEN ({v})::int8 END AS {n}_i8"
