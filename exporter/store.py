@@ -10,6 +10,8 @@ a task is read as a ``Task`` object, made on demand.
 
 Each task's latest row is also filed by its hour, so the tasks whose latest row is in a span
 (the ones leaving the window, or crossing the grace cutoff) are found without a sorted index.
+Times are integers, microseconds since the Unix epoch (``micros``): the window's SQL sends them
+so, and a ``datetime`` per task cost a rebuild more than folding its sums.
 An hour's list is only appended to: a task whose latest row moved keeps a stale entry, which
 ``within`` skips by checking the task's time.
 """
@@ -39,7 +41,7 @@ class Task:
     cost: Amount = 0
     tokens: int = 0
     listed: Amount = 0  # list-price value of its priced calls
-    last_ts: datetime | None = None
+    last_us: int | None = None  # the latest valid row's time (``micros``)
     quest: str | None = None
     layer: str | None = None
     family: str | None = None  # the only family so far (None: none yet, or several)
@@ -68,22 +70,22 @@ class Task:
             return ()
         return ((self.family, self.cost, self.tokens, self.listed),)
 
-    def label(self, last_ts: datetime, quest: str | None, layer: str | None) -> None:
+    def label(self, last_us: int, quest: str | None, layer: str | None) -> None:
         """Take the labels of a later row; on a tie the later part (larger ids) wins."""
-        if self.last_ts is None or last_ts >= self.last_ts:
-            self.last_ts, self.quest, self.layer = last_ts, _intern(quest), _intern(layer)
+        if self.last_us is None or last_us >= self.last_us:
+            self.last_us, self.quest, self.layer = last_us, _intern(quest), _intern(layer)
 
     def merged(self, tail: Task) -> Task:
         """This task with the rows of a later part added (a copy: self is kept as is)."""
         out = Task(
-            self.cost, self.tokens, self.listed, self.last_ts, self.quest, self.layer, self.family
+            self.cost, self.tokens, self.listed, self.last_us, self.quest, self.layer, self.family
         )
         if self.shares is not None:
             out.shares = {f: list(v) for f, v in self.shares.items()}
         for family, cost, tokens, listed in tail.by_family():
             out.add(family, cost, tokens, listed)
-        if tail.last_ts is not None:
-            out.label(tail.last_ts, tail.quest, tail.layer)
+        if tail.last_us is not None:
+            out.label(tail.last_us, tail.quest, tail.layer)
         return out
 
 
@@ -105,8 +107,8 @@ class Tasks(dict[str, Task]):
     def add(self, task_id: str, family: str, cost: Amount, tokens: int, listed: Amount) -> None:
         self._task(task_id).add(family, cost, tokens, listed)
 
-    def label(self, task_id: str, last_ts: datetime, quest: str | None, layer: str | None) -> None:
-        self._task(task_id).label(last_ts, quest, layer)
+    def label(self, task_id: str, last_us: int, quest: str | None, layer: str | None) -> None:
+        self._task(task_id).label(last_us, quest, layer)
 
 
 _EMPTY, _GONE = 0, -1  # index entries besides slot + 1
@@ -116,8 +118,13 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _HOUR = 3_600_000_000  # microseconds
 
 
-def _micros(ts: datetime) -> int:
+def micros(ts: datetime) -> int:
+    """An instant as the store keeps it: microseconds since the Unix epoch."""
     return (ts - _EPOCH) // timedelta(microseconds=1)
+
+
+def from_micros(us: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=us)
 
 
 class _Triples:
@@ -190,7 +197,7 @@ class TaskStore:
         self._free: list[int] = []
         self._live = 0
         self._totals = _Triples()
-        self._time = array("q")  # the latest row's time, in microseconds (or _NO_TIME)
+        self._time = array("q")  # the latest row's time (``micros``, or _NO_TIME)
         self._quest = array("i")
         self._layer = array("i")
         self._family = array("i")  # a family code, _NO_FAMILY, or -2 - the first share row
@@ -337,16 +344,16 @@ class TaskStore:
                 self._share_next[row] = self._new_share(code, values, _END)
         self._totals.add(slot, values)
 
-    def label(self, task_id: str, last_ts: datetime, quest: str | None, layer: str | None) -> None:
+    def label(self, task_id: str, last_us: int, quest: str | None, layer: str | None) -> None:
         """Take the labels of a later row, as ``Task.label`` does."""
-        slot, micros = self._slot(task_id), _micros(last_ts)
+        slot = self._slot(task_id)
         held = self._time[slot]
-        if held == _NO_TIME or micros >= held:
+        if held == _NO_TIME or last_us >= held:
             self._quest[slot] = self._labels.code(quest)
             self._layer[slot] = self._labels.code(layer)
-            self._time[slot] = micros
-            if held == _NO_TIME or held // _HOUR != micros // _HOUR:
-                self._hours.setdefault(micros // _HOUR, array("i")).append(slot)
+            self._time[slot] = last_us
+            if held == _NO_TIME or held // _HOUR != last_us // _HOUR:
+                self._hours.setdefault(last_us // _HOUR, array("i")).append(slot)
 
     def _new_share(self, family: int, values: tuple[Amount, int, Amount], after: int) -> int:
         if self._share_free:
@@ -387,7 +394,7 @@ class TaskStore:
             cost,
             tokens,
             listed,
-            None if micros == _NO_TIME else _EPOCH + timedelta(microseconds=micros),
+            None if micros == _NO_TIME else micros,
             values[self._quest[slot]],
             values[self._layer[slot]],
         )
@@ -417,11 +424,11 @@ class TaskStore:
         """Record a task's latest impact (``None``: none measured), holding it if it was not."""
         self._impact[self._slot(task_id)] = math.nan if impact is None else impact
 
-    def within(self, low: datetime | None, high: datetime) -> Iterator[str]:
+    def within(self, low: int | None, high: int) -> Iterator[str]:
         """The held tasks whose latest row is at ``low`` or later and before ``high`` (each at
-        most once)."""
-        start = _NO_TIME + 1 if low is None else _micros(low)  # a task with no time is in none
-        end = _micros(high)
+        most once; ``micros``)."""
+        start = _NO_TIME + 1 if low is None else low  # a task with no time is in none
+        end = high
         first = None if low is None else start // _HOUR
         seen = set()
         for hour in sorted(h for h in self._hours if (first is None or h >= first)):
@@ -432,8 +439,9 @@ class TaskStore:
                     seen.add(slot)
                     yield self._id(slot)
 
-    def forget_before(self, ts: datetime) -> None:
-        """Drop the hours wholly before ``ts``: no task held should be filed there any more."""
-        last = _micros(ts) // _HOUR
+    def forget_before(self, us: int) -> None:
+        """Drop the hours wholly before ``us`` (``micros``): no task held should be filed
+        there any more."""
+        last = us // _HOUR
         for hour in [h for h in self._hours if h < last]:
             del self._hours[hour]

@@ -19,7 +19,6 @@ import heapq
 import math
 import operator
 from collections.abc import Callable, Iterable, Iterator
-from datetime import datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -170,11 +169,12 @@ class Summary:
         # provider family -> [cost, tokens, tasks, listed]
         self.family: dict[str, list[Any]] = {}
 
-    def wasted_task(self, task: Task, impact: float | None, grace_cutoff: datetime) -> bool:
-        """Spent many tokens for little or no impact, and over for the grace period."""
+    def wasted_task(self, task: Task, impact: float | None, grace_cutoff: int) -> bool:
+        """Spent many tokens for little or no impact, and over for the grace period (its
+        cutoff in the store's ``micros``)."""
         quiet = impact is None or impact <= self.max_impact
-        assert task.last_ts is not None
-        return task.tokens > self.min_tokens and quiet and task.last_ts < grace_cutoff
+        assert task.last_us is not None
+        return task.tokens > self.min_tokens and quiet and task.last_us < grace_cutoff
 
     def add(self, task_id: str, task: Task, impact: float | None, wasted: bool) -> None:
         self._change(task_id, task, impact, wasted, 1)

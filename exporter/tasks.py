@@ -25,7 +25,7 @@ from exporter.incremental import Plan
 from exporter.labels import ProviderFamilies
 from exporter.models import model_ref
 from exporter.prices import MILLION, Price, PriceBook
-from exporter.store import Task, Tasks, TaskStore
+from exporter.store import Task, Tasks, TaskStore, from_micros, micros
 from exporter.summary import Amount, Summary, WindowRow, amount
 
 
@@ -48,7 +48,7 @@ class WindowTasks:
     """A steady refresh reads the impacts measured after this (the database's clock at the
     last refresh, less ``impact_lag_seconds``)."""
     summary: Summary = field(init=False)
-    cutoff: datetime | None = None  # the grace cutoff ``summary`` classified waste with
+    cutoff: int | None = None  # the grace cutoff ``summary`` classified waste with (micros)
 
     def __post_init__(self) -> None:
         self.summary = Summary(self.settings)
@@ -100,7 +100,7 @@ class WindowTasks:
         clock = None
         for r in rows:
             if r.kind == "clock":
-                clock = r.last_ts
+                clock = r.last_us
                 continue
             _fold(final if r.part == 0 or all_final else open_tail, r, priced)
             if r.kind == "label" and r.impact is not None:  # on every label row of the task
@@ -111,7 +111,7 @@ class WindowTasks:
         summary = self.summary
         for task_id, t, impact in final.items():  # the window's; the others are dropped
             t = opened.get(task_id) or t
-            if t.last_ts is None or t.last_ts < window_start:
+            if t.last_us is None or t.last_us < window_start:
                 final.pop(task_id)
                 opened.pop(task_id, None)
                 continue
@@ -143,7 +143,7 @@ class WindowTasks:
         old_cutoff = self.cutoff if self.cutoff is not None else grace_cutoff
         sums = [r for r in history if r.kind in ("sum", "label")] + tail
         impacts = [r for r in history if r.kind == "impact"]
-        clock = next((r.last_ts for r in history if r.kind == "clock"), None)
+        clock = next((r.last_us for r in history if r.kind == "clock"), None)
         final = self.final
         touched = set(self.open)  # re-derived from this tail
         touched.update(r.task_id for r in sums)
@@ -170,7 +170,7 @@ class WindowTasks:
                 final.set_impact(r.task_id, r.impact)
         for task_id in touched:
             held = self.open.get(task_id) or final.get(task_id)
-            if held is None or held.last_ts is None or held.last_ts < window_start:
+            if held is None or held.last_us is None or held.last_us < window_start:
                 final.pop(task_id)
                 self.open.pop(task_id, None)
                 continue
@@ -180,9 +180,11 @@ class WindowTasks:
         self.cutoff = grace_cutoff
         self._clock(clock)
 
-    def _clock(self, clock: datetime | None) -> None:
+    def _clock(self, clock: int | None) -> None:
+        """Take the database's clock (``micros``) of a refresh."""
         if clock is not None:
-            self.impacts_since = clock - timedelta(seconds=self.settings.impact_lag_seconds)
+            lag = timedelta(seconds=self.settings.impact_lag_seconds)
+            self.impacts_since = from_micros(clock) - lag
 
 
 def _merged(final: TaskStore, open_tail: Tasks) -> dict[str, Task]:
@@ -209,9 +211,13 @@ Pricer = Callable[[str, str | None, datetime | None], Priced]
 class Now(NamedTuple):
     """What a refresh's instant decides for the window's tasks, and how it prices rows."""
 
-    window_start: datetime  # a task whose latest row is older has left the window
-    grace_cutoff: datetime  # a task whose latest row is older may count as waste
+    window_start: int  # a task whose latest row is older has left the window (micros)
+    grace_cutoff: int  # a task whose latest row is older may count as waste (micros)
     priced: Pricer
+
+    @classmethod
+    def at(cls, window_start: datetime, grace_cutoff: datetime, priced: Pricer) -> Now:
+        return cls(micros(window_start), micros(grace_cutoff), priced)
 
 
 def pricer(providers: ProviderFamilies, prices: PriceBook) -> Pricer:
@@ -241,7 +247,7 @@ def lister(price: Price | None) -> Lister:
 
 def _fold(target: TaskStore | Tasks, r: Any, priced: Pricer) -> None:
     if r.kind == "label":
-        target.label(r.task_id, r.last_ts, r.quest, r.layer)
+        target.label(r.task_id, r.last_us, r.quest, r.layer)
         return
     family, listed = priced(r.provider, r.model, r.period)
     if r.cost_i8 is not None:  # whole numbers within int64 (window._crossing): the usual case

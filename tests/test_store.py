@@ -9,14 +9,16 @@ from decimal import Decimal
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exporter.store import Task, TaskStore
+from exporter.store import Task, TaskStore, micros
 
 TASK_IDS = [f"t{i}" for i in range(40)] + ["", "tâche-é", "a\u3000b", "t1 ", "T1"]
 IDS = st.sampled_from(TASK_IDS)
 FAMILIES = st.sampled_from(["anthropic", "openai", "max", "glm"])
 LABELS = st.sampled_from([None, "q-a", "q-b", "Forge", "Agora"])
 START = datetime(2026, 11, 1, tzinfo=UTC)
-TIMES = st.integers(0, 10 * 24 * 3600).map(lambda s: START + timedelta(seconds=s, microseconds=7))
+TIMES = st.integers(0, 10 * 24 * 3600).map(
+    lambda s: micros(START + timedelta(seconds=s, microseconds=7))
+)
 AMOUNTS = st.one_of(
     st.integers(0, 10**15),
     st.integers(2**62, 2**64),  # past int64 once summed
@@ -41,7 +43,7 @@ def _fields(task: Task | None) -> tuple[object, ...] | None:
         task.cost,
         task.tokens,
         task.listed,
-        task.last_ts,
+        task.last_us,
         task.quest,
         task.layer,
         sorted((f, c, t, li) for f, c, t, li in task.by_family()),
@@ -51,7 +53,7 @@ def _fields(task: Task | None) -> tuple[object, ...] | None:
 @settings(max_examples=1000)
 @given(OPS, TIMES, TIMES)
 def test_the_store_holds_what_task_objects_hold(
-    ops: list[tuple[object, ...]], low: datetime, high: datetime
+    ops: list[tuple[object, ...]], low: int, high: int
 ) -> None:
     store = TaskStore()
     tasks: dict[str, Task] = {}
@@ -89,9 +91,9 @@ def test_the_store_holds_what_task_objects_hold(
         assert _fields(store.get(task_id)) == _fields(tasks.get(task_id)), task_id
         assert store.impact(task_id) == impacts.get(task_id)
     low, high = sorted((low, high))
-    in_span = {k for k, t in tasks.items() if t.last_ts is not None and low <= t.last_ts < high}
+    in_span = {k for k, t in tasks.items() if t.last_us is not None and low <= t.last_us < high}
     assert sorted(store.within(low, high)) == sorted(in_span)
-    before = {k for k, t in tasks.items() if t.last_ts is not None and t.last_ts < high}
+    before = {k for k, t in tasks.items() if t.last_us is not None and t.last_us < high}
     assert sorted(store.within(None, high)) == sorted(before)
 
 

@@ -31,7 +31,8 @@ from exporter.tasks import Now, WindowTasks, pricer
 #   'sum'    (part, task_id, provider, model, period, sums): valid spend of a task on one raw
 #            provider and model in one price period (the list price is applied to its sums;
 #            they cross as _crossing says);
-#   'label'  (part, task_id, quest, layer, last_ts): the task's latest valid row, by (ts, id);
+#   'label'  (part, task_id, quest, layer, last_us): the task's latest valid row, by (ts, id)
+#            (last_us: its ts as _us says);
 #            a rebuild's also carries the task's latest impact (NULL: none measured);
 #   'impact' (task_id, impact): the latest measured impact of a task that may be in the window
 #            (a steady refresh's, for the tasks whose impact may have changed).
@@ -83,6 +84,13 @@ def _crossing(alias: str) -> str:
     )
 
 
+def _us(ts: str) -> str:
+    """A timestamptz as int8 microseconds since the Unix epoch, as the task store keeps times
+    (exporter/store.py): psycopg reads an int8 several times faster than a timestamptz. Exact:
+    extract returns a numeric (PostgreSQL 14 and later)."""
+    return f"(extract(epoch FROM {ts}) * 1000000)::int8"
+
+
 _NO_SUMS = ", ".join(
     [f"NULL::int8 AS {n}_i8" for n in _KEPT] + [f"NULL::numeric AS {n}" for n in _KEPT]
 )
@@ -111,7 +119,7 @@ def _impacts(tasks: str) -> str:
 # The database's clock (the transaction's start): impacts measured after it, less the lag, are
 # read by the next steady refresh.
 _CLOCK = f"""
-    SELECT 'clock', NULL, NULL, NULL, NULL, NULL, NULL, NULL, now(), NULL, {_NO_SUMS}
+    SELECT 'clock', NULL, NULL, NULL, NULL, NULL, NULL, NULL, {_us("now()")}, NULL, {_NO_SUMS}
     """
 
 
@@ -169,7 +177,7 @@ def window_tasks(cols: Columns, periods: Periods) -> Query:
         )
         SELECT 'sum' AS kind, CASE WHEN w.final THEN 0 ELSE 2 END AS part, w.task_id,
                w.provider, w.model, w.period, NULL AS quest, NULL AS layer,
-               NULL::timestamptz AS last_ts, NULL::float8 AS impact, {_crossing("w")}
+               NULL::int8 AS last_us, NULL::float8 AS impact, {_crossing("w")}
         FROM {_fitted("win", "w")}
         UNION ALL
         SELECT 'sum', CASE WHEN b.final THEN 0 ELSE 2 END, t.task_id, b.provider, b.model,
@@ -180,7 +188,7 @@ def window_tasks(cols: Columns, periods: Periods) -> Query:
         SELECT 'label', CASE WHEN w.final THEN 0 ELSE 2 END, w.task_id, NULL, NULL, NULL,
                CASE WHEN latest.found THEN latest.quest ELSE w.quest END,
                CASE WHEN latest.found THEN latest.layer ELSE w.layer END,
-               w.last_ts, {_latest_impact("w.task_id")}, {_NO_SUMS}
+               {_us("w.last_ts")}, {_latest_impact("w.task_id")}, {_NO_SUMS}
         FROM win_tasks w
         LEFT JOIN LATERAL (
             SELECT true AS found, c.quest, c.layer
@@ -226,12 +234,13 @@ def window_tail(cols: Columns, periods: Periods) -> Query:
             WHERE c.id > %(after)s AND c.task_id IS NOT NULL AND {cols.valid}
         )
         SELECT 'sum' AS kind, s.part, s.task_id, s.provider, s.model, s.period,
-               NULL AS quest, NULL AS layer, NULL::timestamptz AS last_ts,
+               NULL AS quest, NULL AS layer, NULL::int8 AS last_us,
                NULL::float8 AS impact, {_crossing("s")}
         FROM {tail_sums}
         UNION ALL
         (SELECT DISTINCT ON (part, task_id)
-                'label', part, task_id, NULL, NULL, NULL, quest, layer, ts, NULL, {_NO_SUMS}
+                'label', part, task_id, NULL, NULL, NULL, quest, layer, {_us("ts")}, NULL,
+                {_NO_SUMS}
          FROM tail
          ORDER BY part, task_id, ts DESC, id DESC)
         """,
@@ -267,12 +276,13 @@ def window_history(cols: Columns, periods: Periods) -> Query:
         f"""
         WITH entering AS (SELECT json_array_elements_text(%(entering)s::json) AS task_id)
         SELECT 'sum' AS kind, 0 AS part, f.task_id, h.provider, h.model, h.period,
-               NULL AS quest, NULL AS layer, NULL::timestamptz AS last_ts,
+               NULL AS quest, NULL AS layer, NULL::int8 AS last_us,
                NULL::float8 AS impact, {_crossing("h")}
         FROM entering f
         CROSS JOIN LATERAL {history_sums}
         UNION ALL
-        SELECT 'label', 0, f.task_id, NULL, NULL, NULL, h.quest, h.layer, h.ts, NULL, {_NO_SUMS}
+        SELECT 'label', 0, f.task_id, NULL, NULL, NULL, h.quest, h.layer, {_us("h.ts")}, NULL,
+               {_NO_SUMS}
         FROM entering f
         CROSS JOIN LATERAL (
             SELECT c.quest, c.layer, c.ts
@@ -344,7 +354,8 @@ class WindowSource(Source):
         # per-task sums as they arrive instead of being held all at once.
         statement = self.statement(query, refresh)
         instants = refresh.instants
-        now = Now(instants.window_start, instants.grace_cutoff, pricer(self.providers, self.prices))
+        priced = pricer(self.providers, self.prices)
+        now = Now.at(instants.window_start, instants.grace_cutoff, priced)
         if self.tasks.bounds(refresh.plan)[0]:
             # A stream holds the connection's lock until it is closed: closed here at once if
             # the fold fails (or Ctrl-C stops it), or the savepoint's rollback would wait on it.
