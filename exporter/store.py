@@ -112,6 +112,14 @@ class Tasks(dict[str, Task]):
 
 
 _EMPTY, _GONE = 0, -1  # index entries besides slot + 1
+
+
+def _key(task_id: str) -> bytes:
+    """What the index hashes and the blob holds of an id: its UTF-8 and the NUL that ends it
+    (text never holds one), so a match at an id's start is the whole id."""
+    return task_id.encode() + b"\0"
+
+
 _NO_TIME = -(2**63)
 _NO_FAMILY, _END = -1, -1
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -136,9 +144,11 @@ class _Triples:
         self.big: dict[int, tuple[Amount, int, Amount]] = {}
 
     def append(self) -> int:
-        for col in self.cols:
-            col.append(0)
-        return len(self.cols[0]) - 1
+        cost, tokens, listed = self.cols
+        cost.append(0)
+        tokens.append(0)
+        listed.append(0)
+        return len(cost) - 1
 
     def get(self, row: int) -> tuple[Amount, int, Amount]:
         big = self.big.get(row)
@@ -219,7 +229,7 @@ class TaskStore:
         return self._live
 
     def __contains__(self, task_id: object) -> bool:
-        return isinstance(task_id, str) and self._find(task_id)[1] >= 0
+        return isinstance(task_id, str) and self._find(_key(task_id))[1] >= 0
 
     def __iter__(self) -> Iterator[str]:
         for slot, alive in enumerate(self._alive):
@@ -230,36 +240,35 @@ class TaskStore:
         start = self._start[slot]
         return self._blob[start : self._blob.index(0, start)].decode()
 
-    def _find(self, task_id: str) -> tuple[int, int]:
-        """(index position, slot): the slot holding ``task_id``, or -1 and the position to
-        file it at."""
-        key = task_id.encode()
+    def _find(self, key: bytes) -> tuple[int, int]:
+        """(index position, slot): the slot holding the id of ``key`` (``_key``), or -1 and
+        the position to file it at."""
         blob, start, index = self._blob, self._start, self._index
         mask = len(index) - 1
         position, reuse = hash(key) & mask, -1
         while True:
             entry = index[position]
-            if entry == _EMPTY:
-                return (position if reuse < 0 else reuse), -1
-            if entry == _GONE:
-                reuse = position if reuse < 0 else reuse
-            else:
-                at = start[entry - 1]
-                if blob[at : at + len(key)] == key and blob[at + len(key)] == 0:
+            if entry > 0:  # a slot + 1: its id is the key's if the blob holds the key there
+                if blob.startswith(key, start[entry - 1]):
                     return position, entry - 1
+            elif entry == _EMPTY:
+                return (position if reuse < 0 else reuse), -1
+            elif reuse < 0:  # _GONE: the first such entry is where a new id is filed
+                reuse = position
             position = (position + 1) & mask
 
     def _slot(self, task_id: str) -> int:
         """The slot of ``task_id``, a new one if it is not held."""
         if task_id == self._last_id:
             return self._last_slot
-        position, slot = self._find(task_id)
+        key = _key(task_id)
+        position, slot = self._find(key)
         if slot < 0:
-            slot = self._new_slot(task_id, position)
+            slot = self._new_slot(key, position)
         self._last_id, self._last_slot = task_id, slot
         return slot
 
-    def _new_slot(self, task_id: str, position: int) -> int:
+    def _new_slot(self, key: bytes, position: int) -> int:
         if self._free:
             slot = self._free.pop()
             self._start[slot] = len(self._blob)
@@ -278,7 +287,7 @@ class TaskStore:
             for col in (self._quest, self._layer):
                 col.append(0)
             self._family.append(_NO_FAMILY)
-        self._blob += task_id.encode() + b"\0"
+        self._blob += key
         if self._index[position] == _EMPTY:
             self._used += 1
         self._index[position] = slot + 1
@@ -289,7 +298,7 @@ class TaskStore:
 
     def _reindex(self) -> None:
         """Twice as many index entries as tasks (at least), and no _GONE ones. Every id held
-        is distinct, so each takes the first empty entry from its hash (of its UTF-8 bytes,
+        is distinct, so each takes the first empty entry from its hash (of its ``_key``,
         read from the blob as they are)."""
         size = 8
         while size < 2 * self._live + 2:
@@ -299,7 +308,7 @@ class TaskStore:
         for slot, alive in enumerate(self._alive):
             if alive:
                 at = start[slot]
-                position = hash(bytes(blob[at : blob.index(0, at)])) & mask
+                position = hash(bytes(blob[at : blob.index(0, at) + 1])) & mask
                 while index[position] != _EMPTY:
                     position = (position + 1) & mask
                 index[position] = slot + 1
@@ -307,7 +316,7 @@ class TaskStore:
 
     def pop(self, task_id: str) -> None:
         """Forget a task, if held."""
-        position, slot = self._find(task_id)
+        position, slot = self._find(_key(task_id))
         if slot < 0:
             return
         if task_id == self._last_id:
@@ -377,7 +386,7 @@ class TaskStore:
 
     def get(self, task_id: str) -> Task | None:
         """A copy of a held task's sums and labels (changing it changes nothing held)."""
-        slot = self._find(task_id)[1]
+        slot = self._find(_key(task_id))[1]
         return None if slot < 0 else self._task(slot)
 
     def items(self) -> Iterator[tuple[str, Task, float | None]]:
@@ -413,7 +422,7 @@ class TaskStore:
     # -- impacts and time -------------------------------------------------------------------
 
     def impact(self, task_id: str) -> float | None:
-        slot = self._find(task_id)[1]
+        slot = self._find(_key(task_id))[1]
         return None if slot < 0 else self._impact_at(slot)
 
     def _impact_at(self, slot: int) -> float | None:
