@@ -359,7 +359,8 @@ class WindowSource(Source):
         if self.tasks.bounds(refresh.plan)[0]:
             # A stream holds the connection's lock until it is closed: closed here at once if
             # the fold fails (or Ctrl-C stops it), or the savepoint's rollback would wait on it.
-            stream = cur.stream(statement.sql, statement.params, size=2000)
+            # In binary: its int8 and float8 columns load faster than parsed from text.
+            stream = cur.stream(statement.sql, statement.params, size=2000, binary=True)
             with closing(cast(Generator[Any, None, None], stream)) as rows:
                 self.tasks.rebuild(refresh.plan, rows, now)
         else:
