@@ -87,7 +87,8 @@ def _crossing(alias: str) -> str:
 def _us(ts: str) -> str:
     """A timestamptz as int8 microseconds since the Unix epoch, as the task store keeps times
     (exporter/store.py): psycopg reads an int8 several times faster than a timestamptz. Exact:
-    extract returns a numeric (PostgreSQL 14 and later)."""
+    extract returns a numeric (PostgreSQL 14 and later; 13's float8 is within a quarter of a
+    microsecond until 2112, and the cast rounds to the nearest)."""
     return f"(extract(epoch FROM {ts}) * 1000000)::int8"
 
 
