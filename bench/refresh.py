@@ -8,7 +8,9 @@ instead) is loaded into an embedded PostgreSQL, and:
 
 * full refresh: every query recomputed over the whole ledger (``reconcile_interval 0``);
 * steady-state refresh: the incremental exporter after a batch of new rows;
-* floor: the same full-refresh SQL run by ``psql`` (no Python at all);
+* floor: the same full-refresh SQL run by ``psql`` (no Python at all), in turn with the full
+  refreshes, so that the machine's drift falls on both: full / floor is the median of the
+  ratios of each pair;
 * query-exporter: the generic SQL exporter (PyPI, in its own venv under bench/.venv-qe)
   computing the families of our spend_totals query with the same row validity: spend, tokens
   and calls (its spend query), the same seven sums by series and model as ours (its
@@ -33,9 +35,10 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 import yaml
@@ -60,30 +63,40 @@ def settings(**values: Any) -> Any:
     return load_settings({**SETTINGS, **values}, env={})
 
 
-def median_time(fn: Any, runs: int) -> float:
-    times = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+def timed(fn: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
 
 
-def full_refresh(dsn: str, runs: int) -> tuple[float, float]:
-    """Median full refresh, and the median time of its spend/token query alone."""
+class Full(NamedTuple):
+    """Full refreshes and the ``psql`` floor, run in turn (medians)."""
+
+    full: float
+    spend: float  # its spend/token query alone
+    floor: float
+    ratio: float  # the median of full / floor over the pairs
+
+
+def full_and_floor(dsn: str, runs: int) -> Full:
+    """A full refresh, then the floor, ``runs`` times: a slow minute of the machine slows one
+    pair, not every run of one side."""
+    floor = psql_floor(dsn)
     refresher = Refresher(settings(dsn=dsn, reconcile_interval_seconds=0))
+    full: list[float] = []
     spend: list[float] = []
-
-    def once() -> None:
-        _ok(refresher.refresh())
-        queries = refresher.health.queries
-        spend.append(queries[SPEND_TOTALS.name].duration)
-
+    floors: list[float] = []
     try:
         refresher.refresh()  # connect and warm the cache once
-        return median_time(once, runs), statistics.median(spend)
+        for _ in range(runs):
+            full.append(timed(lambda: _ok(refresher.refresh())))
+            spend.append(refresher.health.queries[SPEND_TOTALS.name].duration)
+            floors.append(timed(floor))
     finally:
         refresher.close()
+    ratios = [f / b for f, b in zip(full, floors, strict=True)]
+    median = statistics.median
+    return Full(median(full), median(spend), median(floors), median(ratios))
 
 
 def phases(refresher: Refresher) -> dict[str, float]:
@@ -132,8 +145,8 @@ def _ok(success: bool) -> None:
         raise RuntimeError("a refresh failed")
 
 
-def psql_floor(dsn: str, runs: int) -> float:
-    """Time the full-refresh SQL through psql, with the parameters rendered as literals."""
+def psql_floor(dsn: str) -> Callable[[], object]:
+    """The full-refresh SQL through psql, with the parameters rendered as literals."""
     refresher = Refresher(settings(dsn=dsn))
     instants = Instants.at(datetime.now(UTC), refresher.settings)
     with psycopg.connect(dsn) as conn:
@@ -151,7 +164,7 @@ def psql_floor(dsn: str, runs: int) -> float:
     path.write_text("\n".join(script), encoding="utf-8")
     psql = shutil.which("psql") or "psql"
     run = [psql, "-X", "-q", "-o", "/dev/null", "-v", "ON_ERROR_STOP=1", "-f", str(path), dsn]
-    return median_time(lambda: subprocess.run(run, check=True), runs)
+    return lambda: subprocess.run(run, check=True)
 
 
 # query-exporter's metrics: name -> (description, labels).
@@ -298,18 +311,18 @@ def bench_size(
             print(f"loading {rows:,} rows over {days} days ...", file=sys.stderr)
             plan = generate.load(conn, rows, days=days, progress=generate.Progress(rows).update)
             conn.execute("VACUUM ANALYZE")
-        full, spend = full_refresh(dsn, runs)
+        full = full_and_floor(dsn, runs)
         steady, steady_phases = steady_refresh(dsn, plan, runs, batch)
         result = {
             "rows": rows,
-            "full": full,
-            "spend": spend,
+            **full._asdict(),
             "steady": steady,
             "phases": steady_phases,
-            "floor": psql_floor(dsn, runs),
-            "qe": None if quick else query_exporter(dsn, "spend", min(runs, 3), full),
-            "qe_models": None if quick else query_exporter(dsn, "models", min(runs, 3), full),
-            "qe_excluded": None if quick else query_exporter(dsn, "excluded", min(runs, 3), full),
+            "qe": None if quick else query_exporter(dsn, "spend", min(runs, 3), full.full),
+            "qe_models": None if quick else query_exporter(dsn, "models", min(runs, 3), full.full),
+            "qe_excluded": None
+            if quick
+            else query_exporter(dsn, "excluded", min(runs, 3), full.full),
             "rss": float("nan") if quick else peak_rss(dsn),
         }
         print(result, file=sys.stderr)
@@ -358,8 +371,9 @@ def main() -> int:
     ]
     base = results[0]
     print(
-        f"| ledger rows | full refresh | psql floor | full / floor | steady refresh "
-        f"({args.batch} new rows) | steady / full | steady / steady at {base['rows']:,} | "
+        "| ledger rows | full refresh | psql floor | full / floor (median of pairs) | "
+        f"steady refresh ({args.batch} new rows) | steady / full | "
+        f"steady / steady at {base['rows']:,} | "
         "our spend query, full | query-exporter: spend query | + its excluded-rows query | "
         "query-exporter: the same sums by model | ours / query-exporter, spend query | "
         "ours / query-exporter, same families | ours / query-exporter, same sums and "
@@ -372,7 +386,7 @@ def main() -> int:
         same_sums = models + excluded if models is not None and excluded is not None else None
         print(
             f"| {r['rows']:,} | {r['full']:.2f} s | {r['floor']:.2f} s | "
-            f"{r['full'] / r['floor']:.2f} | {r['steady'] * 1000:.0f} ms | "
+            f"{r['ratio']:.2f} | {r['steady'] * 1000:.0f} ms | "
             f"{r['steady'] / r['full']:.3f} | {r['steady'] / base['steady']:.2f} | "
             f"{r['spend']:.2f} s | {_seconds(qe)} | {_seconds(excluded)} | {_seconds(models)} | "
             f"{_ratio(r['spend'], qe)} | {_ratio(r['spend'], same)} | "
