@@ -49,10 +49,12 @@ def family_of(metric: c.MetricSpec, series: Mapping[tuple[str, ...], float]) -> 
         fam = GaugeMetricFamily(metric.family, metric.help, labels=metric.labels)
         name = fam.name
     # The samples add_metric would append, built at once (thousands per refresh); a series
-    # whose value is as last built keeps its Sample.
+    # whose value is as last built keeps its Sample. Sorted by labels: the same series as
+    # last time are in the order they were then (comparing the keys costs less than sorting).
     names, last, kept = metric.labels, _LAST.get(name, {}), {}
     samples = []
-    for labels, value in sorted(series.items()):
+    for labels in last if last.keys() == series.keys() else sorted(series):
+        value = series[labels]
         sample = last.get(labels)
         if sample is None or not _same(sample.value, value):
             sample = Sample(name, dict(zip(names, labels, strict=True)), value)

@@ -63,6 +63,16 @@ def _bits(value: float) -> bytes:
 KINDS = st.lists(st.sampled_from(["counter", "gauge", "info", "summary"]), min_size=1, max_size=4)
 
 
+def test_the_same_series_in_another_order_keep_the_label_order() -> None:
+    spec = MetricSpec("scidex_test_order_total", "counter", "order", ("quest", "layer"))
+    first = {("b", "x"): 1.0, ("a", "y"): 2.0, ("a", "x"): 3.0}
+    again = {("a", "y"): 2.0, ("b", "x"): 5.0, ("a", "x"): 3.0}  # one value changed
+    for series in (first, again):
+        fam = family_of(spec, series)
+        got = [(s.labels["quest"], s.labels["layer"], s.value) for s in fam.samples]
+        assert got == [("a", "x", 3.0), ("a", "y", 2.0), ("b", "x", series["b", "x"])]
+
+
 @settings(max_examples=150, deadline=None)
 @given(KINDS, st.data())
 def test_every_rendering_equals_the_library(kinds: list[str], data: st.DataObject) -> None:
@@ -75,6 +85,7 @@ def test_every_rendering_equals_the_library(kinds: list[str], data: st.DataObjec
             if kind in ("counter", "gauge"):  # each sample as given, whatever was reused
                 got = {(s.labels["quest"], s.labels["layer"]): _bits(s.value) for s in fam.samples}
                 assert got == {k: _bits(v) for k, v in values.items()}
+                assert list(got) == sorted(values)  # in label order, however they came
         series = [
             {
                 **{k: data.draw(VALUES) if data.draw(st.booleans()) else v for k, v in s.items()},
