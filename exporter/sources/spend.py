@@ -517,20 +517,29 @@ def cumulative(
     listed: dict[tuple[str, ...], Decimal] = defaultdict(Decimal)
     listed_model: dict[tuple[str, ...], Decimal] = defaultdict(Decimal)
     unpriced: dict[tuple[str, ...], Sums] = defaultdict(lambda: ZERO)
+    # Thousands of keys share a few quests, layers and models: each label is derived once per
+    # distinct value in a call (the guard does not change during one).
+    models: dict[tuple[str, str | None], tuple[str, str | None, tuple[str, str]]] = {}
+    quests: dict[tuple[str | None, int | None], tuple[str | None, str | None]] = {}
+    layers: dict[tuple[str | None, str | None], str] = {}
     for (quest, layer, provider, model, period, reason, segment), s in totals.items():
         if reason is not None:
             continue
-        fam = family(provider)
-        ref = model_ref(provider, model)
-        # None: rows of days its quest was kept, which no longer is (that series is gone).
-        counted = labels.counted(quest, segment)
-        layer_label = labels.ql(quest, layer)[1]
+        fam, ref, per_model = models.get((provider, model)) or models.setdefault(
+            (provider, model), _model_labels(provider, model, labels, family)
+        )
+        # counted None: rows of days its quest was kept, which no longer is (that series is
+        # gone). The series today's rows will count in (counted_now) exists from the start, at
+        # 0: one that appears when a quest moves in or out of ``other`` would lose its first
+        # increase.
+        counted, counted_now = quests.get((quest, segment)) or quests.setdefault(
+            (quest, segment), (labels.counted(quest, segment), labels.counted_now(quest))
+        )
+        layer_label = layers.get((quest, layer)) or layers.setdefault(
+            (quest, layer), labels.ql(quest, layer)[1]
+        )
         series = None if counted is None else (counted, layer_label, fam)
-        # The series today's rows will count in exists from the start, at 0: one that appears
-        # when a quest moves in or out of ``other`` would lose its first increase.
-        counted_now = labels.counted_now(quest)
         now = None if counted_now is None else (counted_now, layer_label, fam)
-        per_model = (fam, labels.m(model_name(ref)))
         by_model[per_model] += s
         if series is not None:
             by_series[series] += s
@@ -560,6 +569,15 @@ def cumulative(
         c.UNPRICED_CALLS: {k: float(s.calls) for k, s in unpriced.items()},
         c.UNPRICED_TOKENS: _tokens(unpriced),
     }
+
+
+def _model_labels(
+    provider: str, model: str | None, labels: LabelGuard, family: Callable[[str | None], str]
+) -> tuple[str, str | None, tuple[str, str]]:
+    """A raw provider and model's family, model reference, and (family, model label)."""
+    fam = family(provider)
+    ref = model_ref(provider, model)
+    return fam, ref, (fam, labels.m(model_name(ref)))
 
 
 def _tokens(sums: Mapping[tuple[str, ...], Sums]) -> Series:
