@@ -112,6 +112,10 @@ class Tasks(dict[str, Task]):
 
 
 _EMPTY, _GONE = 0, -1  # index entries besides slot + 1
+_NO_TIME = -(2**63)
+_NO_FAMILY, _END = -1, -1
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_HOUR = 3_600_000_000  # microseconds
 
 
 def _key(task_id: str) -> bytes:
@@ -120,18 +124,13 @@ def _key(task_id: str) -> bytes:
     return task_id.encode() + b"\0"
 
 
-_NO_TIME = -(2**63)
-_NO_FAMILY, _END = -1, -1
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_HOUR = 3_600_000_000  # microseconds
-
-
 def micros(ts: datetime) -> int:
     """An instant as the store keeps it: microseconds since the Unix epoch."""
     return (ts - _EPOCH) // timedelta(microseconds=1)
 
 
 def from_micros(us: int) -> datetime:
+    """The instant of ``micros``' integer."""
     return _EPOCH + timedelta(microseconds=us)
 
 
