@@ -14,6 +14,7 @@ the logins waiting for bcrypt (the rest are shed at once).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import re
@@ -466,6 +467,12 @@ class MetricsServer:
         self._watch(config)
         self._loop.call_soon_threadsafe(setattr, self, "auth", auth)
         event(log, logging.INFO, "web config reloaded", users=len(config.basic_auth_users))
+
+    def reload_soon(self) -> None:
+        """Read the web config again in a worker thread (for SIGHUP's handler, which runs in
+        the main thread between two bytecodes and should not load files and log there)."""
+        with contextlib.suppress(RuntimeError):  # the loop is closed: stopping anyway
+            self._loop.call_soon_threadsafe(self._loop.run_in_executor, self.auth_pool, self.reload)
 
     def _watch(self, config: WebConfig) -> None:
         """Watch the config file and the certificate, key and CA files it names."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from datetime import UTC, datetime
 from types import FrameType
 
@@ -74,19 +75,26 @@ class Exporter:
         event(log, logging.INFO, "stopped")
 
     def run_until_signal(self) -> None:
-        """Block until SIGINT or SIGTERM, then stop cleanly."""
-        done = threading.Event()
+        """Block until SIGINT or SIGTERM, then stop cleanly.
+
+        Python runs a signal's handler in the main thread, between two of its bytecodes. The
+        kernel may deliver the signal to another thread (the server's, the scheduler's), which
+        does not wake a main thread blocked without a timeout: so it wakes every 0.1 s. The
+        handlers only note the signal; what it asks for is done outside them.
+        """
+        received: list[signal.Signals] = []
 
         def handler(signum: int, _: FrameType | None) -> None:
-            event(log, logging.INFO, "signal received", signal=signal.Signals(signum).name)
-            done.set()
+            received.append(signal.Signals(signum))
 
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
         # SIGHUP: read the web config again now (changes are also noticed within seconds).
-        signal.signal(signal.SIGHUP, lambda *_: self.server.reload())
+        signal.signal(signal.SIGHUP, lambda *_: self.server.reload_soon())
         self.start()
         try:
-            done.wait()
+            while not received:
+                time.sleep(0.1)
+            event(log, logging.INFO, "signal received", signal=received[0].name)
         finally:
             self.stop()
