@@ -318,11 +318,14 @@ def bench_size(
             **full._asdict(),
             "steady": steady,
             "phases": steady_phases,
-            "qe": None if quick else query_exporter(dsn, "spend", min(runs, 3), full.full),
-            "qe_models": None if quick else query_exporter(dsn, "models", min(runs, 3), full.full),
-            "qe_excluded": None
-            if quick
-            else query_exporter(dsn, "excluded", min(runs, 3), full.full),
+            **{
+                key: None if quick else query_exporter(dsn, name, min(runs, 3), full.full)
+                for key, name in (
+                    ("qe", "spend"),
+                    ("qe_models", "models"),
+                    ("qe_excluded", "excluded"),
+                )
+            },
             "rss": float("nan") if quick else peak_rss(dsn),
         }
         print(result, file=sys.stderr)
