@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import queue
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -52,17 +54,41 @@ def _interruptible() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def wait_for_line(proc: subprocess.Popen[str], pattern: str, timeout: float = 60) -> re.Match:
-    deadline = time.monotonic() + timeout
-    assert proc.stdout is not None
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
+def wait_for_line(
+    proc: subprocess.Popen[str], pattern: str, timeout: float = 60, stream: str = "stdout"
+) -> re.Match[str]:
+    """The first line of the process's ``stream`` that matches ``pattern``. A thread reads it,
+    so a process that prints nothing fails the test at the deadline instead of blocking it.
+    The thread stops after the match: the stream can be read on afterwards."""
+    pipe = getattr(proc, stream)
+    assert pipe is not None
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read() -> None:
+        for line in pipe:
+            lines.put(line)
+            if re.search(pattern, line):
+                return
+        lines.put(None)  # the end of the stream
+
+    threading.Thread(target=read, daemon=True).start()
+    deadline, seen = time.monotonic() + timeout, []
+    while True:
+        try:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            line = None
+        if line is None:
+            break
         if match := re.search(pattern, line):
             return match
-        if not line and proc.poll() is not None:
-            break
+        seen.append(line)
     proc.kill()
-    raise AssertionError(f"no line matching {pattern!r}; stderr: {proc.stderr.read()}")  # type: ignore[union-attr]
+    other = proc.stderr if stream == "stdout" else None
+    raise AssertionError(
+        f"no {stream} line matching {pattern!r} within {timeout} s; last lines: {seen[-10:]}"
+        + (f"; stderr: {other.read()}" if other is not None else "")
+    )
 
 
 def scrape(url: str) -> dict:
@@ -269,13 +295,7 @@ def test_serve_stops_cleanly_on_sigterm(dsn: str) -> None:
         "--log-level",
         "INFO",
     ) as proc:
-        port = None
-        deadline = time.monotonic() + 30
-        assert proc.stderr is not None
-        while port is None and time.monotonic() < deadline:
-            if m := re.search(r"msg=serving .* port=(\d+)", proc.stderr.readline()):
-                port = int(m.group(1))
-        assert port, "the exporter did not say where it serves"
+        port = int(wait_for_line(proc, r"msg=serving .* port=(\d+)", 30, "stderr").group(1))
         deadline = time.monotonic() + 10
         samples: dict = {}
         while time.monotonic() < deadline:
@@ -442,15 +462,8 @@ def test_sighup_reads_the_web_config_again(dsn: str, tmp_path: Path) -> None:
         "serve", "--dsn", dsn, "--port", "0", "--listen", "127.0.0.1",
         "--web.config.file", str(config),
     ) as proc:  # fmt: skip
-        assert proc.stderr is not None
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and "msg=serving" not in proc.stderr.readline():
-            pass
+        wait_for_line(proc, "msg=serving", 30, "stderr")
         proc.send_signal(signal.SIGHUP)  # the file is unchanged: only the signal reloads it
-        deadline = time.monotonic() + 30
-        line = ""
-        while time.monotonic() < deadline and "web config reloaded" not in line:
-            line = proc.stderr.readline()
-        assert 'msg="web config reloaded" users=1' in line
+        wait_for_line(proc, 'msg="web config reloaded" users=1', 30, "stderr")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
