@@ -58,6 +58,7 @@ class Columns:
         )
         return (
             ("null_timestamp", "c.ts IS NULL"),
+            ("infinite_timestamp", "c.ts IN ('infinity', '-infinity')"),
             ("null_cost", "c.cost_usd IS NULL"),
             ("nan_cost", "c.cost_usd = 'NaN'"),
             ("negative_cost", "c.cost_usd < 0"),
@@ -81,7 +82,8 @@ class Columns:
 
         The planner can estimate it from column statistics (it cannot see through the CASE,
         guessed 0.2 % of rows valid, and chose joins that scan the whole ledger). NULLs fail
-        every comparison, NaN fails "< 'Infinity'".
+        every comparison (a NULL ts too), NaN fails "< 'Infinity'"; a timestamp of
+        'infinity' or '-infinity' is in no day, window or epoch microsecond.
         """
         optional = "".join(
             f" AND (c.{col} IS NULL OR c.{col} >= 0)"
@@ -90,7 +92,8 @@ class Columns:
             for col in OPTIONAL_TOKENS
             if col in self.present
         )
-        return f"""(c.ts IS NOT NULL AND c.cost_usd >= 0 AND c.cost_usd < 'Infinity'
+        return f"""(c.ts > '-infinity' AND c.ts < 'infinity' AND c.cost_usd >= 0
+             AND c.cost_usd < 'Infinity'
              AND c.input_tokens >= 0 AND c.output_tokens >= 0{optional})"""
 
     def sums(self, names: Sequence[str] = SUMS) -> str:

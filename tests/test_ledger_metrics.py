@@ -144,6 +144,37 @@ def test_hostile_rows_are_excluded_counted_and_valid_totals_exact(dsn: str) -> N
     assert got[key("scidex_exporter_cleaned_label_values", label="quest")] == 4
 
 
+def test_rows_at_an_infinite_time_are_excluded_and_the_rest_exact(dsn: str) -> None:
+    # PostgreSQL's timestamptz holds 'infinity' and '-infinity'; no day, window or epoch has
+    # them. Python's datetime cannot: such rows are written here in SQL, and the reference
+    # model is given the others.
+    calls = [
+        Call(ago(hours=2), "t1", cost_usd=D("1.5")),
+        Call(ago(days=3), "t2", quest="q-b", cost_usd=D("2")),
+    ]
+    impacts = [Impact("t1", 2.0)]
+    insert(dsn, calls, impacts, [])
+    infinite = (
+        "INSERT INTO cost_ledger (ts, task_id, quest, layer, provider, model, cost_usd,"
+        " input_tokens, output_tokens) VALUES"
+        " ('infinity', 't1', 'q-a', 'Forge', 'anthropic', 'm', 7, 10, 10),"
+        " ('-infinity', 't3', 'q-a', 'Forge', 'anthropic', 'm', 9, 10, 10)"
+    )
+    want = expected(calls, impacts, [], NOW, TODAY, MIDNIGHT)
+    reason = key("scidex_ledger_excluded_rows", relation="cost_ledger", reason="infinite_timestamp")
+    refresher = Refresher(load_settings({"dsn": dsn}, env={}))
+    try:
+        for _ in range(2):  # the rows read while held, not only by a rebuild
+            assert refresher.refresh(NOW), refresher.health.queries
+        with psycopg.connect(dsn) as conn:
+            conn.execute(infinite)
+        assert refresher.refresh(NOW), refresher.health.queries
+    finally:
+        refresher.close()
+    assert_matches(parse(refresher.snapshot.text), want | {reason: 2})
+    assert_matches(scrape(dsn), want | {reason: 2})  # and by a first refresh
+
+
 # --- one rule at a time, with hand-computed numbers ------------------------------------------
 
 

@@ -142,8 +142,9 @@ def split_totals(cols: Columns, periods: Periods) -> Query:
     )
 
 
-# The oldest row's time, from the start of the ts index: is the history long?
-_OLDEST = "SELECT min(c.ts) FROM cost_ledger c"
+# The oldest row's time, from the start of the ts index: is the history long? ('-infinity'
+# is no time: Python has none so early.)
+_OLDEST = "SELECT min(c.ts) FROM cost_ledger c WHERE c.ts > '-infinity'"
 
 
 # The newest valid call, from the end of the ts index.
