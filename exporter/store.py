@@ -198,7 +198,7 @@ class TaskStore:
 
     def __init__(self) -> None:
         self._blob = bytearray()  # every id, UTF-8, each ended by a NUL (text never holds one)
-        self._start = array("Q")  # slot -> where its id starts in the blob
+        self._start = array("I")  # slot -> where its id starts in the blob (of up to 4 GiB)
         self._alive = bytearray()  # slot -> 1 while held
         # hash of an id's UTF-8 (randomized per process, as str's) -> slot + 1, _EMPTY or _GONE
         self._index = array("i", bytes(4 * 8))
@@ -207,8 +207,9 @@ class TaskStore:
         self._live = 0
         self._totals = _Triples()
         self._time = array("q")  # the latest row's time (``micros``, or _NO_TIME)
-        self._quest = array("i")
-        self._layer = array("i")
+        # label codes: two bytes while there are fewer than 65,536 distinct values (_widen)
+        self._quest = array("H")
+        self._layer = array("H")
         self._family = array("i")  # a family code, _NO_FAMILY, or -2 - the first share row
         self._impact = array("d")  # NaN: none measured
         self._labels = _Codes()
@@ -357,11 +358,19 @@ class TaskStore:
         slot = self._slot(task_id)
         held = self._time[slot]
         if held == _NO_TIME or last_us >= held:
-            self._quest[slot] = self._labels.code(quest)
-            self._layer[slot] = self._labels.code(layer)
+            quest_code, layer_code = self._labels.code(quest), self._labels.code(layer)
+            try:
+                self._quest[slot], self._layer[slot] = quest_code, layer_code
+            except OverflowError:
+                self._widen()
+                self._quest[slot], self._layer[slot] = quest_code, layer_code
             self._time[slot] = last_us
             if held == _NO_TIME or held // _HOUR != last_us // _HOUR:
                 self._hours.setdefault(last_us // _HOUR, array("i")).append(slot)
+
+    def _widen(self) -> None:
+        """Four-byte label codes, once the distinct labels outnumber two bytes' codes."""
+        self._quest, self._layer = array("i", self._quest), array("i", self._layer)
 
     def _new_share(self, family: int, values: tuple[Amount, int, Amount], after: int) -> int:
         if self._share_free:

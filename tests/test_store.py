@@ -108,3 +108,14 @@ def test_many_tasks_come_and_go() -> None:
     assert set(store) == held and len(store) == len(held)
     got = store.get("task-2")
     assert got is not None and (got.cost, got.family) == (2, "anthropic")
+
+
+def test_more_distinct_labels_than_two_byte_codes() -> None:
+    """Label codes start at two bytes and widen, keeping every label, past 65,535 values."""
+    store = TaskStore()
+    for n in range(70_000):
+        store.label(f"task-{n}", n, f"quest-{n}", "Forge" if n % 2 else f"layer-{n}")
+    for n in (0, 1, 65_000, 65_535, 65_536, 69_999):
+        got = store.get(f"task-{n}")
+        assert got is not None
+        assert (got.quest, got.layer) == (f"quest-{n}", "Forge" if n % 2 else f"layer-{n}")
