@@ -164,7 +164,7 @@ def test_rows_at_an_infinite_time_are_excluded_and_the_rest_exact(dsn: str) -> N
     reason = key("scidex_ledger_excluded_rows", relation="cost_ledger", reason="infinite_timestamp")
     refresher = Refresher(load_settings({"dsn": dsn}, env={}))
     try:
-        for _ in range(2):  # the rows read while held, not only by a rebuild
+        for _ in range(2):  # then the third, a steady one, reads them after the watermark
             assert refresher.refresh(NOW), refresher.health.queries
         with psycopg.connect(dsn) as conn:
             conn.execute(infinite)
