@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
-from functools import cache
+from functools import cache, partial
 from operator import attrgetter
 from typing import Any, NamedTuple, TypeVar
 
@@ -520,25 +520,18 @@ def cumulative(
     unpriced: dict[tuple[str, ...], Sums] = defaultdict(lambda: ZERO)
     # Thousands of keys share a few quests, layers and models: each label is derived once per
     # distinct value in a call (the guard does not change during one).
-    models: dict[tuple[str, str | None], tuple[str, str | None, tuple[str, str]]] = {}
-    quests: dict[tuple[str | None, int | None], tuple[str | None, str | None]] = {}
-    layers: dict[tuple[str | None, str | None], str] = {}
+    model_labels = cache(partial(_model_labels, labels=labels, family=family))
+    # counted None: rows of days its quest was kept, which no longer is (that series is gone).
+    # The series today's rows will count in (counted_now) exists from the start, at 0: one
+    # that appears when a quest moves in or out of ``other`` would lose its first increase.
+    quest_labels = cache(lambda q, seg: (labels.counted(q, seg), labels.counted_now(q)))
+    layer_label_of = cache(lambda q, layer: labels.ql(q, layer)[1])
     for (quest, layer, provider, model, period, reason, segment), s in totals.items():
         if reason is not None:
             continue
-        fam, ref, per_model = models.get((provider, model)) or models.setdefault(
-            (provider, model), _model_labels(provider, model, labels, family)
-        )
-        # counted None: rows of days its quest was kept, which no longer is (that series is
-        # gone). The series today's rows will count in (counted_now) exists from the start, at
-        # 0: one that appears when a quest moves in or out of ``other`` would lose its first
-        # increase.
-        counted, counted_now = quests.get((quest, segment)) or quests.setdefault(
-            (quest, segment), (labels.counted(quest, segment), labels.counted_now(quest))
-        )
-        layer_label = layers.get((quest, layer)) or layers.setdefault(
-            (quest, layer), labels.ql(quest, layer)[1]
-        )
+        fam, ref, per_model = model_labels(provider, model)
+        counted, counted_now = quest_labels(quest, segment)
+        layer_label = layer_label_of(quest, layer)
         series = None if counted is None else (counted, layer_label, fam)
         now = None if counted_now is None else (counted_now, layer_label, fam)
         by_model[per_model] += s
