@@ -143,8 +143,10 @@ class Ranking:
         yield from self.held[: self.top]
 
 
-Everything = Callable[[], Iterable[tuple[str, "Task", float | None, bool]]]
-"""Every task a summary holds, as ``add`` took it: (task_id, task, impact, wasted)."""
+Entry = tuple[str, "Task", float | None, bool]
+"""A task as a summary takes it: (task_id, task, impact, wasted)."""
+Everything = Callable[[], Iterable[Entry]]
+"""Every task a summary holds, as ``add`` took it."""
 
 
 class Summary:
@@ -176,12 +178,13 @@ class Summary:
         assert task.last_us is not None
         return task.tokens > self.min_tokens and quiet and task.last_us < grace_cutoff
 
-    def add(self, task_id: str, task: Task, impact: float | None, wasted: bool) -> None:
-        self._change(task_id, task, impact, wasted, 1)
+    def add(self, tasks: Iterable[Entry]) -> None:
+        """Add tasks (a rebuild adds every window task, a steady refresh those it touched)."""
+        self._change(tasks, 1)
 
-    def remove(self, task_id: str, task: Task, impact: float | None, wasted: bool) -> None:
-        """Take out exactly what ``add`` put in for the same arguments."""
-        self._change(task_id, task, impact, wasted, -1)
+    def remove(self, tasks: Iterable[Entry]) -> None:
+        """Take out exactly what ``add`` put in for the same tasks."""
+        self._change(tasks, -1)
 
     def _keys(
         self, task_id: str, t: Task, impact: float | None, wasted: bool
@@ -195,25 +198,29 @@ class Summary:
         if wasted:
             yield self.wasted, (-t.tokens, task_id)
 
-    def _change(self, task_id: str, t: Task, impact: float | None, wasted: bool, sign: int) -> None:
-        for ranking, key in self._keys(task_id, t, impact, wasted):
-            (ranking.add if sign > 0 else ranking.remove)(key)
-        cost, tokens, listed = t.cost, t.tokens, t.listed
-        if wasted:
-            _accumulate(self.waste_total, (t.quest, t.layer), sign, cost, tokens, 1, listed)
-        _accumulate(
-            self.quest,
-            t.quest,
-            sign,
-            cost,
-            tokens,
-            0 if impact is None else exact(impact),
-            1,
-            count=3,
-        )
-        for family, f_cost, f_tokens, f_listed in t.by_family():
-            # a task yields each of its families once
-            _accumulate(self.family, family, sign, f_cost, f_tokens, 1, f_listed, count=2)
+    def _change(self, tasks: Iterable[Entry], sign: int) -> None:
+        """Add (sign 1) or take out (-1) tasks: their rankings change task by task, their
+        sums are gathered by group first and each group changes once (a rebuild's half
+        million tasks fall into a few hundred groups)."""
+        waste: dict[Any, list[Any]] = {}
+        quest: dict[Any, list[Any]] = {}
+        family: dict[Any, list[Any]] = {}
+        for task_id, t, impact, wasted in tasks:
+            for ranking, key in self._keys(task_id, t, impact, wasted):
+                (ranking.add if sign > 0 else ranking.remove)(key)
+            cost, tokens, listed = t.cost, t.tokens, t.listed
+            if wasted:
+                _sum(waste, (t.quest, t.layer), cost, tokens, 1, listed)
+            _sum(quest, t.quest, cost, tokens, 0 if impact is None else exact(impact), 1)
+            for f, f_cost, f_tokens, f_listed in t.by_family():  # each of its families once
+                _sum(family, f, f_cost, f_tokens, 1, f_listed)
+        for held, gathered, count in (
+            (self.waste_total, waste, 2),
+            (self.quest, quest, 3),
+            (self.family, family, 2),
+        ):
+            for group, values in gathered.items():
+                _accumulate(held, group, sign, *values, count=count)
 
     def rows(
         self,
@@ -270,6 +277,18 @@ class Summary:
             for f, (cost, tokens, n, listed) in self.family.items()
         ]
         return out
+
+
+def _sum(groups: dict[Any, list[Any]], key: Any, a: Any, b: Any, c: Any, d: Any) -> None:
+    """Add four values to a group's running sums (started at the first)."""
+    acc = groups.get(key)
+    if acc is None:
+        groups[key] = [a, b, c, d]
+    else:
+        acc[0] += a
+        acc[1] += b
+        acc[2] += c
+        acc[3] += d
 
 
 def _accumulate(

@@ -26,7 +26,7 @@ from exporter.labels import ProviderFamilies
 from exporter.models import model_ref
 from exporter.prices import MILLION, Price, PriceBook
 from exporter.store import Task, Tasks, TaskStore, from_micros, micros
-from exporter.summary import Amount, Summary, WindowRow, amount
+from exporter.summary import Amount, Entry, Summary, WindowRow, amount
 
 
 @dataclass
@@ -108,14 +108,7 @@ class WindowTasks:
         opened = _merged(final, open_tail)
         for task_id in opened:
             final.ensure(task_id)
-        summary = self.summary
-        for task_id, t, impact in final.items():  # the window's; the others are dropped
-            t = opened.get(task_id) or t
-            if t.last_us is None or t.last_us < window_start:
-                final.pop(task_id)
-                opened.pop(task_id, None)
-                continue
-            summary.add(task_id, t, impact, summary.wasted_task(t, impact, grace_cutoff))
+        self.summary.add(_kept(final, opened, final.items(), now, self.summary))
         final.forget_before(window_start)
         self.final, self.open = final, opened
         self.cutoff = grace_cutoff
@@ -155,10 +148,14 @@ class WindowTasks:
         touched.update(final.within(low, high))
 
         summary = self.summary
-        for task_id in touched:
-            if task_id in final:
-                t, impact = self.task(task_id), final.impact(task_id)
-                summary.remove(task_id, t, impact, summary.wasted_task(t, impact, old_cutoff))
+
+        def held() -> Iterator[Entry]:  # as the summary holds them
+            for task_id in touched:
+                if task_id in final:
+                    t, impact = self.task(task_id), final.impact(task_id)
+                    yield task_id, t, impact, summary.wasted_task(t, impact, old_cutoff)
+
+        summary.remove(held())
         open_tail = Tasks()
         for r in sorted(sums, key=lambda r: r.part):  # final before open, ids growing
             _fold(final if r.part < 2 else open_tail, r, priced)
@@ -168,14 +165,8 @@ class WindowTasks:
         for r in impacts:
             if r.task_id in touched:
                 final.set_impact(r.task_id, r.impact)
-        for task_id in touched:
-            held = self.open.get(task_id) or final.get(task_id)
-            if held is None or held.last_us is None or held.last_us < window_start:
-                final.pop(task_id)
-                self.open.pop(task_id, None)
-                continue
-            impact = final.impact(task_id)
-            summary.add(task_id, held, impact, summary.wasted_task(held, impact, grace_cutoff))
+        touched_now = ((k, final.get(k), final.impact(k)) for k in touched)
+        summary.add(_kept(final, self.open, touched_now, now, summary))
         final.forget_before(window_start)
         self.cutoff = grace_cutoff
         self._clock(clock)
@@ -185,6 +176,25 @@ class WindowTasks:
         if clock is not None:
             lag = timedelta(seconds=self.settings.impact_lag_seconds)
             self.impacts_since = from_micros(clock) - lag
+
+
+def _kept(
+    final: TaskStore,
+    opened: dict[str, Task],
+    tasks: Iterable[tuple[str, Task | None, float | None]],
+    now: Now,
+    summary: Summary,
+) -> Iterator[Entry]:
+    """``tasks`` (id, final part, impact) as ``summary`` takes them, each with its open part
+    if it has one; a task whose latest row left the window is dropped from ``final`` and
+    ``opened`` instead."""
+    for task_id, t, impact in tasks:
+        t = opened.get(task_id) or t
+        if t is None or t.last_us is None or t.last_us < now.window_start:
+            final.pop(task_id)
+            opened.pop(task_id, None)
+            continue
+        yield task_id, t, impact, summary.wasted_task(t, impact, now.grace_cutoff)
 
 
 def _merged(final: TaskStore, open_tail: Tasks) -> dict[str, Task]:

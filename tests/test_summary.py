@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import math
 from decimal import Decimal, localcontext
+from itertools import islice
 from types import SimpleNamespace
+from typing import Any
 
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from exporter.config import load_settings
 from exporter.incremental import Sums
 from exporter.prices import Price
-from exporter.summary import Ranking, _float, amount, dollars, exact, rounded
+from exporter.store import Task
+from exporter.summary import Ranking, Summary, _float, amount, dollars, exact, rounded
 from exporter.tasks import lister
 
 FINITE = st.floats(min_value=-1e300, max_value=1e300)  # no sum of 50 can overflow
@@ -118,3 +122,97 @@ def test_a_ranking_publishes_the_smallest_keys_added_and_not_removed(
             ranking.refill(iter(keys))
         assert list(ranking.best()) == sorted(keys)[:top]
         assert ranking.count == len(keys)
+
+
+# A task as the summary takes it: its spends by provider family (cost and list price in
+# summary's units), its labels, its impact and whether it is waste.
+SPEND = st.tuples(
+    st.sampled_from(["max", "codex", "other"]),
+    st.integers(0, 10**15),
+    st.integers(0, 10**6),
+    st.integers(0, 10**15),
+)
+TASK = st.tuples(
+    st.lists(SPEND, min_size=1, max_size=3),
+    st.sampled_from([None, "q1", "q2"]),
+    st.sampled_from([None, "Agora", "Forge"]),
+    st.one_of(st.none(), st.floats(-10, 10)),
+    st.booleans(),
+)
+
+
+@given(st.lists(TASK, max_size=30), st.lists(st.tuples(st.booleans(), st.integers(0, 8))))
+@settings(max_examples=200)
+def test_a_summary_changed_in_batches_sums_and_ranks_what_it_holds(
+    pool: list[tuple[Any, ...]], ops: list[tuple[bool, int]]
+) -> None:
+    summary = Summary(load_settings({"top_efficiency_tasks": 3}, env={}))
+    held: dict[str, tuple[Task, float | None, bool]] = {}
+    fresh = iter(enumerate(pool))
+    for add, size in ops:
+        if add:
+            batch = []
+            for n, (spends, quest, layer, impact, wasted) in islice(fresh, size):
+                task = Task()
+                for family, cost, tokens, listed in spends:
+                    task.add(family, cost, tokens, listed)
+                task.label(n, quest, layer)
+                batch.append((f"t{n}", task, impact, wasted))
+            summary.add(batch)
+        else:
+            batch = [(k, *held[k]) for k in sorted(held)[:size]]
+            summary.remove(batch)
+        for task_id, *entry in batch:
+            if add:
+                held[task_id] = tuple(entry)  # type: ignore[assignment]
+            else:
+                del held[task_id]
+        every = [(k, *entry) for k, entry in held.items()]  # a stale ranking looks again
+        rows = summary.rows(lambda k: held[k][0], lambda k: held[k][1], every.__iter__)
+        got: dict[str, Any] = {"quest": {}, "provider": {}, "waste_total": {}}
+        for r in rows:
+            if r.kind == "quest":
+                got["quest"][r.quest] = (r.cost, r.tokens, rounded(r.impact_exact), r.tasks)
+            elif r.kind == "provider":
+                got["provider"][r.family] = (r.cost, r.tokens, r.tasks, r.listed)
+            elif r.kind == "waste_total":
+                got["waste_total"][r.quest, r.layer] = (r.cost, r.tokens, r.tasks, r.listed)
+        # the same, summed from the tasks held, each spend as the ledger would have written it
+        want: dict[str, Any] = {"quest": {}, "provider": {}, "waste_total": {}}
+        scored = []
+        for task_id, (task, impact, wasted) in held.items():
+            n = int(task_id[1:])
+            spends = pool[n][0]
+            cost = sum(c for _, c, _, _ in spends)
+            tokens = sum(t for _, _, t, _ in spends)
+            listed = sum(li for _, _, _, li in spends)
+            q = want["quest"].setdefault(task.quest, [0, 0, [], 0])
+            q[0] += cost
+            q[1] += tokens
+            q[2].append(0.0 if impact is None else impact)
+            q[3] += 1
+            for family in {f for f, _, _, _ in spends}:
+                mine = [s for s in spends if s[0] == family]
+                p = want["provider"].setdefault(family, [0, 0, 0, 0])
+                p[0] += sum(s[1] for s in mine)
+                p[1] += sum(s[2] for s in mine)
+                p[2] += 1
+                p[3] += sum(s[3] for s in mine)
+            if wasted:
+                w = want["waste_total"].setdefault((task.quest, task.layer), [0, 0, 0, 0])
+                for i, value in enumerate((cost, tokens, 1, listed)):
+                    w[i] += value
+            if impact is not None and impact > 0 and cost > 0:
+                scored.append((-(impact / (cost / 10**12)), task_id))
+        unit = Decimal(10) ** -12
+        assert got["quest"] == {
+            k: (c * unit, t, math.fsum(i), n) for k, (c, t, i, n) in want["quest"].items()
+        }
+        assert got["provider"] == {
+            k: (c * unit, t, n, li * unit) for k, (c, t, n, li) in want["provider"].items()
+        }
+        assert got["waste_total"] == {
+            k: (c * unit, t, n, li * unit) for k, (c, t, n, li) in want["waste_total"].items()
+        }
+        ranked = [r.task_id for r in rows if r.kind == "efficiency"]
+        assert ranked == [task_id for _, task_id in sorted(scored)[:3]]
