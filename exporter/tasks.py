@@ -93,9 +93,10 @@ class WindowTasks:
         rebuilds anyway, so every row is folded into ``final``, which holds tasks compactly.
         """
         window_start, grace_cutoff, priced = now
+        expected = len(self.final)
         self.final, self.open = TaskStore(), {}
         self.summary, self.frozen_id = Summary(self.settings), -1
-        final, open_tail = TaskStore(), Tasks()
+        final, open_tail = TaskStore(expected), Tasks()
         all_final = self.bounds(plan)[1] < 0
         clock = None
         for r in rows:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -51,11 +52,11 @@ def _fields(task: Task | None) -> tuple[object, ...] | None:
 
 
 @settings(max_examples=1000)
-@given(OPS, TIMES, TIMES)
+@given(OPS, TIMES, TIMES, st.integers(0, 60))
 def test_the_store_holds_what_task_objects_hold(
-    ops: list[tuple[object, ...]], low: int, high: int
+    ops: list[tuple[object, ...]], low: int, high: int, expected: int
 ) -> None:
-    store = TaskStore()
+    store = TaskStore(expected)  # however many it was told to expect
     tasks: dict[str, Task] = {}
     impacts: dict[str, float] = {}
     for op, task_id, *args in ops:
@@ -97,9 +98,11 @@ def test_the_store_holds_what_task_objects_hold(
     assert sorted(store.within(None, high)) == sorted(before)
 
 
-def test_many_tasks_come_and_go() -> None:
-    """Past the first index sizes, with most tasks dropped and their slots reused."""
-    store = TaskStore()
+@pytest.mark.parametrize("expected", [0, 5000])
+def test_many_tasks_come_and_go(expected: int) -> None:
+    """Past the first index sizes (or sized for them all), with most tasks dropped and their
+    slots reused."""
+    store = TaskStore(expected)
     for n in range(5000):
         store.add(f"task-{n}", "anthropic", n, 1, 0)
         if n % 3:
