@@ -10,7 +10,9 @@ instead) is loaded into an embedded PostgreSQL, and:
 * steady-state refresh: the incremental exporter after a batch of new rows;
 * floor: the same full-refresh SQL run by ``psql`` (no Python at all), in turn with the full
   refreshes, so that the machine's drift falls on both: full / floor is the median of the
-  ratios of each pair;
+  ratios of each pair. Beside the wall times, the CPU time of each client (the exporter's
+  Python and libpq; ``psql``'s), which the machine's drift moves less and PostgreSQL's own
+  work not at all: what the exporter adds to the database's time is there;
 * query-exporter: the generic SQL exporter (PyPI, in its own venv under bench/.venv-qe)
   computing the families of our spend_totals query with the same row validity: spend, tokens
   and calls (its spend query), the same seven sums by series and model as ours (its
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -64,9 +67,23 @@ def settings(**values: Any) -> Any:
 
 
 def timed(fn: Callable[[], object]) -> float:
-    started = time.perf_counter()
+    return cpu_timed(fn)[0]
+
+
+def cpu_timed(fn: Callable[[], object]) -> tuple[float, float]:
+    """Wall and CPU seconds of ``fn``: the CPU of this process (every thread) and of the
+    children it waited for meanwhile (``psql``), not PostgreSQL's."""
+    started, cpu = time.perf_counter(), _cpu()
     fn()
-    return time.perf_counter() - started
+    return time.perf_counter() - started, _cpu() - cpu
+
+
+def _cpu() -> float:
+    own, children = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 class Full(NamedTuple):
@@ -76,6 +93,8 @@ class Full(NamedTuple):
     spend: float  # its spend/token query alone
     floor: float
     ratio: float  # the median of full / floor over the pairs
+    cpu: float  # the exporter's CPU seconds in a full refresh (its Python and libpq)
+    floor_cpu: float  # psql's in the floor
 
 
 def full_and_floor(dsn: str, runs: int) -> Full:
@@ -83,20 +102,27 @@ def full_and_floor(dsn: str, runs: int) -> Full:
     pair, not every run of one side."""
     floor = psql_floor(dsn)
     refresher = Refresher(settings(dsn=dsn, reconcile_interval_seconds=0))
-    full: list[float] = []
+    full: list[tuple[float, float]] = []
     spend: list[float] = []
-    floors: list[float] = []
+    floors: list[tuple[float, float]] = []
     try:
         refresher.refresh()  # connect and warm the cache once
         for _ in range(runs):
-            full.append(timed(lambda: _ok(refresher.refresh())))
+            full.append(cpu_timed(lambda: _ok(refresher.refresh())))
             spend.append(refresher.health.queries[SPEND_TOTALS.name].duration)
-            floors.append(timed(floor))
+            floors.append(cpu_timed(floor))
     finally:
         refresher.close()
-    ratios = [f / b for f, b in zip(full, floors, strict=True)]
+    ratios = [f / b for (f, _), (b, _) in zip(full, floors, strict=True)]
     median = statistics.median
-    return Full(median(full), median(spend), median(floors), median(ratios))
+    return Full(
+        median(f for f, _ in full),
+        median(spend),
+        median(f for f, _ in floors),
+        median(ratios),
+        median(c for _, c in full),
+        median(c for _, c in floors),
+    )
 
 
 def phases(refresher: Refresher) -> dict[str, float]:
@@ -375,6 +401,7 @@ def main() -> int:
     base = results[0]
     print(
         "| ledger rows | full refresh | psql floor | full / floor (median of pairs) | "
+        "exporter CPU, full | psql CPU, floor | "
         f"steady refresh ({args.batch} new rows) | steady / full | "
         f"steady / steady at {base['rows']:,} | "
         "our spend query, full | query-exporter: spend query | + its excluded-rows query | "
@@ -382,14 +409,15 @@ def main() -> int:
         "ours / query-exporter, same families | ours / query-exporter, same sums and "
         "families | peak RSS |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---" * 17 + "|")
     for r in results:
         qe, models, excluded = r["qe"], r["qe_models"], r["qe_excluded"]
         same = qe + excluded if qe is not None and excluded is not None else None
         same_sums = models + excluded if models is not None and excluded is not None else None
         print(
             f"| {r['rows']:,} | {r['full']:.2f} s | {r['floor']:.2f} s | "
-            f"{r['ratio']:.2f} | {r['steady'] * 1000:.0f} ms | "
+            f"{r['ratio']:.2f} | {r['cpu']:.2f} s | {r['floor_cpu']:.2f} s | "
+            f"{r['steady'] * 1000:.0f} ms | "
             f"{r['steady'] / r['full']:.3f} | {r['steady'] / base['steady']:.2f} | "
             f"{r['spend']:.2f} s | {_seconds(qe)} | {_seconds(excluded)} | {_seconds(models)} | "
             f"{_ratio(r['spend'], qe)} | {_ratio(r['spend'], same)} | "
