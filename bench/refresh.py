@@ -66,10 +66,6 @@ def settings(**values: Any) -> Any:
     return load_settings({**SETTINGS, **values}, env={})
 
 
-def timed(fn: Callable[[], object]) -> float:
-    return cpu_timed(fn)[0]
-
-
 def cpu_timed(fn: Callable[[], object]) -> tuple[float, float]:
     """Wall and CPU seconds of ``fn``: the CPU of this process (every thread) and of the
     children it waited for meanwhile (``psql``), not PostgreSQL's."""
