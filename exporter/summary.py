@@ -17,7 +17,6 @@ from __future__ import annotations
 import bisect
 import heapq
 import math
-import operator
 from collections.abc import Callable, Iterable, Iterator
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -210,17 +209,18 @@ class Summary:
                 (ranking.add if sign > 0 else ranking.remove)(key)
             cost, tokens, listed = t.cost, t.tokens, t.listed
             if wasted:
-                _sum(waste, (t.quest, t.layer), cost, tokens, 1, listed)
-            _sum(quest, t.quest, cost, tokens, 0 if impact is None else exact(impact), 1)
+                _accumulate(waste, (t.quest, t.layer), 1, cost, tokens, 1, listed, 2)
+            impact_sum = 0 if impact is None else exact(impact)
+            _accumulate(quest, t.quest, 1, cost, tokens, impact_sum, 1, 3)
             for f, f_cost, f_tokens, f_listed in t.by_family():  # each of its families once
-                _sum(family, f, f_cost, f_tokens, 1, f_listed)
+                _accumulate(family, f, 1, f_cost, f_tokens, 1, f_listed, 2)
         for held, gathered, count in (
             (self.waste_total, waste, 2),
             (self.quest, quest, 3),
             (self.family, family, 2),
         ):
-            for group, values in gathered.items():
-                _accumulate(held, group, sign, *values, count=count)
+            for group, (a, b, c, d) in gathered.items():
+                _accumulate(held, group, sign, a, b, c, d, count)
 
     def rows(
         self,
@@ -279,29 +279,26 @@ class Summary:
         return out
 
 
-def _sum(groups: dict[Any, list[Any]], key: Any, a: Any, b: Any, c: Any, d: Any) -> None:
-    """Add four values to a group's running sums (started at the first)."""
-    acc = groups.get(key)
-    if acc is None:
-        groups[key] = [a, b, c, d]
-    else:
-        acc[0] += a
-        acc[1] += b
-        acc[2] += c
-        acc[3] += d
-
-
 def _accumulate(
-    groups: dict[Any, list[Any]], key: Any, sign: int, *values: Any, count: int = 2
+    groups: dict[Any, list[Any]], key: Any, sign: int, a: Any, b: Any, c: Any, d: Any, count: int
 ) -> None:
-    """Add (sign 1) or take out (-1) ``values`` of one group; ``values[count]`` counts its
-    tasks, and a group left with none is dropped, as if it had never been summed."""
+    """Add (sign 1) or take out (-1) the four values of one group; the one at ``count``
+    counts its tasks, and a group left with none is dropped, as if it had never been summed."""
     acc = groups.get(key)
     if acc is None:
         if sign < 0:
             raise KeyError(f"taking out a group that was never added: {key!r}")
-        groups[key] = list(values)
+        groups[key] = [a, b, c, d]
         return
-    acc[:] = map(operator.add if sign > 0 else operator.sub, acc, values)
+    if sign > 0:
+        acc[0] += a
+        acc[1] += b
+        acc[2] += c
+        acc[3] += d
+    else:
+        acc[0] -= a
+        acc[1] -= b
+        acc[2] -= c
+        acc[3] -= d
     if acc[count] == 0:
         del groups[key]
