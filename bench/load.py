@@ -67,8 +67,17 @@ class Result:
 
 def rss_kib(pid: int) -> int:
     """Resident memory of a process, from /proc."""
+    return _status_kib(pid, "VmRSS")
+
+
+def peak_rss_kib(pid: int) -> int:
+    """The most resident memory a process has had (its high-water mark), from /proc."""
+    return _status_kib(pid, "VmHWM")
+
+
+def _status_kib(pid: int, name: str) -> int:
     status = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1))  # type: ignore[union-attr]
+    return int(re.search(rf"{name}:\s+(\d+) kB", status).group(1))  # type: ignore[union-attr]
 
 
 def hammer(
@@ -134,9 +143,17 @@ def growing(dsn: str, plan: generate.LedgerPlan, every: float = 0.2) -> Iterator
         thread.join(timeout=10)
 
 
+def has_ledger(body: bytes) -> bool:
+    """Whether an exposition holds the ledger's families (a refresh has read the ledger)."""
+    return f"{catalog.SPEND.name}{{".encode() in body
+
+
 @contextmanager
-def exporter_process(dsn: str, interval: float) -> Iterator[tuple[str, int]]:
-    """Run ``resource-exporter serve`` on a free loopback port; yield (metrics URL, pid)."""
+def exporter_process(
+    dsn: str, interval: float, ready: Callable[[bytes], bool] = has_ledger
+) -> Iterator[tuple[str, int]]:
+    """Run ``resource-exporter serve`` on a free loopback port; yield (metrics URL, pid) once
+    its exposition is ``ready``."""
     with subprocess.Popen(
         [
             sys.executable,
@@ -166,10 +183,9 @@ def exporter_process(dsn: str, interval: float) -> Iterator[tuple[str, int]]:
                     break
             url = f"http://127.0.0.1:{m.group(1)}/metrics"
             deadline = time.monotonic() + 300
-            ready = f"{catalog.SPEND.name}{{".encode()
-            while ready not in urllib.request.urlopen(url, timeout=10).read():
+            while not ready(urllib.request.urlopen(url, timeout=10).read()):
                 if time.monotonic() > deadline:
-                    raise RuntimeError("no ledger metrics after 300 s")
+                    raise RuntimeError("the exporter was not ready after 300 s")
                 time.sleep(0.2)
             yield url, proc.pid
         finally:

@@ -18,7 +18,9 @@ instead) is loaded into an embedded PostgreSQL, and:
   and calls (its spend query), the same seven sums by series and model as ours (its
   model query), and the rows left out by reason (its excluded-rows query, a second scan; ours
   classifies them in the same scan); the mean latency of each;
-* peak RSS of a ``resource-exporter serve`` process that refreshed a few times.
+* peak RSS of a ``resource-exporter serve`` process that refreshed a few times, and of one
+  that reaches no database: the runtime alone (Python, libraries, price catalogue), so
+  that the difference is what the ledger costs.
 
 Medians (query-exporter: mean of its runs) and ratios are printed as a Markdown table, then
 where a steady refresh spends its time: each query's wait for PostgreSQL and its Python, each
@@ -47,7 +49,7 @@ import psycopg
 import yaml
 from psycopg.conninfo import conninfo_to_dict
 
-from bench.load import exporter_process, refreshes
+from bench.load import exporter_process, peak_rss_kib, refreshes
 from exporter import generate
 from exporter import queries as q
 from exporter.config import load_settings
@@ -314,8 +316,25 @@ def peak_rss(dsn: str) -> float:
         target = (refreshes(urllib.request.urlopen(url).read()) or 0) + 3
         while (refreshes(urllib.request.urlopen(url).read()) or 0) < target:
             time.sleep(0.5)
-        status = Path(f"/proc/{pid}/status").read_text()
-        return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024  # type: ignore[union-attr]
+        return peak_rss_kib(pid) / 1024
+
+
+def runtime_rss() -> float:
+    """Peak RSS (MiB) of an exporter that reaches no database, after a few refreshes: Python,
+    the libraries, the price catalogue and the server, which ``peak_rss`` holds before it
+    reads a row; the rest of ``peak_rss`` is what the ledger costs."""
+    with exporter_process(unreachable_dsn(), interval=0.5, ready=refreshed(3)) as (_, pid):
+        return peak_rss_kib(pid) / 1024
+
+
+def unreachable_dsn() -> str:
+    """A DSN no server listens on: a directory with no socket in it."""
+    return f"host={tempfile.mkdtemp()} dbname=none"
+
+
+def refreshed(times: int) -> Callable[[bytes], bool]:
+    """Whether an exposition comes from at least ``times`` refreshes (failed or not)."""
+    return lambda body: (refreshes(body) or 0) >= times
 
 
 def bench_size(
@@ -349,6 +368,7 @@ def bench_size(
                 )
             },
             "rss": float("nan") if quick else peak_rss(dsn),
+            "runtime_rss": float("nan") if quick else runtime_rss(),
         }
         print(result, file=sys.stderr)
         return result
@@ -403,9 +423,9 @@ def main() -> int:
         "our spend query, full | query-exporter: spend query | + its excluded-rows query | "
         "query-exporter: the same sums by model | ours / query-exporter, spend query | "
         "ours / query-exporter, same families | ours / query-exporter, same sums and "
-        "families | peak RSS |"
+        "families | peak RSS | peak RSS with no database |"
     )
-    print("|---" * 17 + "|")
+    print("|---" * 18 + "|")
     for r in results:
         qe, models, excluded = r["qe"], r["qe_models"], r["qe_excluded"]
         same = qe + excluded if qe is not None and excluded is not None else None
@@ -417,7 +437,8 @@ def main() -> int:
             f"{r['steady'] / r['full']:.3f} | {r['steady'] / base['steady']:.2f} | "
             f"{r['spend']:.2f} s | {_seconds(qe)} | {_seconds(excluded)} | {_seconds(models)} | "
             f"{_ratio(r['spend'], qe)} | {_ratio(r['spend'], same)} | "
-            f"{_ratio(r['spend'], same_sums)} | {r['rss']:.0f} MiB |"
+            f"{_ratio(r['spend'], same_sums)} | {r['rss']:.0f} MiB | "
+            f"{r['runtime_rss']:.0f} MiB |"
         )
     print(f"\nWhere a steady refresh ({args.batch} new rows) spends its time (medians):\n")
     print("| phase | " + " | ".join(f"{r['rows']:,} rows" for r in results) + " |")

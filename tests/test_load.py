@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import re
 import time
+import urllib.request
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 
 import psycopg
 
-from bench.load import exporter_process, growing, hammer, rss_kib
+from bench.load import exporter_process, growing, hammer, peak_rss_kib, rss_kib
 from exporter import generate
-from tests.ledger import parse
+from tests.ledger import key, parse
 
 SCRAPERS = 20
 SECONDS = 8.0
@@ -52,6 +53,21 @@ def test_the_refresh_benchmark_builds_its_baseline_queries() -> None:
 
     spend, excluded = refresh.QE_QUERIES["spend"][1], refresh.QE_QUERIES["excluded"][1]
     assert "c.cache_read_tokens" in spend and "invalid_tokens" in excluded
+
+
+def test_the_refresh_benchmark_measures_an_exporter_with_no_database() -> None:
+    """bench.refresh's runtime-alone RSS: a served exporter that only ever fails to connect."""
+    from bench.refresh import refreshed, unreachable_dsn
+
+    with exporter_process(unreachable_dsn(), interval=0.2, ready=refreshed(3)) as (url, pid):
+        samples = parse(urllib.request.urlopen(url).read())
+        peak, now = peak_rss_kib(pid), rss_kib(pid)
+    refreshes = samples[key("scidex_exporter_refreshes_total")]
+    assert refreshes >= 3
+    assert samples[key("scidex_exporter_refresh_failures_total")] == refreshes
+    assert samples[key("scidex_exporter_database_up")] == 0
+    assert not any(name == "scidex_spend_usd_total" for name, _ in samples)
+    assert peak >= now > 0
 
 
 def test_a_refresh_says_where_it_spent_its_time(dsn: str) -> None:
