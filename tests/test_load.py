@@ -92,3 +92,29 @@ def test_a_refresh_says_where_it_spent_its_time(dsn: str) -> None:
     assert split["rendering"] > 0
     queries = sum(h.duration for h in refresher.health.queries.values())
     assert queries <= refresher.health.refresh_duration  # the queries run inside it
+
+
+def test_the_refresh_benchmark_compares_steady_refreshes_within_rounds(empty_dsn: str) -> None:
+    """bench.refresh's steady / steady column: each round's ratio to the first size, then the
+    median, with every round adding its batch of rows and refreshing each size once."""
+    from statistics import median
+
+    from bench.refresh import Steady, steady_rounds
+
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        plan = generate.load(conn, 2_000, seed=5)
+    sizes = [Steady(empty_dsn, plan, batch=50), Steady(empty_dsn, plan, batch=50)]
+    try:
+        with psycopg.connect(empty_dsn) as conn:
+            before = conn.execute("SELECT count(*) FROM cost_ledger").fetchone()[0]
+        ratios = steady_rounds(sizes, 3)
+        with psycopg.connect(empty_dsn) as conn:
+            after = conn.execute("SELECT count(*) FROM cost_ledger").fetchone()[0]
+    finally:
+        for size in sizes:
+            size.close()
+    first, second = (size.times for size in sizes)
+    assert len(first) == len(second) == 3
+    assert after - before == 2 * 3 * 50
+    assert ratios == [1.0, median(b / a for a, b in zip(first, second, strict=True))]
+    assert sizes[1].medians()[0] == median(second)
