@@ -1,6 +1,7 @@
 """Refresh cost at two ledger sizes, against two baselines, in one run.
 
-    python -m bench.refresh [--sizes 1000000,10000000] [--runs 5] [--batch 1000] [--days N]
+    python -m bench.refresh [--sizes 1000000,10000000] [--runs 5] [--rounds 15] [--batch 1000]
+                            [--days N]
 
 For each size, a synthetic ledger at the same daily rate (1 M rows per 30 days, so a larger
 ledger is a longer history with the same window; ``--days 30`` puts every size in the window
@@ -428,6 +429,9 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--batch", type=int, default=1000, help="new rows per steady refresh")
     parser.add_argument(
+        "--rounds", type=int, default=15, help="steady refreshes of each size (in turn)"
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="refresh timings only (no query-exporter, no RSS)"
     )
     parser.add_argument(
@@ -455,7 +459,7 @@ def main() -> int:
         try:
             for data in ledgers:
                 sizes.append(Steady(data.dsn, data.plan, args.batch))
-            pairs = steady_rounds(sizes, args.runs)
+            pairs = steady_rounds(sizes, args.rounds)
             for result, size, pair in zip(results, sizes, pairs, strict=True):
                 result["steady"], result["phases"] = size.medians()
                 result["steady_pair"] = pair
