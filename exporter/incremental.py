@@ -43,6 +43,10 @@ class Sums(NamedTuple):
     def __add__(self, other: Sums) -> Sums:  # type: ignore[override]  # not concatenation
         return Sums(*map(operator.add, self, other))
 
+    def __sub__(self, other: Sums) -> Sums:
+        """What is left when ``other``, added before, is taken out again (exactly)."""
+        return Sums(*map(operator.sub, self, other))
+
 
 ZERO = Sums()
 

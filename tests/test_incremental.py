@@ -154,6 +154,42 @@ def random_batches(dsn: str, seed: int) -> None:
     incremental.close()
 
 
+def test_labels_that_change_within_a_day_match_a_full_recomputation(dsn: str) -> None:
+    """Between two whole-ledger reads (within a day), each batch makes another model, layer
+    and quest the largest: the series the kept counter sums go to change, so they are summed
+    again rather than changed key by key."""
+    limits = {"max_models": 1, "max_layers": 1, "max_quests": 2}
+    incremental = Refresher(load_settings({"dsn": dsn, **limits}, env={}))
+    models, layers = set(), set()
+    with psycopg.connect(dsn, autocommit=True) as writer:
+        for step in range(10):
+            # Each row outspends every row before it, in dollars and in tokens.
+            row = (
+                NOW - timedelta(hours=1),
+                f"t{step}",
+                f"q{step % 3}",
+                ["Forge", "Agora"][step % 2],
+                PROVIDERS[step % 4],
+                4**step,
+                4**step,
+                Decimal(2**step) / 8,
+            )
+            _insert(writer, [row])
+            now = NOW + timedelta(minutes=step)
+            got = _families(incremental, now)
+            assert got == _full(dsn, now, **limits)
+            if step > 0:
+                _, params = incremental.statement(
+                    SPEND_TOTALS.name, Instants.at(now, incremental.settings)
+                )
+                assert params["after"] is not None  # within the day: the tail only
+            spend = {k[1] for k in got if k[0] == "scidex_spend_usd_total"}
+            models |= {k[1] for k in got if k[0] == "scidex_model_spend_usd_total"}
+            layers |= {dict(labels)["layer"] for labels in spend}
+    assert len(models) > 2 and {"Forge", "Agora"} <= layers, "the kept labels never changed"
+    incremental.close()
+
+
 @pytest.mark.parametrize("long_history", [False, True])
 def test_spend_today_and_this_month_move_at_midnight(dsn: str, long_history: bool) -> None:
     """The recent spans (today, this month, the label weights' days) follow the new rows within

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
-from functools import cache, partial
+from functools import cache
 from operator import attrgetter
 from typing import Any, NamedTuple, TypeVar
 
@@ -279,6 +279,7 @@ class SpendSource(Source):
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         self.totals = SpendTotals()
+        self._counters = Counters()
         self._spans: date | None = None  # the day whose spans the recent sums hold
         self._newest: datetime | None = None
         self._long_history = False
@@ -465,7 +466,9 @@ class SpendSource(Source):
 
     def build(self, build: Build) -> list[Family]:
         labels = build.labels
-        counters = cumulative(self.totals.totals, labels, build.providers.family, self.prices)
+        counters = self._counters.series(
+            self.totals.totals, labels, build.providers.family, self.prices
+        )
         families = [family_of(metric, series) for metric, series in counters.items()]
         newest = self._newest
         if newest is not None and counters[c.SPEND]:
@@ -513,56 +516,186 @@ def cumulative(
     refreshes, and a counter that steps back by one ulp is a reset to Prometheus. List prices
     are applied to the exact sums of one model in one price period.
     """
-    by_series: dict[tuple[str, ...], Sums] = defaultdict(lambda: ZERO)
-    by_model: dict[tuple[str, ...], Sums] = defaultdict(lambda: ZERO)
-    listed: dict[tuple[str, ...], Decimal] = defaultdict(Decimal)
-    listed_model: dict[tuple[str, ...], Decimal] = defaultdict(Decimal)
-    unpriced: dict[tuple[str, ...], Sums] = defaultdict(lambda: ZERO)
-    # Thousands of keys share a few quests, layers and models: each label is derived once per
-    # distinct value in a call (the guard does not change during one).
-    model_labels = cache(partial(_model_labels, labels=labels, family=family))
-    # counted None: rows of days its quest was kept, which no longer is (that series is gone).
-    # The series today's rows will count in (counted_now) exists from the start, at 0: one
-    # that appears when a quest moves in or out of ``other`` would lose its first increase.
-    quest_labels = cache(lambda q, seg: (labels.counted(q, seg), labels.counted_now(q)))
-    layer_label_of = cache(lambda q, layer: labels.ql(q, layer)[1])
-    for (quest, layer, provider, model, period, reason, segment), s in totals.items():
-        if reason is not None:
-            continue
-        fam, ref, per_model = model_labels(provider, model)
-        counted, counted_now = quest_labels(quest, segment)
-        layer_label = layer_label_of(quest, layer)
+    groups = _Groups(_Labels(labels, family), prices)
+    for key, s in totals.items():
+        groups.change(key, s, 1)
+    return groups.series()
+
+
+class Counters:
+    """``cumulative``'s series, kept from one refresh to the next.
+
+    A steady refresh changes the sums of some keys (those with new rows: about 230 of 1,489
+    after 1,000 new rows, at 1 M rows a month), so the exact group sums are kept, and a
+    changed key's old sums taken out and its new ones put back: exact (ints, and Decimals
+    within their 28 digits, as every sum here), so the same as summing again. Everything is
+    summed again when more than half the keys changed, when a key is gone
+    (a whole-ledger read), when the prices are others, or when a label a key's sums go to
+    changed (the guard decides again every refresh).
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[Key, Sums] = {}
+        self._groups: _Groups | None = None
+
+    def series(
+        self,
+        totals: Mapping[Key, Sums],
+        labels: LabelGuard,
+        family: Callable[[str | None], str],
+        prices: PriceBook,
+    ) -> dict[c.MetricSpec, Series]:
+        seen, groups = self._seen, self._groups
+        changed = [(key, s) for key, s in totals.items() if seen.get(key) is not s]
+        now = _Labels(labels, family) if groups is None else groups.labels.again(labels, family)
+        if (
+            groups is None
+            or 2 * len(changed) > len(totals)  # summing again costs less
+            or groups.prices is not prices
+            or not seen.keys() <= totals.keys()
+            or now != groups.labels
+        ):
+            groups, changed, seen = _Groups(now, prices), list(totals.items()), {}
+        groups.labels = now  # the same labels, from this refresh's guard (for new values)
+        for key, s in changed:
+            old = seen.get(key)
+            if old is not None:
+                groups.change(key, old, -1)
+            groups.change(key, s, 1)
+        self._seen, self._groups = dict(totals), groups
+        return groups.series()
+
+
+class _Labels:
+    """The labels a key's sums go to, each derived once per distinct value (the guard does
+    not change during a refresh)."""
+
+    def __init__(self, labels: LabelGuard, family: Callable[[str | None], str]) -> None:
+        self._labels, self._family = labels, family
+        # (quest, segment) -> (counted, counted_now). counted None: rows of days its quest was
+        # kept, which no longer is (that series is gone). The series today's rows will count
+        # in (counted_now) exists from the start, at 0: one that appears when a quest moves in
+        # or out of ``other`` would lose its first increase.
+        self.quests: dict[tuple[Any, Any], tuple[Any, Any]] = {}
+        self.layers: dict[tuple[Any, Any], Any] = {}  # (quest, layer) -> layer label
+        # (provider, model) -> (family, model reference, (family, model label))
+        self.models: dict[tuple[Any, Any], tuple[str, str | None, tuple[str, str]]] = {}
+
+    def of(self, key: Key) -> tuple[Any, Any, tuple[str, str | None, tuple[str, str]]]:
+        """(counted, counted_now), the layer label, (family, model reference, model series)."""
+        quest, layer, provider, model, _, _, segment = key
+        q = self.quests.get((quest, segment))
+        if q is None:
+            q = self._quest(quest, segment)
+        if (quest, layer) in self.layers:
+            lay = self.layers[quest, layer]
+        else:
+            lay = self._layer(quest, layer)
+        m = self.models.get((provider, model))
+        if m is None:
+            m = self._model(provider, model)
+        return q, lay, m
+
+    def again(self, labels: LabelGuard, family: Callable[[str | None], str]) -> _Labels:
+        """The labels of the same values under another refresh's guard."""
+        out = _Labels(labels, family)
+        for quest, segment in self.quests:
+            out._quest(quest, segment)
+        for quest, layer in self.layers:
+            out._layer(quest, layer)
+        for provider, model in self.models:
+            out._model(provider, model)
+        return out
+
+    def __eq__(self, other: object) -> bool:
+        """Whether both give the same labels to the same values."""
+        if not isinstance(other, _Labels):
+            return NotImplemented
+        return (self.quests, self.layers, self.models) == (
+            other.quests,
+            other.layers,
+            other.models,
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # mutable
+
+    def _quest(self, quest: Any, segment: Any) -> tuple[Any, Any]:
+        q = self.quests[quest, segment] = (
+            self._labels.counted(quest, segment),
+            self._labels.counted_now(quest),
+        )
+        return q
+
+    def _layer(self, quest: Any, layer: Any) -> Any:
+        lay = self.layers[quest, layer] = self._labels.ql(quest, layer)[1]
+        return lay
+
+    def _model(self, provider: Any, model: Any) -> tuple[str, str | None, tuple[str, str]]:
+        m = self.models[provider, model] = _model_labels(
+            provider, model, self._labels, self._family
+        )
+        return m
+
+
+class _Groups:
+    """The exact sums of the cumulative counters' series, by the labels of their keys."""
+
+    def __init__(self, labels: _Labels, prices: PriceBook) -> None:
+        self.labels, self.prices = labels, prices
+        self.by_series: dict[tuple[str, ...], Sums] = {}
+        self.by_model: dict[tuple[str, ...], Sums] = {}
+        self.listed: dict[tuple[str, ...], Decimal] = {}
+        self.listed_model: dict[tuple[str, ...], Decimal] = {}
+        self.unpriced: dict[tuple[str, ...], Sums] = {}
+
+    def change(self, key: Key, s: Sums, sign: int) -> None:
+        """Add (sign 1) or take out (-1) the sums of one key (of a valid row; an excluded
+        row's key counts nowhere here)."""
+        if key[5] is not None:  # its exclusion reason
+            return
+        (counted, counted_now), layer_label, (fam, ref, per_model) = self.labels.of(key)
         series = None if counted is None else (counted, layer_label, fam)
         now = None if counted_now is None else (counted_now, layer_label, fam)
-        by_model[per_model] += s
+        _change(self.by_model, per_model, s, sign)
         if series is not None:
-            by_series[series] += s
-        if now is not None and now not in by_series:
-            by_series[now] = ZERO
-        price = prices.price(fam, ref, period)
+            _change(self.by_series, series, s, sign)
+        if now is not None:
+            self.by_series.setdefault(now, ZERO)
+        price = self.prices.price(fam, ref, key[4])
         if price is None:
-            unpriced[per_model] += s
-            continue
-        if now is not None and now not in listed:
-            listed[now] = Decimal(0)
+            _change(self.unpriced, per_model, s, sign)
+            return
+        if now is not None:
+            self.listed.setdefault(now, Decimal(0))
         value = price.value(s)
-        listed_model[per_model] += value
+        _change(self.listed_model, per_model, value, sign)
         if series is not None:
-            listed[series] += value
-    catalogue = prices.catalogue
-    return {
-        c.SPEND: {k: float(s.cost) for k, s in by_series.items()},
-        c.TOKENS: _tokens(by_series),
-        c.REASONING_TOKENS: {k: float(s.reasoning_tokens) for k, s in by_series.items()},
-        c.CALLS: {k: float(s.calls) for k, s in by_series.items()},
-        c.MODEL_SPEND: {k: float(s.cost) for k, s in by_model.items()},
-        c.MODEL_TOKENS: _tokens(by_model),
-        c.MODEL_CALLS: {k: float(s.calls) for k, s in by_model.items()},
-        c.LIST_PRICE: {(*k, catalogue): float(v) for k, v in listed.items()},
-        c.MODEL_LIST_PRICE: {(*k, catalogue): float(v) for k, v in listed_model.items()},
-        c.UNPRICED_CALLS: {k: float(s.calls) for k, s in unpriced.items()},
-        c.UNPRICED_TOKENS: _tokens(unpriced),
-    }
+            _change(self.listed, series, value, sign)
+
+    def series(self) -> dict[c.MetricSpec, Series]:
+        by_series, by_model, unpriced = self.by_series, self.by_model, self.unpriced
+        catalogue = self.prices.catalogue
+        return {
+            c.SPEND: {k: float(s.cost) for k, s in by_series.items()},
+            c.TOKENS: _tokens(by_series),
+            c.REASONING_TOKENS: {k: float(s.reasoning_tokens) for k, s in by_series.items()},
+            c.CALLS: {k: float(s.calls) for k, s in by_series.items()},
+            c.MODEL_SPEND: {k: float(s.cost) for k, s in by_model.items()},
+            c.MODEL_TOKENS: _tokens(by_model),
+            c.MODEL_CALLS: {k: float(s.calls) for k, s in by_model.items()},
+            c.LIST_PRICE: {(*k, catalogue): float(v) for k, v in self.listed.items()},
+            c.MODEL_LIST_PRICE: {(*k, catalogue): float(v) for k, v in self.listed_model.items()},
+            c.UNPRICED_CALLS: {k: float(s.calls) for k, s in unpriced.items()},
+            c.UNPRICED_TOKENS: _tokens(unpriced),
+        }
+
+
+def _change(groups: dict[Any, Any], group: Any, value: Any, sign: int) -> None:
+    old = groups.get(group)
+    if old is None:
+        groups[group] = value
+    else:
+        groups[group] = old + value if sign > 0 else old - value
 
 
 def _model_labels(
