@@ -15,7 +15,7 @@ label of its day.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
@@ -638,7 +638,8 @@ class _Labels:
 
 
 class _Groups:
-    """The exact sums of the cumulative counters' series, by the labels of their keys."""
+    """The exact sums of the cumulative counters' series, by the labels of their keys, and
+    their series as last published: a steady refresh converts only the groups it changed."""
 
     def __init__(self, labels: _Labels, prices: PriceBook) -> None:
         self.labels, self.prices = labels, prices
@@ -647,6 +648,15 @@ class _Groups:
         self.listed: dict[tuple[str, ...], Decimal] = {}
         self.listed_model: dict[tuple[str, ...], Decimal] = {}
         self.unpriced: dict[tuple[str, ...], Sums] = {}
+        # Each dict's groups changed since ``series`` (a group is never dropped: a key that
+        # is gone makes ``Counters`` sum everything again).
+        self._changed: dict[int, set[tuple[str, ...]]] = {
+            id(groups): set() for groups in self._all()
+        }
+        self._published: dict[c.MetricSpec, Series] | None = None
+
+    def _all(self) -> tuple[dict[tuple[str, ...], Any], ...]:
+        return self.by_series, self.by_model, self.listed, self.listed_model, self.unpriced
 
     def change(self, key: Key, s: Sums, sign: int) -> None:
         """Add (sign 1) or take out (-1) the sums of one key (of a valid row; an excluded
@@ -656,46 +666,69 @@ class _Groups:
         (counted, counted_now), layer_label, (fam, ref, per_model) = self.labels.of(key)
         series = None if counted is None else (counted, layer_label, fam)
         now = None if counted_now is None else (counted_now, layer_label, fam)
-        _change(self.by_model, per_model, s, sign)
+        self._change(self.by_model, per_model, s, sign)
         if series is not None:
-            _change(self.by_series, series, s, sign)
-        if now is not None:
-            self.by_series.setdefault(now, ZERO)
+            self._change(self.by_series, series, s, sign)
+        if now is not None and now not in self.by_series:
+            self._change(self.by_series, now, ZERO, 1)
         price = self.prices.price(fam, ref, key[4])
         if price is None:
-            _change(self.unpriced, per_model, s, sign)
+            self._change(self.unpriced, per_model, s, sign)
             return
-        if now is not None:
-            self.listed.setdefault(now, Decimal(0))
+        if now is not None and now not in self.listed:
+            self._change(self.listed, now, Decimal(0), 1)
         value = price.value(s)
-        _change(self.listed_model, per_model, value, sign)
+        self._change(self.listed_model, per_model, value, sign)
         if series is not None:
-            _change(self.listed, series, value, sign)
+            self._change(self.listed, series, value, sign)
+
+    def _change(self, groups: dict[Any, Any], group: Any, value: Any, sign: int) -> None:
+        old = groups.get(group)
+        if old is None:
+            groups[group] = value
+        else:
+            groups[group] = old + value if sign > 0 else old - value
+        self._changed[id(groups)].add(group)
 
     def series(self) -> dict[c.MetricSpec, Series]:
-        by_series, by_model, unpriced = self.by_series, self.by_model, self.unpriced
-        catalogue = self.prices.catalogue
-        return {
-            c.SPEND: {k: float(s.cost) for k, s in by_series.items()},
-            c.TOKENS: _tokens(by_series),
-            c.REASONING_TOKENS: {k: float(s.reasoning_tokens) for k, s in by_series.items()},
-            c.CALLS: {k: float(s.calls) for k, s in by_series.items()},
-            c.MODEL_SPEND: {k: float(s.cost) for k, s in by_model.items()},
-            c.MODEL_TOKENS: _tokens(by_model),
-            c.MODEL_CALLS: {k: float(s.calls) for k, s in by_model.items()},
-            c.LIST_PRICE: {(*k, catalogue): float(v) for k, v in self.listed.items()},
-            c.MODEL_LIST_PRICE: {(*k, catalogue): float(v) for k, v in self.listed_model.items()},
-            c.UNPRICED_CALLS: {k: float(s.calls) for k, s in unpriced.items()},
-            c.UNPRICED_TOKENS: _tokens(unpriced),
-        }
+        """Every series, converted to float once per change of its exact sums."""
+        last, catalogue = self._published, self.prices.catalogue
+        if last is None:
+            out = _floats(self._all(), catalogue)
+        else:
+            changed = self._changed
+            part = _floats(
+                [
+                    {k: v for k, v in groups.items() if k in changed[id(groups)]}
+                    for groups in self._all()
+                ],
+                catalogue,
+            )
+            out = {metric: {**last[metric], **part[metric]} for metric in last}
+        for groups in self._changed.values():
+            groups.clear()
+        self._published = out
+        return out
 
 
-def _change(groups: dict[Any, Any], group: Any, value: Any, sign: int) -> None:
-    old = groups.get(group)
-    if old is None:
-        groups[group] = value
-    else:
-        groups[group] = old + value if sign > 0 else old - value
+def _floats(
+    groups: Sequence[Mapping[tuple[str, ...], Any]], catalogue: str
+) -> dict[c.MetricSpec, Series]:
+    """The cumulative counters' series of group sums (``_Groups._all``'s order)."""
+    by_series, by_model, listed, listed_model, unpriced = groups
+    return {
+        c.SPEND: {k: float(s.cost) for k, s in by_series.items()},
+        c.TOKENS: _tokens(by_series),
+        c.REASONING_TOKENS: {k: float(s.reasoning_tokens) for k, s in by_series.items()},
+        c.CALLS: {k: float(s.calls) for k, s in by_series.items()},
+        c.MODEL_SPEND: {k: float(s.cost) for k, s in by_model.items()},
+        c.MODEL_TOKENS: _tokens(by_model),
+        c.MODEL_CALLS: {k: float(s.calls) for k, s in by_model.items()},
+        c.LIST_PRICE: {(*k, catalogue): float(v) for k, v in listed.items()},
+        c.MODEL_LIST_PRICE: {(*k, catalogue): float(v) for k, v in listed_model.items()},
+        c.UNPRICED_CALLS: {k: float(s.calls) for k, s in unpriced.items()},
+        c.UNPRICED_TOKENS: _tokens(unpriced),
+    }
 
 
 def _model_labels(
