@@ -517,3 +517,53 @@ def test_every_statement_is_planned_with_its_parameters(dsn: str) -> None:
         assert prepared is not None and prepared[0] == 0
     finally:
         refresher.close()
+
+
+def test_counters_that_failed_part_way_sum_everything_again() -> None:
+    """A refresh that fails while the kept counter sums change leaves them half changed: the
+    next one must not take the same keys out again."""
+    from exporter.families import LabelGuard
+    from exporter.incremental import Sums
+    from exporter.labels import ProviderFamilies
+    from exporter.prices import PriceBook
+    from exporter.sources.spend import Counters, cumulative
+
+    settings = load_settings({"dsn": "host=/nowhere"}, env={})
+    providers = ProviderFamilies(settings.providers)
+    labels = LabelGuard(settings)
+    labels.weigh_layer("Forge", 1.0)
+    labels.decide()
+
+    class FailingPrices(PriceBook):
+        """The real price book, but for one model while ``failing``."""
+
+        failing = False
+
+        def price(self, family: str, ref: str | None, period: datetime | None) -> Any:
+            if self.failing and ref is not None and "opus" in ref:
+                raise RuntimeError("price lookup failed")
+            return super().price(family, ref, period)
+
+    prices = FailingPrices(settings.providers, settings.prices, providers.family)
+    models = ["claude-sonnet-4", "claude-opus-4", "claude-haiku-4", "gpt-5", "glm-4.6"]
+    totals = {
+        (f"q{i % 2}", "Forge", "anthropic", model, None, None, None): Sums(
+            *(Decimal(i * 10 + j) for j in range(7))
+        )
+        for i, model in enumerate(models)
+    }
+    counters = Counters()
+    assert counters.series(totals, labels, providers.family, prices) == cumulative(
+        totals, labels, providers.family, prices
+    )
+    more = Sums(*(Decimal(1) for _ in range(7)))
+    changed = dict(totals)
+    for key in list(changed)[:2]:  # sonnet, then opus: fewer than half the keys
+        changed[key] = changed[key] + more
+    prices.failing = True
+    with pytest.raises(RuntimeError):
+        counters.series(changed, labels, providers.family, prices)
+    prices.failing = False
+    expected = cumulative(changed, labels, providers.family, prices)
+    assert counters.series(changed, labels, providers.family, prices) == expected
+    assert expected != cumulative(totals, labels, providers.family, prices)

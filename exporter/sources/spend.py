@@ -546,6 +546,8 @@ class Counters:
         prices: PriceBook,
     ) -> dict[c.MetricSpec, Series]:
         seen, groups = self._seen, self._groups
+        # Changed in place below: until that is done, the next refresh sums everything again.
+        self._groups = None
         changed = [(key, s) for key, s in totals.items() if seen.get(key) is not s]
         now = _Labels(labels, family) if groups is None else groups.labels.again(labels, family)
         if (
