@@ -23,7 +23,7 @@ from psycopg.rows import namedtuple_row
 from exporter.config import Settings
 from exporter.contract import check_relations
 from exporter.exposition import TextRenderer
-from exporter.families import LedgerFamilies
+from exporter.families import LedgerFamilies, Samples
 from exporter.health import Health, QueryHealth
 from exporter.incremental import Plan, Watermark
 from exporter.labels import ProviderFamilies
@@ -129,6 +129,7 @@ class Refresher:
             started=clock(),
         )
         self._renderer = TextRenderer()
+        self._samples = Samples()  # the ledger families' samples as last built
         self.snapshot = Snapshot.of(self.health.families(), fresh_until=-math.inf)
 
     def refresh(self, now: datetime | None = None) -> bool:
@@ -170,7 +171,7 @@ class Refresher:
         h.last_refresh = self._clock()
         if ok:
             h.last_success = h.last_refresh
-        h.ledger = build_ledger(self._ready(), self.settings, self.providers)
+        h.ledger = build_ledger(self._ready(), self.settings, self.providers, self._samples)
         h.build_seconds = h.ledger.build_seconds
         fresh_until = (
             -math.inf

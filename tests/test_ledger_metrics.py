@@ -16,6 +16,7 @@ from exporter.config import load_settings
 from exporter.refresh import Refresher
 from exporter.sources import KINDS
 from exporter.sources.base import Build
+from tests.conftest import temporary_database
 from tests.ledger import (
     FAMILY_OF,
     Budget,
@@ -545,6 +546,38 @@ def test_every_ledger_family_is_built_by_exactly_one_source_and_exported(dsn: st
     exported = {name for name, _ in parse(refresher.snapshot.text)}
     for metric in c.LEDGER_METRICS:
         assert metric.name in exported, metric.name
+
+
+def test_two_refreshers_in_one_process_each_keep_their_own_samples(
+    dsn: str, pg_server: str
+) -> None:
+    """A refresh with no new rows reuses its own last samples, and only its own, whatever
+    another refresher of the process built in between (from other values under the same
+    labels)."""
+    insert(dsn, *from_plan(generate.plan(3000, seed=5, end=NOW)))
+    with temporary_database(pg_server, schema=True) as other_dsn:
+        insert(other_dsn, *from_plan(generate.plan(3000, seed=6, end=NOW)))
+        one = Refresher(load_settings({"dsn": dsn}, env={}))
+        other = Refresher(load_settings({"dsn": other_dsn}, env={}))
+        try:
+            assert one.refresh(NOW)
+            first = {f.name: f.samples for f in one.ledger.families}
+            assert other.refresh(NOW)
+            theirs = {f.name: f.samples for f in other.ledger.families}
+            assert one.refresh(NOW)
+            again = {f.name: f.samples for f in one.ledger.families}
+        finally:
+            one.close()
+            other.close()
+    spend = "scidex_spend_usd"
+    assert {s.labels["quest"] for s in first[spend]} & {s.labels["quest"] for s in theirs[spend]}
+    assert again.keys() == first.keys()
+    for name, samples in again.items():
+        assert samples == first[name], name
+        assert all(a is b for a, b in zip(samples, first[name], strict=True)), name
+    # and none of the other refresher's, even where a series has the same value in both
+    theirs_ids = {id(s) for samples in theirs.values() for s in samples}
+    assert not any(id(s) in theirs_ids for samples in again.values() for s in samples)
 
 
 def test_the_demo_stays_under_10000_series_when_every_combination_fills(dsn: str) -> None:

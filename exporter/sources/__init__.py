@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from exporter import catalog as c
 from exporter.config import Settings
-from exporter.families import LabelGuard, LedgerFamilies, family_of
+from exporter.families import LabelGuard, LedgerFamilies, Samples
 from exporter.labels import ProviderFamilies
 from exporter.prices import PriceBook
 from exporter.sources.base import Build, Excluded, Instants, Refresh, Source, Statement
@@ -44,19 +44,23 @@ def sources(settings: Settings, providers: ProviderFamilies) -> tuple[Source, ..
 
 
 def build_ledger(
-    ready: Sequence[Source], settings: Settings, providers: ProviderFamilies
+    ready: Sequence[Source],
+    settings: Settings,
+    providers: ProviderFamilies,
+    samples: Samples | None = None,
 ) -> LedgerFamilies:
     """Build the ledger families of the sources whose data is fresh.
 
     A source left out (never succeeded, or stale) leaves its families out entirely: a gap in
     Grafana, not a flat line of old numbers. Excluded rows are one family that every source
-    reporting exclusions adds its relation's reasons to.
+    reporting exclusions adds its relation's reasons to. ``samples``: the refresher's, reused
+    where a series kept its value.
     """
     labels = LabelGuard(settings)
     for source in ready:
         source.weigh(labels)
     labels.decide()
-    build = Build(labels, providers, settings, {type(s): s for s in ready})
+    build = Build(labels, providers, settings, {type(s): s for s in ready}, samples)
     out = LedgerFamilies(labels=labels)
     excluded: Excluded = {}
     for source in ready:
@@ -65,7 +69,7 @@ def build_ledger(
         excluded |= source.excluded()
         out.build_seconds[type(source).__name__] = time.perf_counter() - started
     if excluded:
-        out.families.append(family_of(c.LEDGER_EXCLUDED_ROWS, excluded))
+        out.families.append(build.family(c.LEDGER_EXCLUDED_ROWS, excluded))
     out.folded = labels.folded
     out.cleaned = labels.cleaned()
     return out

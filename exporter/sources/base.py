@@ -19,7 +19,7 @@ from prometheus_client.metrics_core import Metric as Family
 from exporter.catalog import MetricSpec
 from exporter.config import Settings
 from exporter.days import local_midnight
-from exporter.families import LabelGuard
+from exporter.families import LabelGuard, Samples, family_of
 from exporter.incremental import Plan, Watermark
 from exporter.labels import ProviderFamilies
 from exporter.prices import PriceBook
@@ -103,7 +103,8 @@ S = TypeVar("S", bound="Source")
 
 
 class Build:
-    """What a source's families are built with: labels, classifier, and the other sources."""
+    """What a source's families are built with: labels, classifier, the other sources, and
+    the exporter's samples as last built."""
 
     def __init__(
         self,
@@ -111,11 +112,18 @@ class Build:
         providers: ProviderFamilies,
         settings: Settings,
         ready: Mapping[type[Source], Source],
+        samples: Samples | None = None,
     ) -> None:
         self.labels = labels
         self.providers = providers
         self.settings = settings
         self._ready = ready
+        self.samples = Samples() if samples is None else samples
+
+    def family(self, metric: MetricSpec, series: Mapping[tuple[str, ...], float]) -> Family:
+        """One family of these series (``families.family_of``), reusing the unchanged ones'
+        samples."""
+        return family_of(metric, series, self.samples)
 
     def source(self, kind: type[S]) -> S | None:
         """Another source whose data is fresh, or None (its families are left out)."""

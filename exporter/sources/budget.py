@@ -9,7 +9,7 @@ import psycopg
 from prometheus_client.metrics_core import Metric as Family
 
 from exporter import catalog as c
-from exporter.families import LabelGuard, Series, as_float, family_of
+from exporter.families import LabelGuard, Series, as_float
 from exporter.queries import Query
 from exporter.sources.base import Build, Excluded, Refresh, Source, Statement
 from exporter.sources.spend import SpendSource
@@ -84,11 +84,11 @@ class BudgetSource(Source):
             key: today.get(key, 0.0) / budget for key, budget in allocated.items() if budget > 0
         }
         return [
-            family_of(c.BUDGET_ALLOCATED, allocated),
-            family_of(c.BUDGET_UTILIZATION, utilization),
-            family_of(c.BUDGET_ALLOCATED_MONTH_TO_DATE, self.allocated(build.labels, "to_date")),
-            family_of(c.BUDGET_ALLOCATED_MONTH, self.allocated(build.labels, "month")),
-            family_of(c.BUDGET_MONTH_END, {(): self._month_end or 0.0}),
+            build.family(c.BUDGET_ALLOCATED, allocated),
+            build.family(c.BUDGET_UTILIZATION, utilization),
+            build.family(c.BUDGET_ALLOCATED_MONTH_TO_DATE, self.allocated(build.labels, "to_date")),
+            build.family(c.BUDGET_ALLOCATED_MONTH, self.allocated(build.labels, "month")),
+            build.family(c.BUDGET_MONTH_END, {(): self._month_end or 0.0}),
         ]
 
     def excluded(self) -> Excluded:

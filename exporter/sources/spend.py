@@ -28,7 +28,7 @@ from prometheus_client.metrics_core import Metric as Family
 
 from exporter import catalog as c
 from exporter.days import DAY, midnights
-from exporter.families import LabelGuard, Series, as_float, family_of
+from exporter.families import LabelGuard, Series, as_float
 from exporter.fold import Fold, QuestDays, decide, quest_days
 from exporter.incremental import ZERO, Sums
 from exporter.labels import LabelCleaner
@@ -469,10 +469,10 @@ class SpendSource(Source):
         counters = self._counters.series(
             self.totals.totals, labels, build.providers.family, self.prices
         )
-        families = [family_of(metric, series) for metric, series in counters.items()]
+        families = [build.family(metric, series) for metric, series in counters.items()]
         newest = self._newest
         if newest is not None and counters[c.SPEND]:
-            families.append(family_of(c.LEDGER_LAST_CALL, {(): newest.timestamp()}))
+            families.append(build.family(c.LEDGER_LAST_CALL, {(): newest.timestamp()}))
         month, today = (dict(spent) for spent in self._per_quest(labels))  # zeros added below
         from exporter.sources.budget import BudgetSource  # budget reads today's spend from here
 
@@ -482,8 +482,8 @@ class SpendSource(Source):
                 today.setdefault(quest, 0.0)
             for quest in budget.allocated(labels, "month"):
                 month.setdefault(quest, 0.0)
-        families.append(family_of(c.QUEST_SPEND_TODAY, today))
-        families.append(family_of(c.QUEST_SPEND_MONTH, month))
+        families.append(build.family(c.QUEST_SPEND_TODAY, today))
+        families.append(build.family(c.QUEST_SPEND_MONTH, month))
         return families
 
     def excluded(self) -> Excluded:

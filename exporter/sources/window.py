@@ -18,7 +18,7 @@ import psycopg
 from prometheus_client.metrics_core import Metric as Family
 
 from exporter import catalog as c
-from exporter.families import LabelGuard, Series, as_float, family_of
+from exporter.families import LabelGuard, Series, as_float
 from exporter.queries import OPTIONAL_TOKENS, Columns, Periods, Query
 from exporter.sources.base import Build, Refresh, Source, Statement
 from exporter.summary import AMOUNT_DIGITS, WindowRow, rounded
@@ -386,13 +386,14 @@ class WindowSource(Source):
 
     def build(self, build: Build) -> list[Family]:
         rows = self._rows or []
-        return _window(rows, build.labels) + _providers(rows, build.providers.families)
+        return _window(rows, build) + _providers(rows, build)
 
 
 WASTE = ("tokens", "usd", "tasks", "listed")
 
 
-def _window(rows: list[WindowRow], labels: LabelGuard) -> list[Family]:
+def _window(rows: list[WindowRow], build: Build) -> list[Family]:
+    labels = build.labels
     ranked: dict[str, dict[tuple[str, ...], WindowRow]] = {
         "efficiency": {},
         "efficiency_list": {},
@@ -430,40 +431,40 @@ def _window(rows: list[WindowRow], labels: LabelGuard) -> list[Family]:
     quest_impact = {k: rounded(v) for k, v in exact["quest_impact"].items()}
     eff, wasted, eff_list = ranked["efficiency"], ranked["waste"], ranked["efficiency_list"]
     return [
-        family_of(
+        build.family(
             c.TASK_IMPACT_PER_LIST_USD,
             {k: as_float(r.impact) / as_float(r.listed) for k, r in eff_list.items()},
         ),
-        family_of(c.TASK_LIST_PRICE, {k: as_float(r.listed) for k, r in eff_list.items()}),
-        family_of(c.WASTED_LIST_PRICE, waste["listed"]),
-        family_of(
+        build.family(c.TASK_LIST_PRICE, {k: as_float(r.listed) for k, r in eff_list.items()}),
+        build.family(c.WASTED_LIST_PRICE, waste["listed"]),
+        build.family(
             c.TASK_IMPACT_PER_USD,
             {k: as_float(r.impact) / as_float(r.cost) for k, r in eff.items()},
         ),
-        family_of(c.TASK_COST, {k: as_float(r.cost) for k, r in eff.items()}),
-        family_of(c.TASK_IMPACT, {k: as_float(r.impact) for k, r in eff.items()}),
-        family_of(c.TASK_WASTED_TOKENS, {k: as_float(r.tokens) for k, r in wasted.items()}),
-        family_of(c.TASK_WASTED_USD, {k: as_float(r.cost) for k, r in wasted.items()}),
-        family_of(c.WASTED_TOKENS, waste["tokens"]),
-        family_of(c.WASTED_USD, waste["usd"]),
-        family_of(c.WASTED_TASKS, waste["tasks"]),
-        family_of(c.QUEST_WINDOW_SPEND, quest_cost),
-        family_of(c.QUEST_WINDOW_IMPACT, quest_impact),
-        family_of(
+        build.family(c.TASK_COST, {k: as_float(r.cost) for k, r in eff.items()}),
+        build.family(c.TASK_IMPACT, {k: as_float(r.impact) for k, r in eff.items()}),
+        build.family(c.TASK_WASTED_TOKENS, {k: as_float(r.tokens) for k, r in wasted.items()}),
+        build.family(c.TASK_WASTED_USD, {k: as_float(r.cost) for k, r in wasted.items()}),
+        build.family(c.WASTED_TOKENS, waste["tokens"]),
+        build.family(c.WASTED_USD, waste["usd"]),
+        build.family(c.WASTED_TASKS, waste["tasks"]),
+        build.family(c.QUEST_WINDOW_SPEND, quest_cost),
+        build.family(c.QUEST_WINDOW_IMPACT, quest_impact),
+        build.family(
             c.QUEST_IMPACT_PER_USD,
             {k: quest_impact[k] / cost for k, cost in quest_cost.items() if cost > 0},
         ),
     ]
 
 
-def _providers(rows: list[WindowRow], families: tuple[str, ...]) -> list[Family]:
+def _providers(rows: list[WindowRow], build: Build) -> list[Family]:
     found = {r.family: r for r in rows if r.kind == "provider"}
     spend: Series = {}
     tasks: Series = {}
     tokens: Series = {}
     avg: Series = {}
     listed: Series = {}
-    for name in families:
+    for name in build.providers.families:
         r = found.get(name)
         key = (name,)
         spend[key] = as_float(r.cost) if r else 0.0
@@ -473,9 +474,9 @@ def _providers(rows: list[WindowRow], families: tuple[str, ...]) -> list[Family]
         if tasks[key] > 0:
             avg[key] = spend[key] / tasks[key]
     return [
-        family_of(c.PROVIDER_SPEND, spend),
-        family_of(c.PROVIDER_TASKS, tasks),
-        family_of(c.PROVIDER_TOKENS, tokens),
-        family_of(c.PROVIDER_AVG_COST, avg),
-        family_of(c.PROVIDER_LIST_PRICE, listed),
+        build.family(c.PROVIDER_SPEND, spend),
+        build.family(c.PROVIDER_TASKS, tasks),
+        build.family(c.PROVIDER_TOKENS, tokens),
+        build.family(c.PROVIDER_AVG_COST, avg),
+        build.family(c.PROVIDER_LIST_PRICE, listed),
     ]
