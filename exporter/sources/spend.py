@@ -645,19 +645,14 @@ class _Groups:
 
     def __init__(self, labels: _Labels, prices: PriceBook) -> None:
         self.labels, self.prices = labels, prices
-        self.by_series: dict[tuple[str, ...], Sums] = {}
-        self.by_model: dict[tuple[str, ...], Sums] = {}
-        self.listed: dict[tuple[str, ...], Decimal] = {}
-        self.listed_model: dict[tuple[str, ...], Decimal] = {}
-        self.unpriced: dict[tuple[str, ...], Sums] = {}
-        # Each dict's groups changed since ``series`` (a group is never dropped: a key that
-        # is gone makes ``Counters`` sum everything again).
-        self._changed: dict[int, set[tuple[str, ...]]] = {
-            id(groups): set() for groups in self._all()
-        }
+        self.by_series = _Changing[Sums]()
+        self.by_model = _Changing[Sums]()
+        self.listed = _Changing[Decimal]()
+        self.listed_model = _Changing[Decimal]()
+        self.unpriced = _Changing[Sums]()
         self._published: dict[c.MetricSpec, Series] | None = None
 
-    def _all(self) -> tuple[dict[tuple[str, ...], Any], ...]:
+    def _all(self) -> tuple[_Changing[Any], ...]:
         return self.by_series, self.by_model, self.listed, self.listed_model, self.unpriced
 
     def change(self, key: Key, s: Sums, sign: int) -> None:
@@ -668,29 +663,21 @@ class _Groups:
         (counted, counted_now), layer_label, (fam, ref, per_model) = self.labels.of(key)
         series = None if counted is None else (counted, layer_label, fam)
         now = None if counted_now is None else (counted_now, layer_label, fam)
-        self._change(self.by_model, per_model, s, sign)
+        self.by_model.change(per_model, s, sign)
         if series is not None:
-            self._change(self.by_series, series, s, sign)
+            self.by_series.change(series, s, sign)
         if now is not None and now not in self.by_series:
-            self._change(self.by_series, now, ZERO, 1)
+            self.by_series.change(now, ZERO, 1)
         price = self.prices.price(fam, ref, key[4])
         if price is None:
-            self._change(self.unpriced, per_model, s, sign)
+            self.unpriced.change(per_model, s, sign)
             return
         if now is not None and now not in self.listed:
-            self._change(self.listed, now, Decimal(0), 1)
+            self.listed.change(now, Decimal(0), 1)
         value = price.value(s)
-        self._change(self.listed_model, per_model, value, sign)
+        self.listed_model.change(per_model, value, sign)
         if series is not None:
-            self._change(self.listed, series, value, sign)
-
-    def _change(self, groups: dict[Any, Any], group: Any, value: Any, sign: int) -> None:
-        old = groups.get(group)
-        if old is None:
-            groups[group] = value
-        else:
-            groups[group] = old + value if sign > 0 else old - value
-        self._changed[id(groups)].add(group)
+            self.listed.change(series, value, sign)
 
     def series(self) -> dict[c.MetricSpec, Series]:
         """Every series, converted to float once per change of its exact sums."""
@@ -698,19 +685,37 @@ class _Groups:
         if last is None:
             out = _floats(self._all(), catalogue)
         else:
-            changed = self._changed
-            part = _floats(
-                [
-                    {k: v for k, v in groups.items() if k in changed[id(groups)]}
-                    for groups in self._all()
-                ],
-                catalogue,
-            )
+            part = _floats([groups.changes() for groups in self._all()], catalogue)
             out = {metric: {**last[metric], **part[metric]} for metric in last}
-        for groups in self._changed.values():
-            groups.clear()
+        for groups in self._all():
+            groups.changed.clear()
         self._published = out
         return out
+
+
+V = TypeVar("V", Sums, Decimal)
+
+
+class _Changing(dict[tuple[str, ...], V]):
+    """Exact group sums that note which groups changed (a group is never dropped: a key
+    that is gone makes ``Counters`` sum everything again)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.changed: set[tuple[str, ...]] = set()
+
+    def change(self, group: tuple[str, ...], value: V, sign: int) -> None:
+        """Add (sign 1) or take out (-1) ``value``."""
+        old = self.get(group)
+        if old is None:
+            self[group] = value
+        else:
+            self[group] = old + value if sign > 0 else old - value
+        self.changed.add(group)
+
+    def changes(self) -> dict[tuple[str, ...], V]:
+        """The groups changed since ``changed`` was last cleared, with their sums."""
+        return {group: self[group] for group in self.changed}
 
 
 def _floats(
