@@ -389,6 +389,45 @@ def test_layers_and_models_are_weighed_by_exact_window_spend(dsn: str) -> None:
     assert_matches(got, expected(calls, [], [], NOW, TODAY, MIDNIGHT, rules))
 
 
+def test_models_are_weighed_by_window_tokens_cache_tokens_included(dsn: str) -> None:
+    # Two subscription models at $0: sonnet with more input and output tokens (600 against
+    # 200), opus with more tokens in all once its cache tokens count (650). One label by spend
+    # (gpt-5-codex) and one by tokens: opus keeps it.
+    calls = [
+        Call(
+            ago(hours=3),
+            "t1",
+            provider="codex:gpt-5-codex",
+            cost_usd=D("1.5"),
+            input_tokens=10,
+            output_tokens=10,
+        ),
+        Call(
+            ago(hours=2),
+            "t2",
+            provider="max/claude-sonnet-4",
+            cost_usd=D(0),
+            input_tokens=400,
+            output_tokens=200,
+        ),
+        Call(
+            ago(hours=1),
+            "t3",
+            provider="max/claude-opus-4",
+            cost_usd=D(0),
+            input_tokens=100,
+            output_tokens=100,
+            cache_read_tokens=400,
+            cache_write_tokens=50,
+        ),
+    ]
+    insert(dsn, calls)
+    got = scrape(dsn, max_models=1)
+    models = {dict(k[1])["model"] for k in got if k[0] == "scidex_model_spend_usd_total"}
+    assert models == {"gpt-5-codex", "claude-opus-4", "other"}
+    assert_matches(got, expected(calls, [], [], NOW, TODAY, MIDNIGHT, Rules(max_models=1)))
+
+
 def test_a_quest_with_a_large_budget_keeps_its_label_spent_or_not(dsn: str) -> None:
     # max_quests 2: the two largest spenders, and the two largest allocations today.
     calls = [
