@@ -426,17 +426,21 @@ class SpendSource(Source):
         # The window's spend and tokens per raw layer and model, summed exactly and converted
         # once: float sums would follow the keys' order, which differs between a steady refresh
         # and a full recomputation, and could tip a near tie for the last label.
+        # Only the cost and the tokens: adding whole Sums took half again as long.
         layers: dict[Any, Decimal] = defaultdict(Decimal)
-        models: dict[tuple[Any, Any], Sums] = defaultdict(lambda: ZERO)
+        spend: dict[tuple[Any, Any], Decimal] = defaultdict(Decimal)
+        tokens: dict[tuple[Any, Any], Decimal] = defaultdict(Decimal)
         for key, sums in self.totals.recent.items():
             if key.in_window:
                 layers[key.layer] += sums.cost
-                models[key.provider, key.model] += sums
+                model = key.provider, key.model
+                spend[model] += sums.cost
+                tokens[model] += sum(_token_values(sums))
         for layer, cost in layers.items():
             labels.weigh_layer(layer, float(cost))
-        for (provider, model), sums in models.items():
-            tokens = float(sum(_token_values(sums)))
-            labels.weigh_model(model_label(provider, model), float(sums.cost), tokens)
+        for (provider, model), cost in spend.items():
+            used = float(tokens[provider, model])
+            labels.weigh_model(model_label(provider, model), float(cost), used)
 
     def today(self, labels: LabelGuard) -> Series:
         """Spend since today's midnight per folded quest (quests with spend today)."""
