@@ -583,19 +583,18 @@ class _Labels:
         # in (counted_now) exists from the start, at 0: one that appears when a quest moves in
         # or out of ``other`` would lose its first increase.
         self.quests: dict[tuple[Any, Any], tuple[Any, Any]] = {}
-        self.layers: dict[tuple[Any, Any], Any] = {}  # (quest, layer) -> layer label
+        self.layers: dict[tuple[Any, Any], str] = {}  # (quest, layer) -> layer label
         # (provider, model) -> (family, model reference, (family, model label))
         self.models: dict[tuple[Any, Any], tuple[str, str | None, tuple[str, str]]] = {}
 
-    def of(self, key: Key) -> tuple[Any, Any, tuple[str, str | None, tuple[str, str]]]:
+    def of(self, key: Key) -> tuple[Any, str, tuple[str, str | None, tuple[str, str]]]:
         """(counted, counted_now), the layer label, (family, model reference, model series)."""
         quest, layer, provider, model, _, _, segment = key
         q = self.quests.get((quest, segment))
         if q is None:
             q = self._quest(quest, segment)
-        if (quest, layer) in self.layers:
-            lay = self.layers[quest, layer]
-        else:
+        lay = self.layers.get((quest, layer))
+        if lay is None:
             lay = self._layer(quest, layer)
         m = self.models.get((provider, model))
         if m is None:
@@ -632,7 +631,7 @@ class _Labels:
         )
         return q
 
-    def _layer(self, quest: Any, layer: Any) -> Any:
+    def _layer(self, quest: Any, layer: Any) -> str:
         lay = self.layers[quest, layer] = self._labels.ql(quest, layer)[1]
         return lay
 
