@@ -17,6 +17,10 @@ from exporter.exposition import Families, TextRenderer
 
 TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OPENMETRICS_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+GZIP_LEVEL = 1
+"""gzip's fastest level: every refresh compresses the text anew. At 10 M rows in the window
+(856 kB of text) level 1 took 2.6 ms and made 101 kB, the default level 6 8.2 ms and 83 kB:
+a tenth of a steady refresh for 18 kB less a scrape (docs/performance.md)."""
 
 
 @dataclass(frozen=True)
@@ -46,7 +50,7 @@ class Snapshot:
         """Render ``families``; a refresher's ``renderer`` reuses its last rendering's lines."""
         fams = tuple(families)
         text = renderer.render(fams) if renderer else generate_latest(Families(fams))
-        return cls(fams, text, gzip.compress(text, compresslevel=6, mtime=0), fresh_until)
+        return cls(fams, text, gzip.compress(text, compresslevel=GZIP_LEVEL, mtime=0), fresh_until)
 
     @property
     def fresh(self) -> bool:
@@ -59,7 +63,7 @@ class Snapshot:
 
     @cached_property
     def openmetrics_gzip(self) -> bytes:
-        return gzip.compress(self.openmetrics, compresslevel=6, mtime=0)
+        return gzip.compress(self.openmetrics, compresslevel=GZIP_LEVEL, mtime=0)
 
     def body(self, *, openmetrics: bool, compressed: bool) -> bytes:
         """Return the exposition in the negotiated encoding."""
