@@ -21,7 +21,7 @@ from exporter import generate
 from exporter.catalog import MetricSpec
 from exporter.config import load_settings
 from exporter.exposition import Families, TextRenderer
-from exporter.families import family_of
+from exporter.families import Samples, family_of
 from exporter.refresh import Refresher
 
 LABEL_VALUES = st.text(
@@ -32,7 +32,9 @@ VALUES = st.floats() | st.sampled_from([0.0, -0.0, math.inf, -math.inf, 1e21, 12
 SERIES = st.dictionaries(st.tuples(LABEL_VALUES, LABEL_VALUES), VALUES, max_size=6)
 
 
-def _families(kinds: list[str], series: list[dict[tuple[str, str], float]]) -> list[Metric]:
+def _families(
+    kinds: list[str], series: list[dict[tuple[str, str], float]], samples: Samples
+) -> list[Metric]:
     out: list[Metric] = []
     for i, (kind, values) in enumerate(zip(kinds, series, strict=True)):
         name, doc = f"scidex_test_{i}", 'help with \\ and\nnewline and "quotes"'
@@ -40,7 +42,7 @@ def _families(kinds: list[str], series: list[dict[tuple[str, str], float]]) -> l
         if kind in ("counter", "gauge"):  # as the sources build them, samples reused
             sample_name = name + ("_total" if kind == "counter" else "")
             spec = MetricSpec(sample_name, kind, doc, ("quest", "layer"))  # type: ignore[arg-type]
-            out.append(family_of(spec, values))
+            out.append(family_of(spec, values, samples))
             continue
         if kind == "info":
             fam = InfoMetricFamily(name, doc)
@@ -76,10 +78,10 @@ def test_the_same_series_in_another_order_keep_the_label_order() -> None:
 @settings(max_examples=150, deadline=None)
 @given(KINDS, st.data())
 def test_every_rendering_equals_the_library(kinds: list[str], data: st.DataObject) -> None:
-    renderer = TextRenderer()
+    renderer, samples = TextRenderer(), Samples()
     series = [data.draw(SERIES) for _ in kinds]
     for _ in range(3):  # values change, series come and go, the renderer keeps its lines
-        families = _families(kinds, series)
+        families = _families(kinds, series, samples)
         assert renderer.render(families) == generate_latest(Families(families))
         for kind, fam, values in zip(kinds, families, series, strict=True):
             if kind in ("counter", "gauge"):  # each sample as given, whatever was reused
