@@ -80,8 +80,12 @@ class TextRenderer:
         for i, s in enumerate(samples):
             if s.name != name or s.timestamp is not None:
                 return _library_rendered(fam)
-            value = s.value
             p = last[i] if i < len(last) else None
+            if p is s:  # the very sample (exporter/families.py reuses an unchanged one)
+                prefixes.append(last_prefixes[i])
+                lines.append(last_lines[i])
+                continue
+            value = s.value
             if p is not None and p.labels == s.labels:
                 prefix = last_prefixes[i]
                 # The same text, unless NaN (never equal) or a zero (-0.0 reads "-0.0").
