@@ -207,8 +207,9 @@ class WrkRun:
 
 
 def wrk(url: str, connections: int, seconds: float, headers: list[str]) -> WrkRun:
+    threads = f"-t{min(2, connections)}"  # wrk wants a connection per thread at least
     out = subprocess.run(
-        ["wrk", "-t2", f"-c{connections}", f"-d{int(seconds)}s", "--latency", *headers, url],
+        ["wrk", threads, f"-c{connections}", f"-d{int(seconds)}s", "--latency", *headers, url],
         capture_output=True,
         text=True,
         check=True,
