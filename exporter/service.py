@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import threading
 import time
 from datetime import UTC, datetime
@@ -18,6 +19,13 @@ from exporter.refresh import Refresher
 from exporter.server import MetricsServer
 
 log = logging.getLogger(__name__)
+
+SWITCH_INTERVAL_SECONDS = 0.001
+"""How long a refresh may keep the GIL from a scrape that waits for it (Python's default is
+5 ms). The server's thread gives the GIL up at each system call of a response and waits up to
+that long to take it back while a refresh runs Python: 50 scrapers through rebuilds at 10 M
+rows saw p99 212 and 217 ms at 5 ms, 86 ms at 2 ms, 51 and 51 ms at 1 ms, and the rebuilds
+under that load took no longer (docs/operations.md). No scrape waiting, no interruption."""
 
 
 class Exporter:
@@ -51,6 +59,7 @@ class Exporter:
         self.refresher.health.skipped += 1
 
     def start(self) -> Exporter:
+        sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
         self.server.start()
         self.scheduler.start()
         event(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import sys
 import threading
 import time
 import urllib.request
@@ -167,6 +168,20 @@ def test_scheduler_never_runs_two_refreshes_at_once(ledger: str) -> None:
         time.sleep(0.05)
     exporter.stop()
     assert exporter.refresher.health.refreshes >= 1
+
+
+def test_a_serving_exporter_hands_a_waiting_scrape_the_gil_within_a_millisecond(
+    ledger: str,
+) -> None:
+    settings = load_settings({"dsn": ledger, "port": 0, "listen": "127.0.0.1"}, env={})
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(0.005)  # Python's default
+    exporter = Exporter(settings).start()
+    try:
+        assert sys.getswitchinterval() == pytest.approx(0.001)
+    finally:
+        exporter.stop()
+        sys.setswitchinterval(before)
 
 
 def test_http_negotiates_openmetrics_and_gzip(served: tuple[Refresher, str]) -> None:
