@@ -158,7 +158,7 @@ class Steady:
         self.times: list[float] = []
         self.split: list[dict[str, float]] = []
         try:
-            for _ in range(3):  # the first is a full reconciliation; then the watermark settles
+            for _ in range(3):  # a full reconciliation first (two if the seed did not take)
                 _ok(self.refresher.refresh())
         except BaseException:
             self.close()

@@ -85,6 +85,20 @@ class Watermark:
         safe = max([self.frozen_id, *(m for x, m in self.pending if x <= xmin)])
         return Plan(after=None if full else self.frozen_id, safe=safe, xmin=xmin, xmax=xmax)
 
+    @property
+    def unseeded(self) -> bool:
+        """Nothing is final or pending: no refresh has been recorded, nor a ``seed``."""
+        return self.frozen_id < 0 and not self.pending
+
+    def seed(self, xmax: int, largest: int) -> None:
+        """Note, before an exporter's first refresh, the ``xmax`` of a snapshot taken in a
+        transaction of its own and the largest id it saw, as a recorded refresh would: if every
+        transaction running then has finished when the first refresh's snapshot is taken, the
+        first refresh takes ids up to that one as final, and the second reads only the rows
+        after them. Unseeded, the first refresh finds nothing final, and the second reads the
+        whole ledger again."""
+        self.pending.append((xmax, largest))
+
     def record(self, plan: Plan, largest: int | None, now: float) -> None:
         """Note what a refresh read under ``plan``: its final rows, and the largest id seen."""
         self.frozen_id = plan.safe

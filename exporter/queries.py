@@ -184,6 +184,18 @@ SNAPSHOT = Query(
 )
 
 
+# Before an exporter's first refresh, in a transaction of its own: what a refresh would note
+# for the watermark (the snapshot's ``xmax`` and the largest id it sees), so that the first
+# refresh can already take those ids as final (exporter/incremental.py, ``Watermark.seed``).
+SEED = Query(
+    "seed",
+    """
+    SELECT pg_snapshot_xmax(pg_current_snapshot())::text::numeric AS xmax,
+           (SELECT max(c.id) FROM cost_ledger c) AS largest
+    """,
+)
+
+
 # --- Backfill (a one-off history export, not part of a refresh) ------------------------------
 
 

@@ -28,12 +28,16 @@ from exporter.health import Health, QueryHealth
 from exporter.incremental import Plan, Watermark
 from exporter.labels import ProviderFamilies
 from exporter.logs import error_fields, event
-from exporter.queries import OPTIONAL_TOKENS, SNAPSHOT, Columns
+from exporter.queries import OPTIONAL_TOKENS, SEED, SNAPSHOT, Columns
 from exporter.snapshot import Snapshot
 from exporter.sources import Instants, Refresh, Source, Statement, build_ledger, sources
 
 log = logging.getLogger(__name__)
 S = TypeVar("S", bound=Source)
+
+SEED_WAIT_SECONDS = 0.1
+"""How long an exporter's first refresh may wait for the transactions that were running when
+it seeded its watermark; past that (a long transaction) it reads as if unseeded."""
 
 
 class TimedCursor(psycopg.Cursor[Any]):
@@ -209,6 +213,8 @@ class Refresher:
             return False
         ok = True
         try:
+            if self.watermark.unseeded:
+                self._seed(conn)
             with conn.transaction():
                 (snap,) = conn.execute(SNAPSHOT.sql, {"optional": list(OPTIONAL_TOKENS)}).fetchall()
                 columns = Columns(frozenset(snap.columns), frozenset(snap.integer_columns))
@@ -230,6 +236,28 @@ class Refresher:
             self._fail_all(exc)
             return False
         return ok
+
+    def _seed(self, conn: psycopg.Connection[Any]) -> None:
+        """Seed the watermark in a transaction before the first refresh's (``SEED``), then
+        wait up to ``SEED_WAIT_SECONDS`` for the transactions running at its snapshot to end
+        (appends take milliseconds), so that the first refresh can take the seed. A failure
+        here (no ledger yet) leaves it unseeded: the refresh reports what is wrong."""
+        try:
+            with conn.transaction():
+                (seed,) = conn.execute(SEED.sql).fetchall()
+            if seed.largest is None:
+                return
+            self.watermark.seed(int(seed.xmax), int(seed.largest))
+            deadline = time.monotonic() + SEED_WAIT_SECONDS
+            while time.monotonic() < deadline:
+                with conn.transaction():
+                    (snap,) = conn.execute(SNAPSHOT.sql, {"optional": []}).fetchall()
+                if snap.xmin >= seed.xmax:
+                    return
+                time.sleep(0.01)
+        except psycopg.Error:
+            if conn.broken:
+                raise
 
     def _run(
         self, conn: psycopg.Connection[Any], source: Source, query: str, refresh: Refresh

@@ -57,8 +57,8 @@ class WindowTasks:
         """Return (full, safe): whether to rebuild, and the id up to which rows are final.
 
         A steady statement reads the ids after ``frozen_id``. Rebuild at a reconciliation, and
-        while nothing is final yet (the first refresh of an exporter has no watermark): a tail
-        from id -1 would be the whole ledger.
+        while nothing is final yet (an exporter's first refresh, unless its watermark was
+        seeded, and the one after it): a tail from id -1 would be the whole ledger.
         """
         return plan.full or self.frozen_id < 0, max(plan.safe, self.frozen_id)
 

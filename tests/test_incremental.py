@@ -102,6 +102,25 @@ def test_a_late_commit_with_a_smaller_id_is_never_skipped(dsn: str) -> None:
     incremental.close()
 
 
+def test_an_exporters_first_refresh_already_takes_the_ledger_as_final(dsn: str) -> None:
+    """With no transaction running, the first refresh reads every id as final (the watermark
+    is seeded before it), so the second reads only the rows after them: an exporter's start
+    reads the whole ledger and rebuilds the window once, not twice."""
+    rng = random.Random(5)
+    incremental = Refresher(load_settings({"dsn": dsn}, env={}))
+    try:
+        with psycopg.connect(dsn, autocommit=True) as writer:
+            _insert(writer, _rows(rng, 20))
+            largest = writer.execute("SELECT max(id) FROM cost_ledger").fetchone()[0]
+            assert _families(incremental) == _full(dsn)
+            assert incremental.watermark.frozen_id == largest
+            assert incremental.source(WindowSource).tasks.frozen_id == largest
+            _insert(writer, _rows(rng, 5))
+            assert _families(incremental) == _full(dsn)
+    finally:
+        incremental.close()
+
+
 @pytest.mark.parametrize("seed", range(16))
 def test_random_batches_and_commit_orders_match_a_full_recomputation(dsn: str, seed: int) -> None:
     random_batches(dsn, seed)
