@@ -12,6 +12,7 @@ from decimal import Decimal
 from typing import Any
 
 import psycopg
+import pytest
 
 from exporter.backfill import backfill
 from exporter.config import DEFAULT_PROVIDER_RULES, load_settings
@@ -66,7 +67,8 @@ def test_waste_grace_period_boundary(dsn: str) -> None:
     assert got[key("scidex_wasted_tasks", quest="q-a", layer="Forge")] == 1
 
 
-def test_window_boundary_on_the_metric_values(dsn: str) -> None:
+@pytest.mark.parametrize("seeded", [True, False])
+def test_window_boundary_on_the_metric_values(dsn: str, seeded: bool) -> None:
     insert(
         dsn,
         [
@@ -80,14 +82,25 @@ def test_window_boundary_on_the_metric_values(dsn: str) -> None:
             ),
         ],
     )
-    # Three refreshes: the first holds every row in its open tail, later ones as final sums
-    # (and the third reads only the rows after the watermark): each path has the boundary.
+    # Three refreshes: a rebuild, then steady ones reading only the rows after the watermark;
+    # unseeded (a transaction running at the first refresh's seed), the first rebuild finds
+    # nothing final and the second rebuilds again: each path has the boundary.
     refresher = Refresher(load_settings({"dsn": dsn}, env={}))
+    running = psycopg.connect(dsn)
+    largest = running.execute("SELECT max(id) FROM cost_ledger").fetchone()[0]
+    running.rollback()
     try:
-        for _ in range(3):
+        if not seeded:  # a transaction id taken, then a later one committed: still running
+            running.execute("SELECT txid_current()")
+            with psycopg.connect(dsn, autocommit=True) as later:
+                later.execute("SELECT txid_current()")
+        for i in range(3):
             assert refresher.refresh(NOW)
+            running.close()
             _assert_window_boundary(parse(refresher.snapshot.text))
+            assert refresher.watermark.frozen_id == (-1 if i == 0 and not seeded else largest)
     finally:
+        running.close()
         refresher.close()
 
 
