@@ -164,14 +164,31 @@ class Periods:
         return {f"d{i}": d for i, d in enumerate(dates)}
 
 
-# The snapshot of the refresh's transaction: every transaction with an xid below ``xmin`` has
-# finished; ``xmax`` is the first xid not yet assigned when the snapshot was taken. And which
-# optional columns cost_ledger has (a view may be redefined at any time).
+# The first transaction id that no transaction had taken when the snapshot was taken, as far
+# as PostgreSQL shows it. A snapshot's own xmax is only the last *completed* id + 1: a
+# transaction that took its id after that completion is in no snapshot's running list (and
+# does not hold xmin back), so the watermark would take ids as final while it may still commit
+# a smaller one. Every transaction with an id holds a lock on it (pg_locks, the live lock
+# table, readable by any role); there ids are 32 bits, widened with the snapshot's epoch
+# (running ids lie within 2**31 of xmax). A standby shows none of its primary's transactions
+# there: it falls back to xmax.
+_ASSIGNED = """greatest(
+        pg_snapshot_xmax(pg_current_snapshot())::text::numeric,
+        (SELECT max(x + CASE WHEN x > m + 2147483648 THEN -4294967296
+                             WHEN x < m - 2147483648 THEN 4294967296 ELSE 0 END) + 1
+         FROM (SELECT floor(m / 4294967296) * 4294967296 + l.transactionid::text::numeric AS x, m
+               FROM pg_locks l,
+                    (SELECT pg_snapshot_xmax(pg_current_snapshot())::text::numeric AS m) s
+               WHERE l.locktype = 'transactionid') running))"""
+
+# The snapshot of the refresh's transaction: every transaction with an id below ``xmin`` has
+# finished; none had taken an id at or above ``xmax`` (``_ASSIGNED``). And which optional
+# columns cost_ledger has (a view may be redefined at any time).
 SNAPSHOT = Query(
     "snapshot",
-    """
+    f"""
     SELECT pg_snapshot_xmin(pg_current_snapshot())::text::numeric AS xmin,
-           pg_snapshot_xmax(pg_current_snapshot())::text::numeric AS xmax,
+           {_ASSIGNED} AS xmax,
            ARRAY(SELECT a.attname::text FROM pg_attribute a
                  WHERE a.attrelid = to_regclass('cost_ledger') AND a.attnum > 0
                    AND NOT a.attisdropped AND a.attname = ANY (%(optional)s)) AS columns,
@@ -185,13 +202,12 @@ SNAPSHOT = Query(
 
 
 # Before an exporter's first refresh, in a transaction of its own: what a refresh would note
-# for the watermark (the snapshot's ``xmax`` and the largest id it sees), so that the first
+# for the watermark (its ``xmax`` as SNAPSHOT's, and the largest id it sees), so that the first
 # refresh can already take those ids as final (exporter/incremental.py, ``Watermark.seed``).
 SEED = Query(
     "seed",
-    """
-    SELECT pg_snapshot_xmax(pg_current_snapshot())::text::numeric AS xmax,
-           (SELECT max(c.id) FROM cost_ledger c) AS largest
+    f"""
+    SELECT {_ASSIGNED} AS xmax, (SELECT max(c.id) FROM cost_ledger c) AS largest
     """,
 )
 

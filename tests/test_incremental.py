@@ -102,6 +102,34 @@ def test_a_late_commit_with_a_smaller_id_is_never_skipped(dsn: str) -> None:
     incremental.close()
 
 
+def test_a_transaction_that_took_its_id_after_the_last_commit_is_never_skipped(
+    dsn: str,
+) -> None:
+    """V takes a transaction id; T then inserts (a smaller ledger id, a later transaction id);
+    V inserts and commits first. A snapshot's xmax is the last completed id + 1, so T is in no
+    snapshot's running list: the watermark must still wait for it."""
+    rng = random.Random(11)
+    incremental = Refresher(load_settings({"dsn": dsn}, env={}))
+    try:
+        with psycopg.connect(dsn, autocommit=True) as writer:
+            _insert(writer, _rows(rng, 5))
+        assert _families(incremental) == _full(dsn)
+        with psycopg.connect(dsn) as v, psycopg.connect(dsn) as t:
+            v.execute("SELECT txid_current()")
+            _insert(t, _rows(rng, 1))
+            t_id = t.execute("SELECT currval(pg_get_serial_sequence('cost_ledger', 'id'))")
+            t_id = t_id.fetchone()[0]  # type: ignore[index]
+            _insert(v, _rows(rng, 1))
+            v.commit()
+            for _ in range(2):
+                assert _families(incremental) == _full(dsn)
+                assert incremental.watermark.frozen_id < t_id
+            t.commit()
+        assert _families(incremental) == _full(dsn)
+    finally:
+        incremental.close()
+
+
 def test_an_exporters_first_refresh_already_takes_the_ledger_as_final(dsn: str) -> None:
     """With no transaction running, the first refresh reads every id as final (the watermark
     is seeded before it), so the second reads only the rows after them: an exporter's start
