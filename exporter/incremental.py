@@ -2,7 +2,9 @@
 
 A source keeps *final* sums over ids <= the watermark plus a *tail* over the ids after it,
 recomputed every refresh with an index range scan. The watermark only advances over rows that
-can no longer appear: a refresh records the ``xmax`` of its snapshot and the largest id it saw;
+can no longer appear: a refresh records an ``xmax`` (the first transaction id no transaction had
+taken at its snapshot: past the snapshot's own, which is only the last completed id + 1, and
+past every transaction id locked in ``pg_locks``; queries.SNAPSHOT) and the largest id it saw;
 once a later snapshot's ``xmin`` reaches that ``xmax``, every transaction that could hold a
 smaller id (an identity value is drawn inside the inserting transaction, before the larger id's
 row committed) has finished. So a row that took id 100 and commits after id 101 is never
