@@ -102,6 +102,9 @@ def test_a_late_commit_with_a_smaller_id_is_never_skipped(dsn: str) -> None:
     incremental.close()
 
 
+LAST_ID = "SELECT currval(pg_get_serial_sequence('cost_ledger', 'id'))"
+
+
 def test_a_transaction_that_took_its_id_after_the_last_commit_is_never_skipped(
     dsn: str,
 ) -> None:
@@ -117,8 +120,7 @@ def test_a_transaction_that_took_its_id_after_the_last_commit_is_never_skipped(
         with psycopg.connect(dsn) as v, psycopg.connect(dsn) as t:
             v.execute("SELECT txid_current()")
             _insert(t, _rows(rng, 1))
-            t_id = t.execute("SELECT currval(pg_get_serial_sequence('cost_ledger', 'id'))")
-            t_id = t_id.fetchone()[0]  # type: ignore[index]
+            t_id = t.execute(LAST_ID).fetchone()[0]  # the id of T's own row
             _insert(v, _rows(rng, 1))
             v.commit()
             for _ in range(2):
