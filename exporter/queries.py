@@ -172,14 +172,16 @@ class Periods:
 # table, readable by any role); there ids are 32 bits, widened with the snapshot's epoch
 # (running ids lie within 2**31 of xmax). A standby shows none of its primary's transactions
 # there: it falls back to xmax.
-_ASSIGNED = """greatest(
-        pg_snapshot_xmax(pg_current_snapshot())::text::numeric,
-        (SELECT max(x + CASE WHEN x > m + 2147483648 THEN -4294967296
-                             WHEN x < m - 2147483648 THEN 4294967296 ELSE 0 END) + 1
-         FROM (SELECT floor(m / 4294967296) * 4294967296 + l.transactionid::text::numeric AS x, m
-               FROM pg_locks l,
-                    (SELECT pg_snapshot_xmax(pg_current_snapshot())::text::numeric AS m) s
-               WHERE l.locktype = 'transactionid') running))"""
+_ASSIGNED = """(
+        SELECT greatest(s.m, max(w.x + CASE WHEN w.x > s.m + 2147483648 THEN -4294967296
+                                            WHEN w.x < s.m - 2147483648 THEN 4294967296
+                                            ELSE 0 END) + 1)
+        FROM (SELECT pg_snapshot_xmax(pg_current_snapshot())::text::numeric AS m) s
+        LEFT JOIN LATERAL (
+            SELECT floor(s.m / 4294967296) * 4294967296 + l.transactionid::text::numeric AS x
+            FROM pg_locks l WHERE l.locktype = 'transactionid'
+        ) w ON true
+        GROUP BY s.m)"""
 
 # The snapshot of the refresh's transaction: every transaction with an id below ``xmin`` has
 # finished; none had taken an id at or above ``xmax`` (``_ASSIGNED``). And which optional
