@@ -32,7 +32,7 @@ from typing import Protocol
 from exporter.config import ConfigError, HttpLimits
 from exporter.logs import error_fields, event
 from exporter.snapshot import OPENMETRICS_CONTENT_TYPE, TEXT_CONTENT_TYPE, Snapshot
-from exporter.webconfig import BasicAuth, WebConfig, configure_tls, load_web_config, tls_context
+from exporter.webconfig import BasicAuth, WebConfig, load_web_config, tls_context
 
 log = logging.getLogger(__name__)
 
@@ -382,7 +382,10 @@ class MetricsServer:
             if config.tls_server_config is not None:
                 tls = tls_context(config.tls_server_config, web_config.parent)
         self.tls = tls is not None
-        self._tls = tls
+        self._tls = tls  # the listening socket's context, for good
+        self._tls_current = tls  # the last one loaded: each handshake switches to it
+        if tls is not None:
+            tls.sni_callback = self._present
         self._loop = asyncio.new_event_loop()
         self._loop.set_exception_handler(_loop_error)
         # Bound here, so a taken port fails the constructor, not the background thread.
@@ -457,16 +460,35 @@ class MetricsServer:
             config = load_web_config(self.web_config)
             if (config.tls_server_config is not None) != self.tls:
                 raise ConfigError("turning TLS on or off needs a restart")
-            if config.tls_server_config is not None and self._tls is not None:
-                # The listening socket keeps its context: load the new files into it.
-                configure_tls(self._tls, config.tls_server_config, self.web_config.parent)
+            tls = config.tls_server_config
+            ctx = None if tls is None else tls_context(tls, self.web_config.parent)
             auth = _auth(config)
         except (ConfigError, ssl.SSLError, OSError) as exc:
             event(log, logging.ERROR, "web config not reloaded", error=str(exc))
             return
         self._watch(config)
-        self._loop.call_soon_threadsafe(setattr, self, "auth", auth)
+        self._loop.call_soon_threadsafe(self._use, auth, ctx)
         event(log, logging.INFO, "web config reloaded", users=len(config.basic_auth_users))
+
+    def _use(self, auth: BasicAuth | None, ctx: ssl.SSLContext | None) -> None:
+        """Take a reloaded configuration, on the loop, where every handshake starts."""
+        self.auth = auth
+        if ctx is not None and self._tls is not None:
+            # A connection copies the version floor and whether to ask for a client
+            # certificate from the listening context when it is accepted; the rest comes
+            # from ``ctx`` in :meth:`_present`.
+            self._tls.minimum_version = ctx.minimum_version
+            self._tls.verify_mode = ctx.verify_mode
+            self._tls_current = ctx
+
+    def _present(self, conn: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext) -> None:
+        """Switch a handshake to the last loaded certificate, key and client CA (OpenSSL calls
+        this for every ClientHello, with a server name or without). Loading new files into
+        the listening context instead changes its certificate and key in two steps, and a
+        handshake started between them fails; a switch of contexts is one reference."""
+        current = self._tls_current
+        if current is not None and current is not self._tls:
+            conn.context = current
 
     def reload_soon(self) -> None:
         """Read the web config again in a worker thread (for SIGHUP's handler, which runs in

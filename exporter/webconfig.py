@@ -75,17 +75,9 @@ def load_web_config(path: Path) -> WebConfig:
 
 
 def tls_context(tls: TLSServerConfig, base: Path) -> ssl.SSLContext:
-    """Build the server's TLS context from the config (paths relative to ``base``)."""
+    """Build the server's TLS context from the config (paths relative to ``base``): a whole new
+    one each time, never files loaded into a context in use (see ``MetricsServer.reload``)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    configure_tls(ctx, tls, base)
-    return ctx
-
-
-def configure_tls(ctx: ssl.SSLContext, tls: TLSServerConfig, base: Path) -> None:
-    """Load the config's certificate, key and client CA into ``ctx``: a new context, or the
-    one a listening socket holds (its next handshakes use them). Load a file into a context
-    only once :func:`load_web_config` has accepted it: a key that fails after its certificate
-    loaded would leave the two mismatched."""
     ctx.minimum_version = _TLS_VERSIONS[tls.min_version]
     try:
         ctx.load_cert_chain(base / tls.cert_file, base / tls.key_file)
@@ -96,10 +88,9 @@ def configure_tls(ctx: ssl.SSLContext, tls: TLSServerConfig, base: Path) -> None
                 )
             ctx.load_verify_locations(base / tls.client_ca_file)
             ctx.verify_mode = ssl.CERT_REQUIRED
-        else:
-            ctx.verify_mode = ssl.CERT_NONE
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"tls_server_config: cannot load the certificate or key: {exc}") from None
+    return ctx
 
 
 class BasicAuth:

@@ -11,6 +11,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -241,6 +242,97 @@ def test_the_web_config_is_read_again_when_it_or_its_certificate_changes(
         config.write_text("basic_auth_users: [\n", encoding="utf-8")
         _wait(lambda: any(r.getMessage() == "web config not reloaded" for r in caplog.records))
         assert status("bob") == 200  # the last good configuration still serves
+    finally:
+        server.stop()
+
+
+def _tls_config(pair: str, client_ca: str | None = None) -> str:
+    """A web config naming ``pair``/server.crt and .key (relative to it), verifying clients
+    against ``client_ca``/server.crt when given."""
+    body = f"tls_server_config:\n  cert_file: {pair}/server.crt\n  key_file: {pair}/server.key\n"
+    if client_ca is not None:
+        body += "  client_auth_type: RequireAndVerifyClientCert\n"
+        body += f"  client_ca_file: {client_ca}/server.crt\n"
+    return body
+
+
+def test_no_handshake_fails_while_the_certificate_is_swapped(tmp_path: Path) -> None:
+    """Reloads between two certificates while clients connect: every handshake succeeds and
+    presents one of the two (loading the files into the listening context failed some)."""
+    for pair in ("a", "b"):
+        (tmp_path / pair).mkdir()
+        _make_cert(tmp_path / pair)
+    config = _web_config(tmp_path, _tls_config("a"))
+    source = SimpleNamespace(snapshot=Snapshot((), b"x_usd 1\n", b""))
+    server = MetricsServer(source, "127.0.0.1", 0, web_config=config).start()  # type: ignore[arg-type]
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    certificates = {
+        ssl.PEM_cert_to_DER_cert((tmp_path / p / "server.crt").read_text(encoding="utf-8")): p
+        for p in ("a", "b")
+    }
+    done = threading.Event()
+    reloads = 0
+
+    def swap() -> None:
+        nonlocal reloads
+        while not done.is_set():
+            config.write_text(_tls_config("ab"[reloads % 2]), encoding="utf-8")
+            server.reload()
+            reloads += 1
+
+    swapper = threading.Thread(target=swap)
+    swapper.start()
+    presented, failed = [], []
+    try:
+        for _ in range(300):
+            try:
+                with (
+                    socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw,
+                    ctx.wrap_socket(raw) as sock,
+                ):
+                    presented.append(certificates.get(sock.getpeercert(binary_form=True) or b""))
+            except (ssl.SSLError, OSError) as exc:
+                failed.append(repr(exc))
+    finally:
+        done.set()
+        swapper.join()
+        server.stop()
+    assert failed == []
+    assert None not in presented and set(presented) == {"a", "b"} and reloads > 10
+
+
+def test_client_certificates_are_required_and_their_ca_reloaded(tmp_path: Path) -> None:
+    """``RequireAndVerifyClientCert``: a client without a certificate, or with one its CA did
+    not sign, is refused; a reload to another CA, or to no client certificates, takes effect
+    at the next handshake."""
+    for pair in ("server", "alice", "bob"):
+        (tmp_path / pair).mkdir()
+        _make_cert(tmp_path / pair)  # self-signed: each client's certificate is its own CA
+    config = _web_config(tmp_path, _tls_config("server", client_ca="alice"))
+    source = SimpleNamespace(snapshot=Snapshot((), b"x_usd 1\n", b""))
+    server = MetricsServer(source, "127.0.0.1", 0, web_config=config).start()  # type: ignore[arg-type]
+
+    def status(client: str | None) -> int | None:
+        ctx = ssl.create_default_context(cafile=str(tmp_path / "server" / "server.crt"))
+        if client is not None:
+            folder = tmp_path / client
+            ctx.load_cert_chain(folder / "server.crt", folder / "server.key")
+        try:
+            return _get(server, ctx, "/metrics")[0]
+        except (ssl.SSLError, OSError):  # TLS 1.3 reports the refusal at the first read
+            return None
+
+    try:
+        assert [status(c) for c in (None, "alice", "bob")] == [None, 200, None]
+        config.write_text(_tls_config("server", client_ca="bob"), encoding="utf-8")
+        server.reload()
+        _wait(lambda: status("bob") == 200)
+        assert [status(c) for c in (None, "alice")] == [None, None]
+        config.write_text(_tls_config("server"), encoding="utf-8")
+        server.reload()
+        _wait(lambda: status(None) == 200)
+        assert [status(c) for c in ("alice", "bob")] == [200, 200]
     finally:
         server.stop()
 
