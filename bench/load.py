@@ -17,6 +17,7 @@ side with their ratio. tests/test_load.py runs a smaller version of the first pa
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import socket
@@ -26,7 +27,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -150,10 +151,13 @@ def has_ledger(body: bytes) -> bool:
 
 @contextmanager
 def exporter_process(
-    dsn: str, interval: float, ready: Callable[[bytes], bool] = has_ledger
+    dsn: str,
+    interval: float,
+    ready: Callable[[bytes], bool] = has_ledger,
+    env: Mapping[str, str] | None = None,
 ) -> Iterator[tuple[str, int]]:
-    """Run ``resource-exporter serve`` on a free loopback port; yield (metrics URL, pid) once
-    its exposition is ``ready``."""
+    """Run ``resource-exporter serve`` on a free loopback port, with ``env`` added to the
+    environment (settings); yield (metrics URL, pid) once its exposition is ``ready``."""
     with subprocess.Popen(
         [
             sys.executable,
@@ -172,6 +176,7 @@ def exporter_process(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        env={**os.environ, **(env or {})},
     ) as proc:
         try:
             assert proc.stderr is not None
