@@ -7,6 +7,7 @@ import random
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from types import SimpleNamespace
 from typing import Any
 
 import psycopg
@@ -14,6 +15,7 @@ import pytest
 
 from exporter import generate
 from exporter.config import load_settings
+from exporter.incremental import Sums
 from exporter.refresh import Refresher
 from exporter.sources import Instants, WindowSource
 from exporter.sources.spend import SPEND_TOTALS, SpendSource
@@ -572,7 +574,6 @@ def test_counters_that_failed_part_way_sum_everything_again() -> None:
     """A refresh that fails while the kept counter sums change leaves them half changed: the
     next one must not take the same keys out again."""
     from exporter.families import LabelGuard
-    from exporter.incremental import Sums
     from exporter.labels import ProviderFamilies
     from exporter.prices import PriceBook
     from exporter.sources.spend import Counters, cumulative
@@ -616,3 +617,21 @@ def test_counters_that_failed_part_way_sum_everything_again() -> None:
     expected = cumulative(changed, labels, providers.family, prices)
     assert counters.series(changed, labels, providers.family, prices) == expected
     assert expected != cumulative(totals, labels, providers.family, prices)
+
+
+def test_sums_keep_every_count_exact_whole_or_not() -> None:
+    """Counts are ints when whole (the sum of an integer column, however large) and the
+    exact Decimal when not (a numeric column with a fraction); NULLs add nothing."""
+    row = SimpleNamespace(
+        calls=3,
+        cost=Decimal("0.10"),
+        input_tokens=Decimal(2**70 + 1),
+        output_tokens=Decimal("2.5"),
+        cache_read_tokens=None,
+        cache_write_tokens=Decimal(0),
+    )
+    one = Sums.of(row)
+    assert one == (3, Decimal("0.10"), 2**70 + 1, Decimal("2.5"), 0, 0, 0)
+    assert [type(v) for v in one] == [int, Decimal, int, Decimal, int, int, int]
+    assert one + one == (6, Decimal("0.20"), 2**71 + 2, Decimal(5), 0, 0, 0)
+    assert (one + one) - one == one
