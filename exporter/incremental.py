@@ -62,7 +62,8 @@ class Sums(NamedTuple):
 
 
 ZERO = Sums()
-_KINDS = tuple((name, Decimal if name == "cost" else count) for name in Sums._fields)
+# How ``Sums.of`` reads each field, from its default: a Decimal stays one, a count is ``count``.
+_KINDS = tuple((k, Decimal if isinstance(v, Decimal) else count) for k, v in ZERO._asdict().items())
 
 
 @dataclass(frozen=True)
