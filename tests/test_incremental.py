@@ -635,3 +635,26 @@ def test_sums_keep_every_count_exact_whole_or_not() -> None:
     assert [type(v) for v in one] == [int, Decimal, int, Decimal, int, int, int]
     assert one + one == (6, Decimal("0.20"), 2**71 + 2, Decimal(5), 0, 0, 0)
     assert (one + one) - one == one
+
+
+def test_every_whole_ledger_read_shares_the_label_strings_of_the_last(dsn: str) -> None:
+    """A reconciliation's running sums hold the same string objects as the sums they replace
+    (one per distinct label value), not a copy per row: their memory is not held twice."""
+    refresher = Refresher(load_settings({"dsn": dsn, "reconcile_interval_seconds": 0}, env={}))
+    with psycopg.connect(dsn, autocommit=True) as writer:
+        _insert(writer, _rows(random.Random(7), 200))
+    _families(refresher)
+    before = refresher.source(SpendSource).totals.totals
+    _families(refresher)  # every refresh reads the whole ledger again
+    after = refresher.source(SpendSource).totals.totals
+    assert after is not before and after.keys() == before.keys()
+    firsts = {key: key for key in before}
+    pairs = [
+        (old, new)
+        for key in after
+        for old, new in zip(firsts[key], key, strict=True)
+        if isinstance(new, str)
+    ]
+    assert len(pairs) >= 3 * len(after)  # quest, layer and provider at least
+    assert all(old is new for old, new in pairs)
+    refresher.close()
