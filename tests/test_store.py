@@ -25,9 +25,10 @@ AMOUNTS = st.one_of(
     st.integers(2**62, 2**64),  # past int64 once summed
     st.sampled_from([Decimal("0.5"), Decimal("1E-3")]),  # finer than the integers
 )
+TOKENS = st.one_of(st.integers(0, 10**6), st.integers(2**30, 2**62))  # past int32, int64
 OPS = st.lists(
     st.one_of(
-        st.tuples(st.just("add"), IDS, FAMILIES, AMOUNTS, st.integers(0, 10**6), AMOUNTS),
+        st.tuples(st.just("add"), IDS, FAMILIES, AMOUNTS, TOKENS, AMOUNTS),
         st.tuples(st.just("label"), IDS, TIMES, LABELS, LABELS),
         st.tuples(st.just("pop"), IDS),
         st.tuples(st.just("impact"), IDS, st.one_of(st.none(), st.floats(-5, 5))),
