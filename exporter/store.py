@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from exporter.incremental import Count
 from exporter.summary import Amount
 
 
@@ -39,7 +40,7 @@ class Task:
     """
 
     cost: Amount = 0
-    tokens: int = 0
+    tokens: Count = 0  # an int but for a numeric column's fraction
     listed: Amount = 0  # list-price value of its priced calls
     last_us: int | None = None  # the latest valid row's time (``micros``)
     quest: str | None = None
@@ -47,7 +48,7 @@ class Task:
     family: str | None = None  # the only family so far (None: none yet, or several)
     shares: dict[str, list[Any]] | None = None  # family -> [cost, tokens, listed], once several
 
-    def add(self, family: str, cost: Amount, tokens: int, listed: Amount) -> None:
+    def add(self, family: str, cost: Amount, tokens: Count, listed: Amount) -> None:
         if self.shares is None and self.family != family:
             if self.family is None:  # the first sum of this task
                 self.family = family
@@ -63,7 +64,7 @@ class Task:
         self.tokens += tokens
         self.listed += listed
 
-    def by_family(self) -> Iterable[tuple[str, Amount, int, Amount]]:
+    def by_family(self) -> Iterable[tuple[str, Amount, Count, Amount]]:
         if self.shares is not None:
             return ((f, c, t, li) for f, (c, t, li) in self.shares.items())
         if self.family is None:
@@ -104,7 +105,7 @@ class Tasks(dict[str, Task]):
             task = self[task_id] = Task()
         return task
 
-    def add(self, task_id: str, family: str, cost: Amount, tokens: int, listed: Amount) -> None:
+    def add(self, task_id: str, family: str, cost: Amount, tokens: Count, listed: Amount) -> None:
         self._task(task_id).add(family, cost, tokens, listed)
 
     def label(self, task_id: str, last_us: int, quest: str | None, layer: str | None) -> None:
@@ -150,7 +151,7 @@ class _Triples:
 
     def __init__(self) -> None:
         self.cols = (array("q"), array("i"), array("q"))
-        self.big: dict[int, tuple[Amount, int, Amount]] = {}
+        self.big: dict[int, tuple[Amount, Count, Amount]] = {}
 
     def append(self) -> int:
         cost, tokens, listed = self.cols
@@ -159,14 +160,14 @@ class _Triples:
         listed.append(0)
         return len(cost) - 1
 
-    def get(self, row: int) -> tuple[Amount, int, Amount]:
+    def get(self, row: int) -> tuple[Amount, Count, Amount]:
         big = self.big.get(row)
         if big is not None:
             return big
         cost, tokens, listed = self.cols
         return cost[row], tokens[row], listed[row]
 
-    def set(self, row: int, values: tuple[Amount, int, Amount]) -> None:
+    def set(self, row: int, values: tuple[Amount, Count, Amount]) -> None:
         self.big.pop(row, None)
         try:
             for col, value in zip(self.cols, values, strict=True):
@@ -174,7 +175,7 @@ class _Triples:
         except (OverflowError, TypeError):
             self.big[row] = values
 
-    def add(self, row: int, values: tuple[Amount, int, Amount]) -> None:
+    def add(self, row: int, values: tuple[Amount, Count, Amount]) -> None:
         big = self.big.get(row) if self.big else None
         if big is None:  # the usual case, in place: a value that does not fit raises
             cost, tokens, listed = self.cols
@@ -346,7 +347,7 @@ class TaskStore:
         """Hold ``task_id`` (with no sums if it was not held)."""
         self._slot(task_id)
 
-    def add(self, task_id: str, family: str, cost: Amount, tokens: int, listed: Amount) -> None:
+    def add(self, task_id: str, family: str, cost: Amount, tokens: Count, listed: Amount) -> None:
         """Fold one row's sums into a task, as ``Task.add`` does."""
         slot, code, values = self._slot(task_id), self._labels.code(family), (cost, tokens, listed)
         held = self._family[slot]
@@ -383,7 +384,7 @@ class TaskStore:
         """Four-byte label codes, once the distinct labels outnumber two bytes' codes."""
         self._quest, self._layer = array("i", self._quest), array("i", self._layer)
 
-    def _new_share(self, family: int, values: tuple[Amount, int, Amount], after: int) -> int:
+    def _new_share(self, family: int, values: tuple[Amount, Count, Amount], after: int) -> int:
         if self._share_free:
             row = self._share_free.pop()
             self._share_family[row], self._share_next[row] = family, after

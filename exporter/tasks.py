@@ -21,7 +21,7 @@ from functools import cache
 from typing import Any, NamedTuple
 
 from exporter.config import Settings
-from exporter.incremental import Plan
+from exporter.incremental import Count, Plan, count
 from exporter.labels import ProviderFamilies
 from exporter.models import model_ref
 from exporter.prices import MILLION, Price, PriceBook
@@ -207,7 +207,7 @@ def _merged(final: TaskStore, open_tail: Tasks) -> dict[str, Task]:
     return out
 
 
-Lister = Callable[[int, int, int, int], Amount]
+Lister = Callable[[Count, Count, Count, Count], Amount]
 """The list price of token sums: input, output, cache read, cache write."""
 
 
@@ -266,6 +266,7 @@ def _fold(target: TaskStore | Tasks, r: Any, priced: Pricer) -> None:
         cr, cw = r.cache_read_tokens_i8, r.cache_write_tokens_i8
         target.add(r.task_id, family, r.cost_i8, i + o, listed(i, o, cr, cw))
     else:
+        # Exact, as the running sums count them: a numeric column's fraction is kept.
         sums = (r.input_tokens, r.output_tokens, r.cache_read_tokens, r.cache_write_tokens)
-        tokens = int(r.input_tokens + r.output_tokens)
-        target.add(r.task_id, family, amount(r.cost), tokens, listed(*(int(t or 0) for t in sums)))
+        i, o, cr, cw = (count(t or 0) for t in sums)
+        target.add(r.task_id, family, amount(r.cost), i + o, listed(i, o, cr, cw))

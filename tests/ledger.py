@@ -344,7 +344,7 @@ def expected(
 
     def add(name: str, value: float, **labels: str) -> None:
         k = key(name, **labels)
-        out[k] = out.get(k, 0.0) + value
+        out[k] = out.get(k, 0.0) + float(value)  # a numeric column's tokens are Decimals
 
     # Cardinality guard: layers and models by their spend, by row time, since the midnight 30
     # days before today (whole days: they move once a day); quests day by day (fold_days).
@@ -604,7 +604,7 @@ def expected(
 
     # Provider families over the tasks in the window (all of their rows).
     pcost: dict[str, float] = defaultdict(float)
-    ptokens: dict[str, float] = defaultdict(float)
+    ptokens: dict[str, Decimal | int] = defaultdict(int)  # exact: tokens may be Decimals
     ptasks: dict[str, set[str]] = defaultdict(set)
     plisted: dict[str, Decimal] = defaultdict(Decimal)
     for c in valid:
@@ -616,7 +616,7 @@ def expected(
             ptasks[fam].add(c.task_id)
     for fam in FAMILIES:
         out[key("scidex_provider_spend_usd", provider=fam)] = pcost[fam]
-        out[key("scidex_provider_tokens", provider=fam)] = ptokens[fam]
+        out[key("scidex_provider_tokens", provider=fam)] = float(ptokens[fam])
         out[key("scidex_provider_tasks", provider=fam)] = float(len(ptasks[fam]))
         out[key("scidex_provider_list_price_usd", provider=fam)] = float(plisted[fam])
         if ptasks[fam]:

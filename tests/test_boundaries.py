@@ -266,3 +266,36 @@ def test_window_sums_finer_than_the_units_or_past_int64_stay_exact(dsn: str) -> 
     }
     assert wasted == {"big": float(2**63 + 100)}
     assert_matches(got, expected(calls, impacts, [], NOW, TODAY, MIDNIGHT, Rules()))
+
+
+def test_window_tokens_with_a_fraction_stay_exact(dsn: str) -> None:
+    """A numeric token column may hold fractions (the contract allows it): a task's tokens,
+    and their list price, are summed exactly, as the cumulative counters sum them, so 1,000.75
+    tokens are over a waste threshold of 1,000 (truncated, they were not)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for column in ("input_tokens", "output_tokens", "cache_read_tokens"):
+            conn.execute(f"ALTER TABLE cost_ledger ALTER COLUMN {column} TYPE numeric")
+    max_ = "max/claude-sonnet-4"  # a subscription: its list price is from the tokens alone
+    calls = [
+        Call(
+            ago(days=2), "frac", provider=max_, input_tokens=D("600.25"), output_tokens=D("400.25")
+        ),
+        Call(ago(days=3), "frac", provider=max_, input_tokens=D("0.25"), output_tokens=0),
+        Call(
+            ago(days=3),
+            "frac",
+            provider=max_,
+            input_tokens=0,
+            output_tokens=0,
+            cache_read_tokens=D(".75"),
+        ),
+        Call(ago(hours=1), "plain", cost_usd=D("0.25")),
+    ]
+    impacts = [Impact("plain", 1.0)]
+    insert(dsn, calls, impacts)
+    got = scrape(dsn)
+    wasted = {
+        dict(k[1])["task_id"]: v for k, v in got.items() if k[0] == "scidex_task_wasted_tokens"
+    }
+    assert wasted == {"frac": 1000.75}
+    assert_matches(got, expected(calls, impacts, [], NOW, TODAY, MIDNIGHT, Rules()))
