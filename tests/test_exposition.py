@@ -24,8 +24,9 @@ from exporter.exposition import Families, TextRenderer
 from exporter.families import Samples, family_of
 from exporter.refresh import Refresher
 
+# Spaces too: the one before a value is the last of its line, whatever its labels hold.
 LABEL_VALUES = st.text(
-    st.characters(codec="utf-8", exclude_categories=("Cs",)) | st.sampled_from('\\"\n{}=,'),
+    st.characters(codec="utf-8", exclude_categories=("Cs",)) | st.sampled_from('\\"\n{}=, '),
     max_size=8,
 )
 VALUES = st.floats() | st.sampled_from([0.0, -0.0, math.inf, -math.inf, 1e21, 123456789.0])
