@@ -61,7 +61,8 @@ class TextRenderer:
                 rendered = self._rendered(fam, values, before)
             if values is not None:
                 kept[fam.name] = rendered
-            out.append(rendered.text)
+            out.append(rendered.head)
+            out += rendered.lines
         self._families = kept
         return "".join(out).encode("utf-8")
 
@@ -98,7 +99,7 @@ class TextRenderer:
                 found = moved.get(tuple(s.labels.items()))
                 prefix = _prefix(fam, s) if found is None else _up_to_value(found)
             lines.append(f"{prefix}{floatToGoString(value)}\n")  # type: ignore[no-untyped-call]
-        return _Rendered(samples, values, self._header(fam) + "".join(lines), lines)
+        return _Rendered(samples, values, self._header(fam), lines)
 
     def _header(self, fam: Family) -> str:
         key = (fam.name, fam.type, fam.documentation)
@@ -109,12 +110,15 @@ class TextRenderer:
 
 
 class _Rendered(NamedTuple):
-    """A family's samples as rendered last, the text they rendered to, and each sample's line
-    (its text up to the value is not kept apart: ``_up_to_value``)."""
+    """A family's samples as rendered last and the text they rendered to: its head (HELP and
+    TYPE, or the whole text of a family the library renders) and each sample's line. The
+    family's text is not kept joined too (0.8 MiB at 10 M rows in the window; the peak RSS
+    115.1 and 115.6 MiB with it, 113.8 and 113.6 without), nor a line's text up to its value
+    (``_up_to_value``)."""
 
     samples: list[Sample]
     values: bytes | None
-    text: str
+    head: str
     lines: list[str]
 
 
