@@ -3,7 +3,7 @@ what changed since the last rendering.
 
 Most of prometheus-client's ``generate_latest`` time goes to escaping and joining each series'
 labels, and between two refreshes few series change: of thousands, those with new rows. So a
-family whose samples are all as they were keeps its text, and in one that changed, a series
+family whose samples are all as they were keeps its lines, and in one that changed, a series
 keeps its line if its value is the same, or the text before the value if only that changed
 (families are sorted by label values, so a series is compared with the one at its place last
 time). A line or header met for the first time is rendered by prometheus-client itself, so
