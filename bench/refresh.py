@@ -56,7 +56,7 @@ from psycopg.conninfo import conninfo_to_dict
 from bench.load import exporter_process, peak_rss_kib, refreshes
 from exporter import generate
 from exporter import queries as q
-from exporter.config import ENV_PREFIX, load_settings
+from exporter.config import env_var, load_settings
 from exporter.refresh import Refresher
 from exporter.sources import Instants
 from exporter.sources.spend import SPEND_TOTALS
@@ -348,7 +348,7 @@ def peak_rss(dsn: str) -> float:
     """Peak RSS (MiB) of the exporter process after a few refreshes, each a reconciliation:
     a serving exporter peaks at its (hourly) reconciliations, above its first refresh, which
     rebuilds nothing held before (at 10 M rows in the window 126.6 against 114.7 MiB)."""
-    every_refresh = {ENV_PREFIX + "RECONCILE_INTERVAL_SECONDS": "0"}
+    every_refresh = {env_var("reconcile_interval_seconds"): "0"}
     with exporter_process(dsn, interval=1.0, env=every_refresh) as (url, pid):
         target = (refreshes(urllib.request.urlopen(url).read()) or 0) + 3
         while (refreshes(urllib.request.urlopen(url).read()) or 0) < target:

@@ -293,12 +293,19 @@ _JSON_FIELDS = ("providers", "prices", "mixin", "http")
 """Structured settings: their environment variables hold JSON."""
 
 
+def env_var(field: str) -> str:
+    """The environment variable of a setting; a name that is no setting raises KeyError."""
+    if field not in Settings.model_fields:
+        raise KeyError(field)
+    return ENV_PREFIX + field.upper()
+
+
 def _from_env(env: Mapping[str, str]) -> dict[str, tuple[Any, str]]:
     values: dict[str, tuple[Any, str]] = {}
     if env.get("DATABASE_URL"):
         values["dsn"] = (env["DATABASE_URL"], "environment DATABASE_URL")
     for field in FIELDS:
-        key = ENV_PREFIX + field.upper()
+        key = env_var(field)
         if key in env:
             raw: Any = env[key]
             if field in _JSON_FIELDS:

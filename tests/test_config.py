@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from exporter.config import ConfigError, load_settings, unknown_environment
+from exporter.config import ConfigError, env_var, load_settings, unknown_environment
 
 
 def test_defaults_match_the_contract() -> None:
@@ -142,3 +142,9 @@ def test_unknown_variables_with_the_prefix_are_named_with_a_guess() -> None:
         "RESOURCE_EXPORTER_INTERVAL (did you mean RESOURCE_EXPORTER_INTERVAL_SECONDS?)",
         "RESOURCE_EXPORTER_ZZZ",
     ]
+
+
+def test_a_settings_environment_variable_is_named_from_the_setting() -> None:
+    assert env_var("reconcile_interval_seconds") == "RESOURCE_EXPORTER_RECONCILE_INTERVAL_SECONDS"
+    with pytest.raises(KeyError):
+        env_var("reconcile_interval")  # no such setting: a rename fails, not a silent variable

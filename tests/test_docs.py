@@ -9,7 +9,7 @@ import pytest
 
 from exporter.catalog import ALL_METRICS
 from exporter.cli import build_parser
-from exporter.config import ENV_PREFIX, FIELDS
+from exporter.config import FIELDS, env_var
 
 ROOT = Path(__file__).parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -25,7 +25,7 @@ def test_every_metric_is_documented(name: str) -> None:
 @pytest.mark.parametrize("field", FIELDS)
 def test_every_setting_is_documented(field: str) -> None:
     assert f"| `{field}` |" in CONFIGURATION
-    assert ENV_PREFIX + field.upper() in CONFIGURATION
+    assert env_var(field) in CONFIGURATION
 
 
 def test_documented_metrics_exist() -> None:

@@ -29,6 +29,7 @@ from prometheus_client.metrics_core import Metric as Family
 from psycopg.types.string import TextLoader
 
 from exporter import catalog as c
+from exporter.contract import TEXT
 from exporter.days import DAY, midnights
 from exporter.families import LabelGuard, Series, as_float
 from exporter.fold import Fold, QuestDays, decide, quest_days
@@ -255,10 +256,6 @@ def _add(target: dict[Any, Sums], key: Any, row: Any) -> None:
     target[key] = target.get(key, ZERO) + Sums.of(row)
 
 
-TEXT_TYPES = ("text", "varchar", "bpchar")
-"""The text types a ledger's labels may have (the contract's ``TEXT``), by psycopg's names."""
-
-
 class _InternedText(TextLoader):
     """Text as one string object per distinct value. Thousands of rows repeat a few quests,
     layers, providers and models, and a whole-ledger read's running sums then share their
@@ -333,7 +330,7 @@ class SpendSource(Source):
             self._newest = rows[0].ts if rows else None
             return
         full = statement.params["after"] is None
-        for name in TEXT_TYPES:
+        for name in TEXT:  # the text types a ledger's labels may have
             cur.adapters.register_loader(name, _InternedText)
         rows = self._scan(cur, refresh, statement.params["after"])
         fold, days, split = None, QuestDays(), frozenset[Any]()
