@@ -114,6 +114,28 @@ def test_many_tasks_come_and_go(expected: int) -> None:
     assert got is not None and (got.cost, got.family) == (2, "anthropic")
 
 
+def test_an_index_grows_by_doubling_but_not_while_tasks_come_and_go() -> None:
+    """A store growing from empty doubles its index (few rehashes); one whose tasks are
+    replaced keeps it at about twice its tasks, however often it drops the entries of the
+    tasks gone."""
+    store = TaskStore()
+    sizes = set()
+    for n in range(10_000):
+        store.ensure(f"task-{n}")
+        sizes.add(len(store._index))
+    assert len(sizes) <= 12  # 8 entries doubled up to 10,000 tasks: 12 sizes (1.4x: 22)
+    store = TaskStore(1000)
+    for n in range(1000):
+        store.ensure(f"task-{n}")
+    for n in range(1000, 30_000, 2):  # two in, then two out: 1,000 to 1,002 tasks held
+        store.ensure(f"task-{n}")
+        store.ensure(f"task-{n + 1}")
+        store.pop(f"task-{n - 1000}")
+        store.pop(f"task-{n - 999}")
+        assert len(store._index) <= 2 * 1002 + 2
+    assert len(store) == 1000
+
+
 def test_more_distinct_labels_than_two_byte_codes() -> None:
     """Label codes start at two bytes and widen, keeping every label, past 65,535 values."""
     store = TaskStore()
