@@ -210,7 +210,7 @@ def psql_floor(dsn: str) -> Callable[[], object]:
     with psycopg.connect(dsn) as conn:
         refresher.refresh()  # a first refresh: the plan of a full one (nothing final yet)
         cur = psycopg.ClientCursor(conn)
-        snapshot = cur.mogrify(q.SNAPSHOT.sql, {"optional": list(q.OPTIONAL_TOKENS)})
+        snapshot = cur.mogrify(q.SNAPSHOT.sql, q.snapshot_params())
         script = ["BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY;", snapshot + ";"]
         for source in refresher.sources:
             for query in source.queries:

@@ -15,6 +15,8 @@ from exporter.incremental import Sums
 
 OPTIONAL_TOKENS = ("cache_read_tokens", "cache_write_tokens", "reasoning_tokens")
 """Optional cost_ledger columns: a relation without one of them reads it as 0."""
+TOKENS = ("input_tokens", "output_tokens", *OPTIONAL_TOKENS)
+"""Every token column of cost_ledger, the required ones first."""
 
 SUMS = Sums._fields
 """The exact sums of a group of rows, in ``incremental.Sums`` order."""
@@ -29,12 +31,18 @@ class Columns:
     """
 
     present: frozenset[str] = frozenset()
-    integer: frozenset[str] = frozenset()
-    """The present ones of an integer type: they cannot hold NaN or infinity, and testing for
-    it would cost a cast per row."""
+    integer: frozenset[str] = frozenset(TOKENS[:2])
+    """The token columns (required, and optional present) of an integer type (by default the
+    required ones, as the schema's). Any other (``numeric``, which the contract allows, or a
+    float in a view) may hold NaN or infinity, which make a row invalid, and is summed as
+    ``numeric``: testing and casting an integer column would cost a cast per row."""
 
     def _finite(self, column: str) -> bool:
         return column in self.integer
+
+    def _tested(self) -> tuple[str, ...]:
+        """The token columns a row's validity tests: the required ones, the optional present."""
+        return tuple(col for col in TOKENS if col not in OPTIONAL_TOKENS or col in self.present)
 
     def ref(self, column: str) -> str:
         """The column of alias ``c``, or a NULL of its type when an optional one is absent."""
@@ -47,14 +55,13 @@ class Columns:
         """Why a cost_ledger row is left out of every sum, tested in this order.
 
         A row that passes all checks is valid. NaN compares greater than every number in
-        PostgreSQL, hence its own test; an optional token count may be NULL (0), but not
-        negative, infinite or NaN (a numeric or float column in a view): NaN is the largest
-        float8, so ">= 'Infinity'" catches both.
+        PostgreSQL, hence its own test; a token count may not be negative, infinite or NaN
+        (a numeric or float column): NaN is the largest float8, so ">= 'Infinity'" catches
+        both. An optional one may be NULL (0), a required one not.
         """
-        optional = "".join(
+        bad = "".join(
             f" OR c.{col} < 0" + ("" if self._finite(col) else f" OR c.{col}::float8 >= 'Infinity'")
-            for col in OPTIONAL_TOKENS
-            if col in self.present
+            for col in self._tested()
         )
         return (
             ("null_timestamp", "c.ts IS NULL"),
@@ -65,8 +72,7 @@ class Columns:
             ("infinite_cost", "c.cost_usd = 'Infinity'"),
             (
                 "invalid_tokens",
-                "c.input_tokens IS NULL OR c.output_tokens IS NULL"
-                " OR c.input_tokens < 0 OR c.output_tokens < 0" + optional,
+                "c.input_tokens IS NULL OR c.output_tokens IS NULL" + bad,
             ),
         )
 
@@ -85,16 +91,16 @@ class Columns:
         every comparison (a NULL ts too), NaN fails "< 'Infinity'"; a timestamp of
         'infinity' or '-infinity' is in no day, window or epoch microsecond.
         """
-        optional = "".join(
-            f" AND (c.{col} IS NULL OR c.{col} >= 0)"
-            if self._finite(col)
-            else f" AND (c.{col} IS NULL OR (c.{col} >= 0 AND c.{col}::float8 < 'Infinity'))"
-            for col in OPTIONAL_TOKENS
-            if col in self.present
-        )
+        tokens = ""
+        for col in self._tested():
+            test = f"c.{col} >= 0"
+            if not self._finite(col):
+                test += f" AND c.{col}::float8 < 'Infinity'"
+            if col in OPTIONAL_TOKENS:
+                test = f"c.{col} IS NULL OR ({test})"
+            tokens += f" AND ({test})"
         return f"""(c.ts > '-infinity' AND c.ts < 'infinity' AND c.cost_usd >= 0
-             AND c.cost_usd < 'Infinity'
-             AND c.input_tokens >= 0 AND c.output_tokens >= 0{optional})"""
+             AND c.cost_usd < 'Infinity'{tokens})"""
 
     def sums(self, names: Sequence[str] = SUMS) -> str:
         """The exact sums every cumulative counter is built from (``incremental.Sums``).
@@ -104,9 +110,9 @@ class Columns:
         exprs = {
             "calls": "count(*)",
             "cost": f"sum({COST})",
-            "input_tokens": "sum(c.input_tokens)",
-            "output_tokens": "sum(c.output_tokens)",
-            **{col: f"sum({self.ref(col)})" for col in OPTIONAL_TOKENS},
+            **{col: f"sum({self.ref(col)})" for col in TOKENS},
+            # exact, from a float column too; a numeric column's cast is no operation
+            **{col: f"sum(c.{col}::numeric)" for col in self._tested() if not self._finite(col)},
         }
         return ",\n           ".join(f"{exprs[name]} AS {name}" for name in names)
 
@@ -185,7 +191,8 @@ _ASSIGNED = """(
 
 # The snapshot of the refresh's transaction: every transaction with an id below ``xmin`` has
 # finished; none had taken an id at or above ``xmax`` (``_ASSIGNED``). And which optional
-# columns cost_ledger has (a view may be redefined at any time).
+# columns cost_ledger has, and which token columns are of an integer type (a view may be
+# redefined at any time): ``snapshot_params``.
 SNAPSHOT = Query(
     "snapshot",
     f"""
@@ -196,11 +203,20 @@ SNAPSHOT = Query(
                    AND NOT a.attisdropped AND a.attname = ANY (%(optional)s)) AS columns,
            ARRAY(SELECT a.attname::text FROM pg_attribute a
                  WHERE a.attrelid = to_regclass('cost_ledger') AND a.attnum > 0
-                   AND NOT a.attisdropped AND a.attname = ANY (%(optional)s)
+                   AND NOT a.attisdropped AND a.attname = ANY (%(tokens)s)
                    AND a.atttypid IN ('int2'::regtype, 'int4'::regtype, 'int8'::regtype))
                AS integer_columns
     """,
 )
+
+
+def snapshot_params(columns: bool = True) -> dict[str, list[str]]:
+    """SNAPSHOT's parameters: the columns it looks up (``columns`` False: none, only the
+    snapshot itself)."""
+    return {
+        "optional": list(OPTIONAL_TOKENS) if columns else [],
+        "tokens": list(TOKENS) if columns else [],
+    }
 
 
 # Before an exporter's first refresh, in a transaction of its own: what a refresh would note

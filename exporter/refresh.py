@@ -28,7 +28,7 @@ from exporter.health import Health, QueryHealth
 from exporter.incremental import Plan, Watermark
 from exporter.labels import ProviderFamilies
 from exporter.logs import error_fields, event
-from exporter.queries import OPTIONAL_TOKENS, SEED, SNAPSHOT, Columns
+from exporter.queries import SEED, SNAPSHOT, Columns, snapshot_params
 from exporter.snapshot import Snapshot
 from exporter.sources import Instants, Refresh, Source, Statement, build_ledger, sources
 
@@ -216,7 +216,7 @@ class Refresher:
             if self.watermark.unseeded:
                 self._seed(conn)
             with conn.transaction():
-                (snap,) = conn.execute(SNAPSHOT.sql, {"optional": list(OPTIONAL_TOKENS)}).fetchall()
+                (snap,) = conn.execute(SNAPSHOT.sql, snapshot_params()).fetchall()
                 columns = Columns(frozenset(snap.columns), frozenset(snap.integer_columns))
                 if columns != self._columns:
                     # Rows already folded were read without (or with) these columns.
@@ -251,7 +251,7 @@ class Refresher:
             deadline = time.monotonic() + SEED_WAIT_SECONDS
             while time.monotonic() < deadline:
                 with conn.transaction():
-                    (snap,) = conn.execute(SNAPSHOT.sql, {"optional": []}).fetchall()
+                    (snap,) = conn.execute(SNAPSHOT.sql, snapshot_params(columns=False)).fetchall()
                 if snap.xmin >= seed.xmax:
                     return
                 time.sleep(0.01)

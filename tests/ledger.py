@@ -284,13 +284,16 @@ def _valid(c: Call) -> bool:
     if cost.is_nan() or cost < 0 or cost.is_infinite():
         return False
     optional = (c.cache_read_tokens, c.cache_write_tokens, c.reasoning_tokens)
-    return not (
-        c.input_tokens is None
-        or c.output_tokens is None
-        or c.input_tokens < 0
-        or c.output_tokens < 0
-        or any(v is not None and v < 0 for v in optional)
+    return (
+        c.input_tokens is not None
+        and c.output_tokens is not None
+        and all(_count_ok(v) for v in (c.input_tokens, c.output_tokens, *optional))
     )
+
+
+def _count_ok(v: Any) -> bool:
+    """A token count a valid row may hold: none (an optional one's 0), or a finite count."""
+    return v is None or (Decimal(v).is_finite() and v >= 0)
 
 
 _CATALOGUE: dict[str, Any] = {}

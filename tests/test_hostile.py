@@ -16,6 +16,9 @@ from exporter.config import load_settings
 from exporter.refresh import Refresher
 from exporter.server import MetricsServer
 from exporter.sources import WindowSource
+from exporter.sources.base import Instants
+from exporter.sources.spend import SPEND_TOTALS
+from exporter.sources.window import WINDOW_TASKS
 from tests.conftest import assert_promtool_clean, temporary_database
 from tests.ledger import (
     FAMILY_OF,
@@ -24,6 +27,7 @@ from tests.ledger import (
     Impact,
     expected,
     insert,
+    key,
     ledger_samples,
     parse,
     relax,
@@ -178,6 +182,78 @@ def test_prometheus_scrapes_a_hostile_exposition(hostile_dsn: str, tmp_path: Pat
     finally:
         server.stop()
         refresher.close()
+
+
+@pytest.mark.parametrize("column_type", ["numeric", "double precision", "real"])
+def test_a_token_that_is_nan_or_infinite_leaves_its_row_out_and_the_rest_summed(
+    pg_server: str, column_type: str
+) -> None:
+    # A numeric token column (the contract allows it) or a float one in a view may hold NaN
+    # or infinity: such a row is excluded as invalid_tokens, and every other row is summed,
+    # exactly (a float column's fraction too), on the full and the steady path. It once made
+    # the spend and window queries' results unusable at every refresh.
+    bad = [Decimal("NaN"), Decimal("Infinity"), Decimal("-Infinity")]
+    calls = [
+        Call(NOW - timedelta(days=2), "t1", quest="q1", input_tokens=Decimal("1000.5")),
+        Call(NOW - timedelta(days=40), "t1", quest="q1", output_tokens=Decimal("0.25")),
+        Call(NOW - timedelta(hours=30), "t2", quest="q2", input_tokens=bad[0]),
+        Call(NOW - timedelta(hours=3), "t3", quest="q1", output_tokens=bad[1]),
+        Call(NOW - timedelta(hours=2), "t3", quest="q2", cache_read_tokens=bad[0]),
+        Call(NOW - timedelta(hours=2), "t4", quest="q2", reasoning_tokens=bad[2]),
+        Call(NOW - timedelta(hours=2), "t4", quest="q2", cache_write_tokens=Decimal("2.5")),
+    ]
+    later = [
+        Call(NOW - timedelta(hours=1), "t1", quest="q1", input_tokens=bad[1]),
+        Call(NOW - timedelta(minutes=5), "t5", quest="q0", input_tokens=Decimal("7.5")),
+    ]
+    impacts = [Impact("t1", 2.0), Impact("t4", 0.5)]
+    with temporary_database(pg_server, schema=True) as dsn:
+        relax(dsn)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            for kind in ("input", "output", "cache_read", "cache_write", "reasoning"):
+                conn.execute(
+                    f"ALTER TABLE cost_ledger ALTER COLUMN {kind}_tokens TYPE {column_type}"
+                )
+        refresher = Refresher(load_settings({"dsn": dsn}, env={}))
+        try:
+            seen: list[Call] = []
+            invalid = key(
+                "scidex_ledger_excluded_rows", relation="cost_ledger", reason="invalid_tokens"
+            )
+            # rebuild, then steady: 4 rows with a bad token, then one more, then none
+            for batch, excluded in ((calls, 4), (later[:1], 5), (later[1:], 5)):
+                insert(dsn, batch, impacts if not seen else [], [])
+                seen += batch
+                assert refresher.refresh(NOW), refresher.health.queries
+                got = ledger_samples(parse(refresher.snapshot.text))
+                want = expected(seen, impacts, [], NOW, NOW.date(), MIDNIGHT)
+                assert set(got) == set(want)
+                for k, v in want.items():
+                    assert got[k] == pytest.approx(v, rel=1e-9, abs=1e-9), k
+                assert got[invalid] == want[invalid] == excluded
+            assert refresher.source(WindowSource).tasks.frozen_id > 0  # the steady path
+        finally:
+            refresher.close()
+
+
+def test_integer_token_columns_are_summed_and_tested_without_a_cast(dsn: str) -> None:
+    # The schema's bigint columns hold no NaN, infinity or fraction: a cast per row of every
+    # whole-ledger read would cost time for nothing. Numeric ones are tested and cast.
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("ALTER TABLE cost_ledger ALTER COLUMN cache_write_tokens TYPE numeric")
+    refresher = Refresher(load_settings({"dsn": dsn}, env={}))
+    try:
+        assert refresher.refresh(NOW)
+        statements = [
+            refresher.statement(query, Instants.at(NOW, refresher.settings)).sql
+            for query in (SPEND_TOTALS.name, WINDOW_TASKS.name)
+        ]
+    finally:
+        refresher.close()
+    for sql in statements:
+        for column in ("input_tokens", "output_tokens", "cache_read_tokens", "reasoning_tokens"):
+            assert f"c.{column}::" not in sql, column
+        assert "c.cache_write_tokens::float8" in sql and "c.cache_write_tokens::numeric" in sql
 
 
 @pytest.mark.parametrize("column_type", ["double precision", "real"])
