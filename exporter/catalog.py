@@ -427,7 +427,7 @@ REFRESHES = _m(
 REFRESH_FAILURES = _m(
     "exporter_refresh_failures_total",
     "counter",
-    "Refreshes in which at least one query failed.",
+    "Refreshes in which at least one query failed, or the families could not be built.",
     (),
     "short",
 )

@@ -47,6 +47,8 @@ class Health:
     refreshes: int = 0
     failures: int = 0
     skipped: int = 0
+    build_failing: int = 0
+    """Consecutive refreshes whose ledger families could not be built; logs back off on it."""
     refresh_duration: float = 0.0
     build_seconds: dict[str, float] = field(default_factory=dict)
     """Time each source took to build its families in the last refresh."""

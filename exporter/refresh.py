@@ -170,13 +170,12 @@ class Refresher:
         ok = self._run_all(instants)
         h = self.health
         h.refreshes += 1
-        h.failures += 0 if ok else 1
         h.refresh_duration = time.perf_counter() - started
         h.last_refresh = self._clock()
+        ok &= self._build()
+        h.failures += 0 if ok else 1
         if ok:
             h.last_success = h.last_refresh
-        h.ledger = build_ledger(self._ready(), self.settings, self.providers, self._samples)
-        h.build_seconds = h.ledger.build_seconds
         fresh_until = (
             -math.inf
             if h.last_success is None
@@ -187,6 +186,32 @@ class Refresher:
         self.snapshot = Snapshot.of(families, fresh_until, self._renderer)
         h.render_seconds = time.perf_counter() - started
         return ok
+
+    def _build(self) -> bool:
+        """Build the ledger families from the sources' state; False if that failed.
+
+        The rows folded, so a failure here is a bug (a float token column once was one): the
+        refresh fails with one line, logged as sparsely as a failing query, and the last
+        families built are published again, next to this refresh's health, until they are
+        older than ``max_staleness_seconds``: then none, as for a query failing that long.
+        """
+        h = self.health
+        try:
+            ledger = build_ledger(self._ready(), self.settings, self.providers, self._samples)
+        except Exception as exc:
+            h.build_failing += 1
+            if _log_now(h.build_failing):
+                fields = error_fields(exc)
+                event(log, logging.ERROR, "families not built", failures=h.build_failing, **fields)
+            built = h.last_success  # the last refresh that built its families
+            if built is None or built < self._clock() - self.settings.max_staleness_seconds:
+                h.ledger = LedgerFamilies()
+            return False
+        if h.build_failing:
+            event(log, logging.INFO, "families built again", failures=h.build_failing)
+            h.build_failing = 0
+        h.ledger, h.build_seconds = ledger, ledger.build_seconds
+        return True
 
     def _ready(self) -> list[Source]:
         """The sources whose data is fresh enough to publish.

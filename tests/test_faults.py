@@ -280,6 +280,52 @@ def test_rows_the_exporter_cannot_use_fail_that_query_and_change_nothing(
         refresher.close()
 
 
+def test_families_that_cannot_be_built_fail_the_refresh_and_keep_the_last_ones(
+    dsn: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Building the families from rows that folded is the exporter's own code: a bug there (a
+    float token column once was one) fails the refresh with one line, sparsely logged, and
+    publishes the last families built with this refresh's health, not a traceback; once they
+    are older than the maximum staleness, none (a gap, as for a query failing that long)."""
+    caplog.set_level(logging.INFO, logger="exporter.refresh")
+    _ledger(dsn)
+    clock = [time.time()]
+    refresher = Refresher(load_settings({"dsn": dsn}, env={}), clock=lambda: clock[0])
+    try:
+        assert refresher.refresh()
+        insert(dsn, [Call(NOW - timedelta(minutes=5), "t2", cost_usd=Decimal("3"))])
+
+        def fail(self: Any, labels: Any) -> None:
+            raise TypeError("unsupported operand")
+
+        monkeypatch.setattr(spend_source.SpendSource, "weigh", fail)
+        for _ in range(3):
+            assert refresher.refresh() is False
+        lines = _log_lines(caplog, "families not built")  # the 1st and the 2nd, not the 3rd
+        assert [line.fields["failures"] for line in lines] == [1, 2]
+        assert {line.fields["error_kind"] for line in lines} == {"TypeError"}
+        samples = parse(refresher.snapshot.text)
+        assert samples[SPEND] == 4  # the last families built, before t2's $3
+        assert samples[key("scidex_exporter_refreshes_total")] == 4  # this refresh's health
+        assert samples[key("scidex_exporter_refresh_failures_total")] == 3
+        assert samples[key("scidex_exporter_query_success", query="spend_totals")] == 1
+        monkeypatch.undo()
+        assert refresher.refresh()
+        assert len(_log_lines(caplog, "families built again")) == 1
+        assert parse(refresher.snapshot.text)[SPEND] == 7
+        monkeypatch.setattr(spend_source.SpendSource, "weigh", fail)
+        assert refresher.refresh() is False
+        assert _log_lines(caplog, "families not built")[-1].fields["failures"] == 1  # anew
+        assert SPEND in parse(refresher.snapshot.text)
+        clock[0] += refresher.settings.max_staleness_seconds + 1
+        assert refresher.refresh() is False
+        samples = parse(refresher.snapshot.text)
+        assert not [k for k in samples if not k[0].startswith("scidex_exporter_")]  # a gap
+        assert samples[key("scidex_exporter_refresh_failures_total")] == 5
+    finally:
+        refresher.close()
+
+
 def test_stop_during_a_long_refresh_starts_no_further_query(dsn: str) -> None:
     """Shutdown cancels the running query and does not start the next ones (each may be slow)."""
     _ledger(dsn)
