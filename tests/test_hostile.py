@@ -66,6 +66,14 @@ COST = st.one_of(
     st.none(),
 )
 TOKENS = st.one_of(st.integers(-10, 2**62), st.sampled_from([0, 2**62, 2**63 - 1]), st.none())
+NUMERIC_TOKENS = st.one_of(
+    st.sampled_from([Decimal("NaN"), Decimal("Infinity"), Decimal("-Infinity")]),
+    st.decimals(min_value=-5, max_value=10**9, places=2, allow_nan=False, allow_infinity=False),
+    st.integers(-10, 2**62),
+    st.none(),
+)
+"""What a numeric token column (the contract allows one) may hold: fractions, NaN, infinities."""
+VALID_COST = st.decimals(min_value=0, max_value=1000, places=6)
 WHEN = st.one_of(
     st.integers(0, 40 * 86400).map(lambda s: NOW - timedelta(seconds=s)),
     st.sampled_from([NOW, NOW - timedelta(hours=7), MIDNIGHT]),
@@ -75,7 +83,12 @@ SCORE = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=64), st.n
 
 
 @st.composite
-def ledgers(draw: Any) -> tuple[list[Call], list[Impact], list[Budget]]:
+def ledgers(
+    draw: Any, tokens: Any = TOKENS, optional: bool = False, cost: Any = COST
+) -> tuple[list[Call], list[Impact], list[Budget]]:
+    """A ledger of any rows; ``tokens`` draws the token counts, of the optional columns too
+    with ``optional``, and ``cost`` the calls' costs."""
+    none = st.none()
     quests = draw(st.lists(TEXT, min_size=1, max_size=4))
     tasks = draw(st.lists(st.one_of(TEXT, st.none()), min_size=1, max_size=6))
     calls = draw(
@@ -87,9 +100,12 @@ def ledgers(draw: Any) -> tuple[list[Call], list[Impact], list[Budget]]:
                 quest=st.sampled_from([*quests, None]),
                 layer=st.one_of(TEXT, st.none()),
                 provider=st.sampled_from([*FAMILY_OF, None]),
-                input_tokens=TOKENS,
-                output_tokens=TOKENS,
-                cost_usd=COST,
+                input_tokens=tokens,
+                output_tokens=tokens,
+                cost_usd=cost,
+                cache_read_tokens=tokens if optional else none,
+                cache_write_tokens=tokens if optional else none,
+                reasoning_tokens=tokens if optional else none,
             ),
             max_size=25,
         )
@@ -118,19 +134,47 @@ def _reset(dsn: str) -> None:
         conn.execute("TRUNCATE cost_ledger, impact_ledger, quest_budget_allocations")
 
 
-@settings(
+@pytest.fixture(scope="module")
+def numeric_dsn(pg_server: str) -> Any:
+    with temporary_database(pg_server, schema=True) as dsn:
+        relax(dsn)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            for kind in ("input", "output", "cache_read", "cache_write", "reasoning"):
+                conn.execute(f"ALTER TABLE cost_ledger ALTER COLUMN {kind}_tokens TYPE numeric")
+        yield dsn
+
+
+HOSTILE_SETTINGS = settings(
     max_examples=40,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
+
+
+@HOSTILE_SETTINGS
 @given(ledger=ledgers())
 def test_any_ledger_gives_a_valid_exposition_with_exact_totals(
     hostile_dsn: str, ledger: tuple[list[Call], list[Impact], list[Budget]]
 ) -> None:
+    _exact_exposition(hostile_dsn, ledger)
+
+
+@HOSTILE_SETTINGS
+@given(ledger=ledgers(NUMERIC_TOKENS, optional=True, cost=VALID_COST))
+def test_any_numeric_token_ledger_gives_exact_totals(
+    numeric_dsn: str, ledger: tuple[list[Call], list[Impact], list[Budget]]
+) -> None:
+    """Numeric token columns: fractions are summed exactly, NaN and infinities are invalid
+    (the costs valid, so that the tokens decide)."""
+    _exact_exposition(numeric_dsn, ledger)
+
+
+def _exact_exposition(dsn: str, ledger: tuple[list[Call], list[Impact], list[Budget]]) -> None:
+    """One refresh of ``ledger`` gives what the reference model computes, lint-clean."""
     calls, impacts, budgets = ledger
-    _reset(hostile_dsn)
-    insert(hostile_dsn, calls, impacts, budgets)
-    refresher = Refresher(load_settings({"dsn": hostile_dsn}, env={}))
+    _reset(dsn)
+    insert(dsn, calls, impacts, budgets)
+    refresher = Refresher(load_settings({"dsn": dsn}, env={}))
     try:
         assert refresher.refresh(NOW), refresher.health.queries
     finally:
