@@ -93,8 +93,14 @@ def _same(a: float, b: float) -> bool:
 
 
 def as_float(value: Decimal | float | int | None) -> float:
-    """A sum as an exposition value; NULL (no rows) is 0."""
-    return 0.0 if value is None else float(value)
+    """A sum as an exposition value; NULL (no rows) is 0, and an integer past the largest
+    float an infinity (as a Decimal's float is)."""
+    if value is None:
+        return 0.0
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
 
 
 @dataclass

@@ -35,7 +35,7 @@ class Columns:
     """The token columns (required, and optional present) of an integer type (by default the
     required ones, as the schema's). Any other (``numeric``, which the contract allows, or a
     float in a view) may hold NaN or infinity, which make a row invalid, and is summed as
-    ``numeric``: testing and casting an integer column would cost a cast per row."""
+    ``numeric``; an integer column is neither tested for them nor cast, a cost per row."""
 
     def _finite(self, column: str) -> bool:
         return column in self.integer
@@ -56,11 +56,12 @@ class Columns:
 
         A row that passes all checks is valid. NaN compares greater than every number in
         PostgreSQL, hence its own test; a token count may not be negative, infinite or NaN
-        (a numeric or float column): NaN is the largest float8, so ">= 'Infinity'" catches
-        both. An optional one may be NULL (0), a required one not.
+        (a numeric or float column): NaN sorts above infinity in both types, so
+        ">= 'Infinity'" catches both (in the column's own type: a numeric past float8's range
+        is a valid count, not an error). An optional one may be NULL (0), a required one not.
         """
         bad = "".join(
-            f" OR c.{col} < 0" + ("" if self._finite(col) else f" OR c.{col}::float8 >= 'Infinity'")
+            f" OR c.{col} < 0" + ("" if self._finite(col) else f" OR c.{col} >= 'Infinity'")
             for col in self._tested()
         )
         return (
@@ -95,7 +96,7 @@ class Columns:
         for col in self._tested():
             test = f"c.{col} >= 0"
             if not self._finite(col):
-                test += f" AND c.{col}::float8 < 'Infinity'"
+                test += f" AND c.{col} < 'Infinity'"
             if col in OPTIONAL_TOKENS:
                 test = f"c.{col} IS NULL OR ({test})"
             tokens += f" AND ({test})"

@@ -64,8 +64,11 @@ def dollars(value: Amount) -> Decimal:
 
 def _float(value: Amount) -> float:
     """The float nearest to an amount's dollars (int / int rounds correctly, as float() of the
-    same Decimal does)."""
-    return value / _PER_DOLLAR if isinstance(value, int) else float(dollars(value))
+    same Decimal does), or an infinity past the largest float."""
+    try:
+        return value / _PER_DOLLAR if isinstance(value, int) else float(dollars(value))
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
 
 
 def rounded(total: int) -> float:

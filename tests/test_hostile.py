@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -280,6 +281,33 @@ def test_a_token_that_is_nan_or_infinite_leaves_its_row_out_and_the_rest_summed(
             refresher.close()
 
 
+def test_a_number_past_the_largest_float_is_an_infinity_not_a_failure(dsn: str) -> None:
+    # A numeric cost or token count past float8's range (1e400) is a valid, finite number: it
+    # is summed, and shown as +Inf where a sum of it is, not a failed query or build.
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("ALTER TABLE cost_ledger ALTER COLUMN input_tokens TYPE numeric")
+    huge = Decimal("1e400")
+    calls = [
+        Call(NOW - timedelta(hours=3), "rich", quest="q1", cost_usd=huge),
+        Call(NOW - timedelta(days=3), "wordy", quest="q2", input_tokens=huge),
+        Call(NOW - timedelta(hours=1), "plain", quest="q2", cost_usd=Decimal("0.5")),
+    ]
+    impacts = [Impact("rich", 2.0), Impact("plain", 1.0)]
+    insert(dsn, calls, impacts)
+    refresher = Refresher(load_settings({"dsn": dsn}, env={}))
+    try:
+        assert refresher.refresh(NOW), refresher.health.queries
+        got = ledger_samples(parse(refresher.snapshot.text))
+    finally:
+        refresher.close()
+    want = expected(calls, impacts, [], NOW, NOW.date(), MIDNIGHT)
+    assert set(got) == set(want)
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, rel=1e-9, abs=1e-9), k
+    assert got[key("scidex_task_cost_usd", task_id="rich", quest="q1", layer="Forge")] == math.inf
+    assert got[key("scidex_wasted_tokens", quest="q2", layer="Forge")] == math.inf
+
+
 def test_integer_token_columns_are_summed_and_tested_without_a_cast(dsn: str) -> None:
     # The schema's bigint columns hold no NaN, infinity or fraction: a cast per row of every
     # whole-ledger read would cost time for nothing. Numeric ones are tested and cast.
@@ -296,8 +324,9 @@ def test_integer_token_columns_are_summed_and_tested_without_a_cast(dsn: str) ->
         refresher.close()
     for sql in statements:
         for column in ("input_tokens", "output_tokens", "cache_read_tokens", "reasoning_tokens"):
-            assert f"c.{column}::" not in sql, column
-        assert "c.cache_write_tokens::float8" in sql and "c.cache_write_tokens::numeric" in sql
+            assert f"c.{column}::" not in sql and f"c.{column} < 'Infinity'" not in sql, column
+        tested = "c.cache_write_tokens < 'Infinity'"
+        assert tested in sql and "c.cache_write_tokens::numeric" in sql
 
 
 @pytest.mark.parametrize("column_type", ["double precision", "real"])

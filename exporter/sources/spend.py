@@ -455,7 +455,7 @@ class SpendSource(Source):
         for layer, cost in layers.items():
             labels.weigh_layer(layer, float(cost))
         for (provider, model), cost in spend.items():
-            used = float(tokens[provider, model])
+            used = as_float(tokens[provider, model])
             labels.weigh_model(model_label(provider, model), float(cost), used)
 
     def today(self, labels: LabelGuard) -> Series:
@@ -743,16 +743,16 @@ def _floats(
     """The cumulative counters' series of group sums (``_Groups._all``'s order)."""
     by_series, by_model, listed, listed_model, unpriced = groups
     return {
-        c.SPEND: {k: float(s.cost) for k, s in by_series.items()},
+        c.SPEND: {k: as_float(s.cost) for k, s in by_series.items()},
         c.TOKENS: _tokens(by_series),
-        c.REASONING_TOKENS: {k: float(s.reasoning_tokens) for k, s in by_series.items()},
-        c.CALLS: {k: float(s.calls) for k, s in by_series.items()},
-        c.MODEL_SPEND: {k: float(s.cost) for k, s in by_model.items()},
+        c.REASONING_TOKENS: {k: as_float(s.reasoning_tokens) for k, s in by_series.items()},
+        c.CALLS: {k: as_float(s.calls) for k, s in by_series.items()},
+        c.MODEL_SPEND: {k: as_float(s.cost) for k, s in by_model.items()},
         c.MODEL_TOKENS: _tokens(by_model),
-        c.MODEL_CALLS: {k: float(s.calls) for k, s in by_model.items()},
-        c.LIST_PRICE: {(*k, catalogue): float(v) for k, v in listed.items()},
-        c.MODEL_LIST_PRICE: {(*k, catalogue): float(v) for k, v in listed_model.items()},
-        c.UNPRICED_CALLS: {k: float(s.calls) for k, s in unpriced.items()},
+        c.MODEL_CALLS: {k: as_float(s.calls) for k, s in by_model.items()},
+        c.LIST_PRICE: {(*k, catalogue): as_float(v) for k, v in listed.items()},
+        c.MODEL_LIST_PRICE: {(*k, catalogue): as_float(v) for k, v in listed_model.items()},
+        c.UNPRICED_CALLS: {k: as_float(s.calls) for k, s in unpriced.items()},
         c.UNPRICED_TOKENS: _tokens(unpriced),
     }
 
@@ -768,7 +768,7 @@ def _model_labels(
 
 def _tokens(sums: Mapping[tuple[str, ...], Sums]) -> Series:
     return {
-        (*key, direction): float(getattr(s, attr))
+        (*key, direction): as_float(getattr(s, attr))
         for key, s in sums.items()
         for direction, attr in DIRECTIONS
     }
