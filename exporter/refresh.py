@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any, Self, TypeVar, cast
 
 import psycopg
+from prometheus_client.metrics_core import Metric as Family
 from psycopg.rows import namedtuple_row
 
 from exporter.config import Settings
@@ -183,7 +184,7 @@ class Refresher:
         )
         started = time.perf_counter()
         families = h.ledger.families + h.families()
-        self.snapshot = Snapshot.of(families, fresh_until, self._renderer)
+        self.snapshot = self._render(families, fresh_until)
         h.render_seconds = time.perf_counter() - started
         return ok
 
@@ -212,6 +213,19 @@ class Refresher:
             h.build_failing = 0
         h.ledger, h.build_seconds = ledger, ledger.build_seconds
         return True
+
+    def _render(self, families: list[Family], fresh_until: float) -> Snapshot:
+        """Render with the refresher's renderer, which reuses its last rendering; should it
+        fail (a bug), with prometheus-client's own, and start the next one afresh."""
+        try:
+            return Snapshot.of(families, fresh_until, self._renderer)
+        except Exception as exc:
+            failures = self.health.render_failing = self.health.render_failing + 1
+            if _log_now(failures):
+                message = "rendered by prometheus-client"
+                event(log, logging.ERROR, message, failures=failures, **error_fields(exc))
+            self._renderer = TextRenderer()
+            return Snapshot.of(families, fresh_until)
 
     def _ready(self) -> list[Source]:
         """The sources whose data is fresh enough to publish.

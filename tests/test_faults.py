@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import logging
 import threading
 import time
@@ -11,9 +12,11 @@ from typing import Any
 
 import psycopg
 import pytest
+from prometheus_client import generate_latest
 
 from exporter import tasks as tasks_module
 from exporter.config import load_settings
+from exporter.exposition import Families, TextRenderer
 from exporter.refresh import Refresher
 from exporter.service import Exporter
 from exporter.sources import WindowSource
@@ -322,6 +325,37 @@ def test_families_that_cannot_be_built_fail_the_refresh_and_keep_the_last_ones(
         samples = parse(refresher.snapshot.text)
         assert not [k for k in samples if not k[0].startswith("scidex_exporter_")]  # a gap
         assert samples[key("scidex_exporter_refresh_failures_total")] == 5
+    finally:
+        refresher.close()
+
+
+def test_a_renderer_failing_falls_back_to_prometheus_client(
+    dsn: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The renderer that reuses the last rendering is the exporter's own code: should it fail,
+    the refresh publishes prometheus-client's rendering of the same families and logs one
+    line; once it works again, the refreshes after render as before."""
+    _ledger(dsn)
+    refresher = Refresher(load_settings({"dsn": dsn}, env={}))
+    try:
+        assert refresher.refresh()
+
+        def fail(self: Any, families: Any) -> bytes:
+            raise IndexError("list index out of range")
+
+        monkeypatch.setattr(TextRenderer, "render", fail)
+        insert(dsn, [Call(NOW - timedelta(minutes=5), "t2", cost_usd=Decimal("3"))])
+        assert refresher.refresh()  # the data is good: only its rendering fell back
+        (line,) = _log_lines(caplog, "rendered by prometheus-client")
+        assert line.fields["error_kind"] == "IndexError"
+        snapshot = refresher.snapshot
+        assert snapshot.text == generate_latest(Families(snapshot.families))
+        assert gzip.decompress(snapshot.text_gzip) == snapshot.text
+        assert parse(snapshot.text)[SPEND] == 7
+        monkeypatch.undo()
+        assert refresher.refresh()
+        assert parse(refresher.snapshot.text)[SPEND] == 7
+        assert refresher.snapshot.text == generate_latest(Families(refresher.snapshot.families))
     finally:
         refresher.close()
 
