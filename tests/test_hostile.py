@@ -35,6 +35,7 @@ from tests.ledger import (
 )
 from tests.prom import running_prometheus
 
+D = Decimal
 NOW = datetime(2026, 11, 20, 15, 0, tzinfo=UTC)
 MIDNIGHT = datetime(2026, 11, 20, tzinfo=UTC)
 
@@ -283,17 +284,24 @@ def test_a_token_that_is_nan_or_infinite_leaves_its_row_out_and_the_rest_summed(
 
 def test_a_number_past_the_largest_float_is_an_infinity_not_a_failure(dsn: str) -> None:
     # A numeric cost or token count past float8's range (1e400) is a valid, finite number: it
-    # is summed, and shown as +Inf where a sum of it is, not a failed query or build.
+    # is summed, and shown as +Inf where a sum of it is, not a failed query or build. A numeric
+    # impact past it is as an infinite one (not measured), one below the smallest float is the
+    # float nearest to it (0, or the smallest subnormal), not a failed window query.
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("ALTER TABLE cost_ledger ALTER COLUMN input_tokens TYPE numeric")
+        conn.execute("ALTER TABLE impact_ledger ALTER COLUMN impact_score TYPE numeric")
     huge = Decimal("1e400")
     calls = [
         Call(NOW - timedelta(hours=3), "rich", quest="q1", cost_usd=huge),
         Call(NOW - timedelta(days=3), "wordy", quest="q2", input_tokens=huge),
         Call(NOW - timedelta(hours=1), "plain", quest="q2", cost_usd=Decimal("0.5")),
+        *(Call(NOW - timedelta(days=3), t, quest="q3", input_tokens=5000) for t in "abcd"),
     ]
-    impacts = [Impact("rich", 2.0), Impact("plain", 1.0)]
-    insert(dsn, calls, impacts)
+    scores = {"rich": 2, "plain": 1, "a": huge, "b": -huge, "c": D("1e-400"), "d": D("3e-324")}
+    insert(dsn, calls, [Impact(t, v) for t, v in scores.items()])
+    # as the exporter's float8 holds them: 1e400 is inf, 1e-400 is 0, 3e-324 is 5e-324
+    impacts = [Impact(t, float(v)) for t, v in scores.items()]
+    assert [i.impact_score for i in impacts[2:]] == [math.inf, -math.inf, 0.0, 5e-324]
     refresher = Refresher(load_settings({"dsn": dsn}, env={}))
     try:
         assert refresher.refresh(NOW), refresher.health.queries

@@ -97,10 +97,20 @@ _NO_SUMS = ", ".join(
 )
 
 
+# A numeric impact past float8's range does not convert to the statement's float8 (an error,
+# every refresh): past the largest float it is as an infinity, not measured; at or below half
+# the smallest (subnormal) float it is the float nearest to it, 0.
+_FLOAT8_MAX = "1.7976931348623157e308"
+_FLOAT8_HALF_TINY = "2.4703282292062328e-324"
+
+
 def _latest_impact(task_id: str) -> str:
-    """The latest measured impact of task ``task_id`` (an SQL expression), NULL for none."""
+    """The latest measured impact of task ``task_id`` (an SQL expression), NULL for none (or
+    NaN, or an infinity)."""
     return f"""
-           (SELECT CASE WHEN i.impact_score IN ('NaN', 'Infinity', '-Infinity') THEN NULL
+           (SELECT CASE WHEN i.impact_score IN ('NaN', 'Infinity', '-Infinity')
+                          OR abs(i.impact_score) > {_FLOAT8_MAX} THEN NULL
+                        WHEN abs(i.impact_score) <= {_FLOAT8_HALF_TINY} THEN 0
                         ELSE i.impact_score END
             FROM impact_ledger i
             WHERE i.task_id = {task_id}
