@@ -168,6 +168,7 @@ def _once(settings: Settings) -> int:
 
 def _check(settings: Settings) -> int:
     from exporter.contract import check_relations, performance_advice
+    from exporter.refresh import connect
 
     if settings.web_config_file is not None:
         from exporter.webconfig import load_web_config
@@ -175,9 +176,7 @@ def _check(settings: Settings) -> int:
         load_web_config(settings.web_config_file)
     print("configuration: ok")
     try:
-        with psycopg.connect(
-            settings.dsn_value(), connect_timeout=settings.connect_timeout_seconds
-        ) as conn:
+        with connect(settings) as conn:  # the exporter's own session: read-only, UTF-8 text
             notes: list[str] = []
             problems = check_relations(conn, notes)
             advice = [] if problems else performance_advice(conn)

@@ -76,6 +76,9 @@ def connect(settings: Settings) -> psycopg.Connection[Any]:
         settings.dsn_value(),
         connect_timeout=settings.connect_timeout_seconds,
         fallback_application_name="resource-exporter",
+        # Text as UTF-8 whatever the database's encoding; a SQL_ASCII one sends its bytes as
+        # they are, which psycopg would otherwise hand over as bytes, not str.
+        client_encoding="UTF8",
         cursor_factory=TimedCursor,
         row_factory=namedtuple_row,
         # Plan every statement with its parameters: a generic plan of "id > $1" cannot tell the

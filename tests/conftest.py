@@ -83,11 +83,20 @@ def _with_dbname(dsn: str, dbname: str) -> str:
 
 
 @contextmanager
-def temporary_database(admin_dsn: str, schema: bool = False) -> Iterator[str]:
-    """Yield the DSN of a fresh database (with the ledger schema if asked), then drop it."""
+def temporary_database(
+    admin_dsn: str, schema: bool = False, encoding: str | None = None
+) -> Iterator[str]:
+    """Yield the DSN of a fresh database (with the ledger schema if asked, in ``encoding``
+    if given), then drop it."""
     name = f"ri_test_{os.getpid()}_{next(_counter)}"
     with psycopg.connect(admin_dsn, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
+        if encoding is None:
+            admin.execute(f'CREATE DATABASE "{name}"')
+        else:
+            admin.execute(
+                f"CREATE DATABASE \"{name}\" ENCODING '{encoding}' LC_COLLATE 'C' LC_CTYPE 'C'"
+                " TEMPLATE template0"
+            )
     dsn = _with_dbname(admin_dsn, name)
     try:
         if schema:

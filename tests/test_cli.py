@@ -19,7 +19,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.conftest import assert_promtool_clean, run_cli
+from tests.conftest import assert_promtool_clean, run_cli, temporary_database
 from tests.ledger import key, parse, relax
 
 END = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
@@ -196,6 +196,14 @@ def test_check_accepts_the_shipped_schema(dsn: str) -> None:
     assert result.returncode == 0, result.stderr
     assert "ledger contract: ok" in result.stdout
     assert "ledger performance" not in result.stdout
+
+
+def test_check_reads_a_sql_ascii_database_s_names_as_text(pg_server: str) -> None:
+    # psycopg hands a SQL_ASCII database's text over as bytes: every column read as missing.
+    with temporary_database(pg_server, schema=True, encoding="SQL_ASCII") as dsn:
+        result = cli("check", "--dsn", dsn)
+    assert result.returncode == 0, result.stderr
+    assert "ledger contract: ok" in result.stdout
 
 
 def test_check_says_which_index_or_statistics_the_ledger_lacks(dsn: str) -> None:

@@ -12,6 +12,7 @@ import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from psycopg.conninfo import make_conninfo
 
 from exporter.config import load_settings
 from exporter.refresh import Refresher
@@ -34,6 +35,7 @@ from tests.ledger import (
     relax,
 )
 from tests.prom import running_prometheus
+from tests.test_ledger_metrics import assert_matches
 
 D = Decimal
 NOW = datetime(2026, 11, 20, 15, 0, tzinfo=UTC)
@@ -183,9 +185,7 @@ def _exact_exposition(dsn: str, ledger: tuple[list[Call], list[Impact], list[Bud
         refresher.close()
     got = ledger_samples(parse(refresher.snapshot.text))
     want = expected(calls, impacts, budgets, NOW, NOW.date(), MIDNIGHT)
-    assert set(got) == set(want)
-    for k, v in want.items():
-        assert got[k] == pytest.approx(v, rel=1e-9, abs=1e-9), k
+    assert_matches(got, want)
     assert_promtool_clean(refresher.snapshot.text)
 
 
@@ -273,9 +273,7 @@ def test_a_token_that_is_nan_or_infinite_leaves_its_row_out_and_the_rest_summed(
                 assert refresher.refresh(NOW), refresher.health.queries
                 got = ledger_samples(parse(refresher.snapshot.text))
                 want = expected(seen, impacts, [], NOW, NOW.date(), MIDNIGHT)
-                assert set(got) == set(want)
-                for k, v in want.items():
-                    assert got[k] == pytest.approx(v, rel=1e-9, abs=1e-9), k
+                assert_matches(got, want)
                 assert got[invalid] == want[invalid] == excluded
             assert refresher.source(WindowSource).tasks.frozen_id > 0  # the steady path
         finally:
@@ -314,6 +312,41 @@ def test_a_number_past_the_largest_float_is_an_infinity_not_a_failure(dsn: str) 
         assert got[k] == pytest.approx(v, rel=1e-9, abs=1e-9), k
     assert got[key("scidex_task_cost_usd", task_id="rich", quest="q1", layer="Forge")] == math.inf
     assert got[key("scidex_wasted_tokens", quest="q2", layer="Forge")] == math.inf
+
+
+def test_a_sql_ascii_database_s_text_is_read_as_utf8_text(pg_server: str) -> None:
+    # A SQL_ASCII database stores bytes as sent and would send them back so; psycopg hands
+    # such text over as bytes. The exporter asks for UTF-8, so an application's UTF-8 labels
+    # and task ids read as text (they once broke the window's rows and the families' labels),
+    # and a byte sequence that is not UTF-8 is the database's own clear error for that query.
+    with temporary_database(pg_server, schema=True, encoding="SQL_ASCII") as dsn:
+        utf8 = make_conninfo(dsn, client_encoding="UTF8")  # how the platform writes
+        calls = [
+            Call(NOW - timedelta(hours=2), "tâche-1", quest="q-é", layer="Forgé"),
+            Call(NOW - timedelta(days=3), "任务-2", quest="q-日本", cost_usd=Decimal("2.5")),
+        ]
+        impacts = [Impact("tâche-1", 2.0)]
+        budgets = [Budget("q-é", NOW.date(), Decimal("10"))]
+        insert(utf8, calls, impacts, budgets)
+        refresher = Refresher(load_settings({"dsn": dsn}, env={}))
+        try:
+            assert refresher.refresh(NOW), refresher.health.queries
+            got = ledger_samples(parse(refresher.snapshot.text))
+            want = expected(calls, impacts, budgets, NOW, NOW.date(), MIDNIGHT)
+            assert_matches(got, want)
+            with psycopg.connect(dsn, autocommit=True) as conn:  # as the database holds them
+                conn.execute(
+                    "INSERT INTO cost_ledger (ts, task_id, quest, layer, provider, input_tokens,"
+                    " output_tokens, cost_usd) SELECT ts, task_id,"
+                    " convert_from('\\xff'::bytea, 'SQL_ASCII'), layer, provider, 1, 1, 1"
+                    " FROM cost_ledger LIMIT 1"
+                )
+            assert not refresher.refresh(NOW)
+            error = refresher.health.queries[SPEND_TOTALS.name]
+            assert error.errors == 1 and error.success is False
+            assert ledger_samples(parse(refresher.snapshot.text)) == got  # the last good ones
+        finally:
+            refresher.close()
 
 
 def test_integer_token_columns_are_summed_and_tested_without_a_cast(dsn: str) -> None:
