@@ -264,7 +264,7 @@ class _InternedText(TextLoader):
 
     def load(self, data: Any) -> Any:
         value = super().load(data)
-        return sys.intern(value) if isinstance(value, str) else value  # bytes: SQL_ASCII
+        return sys.intern(value) if isinstance(value, str) else value  # bytes: not asked UTF-8
 
 
 class SpendSource(Source):
