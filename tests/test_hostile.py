@@ -349,6 +349,35 @@ def test_a_sql_ascii_database_s_text_is_read_as_utf8_text(pg_server: str) -> Non
             refresher.close()
 
 
+def test_a_time_python_cannot_hold_is_counted_not_read(dsn: str) -> None:
+    # timestamptz runs from 4713 BC to 294276 AD, Python's datetime from year 1 to 9999: a row
+    # before or after (a clock gone wrong) once failed the spend and newest-call queries at
+    # every refresh, where they read the oldest and newest time. It counts in the sums.
+    calls = [
+        Call(NOW - timedelta(days=2), "t1", quest="q1", cost_usd=Decimal("1.5")),
+        Call(NOW - timedelta(hours=2), "t2", quest="q2", cost_usd=Decimal("2")),
+    ]
+    insert(dsn, calls)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for ts in ("50000-01-01 00:00:00+00", "0100-01-01 00:00:00+00 BC"):
+            conn.execute(
+                "INSERT INTO cost_ledger (ts, task_id, quest, layer, provider, input_tokens,"
+                " output_tokens, cost_usd) VALUES (%s, 'far', 'q1', 'Forge', 'glm-4.6', 1, 1, 4)",
+                [ts],
+            )
+    # more quests than max_quests: the quest fold reads the oldest time too
+    settings = load_settings({"dsn": dsn, "max_quests": 1}, env={})
+    refresher = Refresher(settings)
+    try:
+        assert refresher.refresh(NOW), refresher.health.queries
+        got = parse(refresher.snapshot.text)
+    finally:
+        refresher.close()
+    spend = sum(v for k, v in got.items() if k[0] == "scidex_spend_usd_total")
+    assert spend == 1.5 + 2 + 4 + 4
+    assert got[key("scidex_ledger_last_call_timestamp_seconds")] == calls[1].ts.timestamp()
+
+
 def test_integer_token_columns_are_summed_and_tested_without_a_cast(dsn: str) -> None:
     # The schema's bigint columns hold no NaN, infinity or fraction: a cast per row of every
     # whole-ledger read would cost time for nothing. Numeric ones are tested and cast.

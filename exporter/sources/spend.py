@@ -145,9 +145,14 @@ def split_totals(cols: Columns, periods: Periods) -> Query:
     )
 
 
-# The oldest row's time, from the start of the ts index: is the history long? ('-infinity'
-# is no time: Python has none so early.)
-_OLDEST = "SELECT min(c.ts) FROM cost_ledger c WHERE c.ts > '-infinity'"
+# Python's datetime holds the years 1 to 9999; PostgreSQL's timestamptz from 4713 BC to
+# 294276 AD. A row's time outside Python's (a day's margin for any time zone) is never loaded:
+# one such row failed its query at every refresh. It still counts where its time need not be
+# read ('-infinity' and 'infinity' are invalid).
+_PYTHON_TIMES = "c.ts >= '0001-01-02 00:00:00+00' AND c.ts < '9999-12-31 00:00:00+00'"
+
+# The oldest row's time, from the start of the ts index: is the history long?
+_OLDEST = f"SELECT min(c.ts) FROM cost_ledger c WHERE {_PYTHON_TIMES}"
 
 
 # The newest valid call, from the end of the ts index.
@@ -155,7 +160,8 @@ _OLDEST = "SELECT min(c.ts) FROM cost_ledger c WHERE c.ts > '-infinity'"
 def newest_call(cols: Columns) -> Query:
     return Query(
         "newest_call",
-        f"SELECT c.ts FROM cost_ledger c WHERE {cols.valid} ORDER BY c.ts DESC LIMIT 1",
+        f"SELECT c.ts FROM cost_ledger c WHERE {cols.valid} AND {_PYTHON_TIMES}"
+        " ORDER BY c.ts DESC LIMIT 1",
     )
 
 
