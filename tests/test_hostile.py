@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -27,6 +29,7 @@ from tests.ledger import (
     Budget,
     Call,
     Impact,
+    Rules,
     expected,
     insert,
     key,
@@ -376,6 +379,49 @@ def test_a_time_python_cannot_hold_is_counted_not_read(dsn: str) -> None:
     spend = sum(v for k, v in got.items() if k[0] == "scidex_spend_usd_total")
     assert spend == 1.5 + 2 + 4 + 4
     assert got[key("scidex_ledger_last_call_timestamp_seconds")] == calls[1].ts.timestamp()
+
+
+@pytest.fixture
+def zone_not_utc(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The process's local time zone is New York's for the test."""
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+@pytest.mark.usefixtures("zone_not_utc")
+def test_a_timestamp_without_time_zone_is_taken_as_utc(dsn: str) -> None:
+    # Outside the contract (check flags it), common in users' tables: the statements compare
+    # it as UTC (the session's zone); the oldest and newest times, read into Python, failed
+    # the spend query at every refresh (a naive datetime compared with an aware one), and a
+    # naive newest call would be taken in the process's zone.
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "ALTER TABLE cost_ledger ALTER COLUMN ts TYPE timestamp USING ts AT TIME ZONE 'UTC'"
+        )
+    utc = make_conninfo(dsn, options="-c timezone=UTC")  # a writer's times stored as UTC
+    calls = [
+        Call(NOW - timedelta(days=40), "t1", quest="q1", cost_usd=Decimal("1.5")),
+        Call(NOW - timedelta(days=2), "t1", quest="q1", cost_usd=Decimal("2")),
+        Call(NOW - timedelta(hours=2), "t2", quest="q2"),
+    ]
+    later = [Call(NOW - timedelta(minutes=5), "t3", quest="q2", cost_usd=Decimal("4"))]
+    impacts = [Impact("t1", 2.0)]
+    refresher = Refresher(load_settings({"dsn": dsn, "max_quests": 1}, env={}))
+    try:
+        seen: list[Call] = []
+        for batch in (calls, later):  # rebuild, then steady
+            insert(utc, batch, impacts if not seen else [])
+            seen += batch
+            assert refresher.refresh(NOW), refresher.health.queries
+            got = ledger_samples(parse(refresher.snapshot.text))
+            assert_matches(
+                got, expected(seen, impacts, [], NOW, NOW.date(), MIDNIGHT, Rules(max_quests=1))
+            )
+    finally:
+        refresher.close()
 
 
 def test_integer_token_columns_are_summed_and_tested_without_a_cast(dsn: str) -> None:

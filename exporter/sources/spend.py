@@ -151,8 +151,10 @@ def split_totals(cols: Columns, periods: Periods) -> Query:
 # read ('-infinity' and 'infinity' are invalid).
 _PYTHON_TIMES = "c.ts >= '0001-01-02 00:00:00+00' AND c.ts < '9999-12-31 00:00:00+00'"
 
-# The oldest row's time, from the start of the ts index: is the history long?
-_OLDEST = f"SELECT min(c.ts) FROM cost_ledger c WHERE {_PYTHON_TIMES}"
+# The oldest row's time, from the start of the ts index: is the history long? (Read as a
+# timestamptz, as the newest call's: a view's timestamp without time zone is taken as UTC,
+# the session's zone, as every comparison with it in a statement takes it.)
+_OLDEST = f"SELECT min(c.ts)::timestamptz FROM cost_ledger c WHERE {_PYTHON_TIMES}"
 
 
 # The newest valid call, from the end of the ts index.
@@ -160,7 +162,7 @@ _OLDEST = f"SELECT min(c.ts) FROM cost_ledger c WHERE {_PYTHON_TIMES}"
 def newest_call(cols: Columns) -> Query:
     return Query(
         "newest_call",
-        f"SELECT c.ts FROM cost_ledger c WHERE {cols.valid} AND {_PYTHON_TIMES}"
+        f"SELECT c.ts::timestamptz AS ts FROM cost_ledger c WHERE {cols.valid} AND {_PYTHON_TIMES}"
         " ORDER BY c.ts DESC LIMIT 1",
     )
 
