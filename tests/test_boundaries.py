@@ -41,14 +41,16 @@ def test_spend_at_exactly_local_midnight_counts_for_today(dsn: str) -> None:
 
 
 def test_impact_exactly_zero_is_not_ranked(dsn: str) -> None:
+    # 5e-324, the smallest positive float, is an impact too (not taken for 0)
+    tasks = {"zero": 0.0, "tiny": 1e-9, "least": 5e-324}
     insert(
         dsn,
-        [Call(ago(hours=1), "zero", cost_usd=D("1")), Call(ago(hours=1), "tiny", cost_usd=D("1"))],
-        [Impact("zero", 0.0), Impact("tiny", 1e-9)],
+        [Call(ago(hours=1), task, cost_usd=D("1")) for task in tasks],
+        [Impact(task, score) for task, score in tasks.items()],
     )
     got = scrape(dsn)
     ranked = {dict(k[1])["task_id"] for k in got if k[0] == "scidex_task_impact_per_usd"}
-    assert ranked == {"tiny"}
+    assert ranked == {"tiny", "least"}
 
 
 def test_waste_grace_period_boundary(dsn: str) -> None:

@@ -99,7 +99,8 @@ _NO_SUMS = ", ".join(
 
 # A numeric impact past float8's range does not convert to the statement's float8 (an error,
 # every refresh): past the largest float it is as an infinity, not measured; at or below half
-# the smallest (subnormal) float it is the float nearest to it, 0.
+# the smallest (subnormal) float it is the float nearest to it, 0. That bound is compared as
+# numeric: as a float8 it is the smallest float itself (5e-324), which would be taken for 0.
 _FLOAT8_MAX = "1.7976931348623157e308"
 _FLOAT8_HALF_TINY = "2.4703282292062328e-324"
 
@@ -110,7 +111,7 @@ def _latest_impact(task_id: str) -> str:
     return f"""
            (SELECT CASE WHEN i.impact_score IN ('NaN', 'Infinity', '-Infinity')
                           OR abs(i.impact_score) > {_FLOAT8_MAX} THEN NULL
-                        WHEN abs(i.impact_score) <= {_FLOAT8_HALF_TINY} THEN 0
+                        WHEN abs(i.impact_score)::numeric <= {_FLOAT8_HALF_TINY} THEN 0
                         ELSE i.impact_score END
             FROM impact_ledger i
             WHERE i.task_id = {task_id}
