@@ -204,11 +204,9 @@ class Refresher:
             ledger = build_ledger(self._ready(), self.settings, self.providers, self._samples)
         except Exception as exc:
             h.build_failing += 1
-            if _log_now(h.build_failing):
-                fields = error_fields(exc)
-                event(log, logging.ERROR, "families not built", failures=h.build_failing, **fields)
+            _log_failure("families not built", h.build_failing, exc)
             built = h.last_success  # the last refresh that built its families
-            if built is None or built < self._clock() - self.settings.max_staleness_seconds:
+            if built is None or built < self._stale_before():
                 h.ledger = LedgerFamilies()
             return False
         if h.build_failing:
@@ -223,10 +221,8 @@ class Refresher:
         try:
             return Snapshot.of(families, fresh_until, self._renderer)
         except Exception as exc:
-            failures = self.health.render_failing = self.health.render_failing + 1
-            if _log_now(failures):
-                message = "rendered by prometheus-client"
-                event(log, logging.ERROR, message, failures=failures, **error_fields(exc))
+            self.health.render_failing += 1
+            _log_failure("rendered by prometheus-client", self.health.render_failing, exc)
             self._renderer = TextRenderer()
             return Snapshot.of(families, fresh_until)
 
@@ -237,13 +233,17 @@ class Refresher:
         families out, so they disappear (a gap in Grafana) instead of showing a flat line of
         old numbers; the health families say why.
         """
-        limit = self._clock() - self.settings.max_staleness_seconds
+        limit = self._stale_before()
         fresh = frozenset(
             name
             for name, health in self.health.queries.items()
             if (health.last_success or 0.0) >= limit
         )
         return [s for s in self.sources if s.ready(fresh)]
+
+    def _stale_before(self) -> float:
+        """Data last read (or built) before this Unix time is too old to publish."""
+        return float(self._clock()) - self.settings.max_staleness_seconds
 
     def _run_all(self, instants: Instants) -> bool:
         for health in self.health.queries.values():
@@ -346,16 +346,7 @@ class Refresher:
         health = self.health.queries[query]
         health.errors += 1
         health.failing += 1
-        if _log_now(health.failing):
-            event(
-                log,
-                logging.ERROR,
-                message,
-                query=query,
-                failures=health.failing,
-                **error_fields(exc),
-                **fields,
-            )
+        _log_failure(message, health.failing, exc, query=query, **fields)
 
     def statement(self, query: str, instants: Instants) -> Statement:
         """The SQL and bind parameters of ``query`` in the next refresh (for bench/ and tests).
@@ -409,6 +400,17 @@ class Refresher:
                 self._drop_connection()
             finally:
                 self._running.release()
+
+
+def _log_failure(
+    message: str, failures: int, exc: BaseException, query: str | None = None, **fields: Any
+) -> None:
+    """Log the ``failures``-th consecutive failure of one kind (of ``query``), if ``_log_now``
+    says so: ``query=``, ``failures=``, the error, then ``fields``."""
+    if _log_now(failures):
+        about = {} if query is None else {"query": query}
+        error = error_fields(exc)
+        event(log, logging.ERROR, message, **about, failures=failures, **error, **fields)
 
 
 def _log_now(failures: int) -> bool:
