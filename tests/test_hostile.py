@@ -40,7 +40,6 @@ from tests.ledger import (
 from tests.prom import running_prometheus
 from tests.test_ledger_metrics import assert_matches
 
-D = Decimal
 NOW = datetime(2026, 11, 20, 15, 0, tzinfo=UTC)
 MIDNIGHT = datetime(2026, 11, 20, tzinfo=UTC)
 
@@ -141,13 +140,18 @@ def _reset(dsn: str) -> None:
         conn.execute("TRUNCATE cost_ledger, impact_ledger, quest_budget_allocations")
 
 
+def _tokens_typed(dsn: str, column_type: str) -> None:
+    """Every token column of cost_ledger of ``column_type``, as a user's view may have them."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for kind in ("input", "output", "cache_read", "cache_write", "reasoning"):
+            conn.execute(f"ALTER TABLE cost_ledger ALTER COLUMN {kind}_tokens TYPE {column_type}")
+
+
 @pytest.fixture(scope="module")
 def numeric_dsn(pg_server: str) -> Any:
     with temporary_database(pg_server, schema=True) as dsn:
         relax(dsn)
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            for kind in ("input", "output", "cache_read", "cache_write", "reasoning"):
-                conn.execute(f"ALTER TABLE cost_ledger ALTER COLUMN {kind}_tokens TYPE numeric")
+        _tokens_typed(dsn, "numeric")
         yield dsn
 
 
@@ -258,11 +262,7 @@ def test_a_token_that_is_nan_or_infinite_leaves_its_row_out_and_the_rest_summed(
     impacts = [Impact("t1", 2.0), Impact("t4", 0.5)]
     with temporary_database(pg_server, schema=True) as dsn:
         relax(dsn)
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            for kind in ("input", "output", "cache_read", "cache_write", "reasoning"):
-                conn.execute(
-                    f"ALTER TABLE cost_ledger ALTER COLUMN {kind}_tokens TYPE {column_type}"
-                )
+        _tokens_typed(dsn, column_type)
         refresher = Refresher(load_settings({"dsn": dsn}, env={}))
         try:
             seen: list[Call] = []
@@ -298,7 +298,8 @@ def test_a_number_past_the_largest_float_is_an_infinity_not_a_failure(dsn: str) 
         Call(NOW - timedelta(hours=1), "plain", quest="q2", cost_usd=Decimal("0.5")),
         *(Call(NOW - timedelta(days=3), t, quest="q3", input_tokens=5000) for t in "abcd"),
     ]
-    scores = {"rich": 2, "plain": 1, "a": huge, "b": -huge, "c": D("1e-400"), "d": D("3e-324")}
+    tiny = {"c": Decimal("1e-400"), "d": Decimal("3e-324")}
+    scores = {"rich": 2, "plain": 1, "a": huge, "b": -huge, **tiny}
     insert(dsn, calls, [Impact(t, v) for t, v in scores.items()])
     # as the exporter's float8 holds them: 1e400 is inf, 1e-400 is 0, 3e-324 is 5e-324
     impacts = [Impact(t, float(v)) for t, v in scores.items()]
@@ -309,10 +310,7 @@ def test_a_number_past_the_largest_float_is_an_infinity_not_a_failure(dsn: str) 
         got = ledger_samples(parse(refresher.snapshot.text))
     finally:
         refresher.close()
-    want = expected(calls, impacts, [], NOW, NOW.date(), MIDNIGHT)
-    assert set(got) == set(want)
-    for k, v in want.items():
-        assert got[k] == pytest.approx(v, rel=1e-9, abs=1e-9), k
+    assert_matches(got, expected(calls, impacts, [], NOW, NOW.date(), MIDNIGHT))
     assert got[key("scidex_task_cost_usd", task_id="rich", quest="q1", layer="Forge")] == math.inf
     assert got[key("scidex_wasted_tokens", quest="q2", layer="Forge")] == math.inf
 
