@@ -44,6 +44,12 @@ class Columns:
         """The token columns a row's validity tests: the required ones, the optional present."""
         return tuple(col for col in TOKENS if col not in OPTIONAL_TOKENS or col in self.present)
 
+    def _count(self, column: str) -> str:
+        """A token column as summed: as ``numeric`` unless of an integer type (exact from a
+        float; no operation for a numeric), a NULL of its type when an optional one is absent."""
+        ref = self.ref(column)
+        return ref if self._finite(column) or column not in self._tested() else f"{ref}::numeric"
+
     def ref(self, column: str) -> str:
         """The column of alias ``c``, or a NULL of its type when an optional one is absent."""
         if column in OPTIONAL_TOKENS and column not in self.present:
@@ -111,9 +117,7 @@ class Columns:
         exprs = {
             "calls": "count(*)",
             "cost": f"sum({COST})",
-            **{col: f"sum({self.ref(col)})" for col in TOKENS},
-            # exact, from a float column too; a numeric column's cast is no operation
-            **{col: f"sum(c.{col}::numeric)" for col in self._tested() if not self._finite(col)},
+            **{col: f"sum({self._count(col)})" for col in TOKENS},
         }
         return ",\n           ".join(f"{exprs[name]} AS {name}" for name in names)
 
