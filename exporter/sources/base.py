@@ -8,10 +8,11 @@ runs each statement under its own savepoint and knows nothing of what a source c
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Generator, Iterator, Mapping
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
-from typing import Any, ClassVar, NamedTuple, TypeVar
+from typing import Any, ClassVar, NamedTuple, TypeVar, cast
 
 import psycopg
 from prometheus_client.metrics_core import Metric as Family
@@ -97,6 +98,18 @@ class Statement(NamedTuple):
 
     sql: str
     params: dict[str, Any]
+
+
+@contextmanager
+def streamed(
+    cur: psycopg.Cursor[Any], statement: Statement, size: int, binary: bool = False
+) -> Iterator[Iterator[Any]]:
+    """A statement's rows as they arrive, ``size`` at a time, so that a large result is never
+    held whole. A stream holds the connection's lock until it is closed: closed here at once
+    if its reader fails (or Ctrl-C stops it), or the savepoint's rollback would wait on it."""
+    stream = cur.stream(statement.sql, statement.params, size=size, binary=binary)
+    with closing(cast(Generator[Any, None, None], stream)) as rows:
+        yield rows
 
 
 S = TypeVar("S", bound="Source")

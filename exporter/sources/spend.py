@@ -38,7 +38,7 @@ from exporter.labels import LabelCleaner
 from exporter.models import model_label, model_name, model_ref
 from exporter.prices import PriceBook
 from exporter.queries import AFTER, BUDGET_DAYS, MOVED, REASONS, Columns, Periods, Query
-from exporter.sources.base import Build, Excluded, Refresh, Source, Statement
+from exporter.sources.base import Build, Excluded, Refresh, Source, Statement, streamed
 
 # Cumulative sums of the rows after id %(after)s (an index range scan of the primary key), split
 # into rows that are final (id <= %(safe)s: folded into the exporter's running totals) and the
@@ -206,39 +206,61 @@ class SpendTotals:
     recent: dict[Recent, Sums] = field(default_factory=dict)
     read: bool = False  # whether any refresh has folded a whole ledger yet
 
-    def apply(
-        self, full: bool, rows: Iterable[Any], split: frozenset[Any] = frozenset()
-    ) -> int | None:
-        """Fold the rows of SPEND_TOTALS (the whole ledger when ``full``, then with RECENT_SUMS'
-        and SPLIT_TOTALS' rows); return the largest id seen.
+    def reading(self, full: bool) -> Reading:
+        """A read to fold rows into: of the whole ledger when ``full``, else of the rows
+        after the watermark, added to the final sums held."""
+        if full:
+            return Reading(full)
+        return Reading(full, dict(self.final), final_recent=dict(self.final_recent))
 
-        The valid sums of the (raw) quests in ``split`` come from SPLIT_TOTALS' rows instead of
-        the main scan's. Nothing changes unless every row folds: a row that cannot leaves the
-        totals as they were.
-        """
-        final = {} if full else dict(self.final)
-        final_recent = {} if full else dict(self.final_recent)
-        tail: dict[Key, Sums] = {}
-        tail_recent: dict[Recent, Sums] = {}
-        largest = None
+    def take(self, reading: Reading) -> int | None:
+        """The sums of a read whose every row folded; return the largest id it saw."""
+        self.final, self.totals = reading.final, _merged(reading.final, reading.tail)
+        self.final_recent = reading.final_recent
+        self.recent = _merged(reading.final_recent, reading.tail_recent)
+        self.read = self.read or reading.full
+        return reading.largest
+
+
+@dataclass
+class Reading:
+    """The rows of SPEND_TOTALS (then RECENT_SUMS' and SPLIT_TOTALS'), folded as they arrive,
+    so that a read of the whole ledger never holds its rows: the totals change only when every
+    row has folded (``SpendTotals.take``)."""
+
+    full: bool
+    final: dict[Key, Sums] = field(default_factory=dict)
+    tail: dict[Key, Sums] = field(default_factory=dict)
+    final_recent: dict[Recent, Sums] = field(default_factory=dict)
+    tail_recent: dict[Recent, Sums] = field(default_factory=dict)
+    quests: set[Any] = field(default_factory=set)  # the (raw) quests with valid sums
+    models: set[tuple[Any, Any]] = field(default_factory=set)  # their (provider, model) pairs
+    largest: int | None = None
+
+    def fold(self, rows: Iterable[Any]) -> None:
         for r in rows:
             if r.kind == "largest":
-                largest = r.max_id
+                self.largest = r.max_id
                 continue
-            if r.kind == "split" or (
-                r.kind == "sum" and (r.reason is not None or r.quest not in split)
-            ):
+            if r.kind != "recent":
                 key = (r.quest, r.layer, r.provider, r.model, r.period, r.reason, r.segment)
-                _add(final if r.final else tail, key, r)
+                _add(self.final if r.final else self.tail, key, r)
+                if r.kind == "sum" and r.reason is None:
+                    self.quests.add(r.quest)
+                    self.models.add((r.provider, r.model))
             if r.reason is None and (r.in_window or r.in_month or r.in_today):
                 span = Recent(
                     r.quest, r.layer, r.provider, r.model, r.in_window, r.in_month, r.in_today
                 )
-                _add(final_recent if r.final else tail_recent, span, r)
-        self.final, self.totals = final, _merged(final, tail)
-        self.final_recent, self.recent = final_recent, _merged(final_recent, tail_recent)
-        self.read = self.read or full
-        return largest
+                _add(self.final_recent if r.final else self.tail_recent, span, r)
+
+    def drop(self, split: frozenset[Any]) -> None:
+        """Take out the main scan's valid sums of the (raw) quests in ``split``: SPLIT_TOTALS'
+        rows, folded next, count them split where their label changed."""
+        for sums in (self.final, self.tail):
+            # (quest, ..., reason, segment): valid, and not one of SPLIT_TOTALS' segments
+            for key in [k for k in sums if k[0] in split and k[5] is None and k[6] is None]:
+                del sums[key]
 
 
 def moved_params(quests: frozenset[Any], bounds: tuple[datetime, ...]) -> dict[str, Any]:
@@ -340,9 +362,9 @@ class SpendSource(Source):
         full = statement.params["after"] is None
         for name in TEXT:  # the text types a ledger's labels may have
             cur.adapters.register_loader(name, _InternedText)
-        rows = self._scan(cur, refresh, statement.params["after"])
+        reading = self._scan(cur, refresh, statement.params["after"])
         fold, days, split = None, QuestDays(), frozenset[Any]()
-        quests = {r.quest for r in rows if r.kind == "sum" and r.reason is None}
+        quests = set(reading.quests)
         if not full:
             quests |= {key[0] for key in self.totals.totals if key[5] is None}
         if len({self._quest(quest) for quest in quests}) > self.settings.max_quests:
@@ -360,13 +382,14 @@ class SpendSource(Source):
             split = frozenset(quest for quest in quests if self._quest(quest) in fold.moved)
             if not full and (split, fold.bounds) != self._split:
                 # A quest's label changed where the running sums are not split: read it all.
-                full, rows = True, self._scan(cur, refresh, None)
+                full, reading = True, self._scan(cur, refresh, None)
             if split:
+                reading.drop(split)
                 params = statement.params | {"after": None if full else statement.params["after"]}
                 params |= moved_params(split, fold.bounds)
                 sql = split_totals(refresh.columns, self.prices.periods).sql
-                rows += cur.execute(sql, params).fetchall()
-        largest = self.totals.apply(full, rows, split)
+                self._folded(cur, Statement(sql, params), reading)
+        largest = self.totals.take(reading)
         self.fold, self.quest_days = fold, days
         self._split = (split, fold.bounds if fold else ())
         self._spans = refresh.instants.today
@@ -377,8 +400,8 @@ class SpendSource(Source):
         """The parameters that split the rows of the quests whose label changed."""
         return moved_params(*self._split)
 
-    def _scan(self, cur: psycopg.Cursor[Any], refresh: Refresh, after: int | None) -> list[Any]:
-        """The main scan's rows after ``after`` (the whole ledger when None)."""
+    def _scan(self, cur: psycopg.Cursor[Any], refresh: Refresh, after: int | None) -> Reading:
+        """The main scan's rows after ``after`` (the whole ledger when None), folded."""
         if after is None:
             # Long: the history before the recent spans is longer than the spans themselves.
             (oldest,) = cur.execute(_OLDEST).fetchone() or (None,)
@@ -388,16 +411,23 @@ class SpendSource(Source):
                 refresh.instants.now - start
             )
         statement = self._main(refresh, after)
-        rows = cur.execute(statement.sql, statement.params).fetchall()
+        reading = self._folded(cur, statement, self.totals.reading(after is None))
         # A model not seen before may change price on a date the sums are not split at: read
         # again, in the same snapshot, split there too (once: the models are known).
-        models = {(r.provider, r.model) for r in rows if r.kind == "sum" and r.reason is None}
-        if self.prices.cover(models):
+        if self.prices.cover(reading.models):
             statement = self._main(refresh, after)
-            rows = cur.execute(statement.sql, statement.params).fetchall()
+            reading = self._folded(cur, statement, self.totals.reading(after is None))
         if after is None and self._long_history:
-            rows += cur.execute(recent_sums(refresh.columns).sql, statement.params).fetchall()
-        return rows
+            recent = Statement(recent_sums(refresh.columns).sql, statement.params)
+            self._folded(cur, recent, reading)
+        return reading
+
+    @staticmethod
+    def _folded(cur: psycopg.Cursor[Any], statement: Statement, reading: Reading) -> Reading:
+        """``reading`` with a statement's rows folded in as they arrive."""
+        with streamed(cur, statement, size=500) as rows:
+            reading.fold(rows)
+        return reading
 
     def _days(self, cur: psycopg.Cursor[Any], refresh: Refresh) -> QuestDays:
         """Spend per quest and day, and the allocations before today: the fold's input.

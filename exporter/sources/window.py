@@ -8,11 +8,9 @@ window's tasks, a steady refresh the rows after the watermark and the impacts.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Generator
-from contextlib import closing
 from decimal import Decimal
 from functools import cache
-from typing import Any, cast
+from typing import Any
 
 import psycopg
 from prometheus_client.metrics_core import Metric as Family
@@ -20,7 +18,7 @@ from prometheus_client.metrics_core import Metric as Family
 from exporter import catalog as c
 from exporter.families import LabelGuard, Series, as_float
 from exporter.queries import OPTIONAL_TOKENS, Columns, Periods, Query
-from exporter.sources.base import Build, Refresh, Source, Statement
+from exporter.sources.base import Build, Refresh, Source, Statement, streamed
 from exporter.summary import AMOUNT_DIGITS, WindowRow, rounded
 from exporter.tasks import Now, WindowTasks, pricer
 
@@ -371,11 +369,8 @@ class WindowSource(Source):
         priced = pricer(self.providers, self.prices)
         now = Now.at(instants.window_start, instants.grace_cutoff, priced)
         if self.tasks.bounds(refresh.plan)[0]:
-            # A stream holds the connection's lock until it is closed: closed here at once if
-            # the fold fails (or Ctrl-C stops it), or the savepoint's rollback would wait on it.
             # In binary: its int8 and float8 columns load faster than parsed from text.
-            stream = cur.stream(statement.sql, statement.params, size=2000, binary=True)
-            with closing(cast(Generator[Any, None, None], stream)) as rows:
+            with streamed(cur, statement, size=2000, binary=True) as rows:
                 self.tasks.rebuild(refresh.plan, rows, now)
         else:
             tail = cur.execute(statement.sql, statement.params).fetchall()
