@@ -251,7 +251,8 @@ QE_METRICS: dict[str, tuple[str, list[str]]] = {
 # What a query-exporter user writes for the families of our spend query, with the same row
 # validity: the sums, and the rows left out of them by reason (a second query and scan; every
 # reason, zeros included, as ours reports them).
-_COLUMNS = q.Columns(*[frozenset(q.OPTIONAL_TOKENS)] * 2)  # the generated ledger: all, bigint
+# The generated ledger: every optional column, every token column bigint.
+_COLUMNS = q.Columns(present=frozenset(q.OPTIONAL_TOKENS), integer=frozenset(q.TOKENS))
 QE_QUERIES = {
     "spend": (
         ["qe_spend_usd", "qe_input_tokens", "qe_output_tokens", "qe_calls"],

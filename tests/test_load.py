@@ -7,12 +7,13 @@ import time
 import urllib.request
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 
 import psycopg
 
 from bench.load import exporter_process, growing, hammer, peak_rss_kib, rss_kib
 from exporter import generate
-from tests.ledger import key, parse
+from tests.ledger import Call, _reason, _valid, insert, key, parse, relax
 
 SCRAPERS = 20
 SECONDS = 8.0
@@ -47,12 +48,39 @@ def test_concurrent_scrapes_during_refreshes(empty_dsn: str) -> None:
     assert rss_after <= rss_before * 1.25 + 10_000, (rss_before, rss_after)
 
 
-def test_the_refresh_benchmark_builds_its_baseline_queries() -> None:
-    # bench.refresh runs for minutes outside the suite; its SQL must still follow the contract.
-    from bench import refresh
+def test_the_refresh_benchmark_s_baseline_queries_sum_the_ledger(dsn: str) -> None:
+    """bench.refresh runs for minutes outside the suite; the queries it gives query-exporter
+    must still run on the contract's schema and sum what the reference model sums."""
+    from bench.refresh import QE_QUERIES
 
-    spend, excluded = refresh.QE_QUERIES["spend"][1], refresh.QE_QUERIES["excluded"][1]
-    assert "c.cache_read_tokens" in spend and "invalid_tokens" in excluded
+    day = datetime(2026, 11, 20, tzinfo=UTC)
+    calls = [
+        Call(day, "t1", "q-a", "Forge", "bedrock/x", 100, 50, Decimal("1.5"), cache_read_tokens=7),
+        Call(day, "t2", "q-a", "Forge", "bedrock/x", 10, 5, Decimal("0.25"), model="m"),
+        Call(day, "t3", "q-b", "Agora", "glm-4.6", 1, 2, Decimal("3")),
+        Call(day, "t4", "q-b", "Agora", "glm-4.6", -1, 2, Decimal("9")),  # invalid tokens
+        Call(day, "t5", "q-b", "Agora", "glm-4.6", 1, 2, Decimal("NaN")),
+        Call(None, "t6", "q-b", "Agora", "glm-4.6", 1, 2, Decimal("1")),
+    ]
+    relax(dsn)  # a NULL time, as a user's view may have
+    insert(dsn, calls)
+    spend: dict[tuple[str, ...], list[Decimal]] = defaultdict(lambda: [Decimal(0)] * 4)
+    excluded: dict[str, int] = defaultdict(int)
+    for c in calls:
+        if not _valid(c):
+            excluded[_reason(c)] += 1
+            continue
+        sums = spend[(c.quest, c.layer, c.provider)]  # type: ignore[index]
+        for i, value in enumerate((c.cost_usd, c.input_tokens, c.output_tokens, 1)):
+            sums[i] += value  # type: ignore[operator]
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(QE_QUERIES["spend"][1]).fetchall()
+        assert {tuple(r[:3]): list(r[3:]) for r in rows} == spend
+        rows = conn.execute(QE_QUERIES["excluded"][1]).fetchall()
+        assert {reason: n for reason, n in rows if n} == excluded
+        by_model = conn.execute(QE_QUERIES["models"][1]).fetchall()
+        assert sum(r[4] for r in by_model) == sum(s[0] for s in spend.values())
+        assert sum(r[7] for r in by_model) == 7  # the cache-read tokens
 
 
 def test_the_refresh_benchmark_measures_an_exporter_with_no_database() -> None:
