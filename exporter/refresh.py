@@ -218,13 +218,18 @@ class Refresher:
     def _render(self, families: list[Family], fresh_until: float) -> Snapshot:
         """Render with the refresher's renderer, which reuses its last rendering; should it
         fail (a bug), with prometheus-client's own, and start the next one afresh."""
+        h = self.health
         try:
-            return Snapshot.of(families, fresh_until, self._renderer)
+            snapshot = Snapshot.of(families, fresh_until, self._renderer)
         except Exception as exc:
-            self.health.render_failing += 1
-            _log_failure("rendered by prometheus-client", self.health.render_failing, exc)
+            h.render_failing += 1
+            _log_failure("rendered by prometheus-client", h.render_failing, exc)
             self._renderer = TextRenderer()
             return Snapshot.of(families, fresh_until)
+        if h.render_failing:
+            event(log, logging.INFO, "rendered again", failures=h.render_failing)
+            h.render_failing = 0
+        return snapshot
 
     def _ready(self) -> list[Source]:
         """The sources whose data is fresh enough to publish.

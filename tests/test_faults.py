@@ -335,6 +335,7 @@ def test_a_renderer_failing_falls_back_to_prometheus_client(
     """The renderer that reuses the last rendering is the exporter's own code: should it fail,
     the refresh publishes prometheus-client's rendering of the same families and logs one
     line; once it works again, the refreshes after render as before."""
+    caplog.set_level(logging.INFO, logger="exporter.refresh")
     _ledger(dsn)
     refresher = Refresher(load_settings({"dsn": dsn}, env={}))
     try:
@@ -352,10 +353,15 @@ def test_a_renderer_failing_falls_back_to_prometheus_client(
         assert snapshot.text == generate_latest(Families(snapshot.families))
         assert gzip.decompress(snapshot.text_gzip) == snapshot.text
         assert parse(snapshot.text)[SPEND] == 7
+        assert refresher.refresh()  # failing again: logged on the 1st, 2nd, 4th... in a row
+        assert len(_log_lines(caplog, "rendered by prometheus-client")) == 2
         monkeypatch.undo()
         assert refresher.refresh()
         assert parse(refresher.snapshot.text)[SPEND] == 7
         assert refresher.snapshot.text == generate_latest(Families(refresher.snapshot.families))
+        (line,) = _log_lines(caplog, "rendered again")
+        assert line.fields["failures"] == 2
+        assert refresher.health.render_failing == 0
     finally:
         refresher.close()
 
