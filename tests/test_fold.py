@@ -17,8 +17,10 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
+import psycopg
 import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
@@ -252,3 +254,43 @@ def test_backfill_gives_every_refresh_of_the_fold_its_live_values(dsn: str) -> N
     # X's series, gone from the live exporter, is in the history of the days it was kept.
     x = [k for k in history if dict(k[1])["quest"] == "X"]
     assert x and max(max(history[k].values()) for k in x) == 8
+
+
+def test_the_fold_s_whole_reads_are_folded_as_they_arrive(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long history of many quests gives the fold thousands of quest-days and allocations
+    to read when it starts and at every day's turn: each read folds its rows a few hundred at
+    a time, none is fetched whole, and the families are the reference model's."""
+    now = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    calls = [
+        Call(now - timedelta(days=day, hours=1), f"t{q}-{day}", quest=f"q{q}")
+        for q in range(30)
+        for day in range(40)
+    ]
+    budgets = [
+        Budget(f"q{q}", (now - timedelta(days=day)).date(), Decimal(q))
+        for q in range(30)
+        for day in range(1, 40)
+    ]
+    insert(dsn, calls, budgets=budgets)
+    fetched: list[int] = []
+    fetchall = psycopg.Cursor.fetchall
+
+    def counted(self: psycopg.Cursor[Any]) -> list[Any]:
+        rows = fetchall(self)
+        fetched.append(len(rows))
+        return rows
+
+    monkeypatch.setattr(psycopg.Cursor, "fetchall", counted)
+    refresher = Refresher(load_settings({"dsn": dsn, **SETTINGS}, env={}))
+    try:
+        assert refresher.refresh(now), refresher.health.queries
+        samples = ledger_samples(parse(refresher.snapshot.text))
+    finally:
+        refresher.close()
+    # Each source's other reads are small: today's budgets, the newest call.
+    assert fetched and max(fetched) <= 30, fetched
+    today = now.date()
+    assert_matches(samples, expected(calls, [], budgets, now, today, _midnight(today), RULES))
+    assert any(("quest", "other") in labels for _, labels in samples)  # the fold ran

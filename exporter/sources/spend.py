@@ -145,6 +145,11 @@ def split_totals(cols: Columns, periods: Periods) -> Query:
     )
 
 
+# How many rows a read folds at a time: none of its statements' results is held whole (a
+# whole-ledger read held thousands of groups on top of the sums they replace; a long history's
+# spend per quest and day, tens of thousands of rows).
+_CHUNK = 500
+
 # Python's datetime holds the years 1 to 9999; PostgreSQL's timestamptz from 4713 BC to
 # 294276 AD. A row's time outside Python's (a day's margin for any time zone) is never loaded:
 # one such row failed its query at every refresh. It still counts where its time need not be
@@ -425,7 +430,7 @@ class SpendSource(Source):
     @staticmethod
     def _folded(cur: psycopg.Cursor[Any], statement: Statement, reading: Reading) -> Reading:
         """``reading`` with a statement's rows folded in as they arrive."""
-        with streamed(cur, statement, size=500) as rows:
+        with streamed(cur, statement, _CHUNK) as rows:
             reading.fold(rows)
         return reading
 
@@ -441,12 +446,13 @@ class SpendSource(Source):
             if self._oldest is None:
                 (self._oldest,) = cur.execute(_OLDEST).fetchone() or (None,)
             first = self._oldest.astimezone(zone).date() if self._oldest else today
-            budgets = cur.execute(
+            budgets = Statement(
                 BUDGET_DAYS.sql, {"first_day": first - DAY, "last_day": today - DAY}
-            ).fetchall()
+            )
             allocated: dict[tuple[str, date], Decimal] = defaultdict(Decimal)
-            for b in budgets:
-                allocated[(self._quest(b.quest), b.day)] += b.allocated
+            with streamed(cur, budgets, _CHUNK) as rows:
+                for b in rows:
+                    allocated[(self._quest(b.quest), b.day)] += b.allocated
             old = QuestDays(first_day=first, today=today, allocated=dict(allocated))
         assert old.first_day is not None
         params = {
@@ -454,8 +460,8 @@ class SpendSource(Source):
             "safe": refresh.plan.safe,
             "midnights": midnights(old.first_day, today + DAY, zone),
         }
-        rows = cur.execute(quest_days(refresh.columns).sql, params).fetchall()
-        return old.folded(whole, rows, refresh.plan.safe, self._quest)
+        with streamed(cur, Statement(quest_days(refresh.columns).sql, params), _CHUNK) as rows:
+            return old.folded(whole, rows, refresh.plan.safe, self._quest)
 
     @property
     def has_data(self) -> bool:
