@@ -89,6 +89,27 @@ def test_generated_ledger_matches_reference_model(dsn: str) -> None:
     assert_matches(scrape(dsn), want)
 
 
+def test_a_libpq_without_chunked_mode_streams_row_by_row(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Large reads stream in chunks, which libpq has from version 17 on (psycopg's binary
+    package bundles one); with an older one they stream a row at a time, same numbers."""
+    calls, impacts, budgets = from_plan(generate.plan(1500, seed=5, end=NOW))
+    insert(dsn, calls, impacts, budgets)
+    sizes: list[int] = []
+    stream = psycopg.Cursor.stream
+
+    def recorded(self: psycopg.Cursor[Any], *args: Any, size: int = 1, **kwargs: Any) -> Any:
+        sizes.append(size)
+        return stream(self, *args, size=size, **kwargs)
+
+    monkeypatch.setattr(psycopg.Cursor, "stream", recorded)
+    monkeypatch.setattr(psycopg.capabilities, "has_stream_chunked", lambda check=False: False)
+    got = scrape(dsn)
+    assert sizes and set(sizes) == {1}  # the spend read and the window's rebuild at least
+    assert_matches(got, expected(calls, impacts, budgets, NOW, TODAY, MIDNIGHT))
+
+
 def test_hostile_rows_are_excluded_counted_and_valid_totals_exact(dsn: str) -> None:
     relax(dsn)
     calls = [

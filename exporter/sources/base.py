@@ -104,9 +104,12 @@ class Statement(NamedTuple):
 def streamed(
     cur: psycopg.Cursor[Any], statement: Statement, size: int, binary: bool = False
 ) -> Iterator[Iterator[Any]]:
-    """A statement's rows as they arrive, ``size`` at a time, so that a large result is never
-    held whole. A stream holds the connection's lock until it is closed: closed here at once
-    if its reader fails (or Ctrl-C stops it), or the savepoint's rollback would wait on it."""
+    """A statement's rows as they arrive, ``size`` at a time (one at a time with a libpq
+    before 17, which has no chunked mode), so that a large result is never held whole. A stream
+    holds the connection's lock until it is closed: closed here at once if its reader fails
+    (or Ctrl-C stops it), or the savepoint's rollback would wait on it."""
+    if not psycopg.capabilities.has_stream_chunked():
+        size = 1
     stream = cur.stream(statement.sql, statement.params, size=size, binary=binary)
     with closing(cast(Generator[Any, None, None], stream)) as rows:
         yield rows
