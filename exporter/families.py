@@ -27,6 +27,7 @@ from exporter import catalog as c
 from exporter.config import Settings
 from exporter.fold import Fold
 from exporter.labels import LabelCleaner, keep_top
+from exporter.summary import quotient
 
 Rows = Sequence[Any]
 Series = dict[tuple[str, ...], float]
@@ -97,10 +98,7 @@ def as_float(value: Decimal | float | int | None) -> float:
     float an infinity (as a Decimal's float is)."""
     if value is None:
         return 0.0
-    try:
-        return float(value)
-    except OverflowError:
-        return math.inf if value > 0 else -math.inf
+    return quotient(value) if isinstance(value, int) else float(value)
 
 
 @dataclass

@@ -62,22 +62,24 @@ def dollars(value: Amount) -> Decimal:
     return Decimal(value).scaleb(-AMOUNT_DIGITS)
 
 
-def _float(value: Amount) -> float:
-    """The float nearest to an amount's dollars (int / int rounds correctly, as float() of the
-    same Decimal does), or an infinity past the largest float."""
+def quotient(numerator: int, denominator: int = 1) -> float:
+    """The float nearest to an exact ratio of integers (int / int rounds correctly), or an
+    infinity past the largest float (where int / int raises; a Decimal's float is one)."""
     try:
-        return value / _PER_DOLLAR if isinstance(value, int) else float(dollars(value))
+        return numerator / denominator
     except OverflowError:
-        return math.inf if value > 0 else -math.inf
+        return math.inf if numerator > 0 else -math.inf
+
+
+def _float(value: Amount) -> float:
+    """The float nearest to an amount's dollars (as float() of the same Decimal is)."""
+    return quotient(value, _PER_DOLLAR) if isinstance(value, int) else float(dollars(value))
 
 
 def rounded(total: int) -> float:
     """The float nearest to an exact sum (the same as math.fsum of the summed floats), or an
     infinity past the largest float."""
-    try:
-        return total / (1 << _SCALE_BITS)
-    except OverflowError:
-        return math.inf if total > 0 else -math.inf
+    return quotient(total, 1 << _SCALE_BITS)
 
 
 class WindowRow(NamedTuple):
