@@ -209,9 +209,7 @@ class Refresher:
             if built is None or built < self._stale_before():
                 h.ledger = LedgerFamilies()
             return False
-        if h.build_failing:
-            event(log, logging.INFO, "families built again", failures=h.build_failing)
-            h.build_failing = 0
+        h.build_failing = _log_recovery("families built again", h.build_failing)
         h.ledger, h.build_seconds = ledger, ledger.build_seconds
         return True
 
@@ -226,9 +224,7 @@ class Refresher:
             _log_failure("rendered by prometheus-client", h.render_failing, exc)
             self._renderer = TextRenderer()
             return Snapshot.of(families, fresh_until)
-        if h.render_failing:
-            event(log, logging.INFO, "rendered again", failures=h.render_failing)
-            h.render_failing = 0
+        h.render_failing = _log_recovery("rendered again", h.render_failing)
         return snapshot
 
     def _ready(self) -> list[Source]:
@@ -341,9 +337,7 @@ class Refresher:
         health.duration = time.perf_counter() - started
         health.success = True
         health.last_success = self._clock()
-        if health.failing:
-            event(log, logging.INFO, "query recovered", query=query, failures=health.failing)
-            health.failing = 0
+        health.failing = _log_recovery("query recovered", health.failing, query=query)
         return True
 
     def _failed(self, query: str, message: str, exc: Exception, **fields: Any) -> None:
@@ -416,6 +410,15 @@ def _log_failure(
         about = {} if query is None else {"query": query}
         error = error_fields(exc)
         event(log, logging.ERROR, message, **about, failures=failures, **error, **fields)
+
+
+def _log_recovery(message: str, failures: int, query: str | None = None) -> int:
+    """Log that a kind of failure (of ``query``) ended after ``failures`` in a row, if any;
+    return the count it starts again from (0)."""
+    if failures:
+        about = {} if query is None else {"query": query}
+        event(log, logging.INFO, message, **about, failures=failures)
+    return 0
 
 
 def _log_now(failures: int) -> bool:

@@ -203,6 +203,7 @@ def test_a_fold_failing_mid_stream_fails_that_query_and_does_not_hang(
 ) -> None:
     """The window's rebuild folds rows as they stream in. A stream holds the connection until
     it is closed: a failure (or Ctrl-C) part way must close it, or rolling back waits forever."""
+    caplog.set_level(logging.INFO, logger="exporter.refresh")
     _ledger(dsn)
     refresher = Refresher(load_settings({"dsn": dsn}, env={}))
 
@@ -220,6 +221,8 @@ def test_a_fold_failing_mid_stream_fails_that_query_and_does_not_hang(
     monkeypatch.undo()
     assert refresher.refresh()  # the same session goes on
     assert parse(refresher.snapshot.text)[SPEND] == 4
+    (line,) = _log_lines(caplog, "query recovered")
+    assert line.fields["query"] == "window_tasks" and line.fields["failures"] == 1
     refresher.close()
 
 
