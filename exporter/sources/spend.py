@@ -364,13 +364,12 @@ class SpendSource(Source):
             rows = cur.execute(statement.sql, statement.params).fetchall()
             self._newest = rows[0].ts if rows else None
             return
-        full = statement.params["after"] is None
         for name in TEXT:  # the text types a ledger's labels may have
             cur.adapters.register_loader(name, _InternedText)
         reading = self._scan(cur, refresh, statement.params["after"])
         fold, days, split = None, QuestDays(), frozenset[Any]()
         quests = set(reading.quests)
-        if not full:
+        if not reading.full:
             quests |= {key[0] for key in self.totals.totals if key[5] is None}
         if len({self._quest(quest) for quest in quests}) > self.settings.max_quests:
             days = self._days(cur, refresh)
@@ -385,12 +384,13 @@ class SpendSource(Source):
                 since=days.since,
             )
             split = frozenset(quest for quest in quests if self._quest(quest) in fold.moved)
-            if not full and (split, fold.bounds) != self._split:
+            if not reading.full and (split, fold.bounds) != self._split:
                 # A quest's label changed where the running sums are not split: read it all.
-                full, reading = True, self._scan(cur, refresh, None)
+                reading = self._scan(cur, refresh, None)
             if split:
                 reading.drop(split)
-                params = statement.params | {"after": None if full else statement.params["after"]}
+                after = None if reading.full else statement.params["after"]
+                params = statement.params | {"after": after}
                 params |= moved_params(split, fold.bounds)
                 sql = split_totals(refresh.columns, self.prices.periods).sql
                 self._folded(cur, Statement(sql, params), reading)
