@@ -125,6 +125,7 @@ class _Connection(asyncio.Protocol):
     def __init__(self, server: MetricsServer) -> None:
         self.server = server
         self.transport: asyncio.Transport | None = None
+        self.lingering: asyncio.Transport | None = None  # answered for the last time (finish)
         self.buffer = b""
         self.waiting = False  # a login is being checked; later requests wait their turn
         self.paused = False  # the client does not read: answer nothing more meanwhile
@@ -143,7 +144,7 @@ class _Connection(asyncio.Protocol):
         if exc is not None:
             log.debug("client went away: %r", exc)  # a scraper timed out or hung up
         self.server.connections.discard(self)
-        self.transport = None
+        self.transport = self.lingering = None
 
     def pause_writing(self) -> None:
         """The client is not reading: stop reading and answering its requests meanwhile."""
@@ -159,6 +160,8 @@ class _Connection(asyncio.Protocol):
             self.process()
 
     def data_received(self, data: bytes) -> None:
+        if self.lingering is not None:
+            return  # after the last answer: dropped (the idle timeout still runs)
         self.last_active = time.monotonic()
         self.buffer += data
         self.process()
@@ -251,11 +254,30 @@ class _Connection(asyncio.Protocol):
             self.finish(response)
 
     def finish(self, response: bytes) -> None:
-        """Write a last response and close once it is sent."""
-        if self.transport is not None:
-            self.transport.write(response)
-            self.transport.close()
-            self.transport = None
+        """Write a last response and close once it is sent.
+
+        Closing a socket with input it has not read makes the kernel reset the connection,
+        which can destroy the response before the client reads it (a 431 to a head over the
+        limit, sent on). So, as a web server's lingering close does, only the sending side
+        closes; what the client still sends is read and dropped until it hangs up, or until
+        the idle timeout (TLS cannot half-close: closed at once)."""
+        transport, self.transport = self.transport, None
+        if transport is None:
+            return
+        transport.write(response)
+        if transport.can_write_eof():
+            transport.write_eof()
+            self.lingering, self.buffer = transport, b""
+        else:
+            transport.close()
+
+    def abort(self) -> bool:
+        """Drop the connection at once, answering or lingering; False if it is gone."""
+        transport = self.transport or self.lingering
+        if transport is None:
+            return False
+        transport.abort()
+        return True
 
 
 def _unauthorized(request: _Request) -> bytes:
@@ -430,11 +452,9 @@ class MetricsServer:
         """Count a new connection; at the cap, drop the least useful one to make room."""
         if len(self.connections) >= self.cap:
             victim = _least_useful(self.connections)
-            if victim is None or victim.transport is None:
-                if conn.transport is not None:
-                    conn.transport.abort()
+            if victim is None or not victim.abort():
+                conn.abort()
                 return
-            victim.transport.abort()
             self.connections.discard(victim)
             self._evicted += 1
             now = time.monotonic()
@@ -518,8 +538,8 @@ class MetricsServer:
         head = now - self.limits.head_timeout_seconds
         for conn in list(self.connections):
             late = conn.head_since is not None and conn.head_since < head
-            if (conn.last_active < idle or late) and conn.transport is not None:
-                conn.transport.abort()
+            if conn.last_active < idle or late:
+                conn.abort()
         self._loop.call_later(self._sweep_every, self._sweep)
 
     def stop(self) -> None:
@@ -538,8 +558,7 @@ class MetricsServer:
     def _close(self) -> None:
         self._server.close()
         for conn in list(self.connections):
-            if conn.transport is not None:
-                conn.transport.abort()
+            conn.abort()
         self._loop.stop()
 
 

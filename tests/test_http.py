@@ -311,3 +311,17 @@ def test_the_connection_cap_stays_below_the_file_descriptor_limit(
     assert connection_cap(HttpLimits(max_connections=50)) == 50
     monkeypatch.setattr(resource, "getrlimit", lambda _: (40, 4096))
     assert connection_cap(HttpLimits()) == 8
+
+
+def test_a_client_still_sending_after_its_answer_reads_it(server: MetricsServer) -> None:
+    """Closing a connection with unread input makes the kernel reset it, which can destroy the
+    answer before the client reads it: a head over the limit, with more after it, gets its
+    431 once the client has sent everything and stops (the server reads and drops the rest)."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nX-Big: " + b"a" * (2 << 20))
+        sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    responses = _responses(b"".join(chunks))
+    assert [r[0] for r in responses] == [431]
