@@ -18,7 +18,7 @@ import psycopg
 from exporter import __version__
 from exporter.config import ConfigError, Settings, load_settings, unknown_environment
 from exporter.logs import event, passwords_in, redact, setup
-from exporter.memory import pin_mmap_threshold
+from exporter.memory import tune_malloc
 
 log = logging.getLogger("exporter.cli")
 
@@ -254,7 +254,7 @@ def _terminate(signum: int, _: FrameType | None) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the process exit code."""
-    pin_mmap_threshold()  # before anything large is allocated
+    tune_malloc()  # before anything large is allocated, and before any thread starts
     args = build_parser().parse_args(argv)
     if args.command != "serve":  # serve stops cleanly on its own
         signal.signal(signal.SIGTERM, _terminate)

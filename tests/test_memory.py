@@ -1,15 +1,16 @@
-"""glibc's mmap threshold is pinned by the command line, so that large arrays freed at a rebuild
-leave no holes in the heap (exporter/memory.py)."""
+"""The command line tunes glibc's malloc (exporter/memory.py): its mmap threshold is pinned, so
+that large arrays freed at a rebuild leave no holes in the heap, and threads share one arena."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 
 import pytest
 
-from exporter.memory import pin_mmap_threshold
+from exporter.memory import one_arena, pin_mmap_threshold
 
 # In a fresh process: start the command line (it pins, then --help exits), or not; free a large
 # block (glibc then raises its threshold past 1 MiB, unless pinned); allocate eight blocks of
@@ -38,16 +39,50 @@ print(heap() - before)
 """
 
 
-def _heap_growth(mode: str, **env: str) -> int:
+# In a fresh process: start the command line, or not; then four threads allocate at the same
+# time; glibc's malloc_stats reports each arena on stderr.
+ARENAS = """
+import ctypes, sys, threading
+from exporter import cli
+
+if sys.argv[1] == "cli":
+    try:
+        cli.main(["--help"])
+    except SystemExit:
+        pass
+together = threading.Barrier(4)
+
+def work():
+    blocks = [bytearray(4096) for _ in range(100)]
+    together.wait()  # every thread alive and holding its blocks
+    del blocks
+
+threads = [threading.Thread(target=work) for _ in range(4)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+ctypes.CDLL(None).malloc_stats()
+"""
+
+
+def _run(script: str, mode: str, **env: str) -> subprocess.CompletedProcess[str]:
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_"))}
-    out = subprocess.run(
-        [sys.executable, "-c", HEAP_GROWTH, mode],
+    return subprocess.run(
+        [sys.executable, "-c", script, mode],
         env=environ | env,
         capture_output=True,
         text=True,
         check=True,
     )
-    return int(out.stdout.strip().splitlines()[-1])
+
+
+def _heap_growth(mode: str, **env: str) -> int:
+    return int(_run(HEAP_GROWTH, mode, **env).stdout.strip().splitlines()[-1])
+
+
+def _arenas(mode: str, **env: str) -> int:
+    return sum(line.startswith("Arena ") for line in _run(ARENAS, mode, **env).stderr.splitlines())
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc and /proc")
@@ -58,11 +93,29 @@ def test_the_command_line_keeps_large_blocks_out_of_the_heap() -> None:
     assert _heap_growth("plain", MALLOC_MMAP_THRESHOLD_=str(128 * 1024)) < 1 << 20
 
 
-def test_the_operators_setting_is_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "1048576")
-    assert pin_mmap_threshold() is False
-    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
-    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=1048576")
-    assert pin_mmap_threshold() is False
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_stats")
+def test_the_command_line_keeps_its_threads_to_one_arena() -> None:
+    assert _arenas("plain") > 1  # glibc's own behaviour: an arena per thread
+    assert _arenas("cli") == 1
+    assert _arenas("plain", MALLOC_ARENA_MAX="2") == 2  # the operator's setting is left alone
+    assert _arenas("cli", MALLOC_ARENA_MAX="2") == 2
+
+
+@pytest.mark.parametrize(
+    ("tune", "variable", "tunable"),
+    [
+        (pin_mmap_threshold, "MALLOC_MMAP_THRESHOLD_", "glibc.malloc.mmap_threshold=1048576"),
+        (one_arena, "MALLOC_ARENA_MAX", "glibc.malloc.arena_max=2"),
+    ],
+)
+def test_the_operators_setting_is_left_alone(
+    monkeypatch: pytest.MonkeyPatch, tune: Callable[[], bool], variable: str, tunable: str
+) -> None:
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.setenv(variable, "2")
+    assert tune() is False
+    monkeypatch.delenv(variable)
+    monkeypatch.setenv("GLIBC_TUNABLES", tunable)
+    assert tune() is False
     monkeypatch.delenv("GLIBC_TUNABLES")
-    assert pin_mmap_threshold() is (sys.platform.startswith("linux"))
+    assert tune() is (sys.platform.startswith("linux"))
