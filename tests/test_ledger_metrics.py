@@ -15,7 +15,7 @@ from exporter import generate
 from exporter.config import load_settings
 from exporter.refresh import Refresher
 from exporter.sources import KINDS
-from exporter.sources.base import Build
+from exporter.sources.base import CHUNK_ROWS, Build
 from tests.conftest import temporary_database
 from tests.ledger import (
     FAMILY_OF,
@@ -89,11 +89,12 @@ def test_generated_ledger_matches_reference_model(dsn: str) -> None:
     assert_matches(scrape(dsn), want)
 
 
-def test_a_libpq_without_chunked_mode_streams_row_by_row(
-    dsn: str, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("chunked", [True, False])
+def test_large_reads_stream_in_chunks_or_row_by_row(
+    dsn: str, monkeypatch: pytest.MonkeyPatch, chunked: bool
 ) -> None:
-    """Large reads stream in chunks, which libpq has from version 17 on (psycopg's binary
-    package bundles one); with an older one they stream a row at a time, same numbers."""
+    """Large reads stream in chunks of one size, which libpq has from version 17 on (psycopg's
+    binary package bundles one); with an older one they stream a row at a time, same numbers."""
     calls, impacts, budgets = from_plan(generate.plan(1500, seed=5, end=NOW))
     insert(dsn, calls, impacts, budgets)
     sizes: list[int] = []
@@ -104,9 +105,10 @@ def test_a_libpq_without_chunked_mode_streams_row_by_row(
         return stream(self, *args, size=size, **kwargs)
 
     monkeypatch.setattr(psycopg.Cursor, "stream", recorded)
-    monkeypatch.setattr(psycopg.capabilities, "has_stream_chunked", lambda check=False: False)
+    monkeypatch.setattr(psycopg.capabilities, "has_stream_chunked", lambda check=False: chunked)
     got = scrape(dsn)
-    assert sizes and set(sizes) == {1}  # the spend read and the window's rebuild at least
+    # the spend read and the window's rebuild at least
+    assert len(sizes) >= 2 and set(sizes) == {CHUNK_ROWS if chunked else 1}
     assert_matches(got, expected(calls, impacts, budgets, NOW, TODAY, MIDNIGHT))
 
 

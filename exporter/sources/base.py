@@ -100,16 +100,24 @@ class Statement(NamedTuple):
     params: dict[str, Any]
 
 
+CHUNK_ROWS = 200
+"""How many rows a stream brings at a time. A large result is never held whole (a rebuild's
+row per window task; a whole-ledger read's thousands of groups, on top of the sums they
+replace; a long history's spend per quest and day), nor many of its rows at once: a rebuild's
+chunks of 2,000 rows cost the served exporter 1.4 MiB more peak RSS at 10 M rows in the window
+(109.9, 110.0 and 110.3 against 108.3 and 108.8 MiB), for no speed (full refreshes 20.6, 20.6
+and 18.5 s against 17.7, 19.7 and 17.9 s, alternating in one process)."""
+
+
 @contextmanager
 def streamed(
-    cur: psycopg.Cursor[Any], statement: Statement, size: int, binary: bool = False
+    cur: psycopg.Cursor[Any], statement: Statement, binary: bool = False
 ) -> Iterator[Iterator[Any]]:
-    """A statement's rows as they arrive, ``size`` at a time (one at a time with a libpq
+    """A statement's rows as they arrive, ``CHUNK_ROWS`` at a time (one at a time with a libpq
     before 17, which has no chunked mode), so that a large result is never held whole. A stream
     holds the connection's lock until it is closed: closed here at once if its reader fails
     (or Ctrl-C stops it), or the savepoint's rollback would wait on it."""
-    if not psycopg.capabilities.has_stream_chunked():
-        size = 1
+    size = CHUNK_ROWS if psycopg.capabilities.has_stream_chunked() else 1
     stream = cur.stream(statement.sql, statement.params, size=size, binary=binary)
     with closing(cast(Generator[Any, None, None], stream)) as rows:
         yield rows

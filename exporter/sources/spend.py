@@ -145,11 +145,6 @@ def split_totals(cols: Columns, periods: Periods) -> Query:
     )
 
 
-# How many rows a read folds at a time: none of its statements' results is held whole (a
-# whole-ledger read held thousands of groups on top of the sums they replace; a long history's
-# spend per quest and day, tens of thousands of rows).
-_CHUNK = 500
-
 # Python's datetime holds the years 1 to 9999; PostgreSQL's timestamptz from 4713 BC to
 # 294276 AD. A row's time outside Python's (a day's margin for any time zone) is never loaded:
 # one such row failed its query at every refresh. It still counts where its time need not be
@@ -430,7 +425,7 @@ class SpendSource(Source):
     @staticmethod
     def _folded(cur: psycopg.Cursor[Any], statement: Statement, reading: Reading) -> Reading:
         """``reading`` with a statement's rows folded in as they arrive."""
-        with streamed(cur, statement, _CHUNK) as rows:
+        with streamed(cur, statement) as rows:
             reading.fold(rows)
         return reading
 
@@ -450,7 +445,7 @@ class SpendSource(Source):
                 BUDGET_DAYS.sql, {"first_day": first - DAY, "last_day": today - DAY}
             )
             allocated: dict[tuple[str, date], Decimal] = defaultdict(Decimal)
-            with streamed(cur, budgets, _CHUNK) as rows:
+            with streamed(cur, budgets) as rows:
                 for b in rows:
                     allocated[(self._quest(b.quest), b.day)] += b.allocated
             old = QuestDays(first_day=first, today=today, allocated=dict(allocated))
@@ -460,7 +455,7 @@ class SpendSource(Source):
             "safe": refresh.plan.safe,
             "midnights": midnights(old.first_day, today + DAY, zone),
         }
-        with streamed(cur, Statement(quest_days(refresh.columns).sql, params), _CHUNK) as rows:
+        with streamed(cur, Statement(quest_days(refresh.columns).sql, params)) as rows:
             return old.folded(whole, rows, refresh.plan.safe, self._quest)
 
     @property

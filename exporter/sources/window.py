@@ -370,7 +370,7 @@ class WindowSource(Source):
         now = Now.at(instants.window_start, instants.grace_cutoff, priced)
         if self.tasks.bounds(refresh.plan)[0]:
             # In binary: its int8 and float8 columns load faster than parsed from text.
-            with streamed(cur, statement, size=2000, binary=True) as rows:
+            with streamed(cur, statement, binary=True) as rows:
                 self.tasks.rebuild(refresh.plan, rows, now)
         else:
             tail = cur.execute(statement.sql, statement.params).fetchall()
