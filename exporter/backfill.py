@@ -153,7 +153,7 @@ def _counters(
     buckets: dict[datetime, list[tuple[Key, Any]]] = defaultdict(list)
     spend_by_hour: dict[tuple[datetime, str], float] = defaultdict(float)
     for r in rows:
-        key: Key = (r.quest, r.layer, r.provider, r.model, r.period, None, r.segment)
+        key = Key(r.quest, r.layer, r.provider, r.model, r.period, None, r.segment)
         if r.hour is None:
             totals[key] = totals.get(key, ZERO) + Sums.of(r)
         else:

@@ -577,7 +577,7 @@ def test_counters_that_failed_part_way_sum_everything_again() -> None:
     from exporter.families import LabelGuard
     from exporter.labels import ProviderFamilies
     from exporter.prices import PriceBook
-    from exporter.sources.spend import Counters, cumulative
+    from exporter.sources.spend import Counters, Key, cumulative
 
     settings = load_settings({"dsn": "host=/nowhere"}, env={})
     providers = ProviderFamilies(settings.providers)
@@ -598,7 +598,7 @@ def test_counters_that_failed_part_way_sum_everything_again() -> None:
     prices = FailingPrices(settings.providers, settings.prices, providers.family)
     models = ["claude-sonnet-4", "claude-opus-4", "claude-haiku-4", "gpt-5", "glm-4.6"]
     totals = {
-        (f"q{i % 2}", "Forge", "anthropic", model, None, None, None): Sums(
+        Key(f"q{i % 2}", "Forge", "anthropic", model, None, None, None): Sums(
             *(Decimal(i * 10 + j) for j in range(7))
         )
         for i, model in enumerate(models)

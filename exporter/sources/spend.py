@@ -175,9 +175,16 @@ _TOKENS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_to
 _token_values = attrgetter(*_TOKENS)
 
 
-# quest, layer, provider, model, price period, exclusion reason (None: valid), and the fold's
-# segment of a quest that changed label (None: every row of the quest counts under one label)
-Key = tuple[Any, Any, Any, Any, Any, Any, int | None]
+class Key(NamedTuple):
+    """What the running totals are summed by."""
+
+    quest: Any
+    layer: Any
+    provider: Any
+    model: Any
+    period: Any  # the price period (None: before every date the sums are split at)
+    reason: Any  # the exclusion reason (None: valid)
+    segment: int | None  # the fold's segment of a quest that changed label (None: one label)
 
 
 class Recent(NamedTuple):
@@ -243,7 +250,7 @@ class Reading:
                 self.largest = r.max_id
                 continue
             if r.kind != "recent":
-                key = (r.quest, r.layer, r.provider, r.model, r.period, r.reason, r.segment)
+                key = Key(r.quest, r.layer, r.provider, r.model, r.period, r.reason, r.segment)
                 _add(self.final if r.final else self.tail, key, r)
                 if r.kind == "sum" and r.reason is None:
                     self.quests.add(r.quest)
@@ -258,8 +265,9 @@ class Reading:
         """Take out the main scan's valid sums of the (raw) quests in ``split``: SPLIT_TOTALS'
         rows, folded next, count them split where their label changed."""
         for sums in (self.final, self.tail):
-            # (quest, ..., reason, segment): valid, and not one of SPLIT_TOTALS' segments
-            for key in [k for k in sums if k[0] in split and k[5] is None and k[6] is None]:
+            # valid, and not one of SPLIT_TOTALS' segments
+            split_keys = (k for k in sums if k.quest in split and k.reason is None)
+            for key in [k for k in split_keys if k.segment is None]:
                 del sums[key]
 
 
@@ -365,7 +373,7 @@ class SpendSource(Source):
         fold, days, split = None, QuestDays(), frozenset[Any]()
         quests = set(reading.quests)
         if not reading.full:
-            quests |= {key[0] for key in self.totals.totals if key[5] is None}
+            quests |= {key.quest for key in self.totals.totals if key.reason is None}
         if len({self._quest(quest) for quest in quests}) > self.settings.max_quests:
             days = self._days(cur, refresh)
             fold = decide(
@@ -471,11 +479,11 @@ class SpendSource(Source):
         # layers by window spend; models by window spend and by window tokens (subscription
         # calls cost $0).
         # Every valid key offers its labels at weight 0: once per distinct value will do.
-        valid = {k[:4] for k in self.totals.totals if k[5] is None}  # (its exclusion reason)
-        quests = frozenset(labels.quest(quest) for quest in {k[0] for k in valid})
-        for layer in {k[1] for k in valid}:
+        valid = [k for k in self.totals.totals if k.reason is None]
+        quests = frozenset(labels.quest(quest) for quest in {k.quest for k in valid})
+        for layer in {k.layer for k in valid}:
             labels.weigh_layer(layer)
-        for provider, model in {k[2:4] for k in valid}:
+        for provider, model in {(k.provider, k.model) for k in valid}:
             labels.weigh_model(model_label(provider, model))
         labels.fold(self.fold, quests)
         # The window's spend and tokens per raw layer and model, summed exactly and converted
@@ -716,7 +724,7 @@ class _Groups:
     def change(self, key: Key, s: Sums, sign: int) -> None:
         """Add (sign 1) or take out (-1) the sums of one key (of a valid row; an excluded
         row's key counts nowhere here)."""
-        if key[5] is not None:  # its exclusion reason
+        if key.reason is not None:
             return
         (counted, counted_now), layer_label, (fam, ref, per_model) = self.labels.of(key)
         series = None if counted is None else (counted, layer_label, fam)
@@ -726,7 +734,7 @@ class _Groups:
             self.by_series.change(series, s, sign)
         if now is not None and now not in self.by_series:
             self.by_series.change(now, ZERO, 1)
-        price = self.prices.price(fam, ref, key[4])
+        price = self.prices.price(fam, ref, key.period)
         if price is None:
             self.unpriced.change(per_model, s, sign)
             return
