@@ -277,7 +277,8 @@ def _label(v: str | None, max_len: int) -> str:
     return s if s.strip() else "unknown"
 
 
-def _valid(c: Call) -> bool:
+def valid(c: Call) -> bool:
+    """Whether a call counts in the sums (else it is excluded, for ``exclusion_reason``)."""
     if c.ts is None or c.cost_usd is None:
         return False
     cost = Decimal(c.cost_usd)
@@ -342,7 +343,7 @@ def expected(
     """Every ledger sample the exporter must publish for these rows at ``now``."""
     r = r or Rules()
     lab = lambda v: _label(v, r.max_len)  # noqa: E731
-    valid = [c for c in calls if _valid(c)]
+    valid_calls = [c for c in calls if valid(c)]
     out: dict[Sample, float] = {}
 
     def add(name: str, value: float, **labels: str) -> None:
@@ -356,14 +357,14 @@ def expected(
     # Weights are exact sums, compared as floats: the float nearest each sum.
     qw: dict[str, float] = defaultdict(float)
     lw: dict[str, Decimal] = defaultdict(Decimal)
-    for c in valid:
+    for c in valid_calls:
         w = c.cost_usd if c.ts >= weights_start else Decimal(0)  # type: ignore[operator]
         qw[lab(c.quest)] += 0.0
         lw[lab(c.layer)] += w  # type: ignore[operator]
 
     # Per task, over all valid rows; in the window if any valid row is.
     tasks: dict[str, dict[str, Any]] = {}
-    for c in sorted(valid, key=lambda c: c.ts):  # type: ignore[arg-type,return-value]
+    for c in sorted(valid_calls, key=lambda c: c.ts):  # type: ignore[arg-type,return-value]
         if c.task_id is None:
             continue
         t = tasks.setdefault(
@@ -412,8 +413,8 @@ def expected(
 
     # Quests: the fold's kept quests of today (every quest with valid rows when there are no
     # more of them than max_quests), room left by name, and today's largest budgets.
-    spenders = {lab(c.quest) for c in valid}
-    kept_days = fold_days(valid, budgets, today, r) if len(spenders) > r.max_quests else None
+    spenders = {lab(c.quest) for c in valid_calls}
+    kept_days = fold_days(valid_calls, budgets, today, r) if len(spenders) > r.max_quests else None
     kept_q = set(spenders) if kept_days is None else set(kept_days.get(today, set()))
     if len(kept_q) < r.max_quests:
         rest = sorted(q for q in qw if q not in kept_q)
@@ -439,7 +440,7 @@ def expected(
     # Models keep a label when among the max_models largest by window spend or window tokens.
     mw: dict[str, Decimal] = defaultdict(Decimal)
     mt: dict[str, int] = defaultdict(int)
-    for c in valid:
+    for c in valid_calls:
         inside = c.ts >= weights_start  # type: ignore[operator]
         mw[c.model_label()] += c.cost_usd if inside else Decimal(0)  # type: ignore[operator]
         mt[c.model_label()] += sum(c.categories().values()) if inside else 0
@@ -455,7 +456,7 @@ def expected(
     spend_today: dict[str, float] = {}
     spend_month: dict[str, float] = {}
     listed: dict[Sample, Decimal] = defaultdict(Decimal)
-    for c in valid:
+    for c in valid_calls:
         fam = FAMILY_OF.get(c.provider or "", "other")
         quest = counted(c)
         per_model = {"provider": fam, "model": fm(c)}
@@ -497,8 +498,9 @@ def expected(
         if c.ts >= month_start:  # type: ignore[operator]
             spend_month[fq(c.quest)] = spend_month.get(fq(c.quest), 0.0) + float(c.cost_usd)  # type: ignore[arg-type]
     out.update({k: float(v) for k, v in listed.items()})
-    if valid:
-        out[key("scidex_ledger_last_call_timestamp_seconds")] = max(c.ts.timestamp() for c in valid)  # type: ignore[union-attr]
+    if valid_calls:
+        newest = max(c.ts.timestamp() for c in valid_calls)  # type: ignore[union-attr]
+        out[key("scidex_ledger_last_call_timestamp_seconds")] = newest
     reasons = [
         "null_timestamp",
         "infinite_timestamp",  # a datetime cannot be infinite: tests write such rows in SQL
@@ -511,8 +513,8 @@ def expected(
     for reason in reasons:
         out[key("scidex_ledger_excluded_rows", relation="cost_ledger", reason=reason)] = 0.0
     for c in calls:
-        if not _valid(c):
-            reason = _reason(c)
+        if not valid(c):
+            reason = exclusion_reason(c)
             add("scidex_ledger_excluded_rows", 1, relation="cost_ledger", reason=reason)
 
     # Today's budget, this month's to date and the whole month's.
@@ -610,7 +612,7 @@ def expected(
     ptokens: dict[str, Decimal | int] = defaultdict(int)  # exact: tokens may be Decimals
     ptasks: dict[str, set[str]] = defaultdict(set)
     plisted: dict[str, Decimal] = defaultdict(Decimal)
-    for c in valid:
+    for c in valid_calls:
         if c.task_id in in_window:
             fam = FAMILY_OF.get(c.provider or "", "other")
             plisted[fam] += list_price(c) or 0
@@ -688,7 +690,8 @@ def fold_days(
     return kept
 
 
-def _reason(c: Call) -> str:
+def exclusion_reason(c: Call) -> str:
+    """Why an invalid call is left out: its ``reason`` label."""
     if c.ts is None:
         return "null_timestamp"
     if c.cost_usd is None:

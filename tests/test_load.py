@@ -13,7 +13,7 @@ import psycopg
 
 from bench.load import exporter_process, growing, hammer, peak_rss_kib, rss_kib
 from exporter import generate
-from tests.ledger import Call, _reason, _valid, insert, key, parse, relax
+from tests.ledger import Call, exclusion_reason, insert, key, parse, relax, valid
 
 SCRAPERS = 20
 SECONDS = 8.0
@@ -67,8 +67,8 @@ def test_the_refresh_benchmark_s_baseline_queries_sum_the_ledger(dsn: str) -> No
     spend: dict[tuple[str, ...], list[Decimal]] = defaultdict(lambda: [Decimal(0)] * 4)
     excluded: dict[str, int] = defaultdict(int)
     for c in calls:
-        if not _valid(c):
-            excluded[_reason(c)] += 1
+        if not valid(c):
+            excluded[exclusion_reason(c)] += 1
             continue
         sums = spend[(c.quest, c.layer, c.provider)]  # type: ignore[index]
         for i, value in enumerate((c.cost_usd, c.input_tokens, c.output_tokens, 1)):
