@@ -209,16 +209,17 @@ class Summary:
         waste: dict[Any, list[Any]] = {}
         quest: dict[Any, list[Any]] = {}
         family: dict[Any, list[Any]] = {}
+        keys, change = self._keys, Ranking.add if sign > 0 else Ranking.remove
         for task_id, t, impact, wasted in tasks:
-            for ranking, key in self._keys(task_id, t, impact, wasted):
-                (ranking.add if sign > 0 else ranking.remove)(key)
+            if wasted or (impact is not None and impact > 0):  # else in no ranking
+                for ranking, key in keys(task_id, t, impact, wasted):
+                    change(ranking, key)
             cost, tokens, listed = t.cost, t.tokens, t.listed
             if wasted:
-                _accumulate(waste, (t.quest, t.layer), 1, cost, tokens, 1, listed, 2)
-            impact_sum = 0 if impact is None else exact(impact)
-            _accumulate(quest, t.quest, 1, cost, tokens, impact_sum, 1, 3)
+                _gather(waste, (t.quest, t.layer), cost, tokens, 1, listed)
+            _gather(quest, t.quest, cost, tokens, 0 if impact is None else exact(impact), 1)
             for f, f_cost, f_tokens, f_listed in t.by_family():  # each of its families once
-                _accumulate(family, f, 1, f_cost, f_tokens, 1, f_listed, 2)
+                _gather(family, f, f_cost, f_tokens, 1, f_listed)
         for held, gathered, count in (
             (self.waste_total, waste, 2),
             (self.quest, quest, 3),
@@ -282,6 +283,18 @@ class Summary:
             for f, (cost, tokens, n, listed) in self.family.items()
         ]
         return out
+
+
+def _gather(groups: dict[Any, list[Any]], key: Any, a: Any, b: Any, c: Any, d: Any) -> None:
+    """Add the four values of one task to its group's (gathered first, then added at once)."""
+    acc = groups.get(key)
+    if acc is None:
+        groups[key] = [a, b, c, d]
+    else:
+        acc[0] += a
+        acc[1] += b
+        acc[2] += c
+        acc[3] += d
 
 
 def _accumulate(
