@@ -50,7 +50,8 @@ class Health:
     build_failing: int = 0
     """Consecutive refreshes whose ledger families could not be built; logs back off on it."""
     render_failing: int = 0
-    """Consecutive renderings that fell back to prometheus-client's; logs back off on it."""
+    """Consecutive renderings that fell back to prometheus-client's (or failed with it too);
+    logs back off on it."""
     refresh_duration: float = 0.0
     build_seconds: dict[str, float] = field(default_factory=dict)
     """Time each source took to build its families in the last refresh."""

@@ -187,8 +187,12 @@ class Refresher:
         )
         started = time.perf_counter()
         families = h.ledger.families + h.families()
-        self.snapshot = self._render(families, fresh_until)
+        snapshot = self._render(families, fresh_until)
         h.render_seconds = time.perf_counter() - started
+        if snapshot is None:  # the last snapshot is served on, until it is stale
+            h.failures += 1 if ok else 0
+            return False
+        self.snapshot = snapshot
         return ok
 
     def _build(self) -> bool:
@@ -213,17 +217,23 @@ class Refresher:
         h.ledger, h.build_seconds = ledger, ledger.build_seconds
         return True
 
-    def _render(self, families: list[Family], fresh_until: float) -> Snapshot:
+    def _render(self, families: list[Family], fresh_until: float) -> Snapshot | None:
         """Render with the refresher's renderer, which reuses its last rendering; should it
-        fail (a bug), with prometheus-client's own, and start the next one afresh."""
+        fail (a bug), with prometheus-client's own, and start the next one afresh. None if
+        that fails too (a value neither can write): the refresh fails with one line."""
         h = self.health
         try:
             snapshot = Snapshot.of(families, fresh_until, self._renderer)
         except Exception as exc:
             h.render_failing += 1
-            _log_failure("rendered by prometheus-client", h.render_failing, exc)
             self._renderer = TextRenderer()
-            return Snapshot.of(families, fresh_until)
+            try:
+                fallback = Snapshot.of(families, fresh_until)
+            except Exception as again:
+                _log_failure("not rendered, the last exposition kept", h.render_failing, again)
+                return None
+            _log_failure("rendered by prometheus-client", h.render_failing, exc)
+            return fallback
         h.render_failing = _log_recovery("rendered again", h.render_failing)
         return snapshot
 

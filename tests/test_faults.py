@@ -14,6 +14,7 @@ import psycopg
 import pytest
 from prometheus_client import generate_latest
 
+from exporter import snapshot as snapshot_module
 from exporter import tasks as tasks_module
 from exporter.config import load_settings
 from exporter.exposition import Families, TextRenderer
@@ -365,6 +366,43 @@ def test_a_renderer_failing_falls_back_to_prometheus_client(
         (line,) = _log_lines(caplog, "rendered again")
         assert line.fields["failures"] == 2
         assert refresher.health.render_failing == 0
+    finally:
+        refresher.close()
+
+
+def test_a_rendering_failing_both_ways_keeps_the_last_exposition(
+    dsn: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Should prometheus-client's renderer fail too (a value neither can write), the refresh
+    fails with one line and never raises, and the last exposition is served on, its numbers
+    and freshness as they were; the next refresh that renders publishes the failure."""
+    caplog.set_level(logging.INFO, logger="exporter.refresh")
+    _ledger(dsn)
+    refresher = Refresher(load_settings({"dsn": dsn}, env={}))
+    try:
+        assert refresher.refresh()
+        before = refresher.snapshot
+
+        def fail(*args: Any, **kwargs: Any) -> bytes:
+            raise ValueError("cannot render this")
+
+        monkeypatch.setattr(TextRenderer, "render", fail)
+        monkeypatch.setattr(snapshot_module, "generate_latest", fail)
+        insert(dsn, [Call(NOW - timedelta(minutes=5), "t2", cost_usd=Decimal("3"))])
+        assert refresher.refresh() is False
+        assert refresher.snapshot is before
+        assert parse(before.text)[SPEND] == 4
+        (line,) = _log_lines(caplog, "not rendered, the last exposition kept")
+        assert line.fields["error_kind"] == "ValueError"
+        assert line.fields["failures"] == 1
+        assert not _log_lines(caplog, "rendered by prometheus-client")
+        monkeypatch.undo()
+        assert refresher.refresh()
+        samples = parse(refresher.snapshot.text)
+        assert samples[SPEND] == 7
+        assert samples[key("scidex_exporter_refresh_failures_total")] == 1
+        (line,) = _log_lines(caplog, "rendered again")
+        assert line.fields["failures"] == 1
     finally:
         refresher.close()
 
