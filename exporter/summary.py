@@ -286,7 +286,7 @@ class Summary:
 
 
 def _gather(groups: dict[Any, list[Any]], key: Any, a: Any, b: Any, c: Any, d: Any) -> None:
-    """Add the four values of one task to its group's (gathered first, then added at once)."""
+    """Add four values to a group's (a task's while gathering, then a gathered group's)."""
     acc = groups.get(key)
     if acc is None:
         groups[key] = [a, b, c, d]
@@ -302,21 +302,15 @@ def _accumulate(
 ) -> None:
     """Add (sign 1) or take out (-1) the four values of one group; the one at ``count``
     counts its tasks, and a group left with none is dropped, as if it had never been summed."""
+    if sign > 0:  # adds tasks: a group held keeps some
+        _gather(groups, key, a, b, c, d)
+        return
     acc = groups.get(key)
     if acc is None:
-        if sign < 0:
-            raise KeyError(f"taking out a group that was never added: {key!r}")
-        groups[key] = [a, b, c, d]
-        return
-    if sign > 0:
-        acc[0] += a
-        acc[1] += b
-        acc[2] += c
-        acc[3] += d
-    else:
-        acc[0] -= a
-        acc[1] -= b
-        acc[2] -= c
-        acc[3] -= d
+        raise KeyError(f"taking out a group that was never added: {key!r}")
+    acc[0] -= a
+    acc[1] -= b
+    acc[2] -= c
+    acc[3] -= d
     if acc[count] == 0:
         del groups[key]
