@@ -190,7 +190,8 @@ class Refresher:
         snapshot = self._render(families, fresh_until)
         h.render_seconds = time.perf_counter() - started
         if snapshot is None:  # the last snapshot is served on, until it is stale
-            h.failures += 1 if ok else 0
+            if ok:  # else counted above already
+                h.failures += 1
             return False
         self.snapshot = snapshot
         return ok
