@@ -16,11 +16,11 @@ instead) is loaded into an embedded PostgreSQL, and:
   ratios of each pair. Beside the wall times, the CPU time of each client (the exporter's
   Python and libpq; ``psql``'s), which the machine's drift moves less and PostgreSQL's own
   work not at all: what the exporter adds to the database's time is there;
-* query-exporter: the generic SQL exporter (PyPI, in its own venv under bench/.venv-qe)
-  computing the families of our spend_totals query with the same row validity: spend, tokens
-  and calls (its spend query), the same seven sums by series and model as ours (its
-  model query), and the rows left out by reason (its excluded-rows query, a second scan; ours
-  classifies them in the same scan); the mean latency of each;
+* query-exporter: the generic SQL exporter (PyPI, ``QE_VERSION``, in its own venv under
+  bench/.venv-qe-<version>) computing the families of our spend_totals query with the same
+  row validity: spend, tokens and calls (its spend query), the same seven sums by series and
+  model as ours (its model query), and the rows left out by reason (its excluded-rows query,
+  a second scan; ours classifies them in the same scan); the mean latency of each;
 * peak RSS of a ``resource-exporter serve`` process that reconciled a few times, and of one
   that reaches no database: the runtime alone (Python, libraries, price catalogue), so
   that the difference is what the ledger costs.
@@ -62,7 +62,11 @@ from exporter.sources import Instants
 from exporter.sources.spend import SPEND_TOTALS
 
 BENCH = Path(__file__).resolve().parent
-QE_VENV = BENCH / ".venv-qe"
+QE_VERSION = "5.0.2"
+"""The query-exporter compared with, pinned (with its driver) so that runs months apart
+compare the same tool."""
+QE_PACKAGES = (f"query-exporter=={QE_VERSION}", "psycopg2-binary==2.9.13")
+QE_VENV = BENCH / f".venv-qe-{QE_VERSION}"
 ROWS_PER_30_DAYS = 1_000_000
 SETTINGS: dict[str, Any] = {}
 """Settings every exporter of the run gets besides the DSN (``--setting``)."""
@@ -298,7 +302,7 @@ def query_exporter(dsn: str, name: str, runs: int, expected_seconds: float) -> f
     if not binary.exists():
         subprocess.run([sys.executable, "-m", "venv", str(QE_VENV)], check=True)
         subprocess.run(
-            [str(QE_VENV / "bin" / "pip"), "install", "-q", "query-exporter", "psycopg2-binary"],
+            [str(QE_VENV / "bin" / "pip"), "install", "-q", *QE_PACKAGES],
             check=True,
         )
     info = conninfo_to_dict(dsn)
