@@ -18,10 +18,12 @@ import bisect
 import heapq
 import math
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from exporter.config import Settings
+from exporter.incremental import Count
 
 if TYPE_CHECKING:
     from exporter.store import Task
@@ -147,6 +149,21 @@ class Ranking:
         yield from self.held[: self.top]
 
 
+@dataclass(slots=True)
+class Group:
+    """The sums of a group of tasks: a quest's, a provider family's, or the wasted tasks' of a
+    quest and layer (held, or gathered from the tasks one change adds or takes out)."""
+
+    cost: Amount
+    tokens: Count
+    listed: Amount  # list-price value of the tasks' priced calls
+    impact: int  # the tasks' impacts summed exactly (``exact``): a quest's only
+    tasks: int
+
+
+Groups = dict[Any, Group]
+
+
 Entry = tuple[str, "Task", float | None, bool]
 """A task as a summary takes it: (task_id, task, impact, wasted)."""
 Everything = Callable[[], Iterable[Entry]]
@@ -168,12 +185,9 @@ class Summary:
         self.scored = Ranking(settings.top_efficiency_tasks, spare)
         self.scored_list = Ranking(settings.top_efficiency_tasks, spare)
         self.wasted = Ranking(settings.top_waste_tasks, spare)  # (-tokens, task_id)
-        # (quest, layer) -> [cost, tokens, tasks, listed] of the wasted tasks
-        self.waste_total: dict[tuple[str | None, str | None], list[Any]] = {}
-        # quest -> [cost, tokens, exact impact sum, tasks]
-        self.quest: dict[str | None, list[Any]] = {}
-        # provider family -> [cost, tokens, tasks, listed]
-        self.family: dict[str, list[Any]] = {}
+        self.waste_total: Groups = {}  # (quest, layer) -> its wasted tasks' sums
+        self.quest: Groups = {}  # quest -> its tasks' sums
+        self.family: Groups = {}  # provider family -> the sums of its calls' tasks
 
     def wasted_task(self, task: Task, impact: float | None, grace_cutoff: int) -> bool:
         """Spent many tokens for little or no impact, and over for the grace period (its
@@ -206,9 +220,9 @@ class Summary:
         """Add (sign 1) or take out (-1) tasks: their rankings change task by task, their
         sums are gathered by group first and each group changes once (a rebuild's half
         million tasks fall into a few hundred groups)."""
-        waste: dict[Any, list[Any]] = {}
-        quest: dict[Any, list[Any]] = {}
-        family: dict[Any, list[Any]] = {}
+        waste: Groups = {}
+        quest: Groups = {}
+        family: Groups = {}
         keys, change = self._keys, Ranking.add if sign > 0 else Ranking.remove
         for task_id, t, impact, wasted in tasks:
             if wasted or (impact is not None and impact > 0):  # else in no ranking
@@ -216,17 +230,17 @@ class Summary:
                     change(ranking, key)
             cost, tokens, listed = t.cost, t.tokens, t.listed
             if wasted:
-                _gather(waste, (t.quest, t.layer), cost, tokens, 1, listed)
-            _gather(quest, t.quest, cost, tokens, 0 if impact is None else exact(impact), 1)
+                _gather(waste, (t.quest, t.layer), cost, tokens, listed, 0)
+            _gather(quest, t.quest, cost, tokens, listed, 0 if impact is None else exact(impact))
             for f, f_cost, f_tokens, f_listed in t.by_family():  # each of its families once
-                _gather(family, f, f_cost, f_tokens, 1, f_listed)
-        for held, gathered, count in (
-            (self.waste_total, waste, 2),
-            (self.quest, quest, 3),
-            (self.family, family, 2),
+                _gather(family, f, f_cost, f_tokens, f_listed, 0)
+        for held, gathered in (
+            (self.waste_total, waste),
+            (self.quest, quest),
+            (self.family, family),
         ):
-            for group, (a, b, c, d) in gathered.items():
-                _accumulate(held, group, sign, a, b, c, d, count)
+            for key, group in gathered.items():
+                _accumulate(held, key, sign, group)
 
     def rows(
         self,
@@ -256,61 +270,57 @@ class Summary:
         out += ranked("efficiency_list", self.scored_list)
         out += ranked("waste", self.wasted)
         out += [
-            WindowRow(
-                "waste_total", None, q_, l_, dollars(cost), tokens, None, n, None, dollars(listed)
-            )
-            for (q_, l_), (cost, tokens, n, listed) in self.waste_total.items()
+            _row("waste_total", g, quest=q_, layer=l_) for (q_, l_), g in self.waste_total.items()
         ]
-        out += [
-            WindowRow(
-                "quest",
-                None,
-                q_,
-                None,
-                dollars(cost),
-                tokens,
-                None,
-                n,
-                None,
-                impact_exact=i,
-            )
-            for q_, (cost, tokens, i, n) in self.quest.items()
-        ]
-        out += [
-            WindowRow(
-                "provider", None, None, None, dollars(cost), tokens, None, n, f, dollars(listed)
-            )
-            for f, (cost, tokens, n, listed) in self.family.items()
-        ]
+        out += [_row("quest", g, quest=q_) for q_, g in self.quest.items()]
+        out += [_row("provider", g, family=f) for f, g in self.family.items()]
         return out
 
 
-def _gather(groups: dict[Any, list[Any]], key: Any, a: Any, b: Any, c: Any, d: Any) -> None:
-    """Add four values to a group's (a task's while gathering, then a gathered group's)."""
-    acc = groups.get(key)
-    if acc is None:
-        groups[key] = [a, b, c, d]
-    else:
-        acc[0] += a
-        acc[1] += b
-        acc[2] += c
-        acc[3] += d
+def _row(
+    kind: str,
+    g: Group,
+    quest: str | None = None,
+    layer: str | None = None,
+    family: str | None = None,
+) -> WindowRow:
+    """The row of a group's sums."""
+    cost, listed = dollars(g.cost), dollars(g.listed)
+    return WindowRow(
+        kind, None, quest, layer, cost, g.tokens, None, g.tasks, family, listed, g.impact
+    )
 
 
-def _accumulate(
-    groups: dict[Any, list[Any]], key: Any, sign: int, a: Any, b: Any, c: Any, d: Any, count: int
+def _gather(
+    groups: Groups,
+    key: Any,
+    cost: Amount,
+    tokens: Count,
+    listed: Amount,
+    impact: int,
+    tasks: int = 1,
 ) -> None:
-    """Add (sign 1) or take out (-1) the four values of one group; the one at ``count``
-    counts its tasks, and a group left with none is dropped, as if it had never been summed."""
+    """Add to a group's sums (one task's while gathering, then a gathered group's)."""
+    group = groups.get(key)
+    if group is None:
+        groups[key] = Group(cost, tokens, listed, impact, tasks)
+    else:
+        group.cost += cost
+        group.tokens += tokens
+        group.listed += listed
+        group.impact += impact
+        group.tasks += tasks
+
+
+def _accumulate(groups: Groups, key: Any, sign: int, g: Group) -> None:
+    """Add (sign 1) or take out (-1) a gathered group's sums; a group left with no tasks is
+    dropped, as if it had never been summed."""
     if sign > 0:  # adds tasks: a group held keeps some
-        _gather(groups, key, a, b, c, d)
+        _gather(groups, key, g.cost, g.tokens, g.listed, g.impact, g.tasks)
         return
-    acc = groups.get(key)
-    if acc is None:
+    held = groups.get(key)
+    if held is None:
         raise KeyError(f"taking out a group that was never added: {key!r}")
-    acc[0] -= a
-    acc[1] -= b
-    acc[2] -= c
-    acc[3] -= d
-    if acc[count] == 0:
+    _gather(groups, key, -g.cost, -g.tokens, -g.listed, -g.impact, -g.tasks)
+    if held.tasks == 0:
         del groups[key]
