@@ -24,10 +24,18 @@ from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 from exporter.incremental import Count
 from exporter.summary import Amount
+
+
+@dataclass(slots=True)
+class Share:
+    """A task's sums of one provider family, once it has used several."""
+
+    cost: Amount
+    tokens: Count
+    listed: Amount
 
 
 @dataclass(slots=True)
@@ -46,27 +54,30 @@ class Task:
     quest: str | None = None
     layer: str | None = None
     family: str | None = None  # the only family so far (None: none yet, or several)
-    shares: dict[str, list[Any]] | None = None  # family -> [cost, tokens, listed], once several
+    shares: dict[str, Share] | None = None  # by family, once several
 
     def add(self, family: str, cost: Amount, tokens: Count, listed: Amount) -> None:
         if self.shares is None and self.family != family:
             if self.family is None:  # the first sum of this task
                 self.family = family
             else:
-                self.shares = {self.family: [self.cost, self.tokens, self.listed]}
+                self.shares = {self.family: Share(self.cost, self.tokens, self.listed)}
                 self.family = None
         if self.shares is not None:
-            acc = self.shares.setdefault(family, [0, 0, 0])
-            acc[0] += cost
-            acc[1] += tokens
-            acc[2] += listed
+            share = self.shares.get(family)
+            if share is None:
+                self.shares[family] = Share(cost, tokens, listed)
+            else:
+                share.cost += cost
+                share.tokens += tokens
+                share.listed += listed
         self.cost += cost
         self.tokens += tokens
         self.listed += listed
 
     def by_family(self) -> Iterable[tuple[str, Amount, Count, Amount]]:
         if self.shares is not None:
-            return ((f, c, t, li) for f, (c, t, li) in self.shares.items())
+            return ((f, s.cost, s.tokens, s.listed) for f, s in self.shares.items())
         if self.family is None:
             return ()
         return ((self.family, self.cost, self.tokens, self.listed),)
@@ -82,7 +93,7 @@ class Task:
             self.cost, self.tokens, self.listed, self.last_us, self.quest, self.layer, self.family
         )
         if self.shares is not None:
-            out.shares = {f: list(v) for f, v in self.shares.items()}
+            out.shares = {f: Share(s.cost, s.tokens, s.listed) for f, s in self.shares.items()}
         for family, cost, tokens, listed in tail.by_family():
             out.add(family, cost, tokens, listed)
         if tail.last_us is not None:
@@ -439,7 +450,7 @@ class TaskStore:
             row = -2 - held
             while row != _END:
                 family = values[self._share_family[row]]
-                task.shares[family] = list(self._shares.get(row))  # type: ignore[index]
+                task.shares[family] = Share(*self._shares.get(row))  # type: ignore[index]
                 row = self._share_next[row]
         return task
 
