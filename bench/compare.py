@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,8 @@ def worker(dsn: str, runs: int, batch: int) -> dict[str, Any]:
     full = Refresher(load_settings({"dsn": dsn, "reconcile_interval_seconds": 0}, env={}))
     try:
         timed(full)  # connect and warm the cache
-        fulls, queries = [], {}
+        fulls: list[float] = []
+        queries: dict[str, list[float]] = {}
         for _ in range(runs):
             fulls.append(timed(full))
             for name, health in full.health.queries.items():
@@ -140,7 +142,7 @@ def compare(rev: str, rows: int, days: int | None, rounds: int, runs: int, batch
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old)])
 
 
-def _median(results: list[dict[str, Any]], pick: Any) -> float:
+def _median(results: list[dict[str, Any]], pick: Callable[[dict[str, Any]], float]) -> float:
     return statistics.median(pick(r) for r in results)
 
 

