@@ -187,7 +187,7 @@ class Summary:
         self.wasted = Ranking(settings.top_waste_tasks, spare)  # (-tokens, task_id)
         self.waste_total: Groups = {}  # (quest, layer) -> its wasted tasks' sums
         self.quest: Groups = {}  # quest -> its tasks' sums
-        self.family: Groups = {}  # provider family -> the sums of its calls' tasks
+        self.family: Groups = {}  # provider family -> its calls' sums, and the tasks making them
 
     def wasted_task(self, task: Task, impact: float | None, grace_cutoff: int) -> bool:
         """Spent many tokens for little or no impact, and over for the grace period (its
