@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import unicodedata
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
 from decimal import Decimal
@@ -188,10 +189,10 @@ def relax(dsn: str) -> None:
 
 def insert(
     dsn: str,
-    calls: list[Call],
-    impacts: list[Impact] = (),  # type: ignore[assignment]
-    budgets: list[Budget] = (),
-) -> None:  # type: ignore[assignment]
+    calls: Sequence[Call],
+    impacts: Sequence[Impact] = (),
+    budgets: Sequence[Budget] = (),
+) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn, conn.cursor() as cur:
         cur.executemany(
             "INSERT INTO cost_ledger (ts, task_id, quest, layer, provider, model, input_tokens,"
@@ -269,6 +270,10 @@ class Rules:
     timezone: str = "UTC"  # whose calendar months the budget families count
     catalogue: str = field(default_factory=lambda: f"genai-prices-{_version('genai-prices')}")
 
+    def label(self, value: str | None) -> str:
+        """A label value as the exporter cleans it."""
+        return _label(value, self.max_len)
+
 
 def _label(v: str | None, max_len: int) -> str:
     if v is None:
@@ -342,7 +347,7 @@ def expected(
 ) -> dict[Sample, float]:
     """Every ledger sample the exporter must publish for these rows at ``now``."""
     r = r or Rules()
-    lab = lambda v: _label(v, r.max_len)  # noqa: E731
+    lab = r.label
     valid_calls = [c for c in calls if valid(c)]
     out: dict[Sample, float] = {}
 
@@ -434,8 +439,12 @@ def expected(
 
     by_weight = sorted(lw.items(), key=lambda kv: (-float(kv[1]), kv[0]))
     kept_l = {k for k, _ in by_weight[: r.max_layers]}
-    fq = lambda v: lab(v) if lab(v) in kept_q else "other"  # noqa: E731
-    fl = lambda v: lab(v) if lab(v) in kept_l else "other"  # noqa: E731
+
+    def fq(value: str | None) -> str:
+        return lab(value) if lab(value) in kept_q else "other"
+
+    def fl(value: str | None) -> str:
+        return lab(value) if lab(value) in kept_l else "other"
 
     # Models keep a label when among the max_models largest by window spend or window tokens.
     mw: dict[str, Decimal] = defaultdict(Decimal)
@@ -450,7 +459,9 @@ def expected(
         return {k for k, _ in ranked[: r.max_models]}
 
     kept_m = top(mw) | top(mt)
-    fm = lambda c: c.model_label() if c.model_label() in kept_m else "other"  # noqa: E731
+
+    def fm(c: Call) -> str:
+        return c.model_label() if c.model_label() in kept_m else "other"
 
     # Cumulative counters and today's spend.
     spend_today: dict[str, float] = {}
@@ -474,9 +485,9 @@ def expected(
                 key("scidex_model_list_price_usd_total", catalogue=r.catalogue, **per_model)
             ] += value
         # The series of today's rows of the quest exists, at 0 when none counted there yet.
-        now = counted(c, today)
-        if now is not None:
-            zero = {"quest": now, "layer": fl(c.layer), "provider": fam}
+        quest_today = counted(c, today)
+        if quest_today is not None:
+            zero = {"quest": quest_today, "layer": fl(c.layer), "provider": fam}
             for name in ("scidex_spend_usd_total", "scidex_llm_calls_total"):
                 add(name, 0, **zero)
             add("scidex_reasoning_tokens_total", 0, **zero)
@@ -539,15 +550,15 @@ def expected(
             reason="invalid_allocation",
         )
     ] = float(bad_budget)
-    for quest, a in alloc.items():
-        out[key("scidex_budget_allocated_usd", quest=quest)] = a
+    for quest, usd in alloc.items():
+        out[key("scidex_budget_allocated_usd", quest=quest)] = usd
         spend_today.setdefault(quest, 0.0)
-        if a > 0:
-            out[key("scidex_budget_utilization_ratio", quest=quest)] = spend_today[quest] / a
-    for quest, a in to_date.items():
-        out[key("scidex_budget_allocated_month_to_date_usd", quest=quest)] = a
-    for quest, a in month.items():
-        out[key("scidex_budget_allocated_month_usd", quest=quest)] = a
+        if usd > 0:
+            out[key("scidex_budget_utilization_ratio", quest=quest)] = spend_today[quest] / usd
+    for quest, usd in to_date.items():
+        out[key("scidex_budget_allocated_month_to_date_usd", quest=quest)] = usd
+    for quest, usd in month.items():
+        out[key("scidex_budget_allocated_month_usd", quest=quest)] = usd
         spend_month.setdefault(quest, 0.0)
     for quest, v in spend_month.items():
         out[key("scidex_quest_spend_month_usd", quest=quest)] = v
@@ -643,7 +654,7 @@ def fold_days(
     place while fewer than max_quests of that day's spenders are kept.
     """
     zone = ZoneInfo(r.timezone)
-    lab = lambda v: _label(v, r.max_len)  # noqa: E731
+    lab = r.label
     spend: dict[tuple[str, date], Decimal] = defaultdict(Decimal)
     spenders: dict[date, list[str]] = defaultdict(list)  # in the order of their first row
     for c in valid:  # rows take ids in list order
