@@ -76,6 +76,10 @@ MODEL_OF = {
 }
 
 
+Tokens = int | Decimal
+"""A token count: a numeric column's may have a fraction."""
+
+
 @dataclass
 class Call:
     """One cost_ledger row."""
@@ -85,13 +89,13 @@ class Call:
     quest: str | None = "q-a"
     layer: str | None = "Forge"
     provider: str | None = "bedrock/us.anthropic.claude-sonnet-4"
-    input_tokens: int | None = 100
-    output_tokens: int | None = 50
+    input_tokens: Tokens | None = 100
+    output_tokens: Tokens | None = 50
     cost_usd: Decimal | None = Decimal("1")
     model: str | None = None
-    cache_read_tokens: int | None = None
-    cache_write_tokens: int | None = None
-    reasoning_tokens: int | None = None
+    cache_read_tokens: Tokens | None = None
+    cache_write_tokens: Tokens | None = None
+    reasoning_tokens: Tokens | None = None
 
     def ref(self) -> str | None:
         """What the call names as its model: the model column, else the provider's tail."""
@@ -110,7 +114,7 @@ class Call:
             return "unknown"
         return MODEL_OF[self.model if self.model is not None else self.provider]  # type: ignore[index]
 
-    def categories(self) -> dict[str, int]:
+    def categories(self) -> dict[str, Tokens]:
         """Tokens by the ``direction`` label (disjoint)."""
         return {
             "input": self.input_tokens or 0,
@@ -351,7 +355,7 @@ def expected(
     valid_calls = [c for c in calls if valid(c)]
     out: dict[Sample, float] = {}
 
-    def add(name: str, value: float, **labels: str) -> None:
+    def add(name: str, value: float | Decimal, **labels: str) -> None:
         k = key(name, **labels)
         out[k] = out.get(k, 0.0) + float(value)  # a numeric column's tokens are Decimals
 
@@ -448,7 +452,7 @@ def expected(
 
     # Models keep a label when among the max_models largest by window spend or window tokens.
     mw: dict[str, Decimal] = defaultdict(Decimal)
-    mt: dict[str, int] = defaultdict(int)
+    mt: dict[str, Tokens] = defaultdict(int)
     for c in valid_calls:
         inside = c.ts >= weights_start  # type: ignore[operator]
         mw[c.model_label()] += c.cost_usd if inside else Decimal(0)  # type: ignore[operator]
