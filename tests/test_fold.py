@@ -173,7 +173,7 @@ def test_increase_across_the_fold_changes_is_the_ledger_spend(dsn: str, tmp_path
             want: dict[str, float] = defaultdict(float)
             for c in rows:
                 local = c.ts.date()  # type: ignore[union-attr]
-                want[c.quest if c.quest in kept[local] else "other"] += float(c.cost_usd)  # type: ignore[arg-type,operator]
+                want[c.quest if c.quest in kept[local] else "other"] += float(c.cost_usd)  # type: ignore[arg-type]
             total = prom.query(f"sum(increase({SPEND}[6h]))", at=after.at.timestamp())
             assert float(total[0]["value"][1]) == pytest.approx(sum(want.values())), after.at
             got = {

@@ -23,7 +23,7 @@ TEXT = b"# HELP x_usd X.\n# TYPE x_usd gauge\nx_usd 1.5\n"
 @pytest.fixture
 def server() -> Iterator[MetricsServer]:
     source = SimpleNamespace(snapshot=Snapshot((), TEXT, gzip.compress(TEXT, mtime=0)))
-    srv = MetricsServer(source, "127.0.0.1", 0, limits=HttpLimits(idle_timeout_seconds=1.2)).start()  # type: ignore[arg-type]
+    srv = MetricsServer(source, "127.0.0.1", 0, limits=HttpLimits(idle_timeout_seconds=1.2)).start()
     try:
         yield srv
     finally:
@@ -140,7 +140,7 @@ def test_silent_clients_are_dropped_after_the_idle_timeout(server: MetricsServer
 def test_a_client_that_stops_reading_does_not_hold_up_others() -> None:
     big = b"# many series\n" * 300_000  # 4 MB: more than the socket buffers hold
     source = SimpleNamespace(snapshot=Snapshot((), big, b""))
-    srv = MetricsServer(source, "127.0.0.1", 0, limits=HttpLimits(idle_timeout_seconds=1.2)).start()  # type: ignore[arg-type]
+    srv = MetricsServer(source, "127.0.0.1", 0, limits=HttpLimits(idle_timeout_seconds=1.2)).start()
     try:
         stalled = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
         stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -171,7 +171,7 @@ def test_stop_closes_open_connections_and_the_port(server: MetricsServer) -> Non
 
 def test_a_taken_port_fails_at_construction(server: MetricsServer) -> None:
     with pytest.raises(OSError):
-        MetricsServer(SimpleNamespace(snapshot=None), "127.0.0.1", server.port)  # type: ignore[arg-type]
+        MetricsServer(SimpleNamespace(snapshot=None), "127.0.0.1", server.port)
 
 
 def test_a_repeated_content_length_with_the_same_value_is_one_length(server: MetricsServer) -> None:
@@ -214,7 +214,7 @@ def _server_side(srv: MetricsServer) -> list[Any]:
 def test_a_client_that_pipelines_and_never_reads_costs_bounded_memory() -> None:
     big = b"# series\n" * 2_000  # 18 kB a response
     source = SimpleNamespace(snapshot=Snapshot((), big, b""))
-    srv = MetricsServer(source, "127.0.0.1", 0).start()  # type: ignore[arg-type]
+    srv = MetricsServer(source, "127.0.0.1", 0).start()
     try:
         with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -244,7 +244,7 @@ def test_a_client_that_pipelines_and_never_reads_costs_bounded_memory() -> None:
 def test_a_client_that_trickles_a_head_is_dropped_at_the_head_deadline() -> None:
     source = SimpleNamespace(snapshot=Snapshot((), TEXT, b""))
     limits = HttpLimits(head_timeout_seconds=0.6, idle_timeout_seconds=30)
-    srv = MetricsServer(source, "127.0.0.1", 0, limits=limits).start()  # type: ignore[arg-type]
+    srv = MetricsServer(source, "127.0.0.1", 0, limits=limits).start()
     try:
         with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as sock:
             sock.settimeout(0.2)
@@ -277,7 +277,7 @@ def test_at_the_connection_cap_tricklers_make_room_and_a_scrape_gets_in(
 ) -> None:
     source = SimpleNamespace(snapshot=Snapshot((), TEXT, b""))
     limits = HttpLimits(max_connections=10)
-    srv = MetricsServer(source, "127.0.0.1", 0, limits=limits).start()  # type: ignore[arg-type]
+    srv = MetricsServer(source, "127.0.0.1", 0, limits=limits).start()
     tricklers = []
     try:
         for _ in range(25):

@@ -160,7 +160,7 @@ def test_failed_logins_are_shed_and_do_not_delay_a_known_one(tmp_path: Path) -> 
     config = _web_config(tmp_path, f"basic_auth_users:\n  prometheus: '{hashed}'\n")
     source = SimpleNamespace(snapshot=Snapshot((), b"x_usd 1\n", b""))
     limits = HttpLimits(auth_workers=1, auth_queue=1)
-    server = MetricsServer(source, "127.0.0.1", 0, web_config=config, limits=limits).start()  # type: ignore[arg-type]
+    server = MetricsServer(source, "127.0.0.1", 0, web_config=config, limits=limits).start()
 
     def ask(password: str) -> socket.socket:
         sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
@@ -212,7 +212,7 @@ def test_the_web_config_is_read_again_when_it_or_its_certificate_changes(
     config = _web_config(tmp_path, users("alice"))
     source = SimpleNamespace(snapshot=Snapshot((), b"x_usd 1\n", b""))
     limits = HttpLimits(idle_timeout_seconds=1.2)  # the files are looked at every 0.2 s
-    server = MetricsServer(source, "127.0.0.1", 0, web_config=config, limits=limits).start()  # type: ignore[arg-type]
+    server = MetricsServer(source, "127.0.0.1", 0, web_config=config, limits=limits).start()
     ctx = ssl.create_default_context()
     ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
 
@@ -264,7 +264,7 @@ def test_no_handshake_fails_while_the_certificate_is_swapped(tmp_path: Path) -> 
         _make_cert(tmp_path / pair)
     config = _web_config(tmp_path, _tls_config("a"))
     source = SimpleNamespace(snapshot=Snapshot((), b"x_usd 1\n", b""))
-    server = MetricsServer(source, "127.0.0.1", 0, web_config=config).start()  # type: ignore[arg-type]
+    server = MetricsServer(source, "127.0.0.1", 0, web_config=config).start()
     ctx = ssl.create_default_context()
     ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
     certificates = {
@@ -311,7 +311,7 @@ def test_client_certificates_are_required_and_their_ca_reloaded(tmp_path: Path) 
         _make_cert(tmp_path / pair)  # self-signed: each client's certificate is its own CA
     config = _web_config(tmp_path, _tls_config("server"))
     source = SimpleNamespace(snapshot=Snapshot((), b"x_usd 1\n", b""))
-    server = MetricsServer(source, "127.0.0.1", 0, web_config=config).start()  # type: ignore[arg-type]
+    server = MetricsServer(source, "127.0.0.1", 0, web_config=config).start()
 
     def status(client: str | None) -> int | None:
         ctx = ssl.create_default_context(cafile=str(tmp_path / "server" / "server.crt"))

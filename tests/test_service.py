@@ -239,7 +239,7 @@ def test_a_client_hanging_up_mid_response_is_one_debug_line(
 
     big = SimpleNamespace(snapshot=Snapshot.of(()))
     big.snapshot = Snapshot((), b"# many series\n" * 400_000, b"")
-    server = MetricsServer(big, "127.0.0.1", 0).start()  # type: ignore[arg-type]
+    server = MetricsServer(big, "127.0.0.1", 0).start()
     try:
         for _ in range(5):
             with socket.create_connection(("127.0.0.1", server.port)) as sock:

@@ -43,7 +43,7 @@ def test_the_extremes_are_exact() -> None:
 # Ledger costs and list prices, with up to 18 decimals (finer than the integers' 12): no sum of
 # 25 has more digits than a Decimal context holds (28), so the Decimal sum is exact too.
 DOLLARS = st.decimals(min_value=0, max_value=10**6, places=None, allow_nan=False).filter(
-    lambda d: d.as_tuple().exponent >= -18  # type: ignore[operator]
+    lambda d: d.as_tuple().exponent >= -18
 )
 
 
@@ -69,7 +69,7 @@ def test_dollars_finer_than_the_integers_stay_exact() -> None:
 
 # Prices per million tokens with up to nine decimals: up to six are whole units per token.
 PER_MILLION = st.decimals(min_value=0, max_value=1000, places=None, allow_nan=False).filter(
-    lambda d: d.as_tuple().exponent >= -9  # type: ignore[operator]
+    lambda d: d.as_tuple().exponent >= -9
 )
 TOKENS = st.one_of(st.none(), st.integers(0, 10**12).map(Decimal))  # NULL: a column it lacks
 
@@ -164,7 +164,7 @@ def test_a_summary_changed_in_batches_sums_and_ranks_what_it_holds(
             summary.remove(batch)
         for task_id, *entry in batch:
             if add:
-                held[task_id] = tuple(entry)  # type: ignore[assignment]
+                held[task_id] = tuple(entry)
             else:
                 del held[task_id]
         every = [(k, *entry) for k, entry in held.items()]  # a stale ranking looks again
