@@ -54,7 +54,7 @@ def test_impact_exactly_zero_is_not_ranked(dsn: str) -> None:
 
 
 def test_waste_grace_period_boundary(dsn: str) -> None:
-    big = {"input_tokens": 1500, "output_tokens": 0}
+    big: dict[str, Any] = {"input_tokens": 1500, "output_tokens": 0}
     insert(
         dsn,
         [

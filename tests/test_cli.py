@@ -20,7 +20,7 @@ import psycopg
 import pytest
 
 from tests.conftest import assert_promtool_clean, run_cli, temporary_database
-from tests.ledger import key, parse, relax
+from tests.ledger import Sample, key, parse, relax
 
 END = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 
@@ -91,7 +91,7 @@ def wait_for_line(
     )
 
 
-def scrape(url: str) -> dict:
+def scrape(url: str) -> dict[Sample, float]:
     with urllib.request.urlopen(url, timeout=5) as resp:
         return parse(resp.read())
 
@@ -229,8 +229,8 @@ def test_check_says_which_index_or_statistics_the_ledger_lacks(dsn: str) -> None
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("DROP INDEX impact_ledger_measured_at_idx")
     result = cli("check", "--dsn", dsn)
-    (advice,) = [line for line in result.stdout.splitlines() if "ledger performance" in line]
-    assert "impact_ledger (measured_at)" in advice
+    (line,) = [line for line in result.stdout.splitlines() if "ledger performance" in line]
+    assert "impact_ledger (measured_at)" in line
 
 
 def test_check_says_when_the_task_index_does_not_cover_the_lookup(dsn: str) -> None:
@@ -305,7 +305,7 @@ def test_serve_stops_cleanly_on_sigterm(dsn: str) -> None:
     ) as proc:
         port = int(wait_for_line(proc, r"msg=serving .* port=(\d+)", 30, "stderr").group(1))
         deadline = time.monotonic() + 10
-        samples: dict = {}
+        samples: dict[Sample, float] = {}
         while time.monotonic() < deadline:
             samples = scrape(f"http://127.0.0.1:{port}/metrics")
             if samples.get(key("scidex_exporter_refreshes_total"), 0) >= 1:

@@ -284,7 +284,7 @@ def test_provider_tasks_count_each_task_once_per_family(dsn: str) -> None:
 
 
 def test_waste_rules_tokens_impact_and_grace(dsn: str) -> None:
-    big = {"input_tokens": 900, "output_tokens": 200}  # 1100 tokens
+    big: dict[str, Any] = {"input_tokens": 900, "output_tokens": 200}  # 1100 tokens
     insert(
         dsn,
         [

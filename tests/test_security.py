@@ -73,8 +73,12 @@ def _web_config(folder: Path, body: str) -> Path:
     return path
 
 
+Secured = tuple[MetricsServer, Refresher, ssl.SSLContext]
+"""A TLS server with basic auth, its refresher, and a client context that trusts it."""
+
+
 @pytest.fixture
-def secured(dsn: str, certs: Path) -> Iterator[tuple[MetricsServer, Refresher, ssl.SSLContext]]:
+def secured(dsn: str, certs: Path) -> Iterator[Secured]:
     hashed = bcrypt.hashpw(b"right horse battery", bcrypt.gensalt(rounds=4)).decode()
     config = _web_config(
         certs,
@@ -113,7 +117,7 @@ def _get(
         conn.close()
 
 
-def test_tls_with_right_and_wrong_passwords(secured: tuple) -> None:
+def test_tls_with_right_and_wrong_passwords(secured: Secured) -> None:
     server, refresher, ctx = secured
     assert server.tls
     status, headers, _ = _get(server, ctx, "/metrics")
@@ -128,7 +132,7 @@ def test_tls_with_right_and_wrong_passwords(secured: tuple) -> None:
     assert _get(server, ctx, "/-/healthy")[0] == 200  # liveness stays open for health checks
 
 
-def test_the_basic_scheme_is_case_insensitive(secured: tuple) -> None:
+def test_the_basic_scheme_is_case_insensitive(secured: Secured) -> None:
     server, refresher, ctx = secured
     token = base64.b64encode(b"prometheus:right horse battery").decode()
     for scheme in ("basic", "BASIC", "bAsIc"):
@@ -342,7 +346,7 @@ def test_client_certificates_are_required_and_their_ca_reloaded(tmp_path: Path) 
         server.stop()
 
 
-def test_tls_refuses_clients_that_do_not_trust_it_or_speak_plain_http(secured: tuple) -> None:
+def test_tls_refuses_clients_that_do_not_trust_it_or_speak_plain_http(secured: Secured) -> None:
     server, _, _ = secured
     with pytest.raises(ssl.SSLCertVerificationError):
         _get(server, ssl.create_default_context(), "/metrics")
@@ -480,7 +484,7 @@ def test_pgpassfile_supplies_the_password_the_dsn_leaves_out(
         Path(hba).write_text("local all reader scram-sha-256\n" + rules, encoding="utf-8")
         conn.execute("SELECT pg_reload_conf()")
     params = conninfo_to_dict(own_server.dsn) | {"user": "reader"}
-    reader = make_conninfo(**params)
+    reader = make_conninfo("", **params)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
     refused = run_cli("check", "--dsn", reader, env=env | {"PGPASSFILE": str(tmp_path / "none")})
     assert refused.returncode != 0 and "password" in refused.stderr
