@@ -11,6 +11,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -36,6 +37,13 @@ def run_cli(
         env=env,
         check=False,
     )
+
+
+def one(conn: psycopg.Connection[Any], query: str, params: Any = None) -> Any:
+    """The one row a query returns (a failed test if none)."""
+    row = conn.execute(query, params).fetchone()
+    assert row is not None, query
+    return row
 
 
 def require_binary(name: str) -> str:

@@ -279,8 +279,9 @@ def _calls(dsn: str) -> list[Call]:
             "SELECT ts, task_id, quest, layer, provider, model, input_tokens, output_tokens,"
             " cache_read_tokens, cache_write_tokens, reasoning_tokens, cost_usd FROM cost_ledger"
         ).fetchall()
-    names = ("ts", "task_id", "quest", "layer", "provider", "model", "input_tokens")
-    names += ("output_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens")
+    names: tuple[str, ...] = ("ts", "task_id", "quest", "layer", "provider", "model")
+    names += ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens")
+    names += ("reasoning_tokens",)
     return [Call(**dict(zip(names, row[:11], strict=True)), cost_usd=row[11]) for row in rows]
 
 
@@ -314,13 +315,13 @@ def test_model_and_cache_panels_show_each_past_day_as_in_the_ledger(backfilled: 
         for c in of_day:
             model, family = c.model_label(), FAMILY_OF[c.provider]  # type: ignore[index]
             spend[(model,)] += float(c.cost_usd)  # type: ignore[arg-type]
-            tokens[(model,)] += sum(c.categories().values())
+            tokens[(model,)] += float(sum(c.categories().values()))
             for by, key in (("provider", family), ("model", model)):
-                inputs[by][(key,)][0] += c.categories()["cache_read"]
-                inputs[by][(key,)][1] += c.categories()["input"]
+                inputs[by][(key,)][0] += float(c.categories()["cache_read"])
+                inputs[by][(key,)][1] += float(c.categories()["input"])
             if list_price(c) is None:
                 unpriced_calls[(family, model)] += 1
-                unpriced_tokens[(family, model)] += sum(c.categories().values())
+                unpriced_tokens[(family, model)] += float(sum(c.categories().values()))
         assert len(spend) <= 10 and unpriced_calls  # every model is in the top 10
         at = _midnight_after(day)
 

@@ -19,6 +19,7 @@ from exporter.config import DEFAULT_PROVIDER_RULES, load_settings
 from exporter.labels import ProviderFamilies
 from exporter.refresh import Refresher
 from exporter.sources.window import _crossing, _fitted
+from tests.conftest import one
 from tests.ledger import Budget, Call, Impact, Rules, expected, insert, key, parse
 from tests.test_ledger_metrics import MIDNIGHT, NOW, TODAY, ago, assert_matches, scrape
 
@@ -89,7 +90,7 @@ def test_window_boundary_on_the_metric_values(dsn: str, seeded: bool) -> None:
     # nothing final and the second rebuilds again: each path has the boundary.
     refresher = Refresher(load_settings({"dsn": dsn}, env={}))
     running = psycopg.connect(dsn)
-    largest = running.execute("SELECT max(id) FROM cost_ledger").fetchone()[0]
+    largest = one(running, "SELECT max(id) FROM cost_ledger")[0]
     running.rollback()
     try:
         if not seeded:  # a transaction id taken, then a later one committed: still running

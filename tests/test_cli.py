@@ -19,7 +19,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.conftest import assert_promtool_clean, run_cli, temporary_database
+from tests.conftest import assert_promtool_clean, one, run_cli, temporary_database
 from tests.ledger import Sample, key, parse, relax
 
 END = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
@@ -153,7 +153,7 @@ def test_once_prints_a_promtool_clean_exposition(empty_dsn: str, tmp_path: Path)
     samples = parse(result.stdout.encode())
     assert samples[key("scidex_exporter_query_success", query="window_tasks")] == 1
     with psycopg.connect(empty_dsn) as conn:
-        total = conn.execute("SELECT sum(cost_usd) FROM cost_ledger").fetchone()[0]  # type: ignore[index]
+        total = one(conn, "SELECT sum(cost_usd) FROM cost_ledger")[0]
     spend = sum(v for k, v in samples.items() if k[0] == "scidex_spend_usd_total")
     assert spend == pytest.approx(float(total), rel=1e-9)
     assert_promtool_clean(result.stdout.encode())

@@ -63,7 +63,7 @@ TASK = ("task_id", "quest", "layer")
 S = "scidex_"
 
 # (panel id, refId) -> (labels keying the result, expected value from the reference model).
-EXPECTED: dict[tuple[str, str], tuple[tuple[str, ...], Callable[[Want], Any]]] = {
+EXPECTED: dict[tuple[P, str], tuple[tuple[str, ...], Callable[[Want], Any]]] = {
     (P.SPEND_TODAY, "A"): ((), lambda w: total(w, S + "quest_spend_today_usd")),
     (P.BUDGET_TODAY, "A"): ((), lambda w: total(w, S + "budget_allocated_usd")),
     (P.UTILIZATION, "A"): (
@@ -201,7 +201,7 @@ def _list_avg(w: Want) -> Series:
 
 
 # The same queries on the list-price cost basis ($basis = 1).
-EXPECTED_LIST: dict[tuple[str, str], tuple[tuple[str, ...], Callable[[Want], Any]]] = {
+EXPECTED_LIST: dict[tuple[P, str], tuple[tuple[str, ...], Callable[[Want], Any]]] = {
     (P.TOP_TASKS, "A"): (TASK, lambda w: values(w, S + "task_impact_per_list_usd", *TASK)),
     (P.TOP_TASKS, "B"): (TASK, lambda w: values(w, S + "task_list_price_usd", *TASK)),
     (P.TOP_TASKS, "C"): (TASK, _per_list_dollar_impact),
@@ -328,13 +328,13 @@ def _check_timely(
         # Which series, and seconds that a refresh of this small ledger can take.
         result = prom.query(expr, at=end)
         queries = {"spend_totals", "newest_call", "budget_today", "window_tasks"}
-        label, series = {
+        label, names = {
             "A": ("query", queries),  # each query's wait for PostgreSQL
             "B": ("query", queries),  # and its Python
             "C": ("source", {"spend", "window", "budget"}),
             "D": ("", {""}),  # rendering
         }[ref]
-        assert {s["metric"].get(label, "") for s in result} == series
+        assert {s["metric"].get(label, "") for s in result} == names
         assert all(0 <= float(s["value"][1]) < 60 for s in result)
         return
     (sample,) = prom.query(expr, at=end)
@@ -364,7 +364,7 @@ LIVE = [(t, r, q) for t, r, q in QUERIES if (t, r) not in HISTORY]
     ("panel_id", "ref", "target"), LIVE, ids=[f"{t.name}/{r}" for t, r, _ in LIVE]
 )
 def test_panel_query_shows_the_ledger_numbers(
-    stack: tuple[Prometheus, Want, datetime], panel_id: P, ref: str, target: dict
+    stack: tuple[Prometheus, Want, datetime], panel_id: P, ref: str, target: dict[str, Any]
 ) -> None:
     prom, want, now = stack
     expr = substitute(target["expr"], ALL)
@@ -386,7 +386,7 @@ def test_every_query_on_the_cost_basis_switch_has_list_price_numbers() -> None:
     ("panel_id", "ref", "target"), SWITCHED, ids=[f"{t.name}/{r}" for t, r, _ in SWITCHED]
 )
 def test_panel_query_on_the_list_price_basis(
-    stack: tuple[Prometheus, Want, datetime], panel_id: P, ref: str, target: dict
+    stack: tuple[Prometheus, Want, datetime], panel_id: P, ref: str, target: dict[str, Any]
 ) -> None:
     prom, want, _ = stack
     _check(prom, want, substitute(target["expr"], LIST_BASIS), *EXPECTED_LIST[(panel_id, ref)])

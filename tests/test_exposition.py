@@ -26,15 +26,16 @@ from exporter.refresh import Refresher
 
 # Spaces too: the one before a value is the last of its line, whatever its labels hold.
 LABEL_VALUES = st.text(
-    st.characters(codec="utf-8", exclude_categories=("Cs",)) | st.sampled_from('\\"\n{}=, '),
+    st.characters(codec="utf-8", exclude_categories=["Cs"]) | st.sampled_from('\\"\n{}=, '),
     max_size=8,
 )
 VALUES = st.floats() | st.sampled_from([0.0, -0.0, math.inf, -math.inf, 1e21, 123456789.0])
-SERIES = st.dictionaries(st.tuples(LABEL_VALUES, LABEL_VALUES), VALUES, max_size=6)
+LABELS: st.SearchStrategy[tuple[str, ...]] = st.tuples(LABEL_VALUES, LABEL_VALUES)
+SERIES = st.dictionaries(LABELS, VALUES, max_size=6)
 
 
 def _families(
-    kinds: list[str], series: list[dict[tuple[str, str], float]], samples: Samples | None
+    kinds: list[str], series: list[dict[tuple[str, ...], float]], samples: Samples | None
 ) -> list[Metric]:
     out: list[Metric] = []
     for i, (kind, values) in enumerate(zip(kinds, series, strict=True)):
@@ -68,8 +69,9 @@ KINDS = st.lists(st.sampled_from(["counter", "gauge", "info", "summary"]), min_s
 
 def test_the_same_series_in_another_order_keep_the_label_order() -> None:
     spec = MetricSpec("scidex_test_order_total", "counter", "order", ("quest", "layer"))
-    first = {("b", "x"): 1.0, ("a", "y"): 2.0, ("a", "x"): 3.0}
-    again = {("a", "y"): 2.0, ("b", "x"): 5.0, ("a", "x"): 3.0}  # one value changed
+    first: dict[tuple[str, ...], float] = {("b", "x"): 1.0, ("a", "y"): 2.0, ("a", "x"): 3.0}
+    # The same series in another order, one value changed.
+    again: dict[tuple[str, ...], float] = {("a", "y"): 2.0, ("b", "x"): 5.0, ("a", "x"): 3.0}
     for series in (first, again):
         fam = family_of(spec, series)
         got = [(s.labels["quest"], s.labels["layer"], s.value) for s in fam.samples]

@@ -43,8 +43,9 @@ def _ledger(dsn: str) -> None:
     insert(dsn, [Call(NOW - timedelta(hours=1), "t1", cost_usd=Decimal("4"))], [Impact("t1", 2.0)])
 
 
-def _log_lines(caplog: pytest.LogCaptureFixture, message: str) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.getMessage() == message]
+def _log_lines(caplog: pytest.LogCaptureFixture, message: str) -> list[dict[str, Any]]:
+    """The fields of each line logged with ``message`` (``exporter.logs.event``'s)."""
+    return [getattr(r, "fields", {}) for r in caplog.records if r.getMessage() == message]
 
 
 def test_database_down_at_start_then_up_within_one_interval(
@@ -69,7 +70,7 @@ def test_database_down_at_start_then_up_within_one_interval(
         assert samples[key("scidex_exporter_database_up")] == 0
         assert SPEND not in samples
         # One line per failed attempt, backing off: attempts 1, 2, 4 and 8 for 8-15 attempts.
-        attempts = [r.fields["attempts"] for r in _log_lines(caplog, "database unavailable")]
+        attempts = [r["attempts"] for r in _log_lines(caplog, "database unavailable")]
         assert attempts == [1, 2, 4, 8][: len(attempts)] and len(attempts) <= 4
         own_server.start()
         up_at = time.monotonic()
@@ -164,9 +165,9 @@ def test_a_hung_query_is_cancelled_and_the_others_refresh(
     # The provider families come from the same scan of the window: not there yet either.
     assert key("scidex_provider_spend_usd", provider="bedrock") not in samples
     (line,) = _log_lines(caplog, "query failed")
-    assert line.fields["query"] == "window_tasks"
-    assert line.fields["error_kind"] == "QueryCanceled"
-    assert "statement timeout" in line.fields["error"]
+    assert line["query"] == "window_tasks"
+    assert line["error_kind"] == "QueryCanceled"
+    assert "statement timeout" in line["error"]
 
 
 def test_a_rebuild_runs_under_its_own_timeout_and_a_steady_read_under_the_statement_one(
@@ -194,8 +195,8 @@ def test_a_rebuild_runs_under_its_own_timeout_and_a_steady_read_under_the_statem
     samples = parse(refresher.snapshot.text)
     assert samples[key("scidex_exporter_query_success", query="window_tasks")] == 0
     (line,) = _log_lines(caplog, "query failed")
-    assert line.fields["query"] == "window_tasks"
-    assert "statement timeout" in line.fields["error"]
+    assert line["query"] == "window_tasks"
+    assert "statement timeout" in line["error"]
     refresher.close()
 
 
@@ -218,12 +219,12 @@ def test_a_fold_failing_mid_stream_fails_that_query_and_does_not_hang(
     worker.join(30)
     assert done == [False], "the refresh is stuck behind the stream it left open"
     (line,) = _log_lines(caplog, "query result not usable")
-    assert line.fields["query"] == "window_tasks" and line.fields["error_kind"] == "TypeError"
+    assert line["query"] == "window_tasks" and line["error_kind"] == "TypeError"
     monkeypatch.undo()
     assert refresher.refresh()  # the same session goes on
     assert parse(refresher.snapshot.text)[SPEND] == 4
     (line,) = _log_lines(caplog, "query recovered")
-    assert line.fields["query"] == "window_tasks" and line.fields["failures"] == 1
+    assert line["query"] == "window_tasks" and line["failures"] == 1
     refresher.close()
 
 
@@ -241,9 +242,9 @@ def test_a_view_missing_a_column_is_named_and_the_rest_works(
     assert refresher.refresh() is False
     refresher.close()
     (line,) = _log_lines(caplog, "query failed")
-    assert line.fields["query"] == "window_tasks"
-    assert line.fields["error_kind"] == "UndefinedColumn"
-    assert line.fields["contract"] == "impact_ledger.impact_score: column is missing"
+    assert line["query"] == "window_tasks"
+    assert line["error_kind"] == "UndefinedColumn"
+    assert line["contract"] == "impact_ledger.impact_score: column is missing"
     samples = parse(refresher.snapshot.text)
     assert samples[SPEND] == 4
     assert samples[key("scidex_exporter_query_success", query="budget_today")] == 1
@@ -274,7 +275,7 @@ def test_rows_the_exporter_cannot_use_fail_that_query_and_change_nothing(
         monkeypatch.setattr(spend_source, "_add", add_then_fail)
         assert refresher.refresh() is False
         (line,) = _log_lines(caplog, "query result not usable")
-        assert line.fields["query"] == "spend_totals" and line.fields["error_kind"] == "TypeError"
+        assert line["query"] == "spend_totals" and line["error_kind"] == "TypeError"
         samples = parse(refresher.snapshot.text)
         assert samples[SPEND] == 4  # the last good totals, not half of a fold
         assert samples[key("scidex_exporter_query_success", query="spend_totals")] == 0
@@ -309,8 +310,8 @@ def test_families_that_cannot_be_built_fail_the_refresh_and_keep_the_last_ones(
         for _ in range(3):
             assert refresher.refresh() is False
         lines = _log_lines(caplog, "families not built")  # the 1st and the 2nd, not the 3rd
-        assert [line.fields["failures"] for line in lines] == [1, 2]
-        assert {line.fields["error_kind"] for line in lines} == {"TypeError"}
+        assert [line["failures"] for line in lines] == [1, 2]
+        assert {line["error_kind"] for line in lines} == {"TypeError"}
         samples = parse(refresher.snapshot.text)
         assert samples[SPEND] == 4  # the last families built, before t2's $3
         assert samples[key("scidex_exporter_refreshes_total")] == 4  # this refresh's health
@@ -322,7 +323,7 @@ def test_families_that_cannot_be_built_fail_the_refresh_and_keep_the_last_ones(
         assert parse(refresher.snapshot.text)[SPEND] == 7
         monkeypatch.setattr(spend_source.SpendSource, "weigh", fail)
         assert refresher.refresh() is False
-        assert _log_lines(caplog, "families not built")[-1].fields["failures"] == 1  # anew
+        assert _log_lines(caplog, "families not built")[-1]["failures"] == 1  # anew
         assert SPEND in parse(refresher.snapshot.text)
         clock[0] += refresher.settings.max_staleness_seconds + 1
         assert refresher.refresh() is False
@@ -352,7 +353,7 @@ def test_a_renderer_failing_falls_back_to_prometheus_client(
         insert(dsn, [Call(NOW - timedelta(minutes=5), "t2", cost_usd=Decimal("3"))])
         assert refresher.refresh()  # the data is good: only its rendering fell back
         (line,) = _log_lines(caplog, "rendered by prometheus-client")
-        assert line.fields["error_kind"] == "IndexError"
+        assert line["error_kind"] == "IndexError"
         snapshot = refresher.snapshot
         assert snapshot.text == generate_latest(Families(snapshot.families))
         assert gzip.decompress(snapshot.text_gzip) == snapshot.text
@@ -364,7 +365,7 @@ def test_a_renderer_failing_falls_back_to_prometheus_client(
         assert parse(refresher.snapshot.text)[SPEND] == 7
         assert refresher.snapshot.text == generate_latest(Families(refresher.snapshot.families))
         (line,) = _log_lines(caplog, "rendered again")
-        assert line.fields["failures"] == 2
+        assert line["failures"] == 2
         assert refresher.health.render_failing == 0
     finally:
         refresher.close()
@@ -393,8 +394,8 @@ def test_a_rendering_failing_both_ways_keeps_the_last_exposition(
         assert refresher.snapshot is before
         assert parse(before.text)[SPEND] == 4
         (line,) = _log_lines(caplog, "not rendered, the last exposition kept")
-        assert line.fields["error_kind"] == "ValueError"
-        assert line.fields["failures"] == 1
+        assert line["error_kind"] == "ValueError"
+        assert line["failures"] == 1
         assert not _log_lines(caplog, "rendered by prometheus-client")
         monkeypatch.undo()
         assert refresher.refresh()
@@ -402,7 +403,7 @@ def test_a_rendering_failing_both_ways_keeps_the_last_exposition(
         assert samples[SPEND] == 7
         assert samples[key("scidex_exporter_refresh_failures_total")] == 1
         (line,) = _log_lines(caplog, "rendered again")
-        assert line.fields["failures"] == 1
+        assert line["failures"] == 1
     finally:
         refresher.close()
 

@@ -116,7 +116,10 @@ def test_a_quest_moves_in_and_out_of_other_and_no_counter_steps_back(dsn: str) -
     start = _start()
     budgets = _budgets(start)
     steps = list(_run(dsn, start))
-    day = lambda n: (start + timedelta(days=n)).date()  # noqa: E731
+
+    def day(n: int) -> date:
+        return (start + timedelta(days=n)).date()
+
     for before, after in itertools.pairwise(steps):
         # Every series present at both refreshes only grows.
         for sample, value in after.samples.items():
@@ -235,7 +238,7 @@ def test_backfill_gives_every_refresh_of_the_fold_its_live_values(dsn: str) -> N
     settings = load_settings({"dsn": dsn, **SETTINGS}, env={})
     backfill(settings, DAYS, out, job="j", instance="i", now=end)
     history: dict[tuple[str, frozenset[tuple[str, str]]], dict[float, float]] = defaultdict(dict)
-    for family in text_string_to_metric_families(out.getvalue()):
+    for family in text_string_to_metric_families(out.getvalue()):  # type: ignore[no-untyped-call]
         for s in family.samples:
             if s.name == SPEND:
                 labels = frozenset(

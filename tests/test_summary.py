@@ -40,11 +40,16 @@ def test_the_extremes_are_exact() -> None:
     assert rounded(-2 * exact(1.7e308)) == -math.inf  # past the largest float
 
 
+def _decimals(largest: int, places: int) -> st.SearchStrategy[Decimal]:
+    """Finite Decimals from 0 to ``largest`` with at most ``places`` decimals."""
+    return st.decimals(min_value=0, max_value=largest, places=None, allow_nan=False).filter(
+        lambda d: isinstance(e := d.as_tuple().exponent, int) and e >= -places
+    )
+
+
 # Ledger costs and list prices, with up to 18 decimals (finer than the integers' 12): no sum of
 # 25 has more digits than a Decimal context holds (28), so the Decimal sum is exact too.
-DOLLARS = st.decimals(min_value=0, max_value=10**6, places=None, allow_nan=False).filter(
-    lambda d: d.as_tuple().exponent >= -18
-)
+DOLLARS = _decimals(10**6, 18)
 
 
 @given(st.lists(DOLLARS, max_size=20), st.lists(DOLLARS, max_size=5))
@@ -68,9 +73,7 @@ def test_dollars_finer_than_the_integers_stay_exact() -> None:
 
 
 # Prices per million tokens with up to nine decimals: up to six are whole units per token.
-PER_MILLION = st.decimals(min_value=0, max_value=1000, places=None, allow_nan=False).filter(
-    lambda d: d.as_tuple().exponent >= -9
-)
+PER_MILLION = _decimals(1000, 9)
 TOKENS = st.one_of(st.none(), st.integers(0, 10**12).map(Decimal))  # NULL: a column it lacks
 
 
