@@ -635,13 +635,13 @@ def test_sums_keep_every_count_exact_whole_or_not() -> None:
         cache_read_tokens=None,
         cache_write_tokens=Decimal(0),
     )
-    one = Sums.of(row)
-    assert one == (3, Decimal("0.10"), 2**70 + 1, Decimal("2.5"), 0, 0, 0)
-    assert [type(v) for v in one] == [int, Decimal, int, Decimal, int, int, int]
+    single = Sums.of(row)
+    assert single == (3, Decimal("0.10"), 2**70 + 1, Decimal("2.5"), 0, 0, 0)
+    assert [type(v) for v in single] == [int, Decimal, int, Decimal, int, int, int]
     # mypy reads + on a named tuple as concatenation, whatever __add__ says.
-    two = one + one
-    assert two == (6, Decimal("0.20"), 2**71 + 2, Decimal(5), 0, 0, 0)  # type: ignore[comparison-overlap]
-    assert two - one == one  # type: ignore[operator]
+    double = single + single
+    assert double == (6, Decimal("0.20"), 2**71 + 2, Decimal(5), 0, 0, 0)  # type: ignore[comparison-overlap]
+    assert double - single == single  # type: ignore[operator]
 
 
 def test_every_whole_ledger_read_shares_the_label_strings_of_the_last(dsn: str) -> None:
