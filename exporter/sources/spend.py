@@ -266,8 +266,8 @@ class Reading:
         rows, folded next, count them split where their label changed."""
         for sums in (self.final, self.tail):
             # valid, and not one of SPLIT_TOTALS' segments
-            split_keys = (k for k in sums if k.quest in split and k.reason is None)
-            for key in [k for k in split_keys if k.segment is None]:
+            taken = [k for k in sums if k.quest in split and k.reason is None and k.segment is None]
+            for key in taken:
                 del sums[key]
 
 
