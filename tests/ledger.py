@@ -275,15 +275,12 @@ class Rules:
     catalogue: str = field(default_factory=lambda: f"genai-prices-{_version('genai-prices')}")
 
     def label(self, value: str | None) -> str:
-        """A label value as the exporter cleans it."""
-        return _label(value, self.max_len)
-
-
-def _label(v: str | None, max_len: int) -> str:
-    if v is None:
-        return "unknown"
-    s = "".join(ch for ch in v if unicodedata.category(ch) != "Cc")[:max_len]
-    return s if s.strip() else "unknown"
+        """A label value as the exporter cleans it: control characters dropped, cut to
+        ``max_len``, "unknown" for none or blank."""
+        if value is None:
+            return "unknown"
+        s = "".join(ch for ch in value if unicodedata.category(ch) != "Cc")[: self.max_len]
+        return s if s.strip() else "unknown"
 
 
 def valid(c: Call) -> bool:
