@@ -1,5 +1,6 @@
 """The command line tunes glibc's malloc (exporter/memory.py): its mmap threshold is pinned, so
-that large arrays freed at a rebuild leave no holes in the heap, and threads share one arena."""
+that large arrays freed at a rebuild leave no holes in the heap, and threads share one arena.
+And the price book lets go of the catalogue's providers it does not price with."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from collections.abc import Callable
 
 import pytest
 
+from exporter.config import DEFAULT_PROVIDER_RULES
 from exporter.memory import one_arena, pin_mmap_threshold
 
 # In a fresh process: start the command line (it pins, then --help exits), or not; free a large
@@ -66,6 +68,20 @@ ctypes.CDLL(None).malloc_stats()
 """
 
 
+# In a fresh process: make a price book of the default rules; print how many of the catalogue's
+# providers are alive.
+PROVIDERS = """
+import gc
+from genai_prices.types import Provider
+from exporter.config import DEFAULT_PROVIDER_RULES
+from exporter.prices import PriceBook
+
+book = PriceBook(DEFAULT_PROVIDER_RULES, (), lambda provider: "other")
+gc.collect()
+print(sum(isinstance(o, Provider) for o in gc.get_objects()))
+"""
+
+
 def _run(script: str, mode: str, **env: str) -> subprocess.CompletedProcess[str]:
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_"))}
     return subprocess.run(
@@ -99,6 +115,12 @@ def test_the_command_line_keeps_its_threads_to_one_arena() -> None:
     assert _arenas("cli") == 1
     assert _arenas("plain", MALLOC_ARENA_MAX="2") == 2  # the operator's setting is left alone
     assert _arenas("cli", MALLOC_ARENA_MAX="2") == 2
+
+
+def test_the_price_book_keeps_only_the_providers_its_rules_name() -> None:
+    named = {rule.price_provider for rule in DEFAULT_PROVIDER_RULES} - {None}
+    assert len(named) == 5
+    assert int(_run(PROVIDERS, "plain").stdout) == len(named)  # not all 47 of the catalogue
 
 
 @pytest.mark.parametrize(
