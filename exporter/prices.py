@@ -73,8 +73,8 @@ def _providers(ids: frozenset[str]) -> dict[str, Any]:
     data module and not kept there: the rest are let go (by default 42 of 47 providers, 2,044
     of 2,330 models) instead of cached for the process' life by ``genai_prices.data_snapshot``.
     Their space is reused by what the ledger costs later: a served exporter reconciling 10 M
-    rows peaked at 105.2 MiB against 107.9 (medians of three). Cached by the ids, as reading
-    the module takes about 20 ms."""
+    rows peaks about 2.7 MiB lower (docs/performance.md). Always the bundled catalogue, which
+    the ``catalogue`` label names. Cached by the ids: reading the module takes about 20 ms."""
     spec = importlib.util.find_spec("genai_prices.data")
     assert spec is not None and spec.loader is not None  # the pinned version bundles it
     module = importlib.util.module_from_spec(spec)
