@@ -220,9 +220,7 @@ def _crossed(pg_server: str, sql_type: str, sums: tuple[Any, ...]) -> tuple[Any,
     names = "cost, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens"
     source = f"(SELECT * FROM (VALUES ({columns})) s({names}))"
     with psycopg.connect(pg_server) as conn:
-        row = conn.execute(f"SELECT {_crossing('v')} FROM {_fitted(source, 'v')}", sums).fetchone()
-    assert row is not None
-    return tuple(row)
+        return tuple(one(conn, f"SELECT {_crossing('v')} FROM {_fitted(source, 'v')}", sums))
 
 
 def test_window_sums_cross_as_int8_only_while_whole_and_within_int64(pg_server: str) -> None:

@@ -114,18 +114,18 @@ def test_generate_loads_the_requested_rows_deterministically(empty_dsn: str) -> 
     assert result.returncode == 0, result.stderr
     assert "loaded 3,000 cost rows" in result.stdout
     with psycopg.connect(empty_dsn) as conn:
-        stats = conn.execute(
+        stats = one(
+            conn,
             "SELECT count(*), count(DISTINCT quest), count(DISTINCT layer), max(ts),"
             " count(*) FILTER (WHERE cost_usd = 0), count(DISTINCT provider)"
-            " FROM cost_ledger"
-        ).fetchone()
-        budgets = conn.execute(
-            "SELECT count(DISTINCT day) FROM quest_budget_allocations"
-        ).fetchone()
-        digest = conn.execute(
-            "SELECT md5(string_agg(task_id || cost_usd::text, ',' ORDER BY id)) FROM cost_ledger"
-        ).fetchone()
-    count, quests, layers, newest, free_calls, providers = stats  # type: ignore[misc]
+            " FROM cost_ledger",
+        )
+        budgets = one(conn, "SELECT count(DISTINCT day) FROM quest_budget_allocations")
+        digest = one(
+            conn,
+            "SELECT md5(string_agg(task_id || cost_usd::text, ',' ORDER BY id)) FROM cost_ledger",
+        )
+    count, quests, layers, newest, free_calls, providers = stats
     assert count == 3000 and layers == 5 and 20 <= quests <= 30 and newest <= END
     assert free_calls > 0 and providers == 10
     assert budgets == (31,)
@@ -317,9 +317,10 @@ def test_serve_stops_cleanly_on_sigterm(dsn: str) -> None:
         assert proc.wait(timeout=5) == 0
         assert time.monotonic() - started < 2.0
     with psycopg.connect(dsn) as conn:
-        left = conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'resource-exporter'"
-        ).fetchone()
+        left = one(
+            conn,
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'resource-exporter'",
+        )
     assert left == (0,)
 
 
@@ -388,12 +389,13 @@ def test_an_unknown_variable_with_the_prefix_is_warned_about(dsn: str) -> None:
 def _waiting_queries(dsn: str, on_lock: bool = False) -> int:
     """The exporter's running queries (``on_lock``: only those waiting for a lock)."""
     with psycopg.connect(dsn) as conn:
-        (n,) = conn.execute(
+        (n,) = one(
+            conn,
             "SELECT count(*) FROM pg_stat_activity"
             " WHERE application_name = 'resource-exporter' AND state = 'active'"
             " AND (NOT %s OR wait_event_type = 'Lock')",
             [on_lock],
-        ).fetchone() or (0,)
+        )
     return int(n)
 
 

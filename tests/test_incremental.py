@@ -192,10 +192,11 @@ def random_batches(dsn: str, seed: int) -> None:
                     _measure(writer, rng, rng.randint(1, 6))
                 assert _families(incremental, now) == _full(dsn, now, **tops)
                 # Tasks that left the window are dropped: what is kept follows the window.
-                (in_window,) = writer.execute(
+                (in_window,) = one(
+                    writer,
                     "SELECT count(DISTINCT task_id) FROM cost_ledger WHERE ts >= %s",
                     [now - timedelta(days=30)],
-                ).fetchone()  # type: ignore[misc]
+                )
                 assert len(incremental.source(WindowSource).tasks.final) <= in_window
         finally:
             for conn in open_txns:
@@ -569,8 +570,7 @@ def test_every_statement_is_planned_with_its_parameters(dsn: str) -> None:
             assert refresher.refresh(NOW)
         conn = refresher._conn
         assert conn is not None
-        prepared = conn.execute("SELECT count(*) FROM pg_prepared_statements").fetchone()
-        assert prepared is not None and prepared[0] == 0
+        assert one(conn, "SELECT count(*) FROM pg_prepared_statements") == (0,)
     finally:
         refresher.close()
 

@@ -10,7 +10,7 @@ import psycopg
 import pytest
 
 from exporter import generate
-from tests.conftest import run_cli, temporary_database
+from tests.conftest import one, run_cli, temporary_database
 from tests.test_incremental import random_batches
 
 # The contract's columns; the primary key of a partitioned table must hold the partition key.
@@ -55,9 +55,7 @@ def partitioned(pg_server: str) -> Iterator[str]:
                 first = _month(first)
             conn.execute("CREATE TABLE cost_ledger_rest PARTITION OF cost_ledger DEFAULT")
             generate.create_schema(conn)
-            (kind,) = conn.execute(
-                "SELECT relkind FROM pg_class WHERE relname = 'cost_ledger'"
-            ).fetchone() or ("",)
+            (kind,) = one(conn, "SELECT relkind FROM pg_class WHERE relname = 'cost_ledger'")
             assert kind == "p"
         yield dsn
 

@@ -28,7 +28,7 @@ from exporter.refresh import Refresher
 from exporter.server import MetricsServer
 from exporter.snapshot import Snapshot
 from exporter.webconfig import BasicAuth, load_web_config
-from tests.conftest import require_binary, run_cli
+from tests.conftest import one, require_binary, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -479,7 +479,7 @@ def test_pgpassfile_supplies_the_password_the_dsn_leaves_out(
         conn.execute(
             "GRANT SELECT ON cost_ledger, impact_ledger, quest_budget_allocations TO reader"
         )
-        (hba,) = conn.execute("SHOW hba_file").fetchone() or ("",)
+        (hba,) = one(conn, "SHOW hba_file")
         rules = Path(hba).read_text(encoding="utf-8")
         Path(hba).write_text("local all reader scram-sha-256\n" + rules, encoding="utf-8")
         conn.execute("SELECT pg_reload_conf()")

@@ -18,6 +18,7 @@ from exporter.config import load_settings
 from exporter.refresh import Refresher
 from exporter.server import MetricsServer
 from exporter.service import Exporter
+from tests.conftest import one
 from tests.ledger import Call, Impact, insert, key, parse
 
 NOW = datetime.now(UTC)
@@ -138,11 +139,12 @@ def test_where_a_refresh_spends_its_time_is_published(ledger: str) -> None:
 
 
 def _active_exporter_backends(conn: psycopg.Connection) -> int:
-    row = conn.execute(
+    (n,) = one(
+        conn,
         "SELECT count(*) FROM pg_stat_activity"
-        " WHERE application_name = 'resource-exporter' AND state = 'active'"
-    ).fetchone()
-    return row[0] if row else 0
+        " WHERE application_name = 'resource-exporter' AND state = 'active'",
+    )
+    return int(n)
 
 
 def test_scheduler_never_runs_two_refreshes_at_once(ledger: str) -> None:

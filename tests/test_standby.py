@@ -19,7 +19,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from exporter.config import load_settings
 from exporter.refresh import Refresher
-from tests.conftest import run_cli
+from tests.conftest import one, run_cli
 from tests.prom import free_port
 from tests.test_incremental import NOW, _families, _full, _insert, _rows
 
@@ -57,13 +57,11 @@ def replica(own_server: Any, tmp_path: Path) -> Iterator[tuple[str, str]]:
 
 def _caught_up(primary: psycopg.Connection, standby: str) -> None:
     """Wait until the standby has replayed everything the primary wrote so far."""
-    (lsn,) = primary.execute("SELECT pg_current_wal_lsn()").fetchone() or (None,)
+    (lsn,) = one(primary, "SELECT pg_current_wal_lsn()")
     deadline = time.monotonic() + 30
     with psycopg.connect(standby, autocommit=True) as conn:
         while time.monotonic() < deadline:
-            (done,) = conn.execute(
-                "SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", [str(lsn)]
-            ).fetchone() or (False,)
+            (done,) = one(conn, "SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", [str(lsn)])
             if done:
                 return
             time.sleep(0.05)
