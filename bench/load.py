@@ -4,9 +4,10 @@
 
 Starts an embedded PostgreSQL, loads a synthetic ledger, runs the real exporter process
 (``resource-exporter serve``), keeps appending spend, and hammers /metrics from loopback for a
-bounded time and number of requests: first with ``wrk`` (Debian's package; plain and gzip
-responses) when it is installed, then with Python threads that also check every body. Prints
-requests/s, latency percentiles, refreshes seen and the exporter's memory before and after.
+bounded time and number of requests: first with ``wrk`` (Debian's package; plain text, gzip,
+and what Prometheus asks for: OpenMetrics, gzipped) when it is installed, then with Python
+threads that also check every body. Prints requests/s, latency percentiles, refreshes seen
+and the exporter's memory before and after.
 
 With ``wrk``, it then serves one refresh's families twice, one server after the other, from a
 process of its own: from the exporter's cached snapshot, and the way prometheus-client serves a
@@ -227,6 +228,18 @@ def wrk(url: str, connections: int, seconds: float, headers: list[str]) -> WrkRu
 
 
 GZIP = ["-H", "Accept-Encoding: gzip"]
+PROMETHEUS = [
+    "-H",
+    "Accept: application/openmetrics-text;version=1.0.0,"
+    "application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+    *GZIP,
+]
+"""What Prometheus asks for (2.42, Debian's; captured from its scrapes): OpenMetrics, gzipped."""
+RESPONSES: tuple[tuple[str, list[str]], ...] = (
+    ("plain", []),
+    ("gzip", GZIP),
+    ("prometheus", PROMETHEUS),
+)
 
 
 class SnapshotCollector(Collector):
@@ -253,16 +266,13 @@ def baseline(dsn: str, scrapers: int, seconds: float) -> None:
         lines = refresher.snapshot.text.splitlines()
         series = sum(1 for line in lines if line and not line.startswith(b"#"))
 
-        def both(port: int) -> dict[str, WrkRun]:
+        def each(port: int) -> dict[str, WrkRun]:
             url = f"http://127.0.0.1:{port}/metrics"
-            return {
-                label: wrk(url, scrapers, seconds, h)
-                for label, h in (("plain", []), ("gzip", GZIP))
-            }
+            return {label: wrk(url, scrapers, seconds, h) for label, h in RESPONSES}
 
         ours = MetricsServer(refresher, "127.0.0.1", 0).start()
         try:
-            cached = both(ours.port)
+            cached = each(ours.port)
         finally:
             ours.stop()
         registry = CollectorRegistry()
@@ -272,7 +282,7 @@ def baseline(dsn: str, scrapers: int, seconds: float) -> None:
             port = probe.getsockname()[1]
         httpd, thread = start_http_server(port, "127.0.0.1", registry)
         try:
-            rendered = both(port)
+            rendered = each(port)
         finally:
             httpd.shutdown()
             httpd.server_close()
@@ -314,7 +324,7 @@ def main() -> int:
                 seen_refreshes.add(refreshes(body))
 
             if shutil.which("wrk"):
-                for label, headers in (("plain", []), ("gzip", GZIP)):
+                for label, headers in RESPONSES:
                     print(f"wrk {label:<14} {wrk(url, args.scrapers, args.seconds, headers)}")
             result = hammer(url, args.scrapers, args.seconds, args.max_requests, seen)
             after = rss_kib(pid)
