@@ -13,7 +13,7 @@ from prometheus_client import generate_latest
 from prometheus_client.metrics_core import Metric as Family
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
-from exporter.exposition import Families, TextRenderer
+from exporter.exposition import Families, TextRenderer, openmetrics
 
 TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OPENMETRICS_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
@@ -27,9 +27,10 @@ a tenth of a steady refresh for 18 kB less a scrape (docs/performance.md)."""
 class Snapshot:
     """One refresh's metric families and their rendered exposition.
 
-    The text format and its gzip (what Prometheus asks for) are rendered once, by the refresh,
-    so a scrape only copies bytes and a burst of scrapers on a new snapshot does not compress
-    it fifty times over; OpenMetrics is rendered on first use and cached.
+    The text format and its gzip are rendered once, by the refresh, so a scrape only copies
+    bytes and a burst of scrapers on a new snapshot does not compress it fifty times over.
+    OpenMetrics (what Prometheus asks for) is made on first use from the text's lines and
+    cached: its gzip too, so only the first scrape after a refresh waits for them.
     """
 
     families: tuple[Family, ...]
@@ -39,6 +40,9 @@ class Snapshot:
     """Unix time until which its data counts as fresh: the last refresh in which every query
     succeeded, plus the staleness bound (``-inf``: none has). ``/-/ready`` says whether now is
     before it."""
+    lines: tuple[list[str] | None, ...] | None = None
+    """Each family's sample lines in ``text`` (``exporter.exposition.Rendering``), which
+    OpenMetrics reuses (None: rendered by the library, which OpenMetrics is too)."""
 
     @classmethod
     def of(
@@ -49,8 +53,9 @@ class Snapshot:
     ) -> Snapshot:
         """Render ``families``; a refresher's ``renderer`` reuses its last rendering's lines."""
         fams = tuple(families)
-        text = renderer.render(fams) if renderer else generate_latest(Families(fams))
-        return cls(fams, text, gzip.compress(text, compresslevel=GZIP_LEVEL, mtime=0), fresh_until)
+        text, lines = renderer.render(fams) if renderer else (generate_latest(Families(fams)), None)
+        gz = gzip.compress(text, compresslevel=GZIP_LEVEL, mtime=0)
+        return cls(fams, text, gz, fresh_until, lines)
 
     @property
     def fresh(self) -> bool:
@@ -58,6 +63,8 @@ class Snapshot:
 
     @cached_property
     def openmetrics(self) -> bytes:
+        if self.lines is not None:
+            return openmetrics(self.families, self.lines)
         # prometheus-client's OpenMetrics renderer carries no annotations.
         return bytes(generate_openmetrics(Families(self.families)))  # type: ignore[no-untyped-call]
 

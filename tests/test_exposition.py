@@ -1,10 +1,12 @@
 """The exporter's renderer writes what prometheus-client's generate_latest writes, byte for
-byte, however the series and their values change between renderings."""
+byte, however the series and their values change between renderings; and OpenMetrics made
+from its lines what the library's OpenMetrics generate_latest writes."""
 
 from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import psycopg
@@ -12,15 +14,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import generate_latest
 from prometheus_client.core import (
+    CounterMetricFamily,
     InfoMetricFamily,
     Metric,
     SummaryMetricFamily,
 )
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+from prometheus_client.samples import Exemplar
 
 from exporter import generate
 from exporter.catalog import MetricSpec
 from exporter.config import load_settings
-from exporter.exposition import Families, TextRenderer
+from exporter.exposition import Families, TextRenderer, openmetrics
 from exporter.families import Samples, family_of
 from exporter.refresh import Refresher
 
@@ -40,7 +45,15 @@ def _families(
     out: list[Metric] = []
     for i, (kind, values) in enumerate(zip(kinds, series, strict=True)):
         name, doc = f"scidex_test_{i}", 'help with \\ and\nnewline and "quotes"'
+        if kind == "colon":  # a name OpenMetrics writes otherwise (the colon an underscore)
+            name, kind = f"scidex:test_{i}", "counter"
         fam: Metric
+        if kind == "exemplar":  # what only OpenMetrics writes
+            fam = CounterMetricFamily(name, doc, labels=("quest",))
+            for (quest, _), value in values.items():
+                fam.add_metric([quest], abs(value), exemplar=Exemplar({"trace": quest}, 1.0))
+            out.append(fam)
+            continue
         if kind in ("counter", "gauge"):  # as the sources build them (samples: reused)
             sample_name = name + ("_total" if kind == "counter" else "")
             spec = MetricSpec(sample_name, kind, doc, ("quest", "layer"))  # type: ignore[arg-type]
@@ -60,11 +73,19 @@ def _families(
     return out
 
 
+def _library_openmetrics(families: Sequence[Metric]) -> bytes:
+    return bytes(generate_openmetrics(Families(families)))  # type: ignore[no-untyped-call]
+
+
 def _bits(value: float) -> bytes:
     return struct.pack("d", value)  # tells -0.0 from 0.0
 
 
-KINDS = st.lists(st.sampled_from(["counter", "gauge", "info", "summary"]), min_size=1, max_size=4)
+KINDS = st.lists(
+    st.sampled_from(["counter", "gauge", "info", "summary", "colon", "exemplar"]),
+    min_size=1,
+    max_size=4,
+)
 
 
 def test_the_same_series_in_another_order_keep_the_label_order() -> None:
@@ -86,7 +107,9 @@ def test_every_rendering_equals_the_library(kinds: list[str], data: st.DataObjec
     series = [data.draw(SERIES) for _ in kinds]
     for _ in range(3):  # values change, series come and go, the renderer keeps its lines
         families = _families(kinds, series, samples)
-        assert renderer.render(families) == generate_latest(Families(families))
+        rendering = renderer.render(families)
+        assert rendering.text == generate_latest(Families(families))
+        assert openmetrics(families, rendering.lines) == _library_openmetrics(families)
         for kind, fam, values in zip(kinds, families, series, strict=True):
             if kind in ("counter", "gauge"):  # each sample as given, whatever was reused
                 got = {(s.labels["quest"], s.labels["layer"]): _bits(s.value) for s in fam.samples}
@@ -111,6 +134,8 @@ def test_a_refresh_renders_what_the_library_renders(dsn: str) -> None:
             assert refresher.refresh()
             snapshot = refresher.snapshot
             assert snapshot.text == generate_latest(Families(snapshot.families))
+            assert snapshot.lines is not None  # OpenMetrics made from the text's lines
+            assert snapshot.openmetrics == _library_openmetrics(snapshot.families)
             assert b"scidex_spend_usd_total{" in snapshot.text
             with psycopg.connect(dsn, autocommit=True) as conn:
                 cur = conn.cursor()
