@@ -18,6 +18,7 @@ side with their ratio. tests/test_load.py runs a smaller version of the first pa
 from __future__ import annotations
 
 import argparse
+import gzip
 import os
 import re
 import shutil
@@ -189,7 +190,7 @@ def exporter_process(
                     break
             url = f"http://127.0.0.1:{m.group(1)}/metrics"
             deadline = time.monotonic() + 300
-            while not ready(urllib.request.urlopen(url, timeout=10).read()):
+            while not ready(scrape(url)):
                 if time.monotonic() > deadline:
                     raise RuntimeError("the exporter was not ready after 300 s")
                 time.sleep(0.2)
@@ -212,10 +213,14 @@ class WrkRun:
         return f"{self.rate:,.0f} req/s, p50 {self.p50}, p99 {self.p99}, errors: {self.errors}"
 
 
-def wrk(url: str, connections: int, seconds: float, headers: list[str]) -> WrkRun:
+def wrk(url: str, connections: int, seconds: float, headers: dict[str, str]) -> WrkRun:
     threads = f"-t{min(2, connections)}"  # wrk wants a connection per thread at least
     out = subprocess.run(
-        ["wrk", threads, f"-c{connections}", f"-d{int(seconds)}s", "--latency", *headers, url],
+        [
+            *("wrk", threads, f"-c{connections}", f"-d{int(seconds)}s", "--latency"),
+            *(arg for name, value in headers.items() for arg in ("-H", f"{name}: {value}")),
+            url,
+        ],
         capture_output=True,
         text=True,
         check=True,
@@ -227,19 +232,27 @@ def wrk(url: str, connections: int, seconds: float, headers: list[str]) -> WrkRu
     return WrkRun(float(rate), p50, p99, bad.group(0) if bad else "0")
 
 
-GZIP = ["-H", "Accept-Encoding: gzip"]
-PROMETHEUS = [
-    "-H",
-    "Accept: application/openmetrics-text;version=1.0.0,"
-    "application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
-    *GZIP,
-]
+GZIP = {"Accept-Encoding": "gzip"}
+PROMETHEUS = {
+    "Accept": "application/openmetrics-text;version=1.0.0,application/openmetrics-text;"
+    "version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+    **GZIP,
+}
 """What Prometheus asks for (2.42, Debian's; captured from its scrapes): OpenMetrics, gzipped."""
-RESPONSES: tuple[tuple[str, list[str]], ...] = (
-    ("plain", []),
+RESPONSES: tuple[tuple[str, dict[str, str]], ...] = (
+    ("plain", {}),
     ("gzip", GZIP),
     ("prometheus", PROMETHEUS),
 )
+
+
+def scrape(url: str, timeout: float = 10) -> bytes:
+    """A scrape as Prometheus makes it: the exposition it gets, uncompressed."""
+    request = urllib.request.Request(url, headers=PROMETHEUS)
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        body: bytes = response.read()
+        gzipped = response.headers.get("Content-Encoding") == "gzip"
+    return gzip.decompress(body) if gzipped else body
 
 
 class SnapshotCollector(Collector):

@@ -53,7 +53,7 @@ import psycopg
 import yaml
 from psycopg.conninfo import conninfo_to_dict
 
-from bench.load import exporter_process, peak_rss_kib, refreshes
+from bench.load import exporter_process, peak_rss_kib, refreshes, scrape
 from exporter import generate
 from exporter import queries as q
 from exporter.config import env_var, load_settings
@@ -350,13 +350,14 @@ def query_exporter(dsn: str, name: str, runs: int, expected_seconds: float) -> f
 
 
 def peak_rss(dsn: str) -> float:
-    """Peak RSS (MiB) of the exporter process after a few refreshes, each a reconciliation:
+    """Peak RSS (MiB) of the exporter process, scraped as Prometheus scrapes it (what it holds
+    to answer is counted), after a few refreshes, each a reconciliation:
     a serving exporter peaks at its (hourly) reconciliations, above its first refresh, which
     rebuilds nothing held before (at 10 M rows in the window 126.6 against 114.7 MiB)."""
     every_refresh = {env_var("reconcile_interval_seconds"): "0"}
     with exporter_process(dsn, interval=1.0, env=every_refresh) as (url, pid):
-        target = (refreshes(urllib.request.urlopen(url).read()) or 0) + 3
-        while (refreshes(urllib.request.urlopen(url).read()) or 0) < target:
+        target = (refreshes(scrape(url)) or 0) + 3
+        while (refreshes(scrape(url)) or 0) < target:
             time.sleep(0.5)
         return peak_rss_kib(pid) / 1024
 
