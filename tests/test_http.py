@@ -22,7 +22,7 @@ TEXT = b"# HELP x_usd X.\n# TYPE x_usd gauge\nx_usd 1.5\n"
 
 @pytest.fixture
 def server() -> Iterator[MetricsServer]:
-    source = SimpleNamespace(snapshot=Snapshot((), TEXT, gzip.compress(TEXT, mtime=0)))
+    source = SimpleNamespace(snapshot=Snapshot((), gzip.compress(TEXT, mtime=0)))
     srv = MetricsServer(source, "127.0.0.1", 0, limits=HttpLimits(idle_timeout_seconds=1.2)).start()
     try:
         yield srv
@@ -139,7 +139,7 @@ def test_silent_clients_are_dropped_after_the_idle_timeout(server: MetricsServer
 
 def test_a_client_that_stops_reading_does_not_hold_up_others() -> None:
     big = b"# many series\n" * 300_000  # 4 MB: more than the socket buffers hold
-    source = SimpleNamespace(snapshot=Snapshot((), big, b""))
+    source = SimpleNamespace(snapshot=Snapshot((), gzip.compress(big, mtime=0)))
     srv = MetricsServer(source, "127.0.0.1", 0, limits=HttpLimits(idle_timeout_seconds=1.2)).start()
     try:
         stalled = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
@@ -213,7 +213,7 @@ def _server_side(srv: MetricsServer) -> list[Any]:
 
 def test_a_client_that_pipelines_and_never_reads_costs_bounded_memory() -> None:
     big = b"# series\n" * 2_000  # 18 kB a response
-    source = SimpleNamespace(snapshot=Snapshot((), big, b""))
+    source = SimpleNamespace(snapshot=Snapshot((), gzip.compress(big, mtime=0)))
     srv = MetricsServer(source, "127.0.0.1", 0).start()
     try:
         with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as sock:
@@ -242,7 +242,7 @@ def test_a_client_that_pipelines_and_never_reads_costs_bounded_memory() -> None:
 
 
 def test_a_client_that_trickles_a_head_is_dropped_at_the_head_deadline() -> None:
-    source = SimpleNamespace(snapshot=Snapshot((), TEXT, b""))
+    source = SimpleNamespace(snapshot=Snapshot((), gzip.compress(TEXT, mtime=0)))
     limits = HttpLimits(head_timeout_seconds=0.6, idle_timeout_seconds=30)
     srv = MetricsServer(source, "127.0.0.1", 0, limits=limits).start()
     try:
@@ -275,7 +275,7 @@ def test_a_client_that_trickles_a_head_is_dropped_at_the_head_deadline() -> None
 def test_at_the_connection_cap_tricklers_make_room_and_a_scrape_gets_in(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    source = SimpleNamespace(snapshot=Snapshot((), TEXT, b""))
+    source = SimpleNamespace(snapshot=Snapshot((), gzip.compress(TEXT, mtime=0)))
     limits = HttpLimits(max_connections=10)
     srv = MetricsServer(source, "127.0.0.1", 0, limits=limits).start()
     tricklers = []

@@ -1,6 +1,7 @@
 """The command line tunes glibc's malloc (exporter/memory.py): its mmap threshold is pinned, so
 that large arrays freed at a rebuild leave no holes in the heap, and threads share one arena.
-And the price book lets go of the catalogue's providers it does not price with."""
+And the price book lets go of the catalogue's providers it does not price with, and a snapshot
+keeps its exposition gzipped only."""
 
 from __future__ import annotations
 
@@ -10,9 +11,14 @@ import sys
 from collections.abc import Callable
 
 import pytest
+from prometheus_client import generate_latest
 
+from exporter.catalog import MetricSpec
 from exporter.config import DEFAULT_PROVIDER_RULES
+from exporter.exposition import Families, TextRenderer
+from exporter.families import family_of
 from exporter.memory import one_arena, pin_mmap_threshold
+from exporter.snapshot import Snapshot
 
 # In a fresh process: start the command line (it pins, then --help exits), or not; free a large
 # block (glibc then raises its threshold past 1 MiB, unless pinned); allocate eight blocks of
@@ -121,6 +127,20 @@ def test_the_price_book_keeps_only_the_providers_its_rules_name() -> None:
     named = {rule.price_provider for rule in DEFAULT_PROVIDER_RULES} - {None}
     assert len(named) == 5
     assert int(_run(PROVIDERS, "plain").stdout) == len(named)  # not all 47 of the catalogue
+
+
+def test_a_snapshot_served_gzipped_keeps_its_exposition_gzipped_only() -> None:
+    spec = MetricSpec("scidex_test_usd_total", "counter", "a test", ("quest", "layer"))
+    values: dict[tuple[str, ...], float] = {(f"q-{i}", f"l-{i % 5}"): i / 4 for i in range(3_000)}
+    families = [family_of(spec, values)]
+    text = generate_latest(Families(families))
+    snapshot = Snapshot.of(families, renderer=TextRenderer())
+    # What Prometheus asks for (OpenMetrics), and other scrapers (text), both gzipped.
+    for openmetrics in (True, False):
+        assert snapshot.body(openmetrics=openmetrics, compressed=True)
+    held = sum(len(v) for v in vars(snapshot).values() if isinstance(v, bytes))
+    assert held < len(text) / 4  # 100 kB of text: neither it nor OpenMetrics is held as is
+    assert snapshot.body(openmetrics=False, compressed=False) == text  # made when asked
 
 
 @pytest.mark.parametrize(

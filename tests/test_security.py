@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import base64
+import gzip
 import http.client
 import logging
 import os
@@ -162,7 +163,7 @@ def test_failed_logins_are_shed_and_do_not_delay_a_known_one(tmp_path: Path) -> 
     and a login that succeeded before is answered while the checks are still running."""
     hashed = bcrypt.hashpw(b"right", bcrypt.gensalt(rounds=13)).decode()  # ~0.5 s a check
     config = _web_config(tmp_path, f"basic_auth_users:\n  prometheus: '{hashed}'\n")
-    source = SimpleNamespace(snapshot=Snapshot((), b"x_usd 1\n", b""))
+    source = SimpleNamespace(snapshot=Snapshot((), gzip.compress(b"x_usd 1\n", mtime=0)))
     limits = HttpLimits(auth_workers=1, auth_queue=1)
     server = MetricsServer(source, "127.0.0.1", 0, web_config=config, limits=limits).start()
 
@@ -214,7 +215,7 @@ def test_the_web_config_is_read_again_when_it_or_its_certificate_changes(
         return f"{tls}basic_auth_users:\n  {name}: '{hashed}'\n"
 
     config = _web_config(tmp_path, users("alice"))
-    source = SimpleNamespace(snapshot=Snapshot((), b"x_usd 1\n", b""))
+    source = SimpleNamespace(snapshot=Snapshot((), gzip.compress(b"x_usd 1\n", mtime=0)))
     limits = HttpLimits(idle_timeout_seconds=1.2)  # the files are looked at every 0.2 s
     server = MetricsServer(source, "127.0.0.1", 0, web_config=config, limits=limits).start()
     ctx = ssl.create_default_context()
@@ -267,7 +268,7 @@ def test_no_handshake_fails_while_the_certificate_is_swapped(tmp_path: Path) -> 
         (tmp_path / pair).mkdir()
         _make_cert(tmp_path / pair)
     config = _web_config(tmp_path, _tls_config("a"))
-    source = SimpleNamespace(snapshot=Snapshot((), b"x_usd 1\n", b""))
+    source = SimpleNamespace(snapshot=Snapshot((), gzip.compress(b"x_usd 1\n", mtime=0)))
     server = MetricsServer(source, "127.0.0.1", 0, web_config=config).start()
     ctx = ssl.create_default_context()
     ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
@@ -314,7 +315,7 @@ def test_client_certificates_are_required_and_their_ca_reloaded(tmp_path: Path) 
         (tmp_path / pair).mkdir()
         _make_cert(tmp_path / pair)  # self-signed: each client's certificate is its own CA
     config = _web_config(tmp_path, _tls_config("server"))
-    source = SimpleNamespace(snapshot=Snapshot((), b"x_usd 1\n", b""))
+    source = SimpleNamespace(snapshot=Snapshot((), gzip.compress(b"x_usd 1\n", mtime=0)))
     server = MetricsServer(source, "127.0.0.1", 0, web_config=config).start()
 
     def status(client: str | None) -> int | None:

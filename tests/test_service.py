@@ -240,7 +240,7 @@ def test_a_client_hanging_up_mid_response_is_one_debug_line(
     from exporter.snapshot import Snapshot
 
     big = SimpleNamespace(snapshot=Snapshot.of(()))
-    big.snapshot = Snapshot((), b"# many series\n" * 400_000, b"")
+    big.snapshot = Snapshot((), gzip.compress(b"# many series\n" * 400_000, mtime=0))
     server = MetricsServer(big, "127.0.0.1", 0).start()
     try:
         for _ in range(5):
