@@ -29,7 +29,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -89,14 +89,16 @@ def hammer(
     seconds: float,
     max_requests: int,
     on_body: Callable[[bytes], None] = lambda _: None,
+    asks: Sequence[Mapping[str, str]] = ({},),
 ) -> Result:
-    """Scrape ``url`` from ``scrapers`` threads until the time or the request budget runs out."""
+    """Scrape ``url`` from ``scrapers`` threads until the time or the request budget runs out;
+    thread ``i`` sends the headers ``asks[i % len(asks)]`` (``{}``: plain text)."""
     result = Result()
     lock = threading.Lock()
     stop = time.monotonic() + seconds
     budget = [max_requests]
 
-    def scrape() -> None:
+    def scraper(headers: Mapping[str, str]) -> None:
         while time.monotonic() < stop:
             with lock:
                 if budget[0] <= 0:
@@ -104,10 +106,7 @@ def hammer(
                 budget[0] -= 1
             started = time.perf_counter()
             try:
-                with urllib.request.urlopen(url, timeout=10) as resp:
-                    body = resp.read()
-                    if resp.status != 200:
-                        raise RuntimeError(f"HTTP {resp.status}")
+                body = scrape(url, headers)
                 elapsed = time.perf_counter() - started
                 on_body(body)
                 with lock:
@@ -116,7 +115,9 @@ def hammer(
                 with lock:
                     result.errors.append(repr(exc))
 
-    threads = [threading.Thread(target=scrape) for _ in range(scrapers)]
+    threads = [
+        threading.Thread(target=scraper, args=(asks[i % len(asks)],)) for i in range(scrapers)
+    ]
     started = time.monotonic()
     for t in threads:
         t.start()
@@ -246,11 +247,13 @@ RESPONSES: tuple[tuple[str, dict[str, str]], ...] = (
 )
 
 
-def scrape(url: str, timeout: float = 10) -> bytes:
-    """A scrape as Prometheus makes it: the exposition it gets, uncompressed."""
-    request = urllib.request.Request(url, headers=PROMETHEUS)
+def scrape(url: str, headers: Mapping[str, str] = PROMETHEUS, timeout: float = 10) -> bytes:
+    """One scrape (by default as Prometheus makes it): the exposition, uncompressed."""
+    request = urllib.request.Request(url, headers=dict(headers))
     with urllib.request.urlopen(request, timeout=timeout) as response:
         body: bytes = response.read()
+        if response.status != 200:
+            raise RuntimeError(f"HTTP {response.status}")
         gzipped = response.headers.get("Content-Encoding") == "gzip"
     return gzip.decompress(body) if gzipped else body
 

@@ -18,6 +18,9 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import psycopg
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 # Provider strings the tests use, with the family the default rules must give them.
@@ -237,10 +240,11 @@ def insert(
 Sample = tuple[str, frozenset[tuple[str, str]]]
 
 
-def parse(exposition: bytes) -> dict[Sample, float]:
-    """Parse a text exposition into {(sample name, labels): value}."""
+def parse(exposition: bytes, openmetrics: bool = False) -> dict[Sample, float]:
+    """Parse a text (or OpenMetrics) exposition into {(sample name, labels): value}."""
     out: dict[Sample, float] = {}
-    for fam in text_string_to_metric_families(exposition.decode("utf-8")):
+    parser = openmetrics_families if openmetrics else text_string_to_metric_families
+    for fam in parser(exposition.decode("utf-8")):
         for s in fam.samples:
             key = (s.name, frozenset(s.labels.items()))
             assert key not in out, f"duplicate series {key}"

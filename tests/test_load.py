@@ -11,7 +11,7 @@ from decimal import Decimal
 
 import psycopg
 
-from bench.load import exporter_process, growing, hammer, peak_rss_kib, rss_kib
+from bench.load import PROMETHEUS, exporter_process, growing, hammer, peak_rss_kib, rss_kib
 from exporter import generate
 from tests.conftest import one
 from tests.ledger import Call, exclusion_reason, insert, key, parse, relax, valid
@@ -25,26 +25,35 @@ LEDGER_ROWS = 200_000
 def test_concurrent_scrapes_during_refreshes(empty_dsn: str) -> None:
     with psycopg.connect(empty_dsn, autocommit=True) as conn:
         plan = generate.load(conn, LEDGER_ROWS, seed=3)
-    bodies: dict[float, set[bytes]] = defaultdict(set)
+    # By refresh and format (OpenMetrics: what Prometheus asks for, gzipped; or plain text).
+    bodies: dict[tuple[float, bool], set[bytes]] = defaultdict(set)
 
     def record(body: bytes) -> None:
         refresh = re.search(rb"^scidex_exporter_refreshes_total (\S+)$", body, re.M)
         assert refresh and body.endswith(b"\n"), "a torn or truncated exposition"
-        bodies[float(refresh.group(1))].add(body)
+        bodies[float(refresh.group(1)), body.endswith(b"# EOF\n")].add(body)
 
     with exporter_process(empty_dsn, interval=0.5) as (url, pid), growing(empty_dsn, plan):
         time.sleep(2)  # a few refreshes to warm up
         rss_before = rss_kib(pid)
-        result = hammer(url, SCRAPERS, SECONDS, MAX_REQUESTS, record)
+        asks: tuple[dict[str, str], ...] = ({}, PROMETHEUS)  # half the scrapers each
+        result = hammer(url, SCRAPERS, SECONDS, MAX_REQUESTS, record, asks)
         rss_after = rss_kib(pid)
     assert result.errors == []
     assert result.requests >= 200, "the scrapers barely ran"
-    assert len(bodies) >= 3, "refreshes did not run during the load"
-    spends = []
-    for refresh in sorted(bodies):
-        (body,) = bodies[refresh]  # one refresh, one body: nothing torn or mixed
-        samples = parse(body)  # parses, with no duplicate series
-        spends.append(sum(v for k, v in samples.items() if k[0] == "scidex_spend_usd_total"))
+    refreshes = sorted({refresh for refresh, _ in bodies})
+    assert len(refreshes) >= 3, "refreshes did not run during the load"
+    spends, both = [], 0
+    for refresh in refreshes:
+        # One refresh, one body in each format: nothing torn or mixed. Each parses (OpenMetrics
+        # strictly), with no duplicate series, and the two hold the same samples.
+        text, openmetrics = (bodies.get((refresh, om), set()) for om in (False, True))
+        assert len(text) <= 1 and len(openmetrics) <= 1, refresh
+        samples = [parse(b) for b in text] + [parse(b, openmetrics=True) for b in openmetrics]
+        assert all(s == samples[0] for s in samples[1:]), refresh
+        both += len(samples) == 2
+        spends.append(sum(v for k, v in samples[0].items() if k[0] == "scidex_spend_usd_total"))
+    assert both >= 2, "few refreshes were scraped in both formats"
     assert spends == sorted(spends) and spends[-1] > spends[0], "the numbers did not move"
     assert rss_after <= rss_before * 1.25 + 10_000, (rss_before, rss_after)
 
