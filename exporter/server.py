@@ -293,20 +293,40 @@ def _unauthorized(request: _Request) -> bytes:
 @lru_cache(maxsize=256)
 def accepts_gzip(header: str) -> bool:
     """Whether an Accept-Encoding header admits gzip (RFC 9110: q=0 means "not acceptable")."""
+    weights = _weights(header)
+    return weights.get("gzip", weights.get("x-gzip", weights.get("*", 0.0))) > 0
+
+
+@lru_cache(maxsize=256)
+def prefers_openmetrics(header: str) -> bool:
+    """Whether an Accept header asks for OpenMetrics rather than the text format: it names
+    OpenMetrics with a weight above zero and no lower than the text format's (``text/plain``'s,
+    or else a wildcard's). Prometheus sends OpenMetrics at 1 and the text format at 0.5; a
+    header that names neither gets the text format, as one that refuses OpenMetrics (q=0)."""
+    weights = _weights(header)
+    openmetrics = weights.get("application/openmetrics-text", 0.0)
+    text = weights.get("text/plain", weights.get("text/*", weights.get("*/*", 0.0)))
+    return openmetrics > 0 and openmetrics >= text
+
+
+def _weights(header: str) -> dict[str, float]:
+    """Each value an Accept or Accept-Encoding header names (in lower case, without its
+    parameters) and its weight: 1 unless a q parameter says otherwise, 0 for a q that is no
+    number, the largest if a value is named twice (OpenMetrics' versions, for Prometheus)."""
     weights: dict[str, float] = {}
     for item in header.split(","):
-        coding, *params = (part.strip() for part in item.split(";"))
+        value, *params = (part.strip() for part in item.split(";"))
         weight = 1.0
         for param in params:
-            name, _, value = param.partition("=")
+            name, _, number = param.partition("=")
             if name.strip().lower() == "q":
                 try:
-                    weight = float(value)
+                    weight = float(number)
                 except ValueError:
                     weight = 0.0
-        weights[coding.lower()] = weight
-    weight = weights.get("gzip", weights.get("x-gzip", weights.get("*", 0.0)))
-    return weight > 0
+        value = value.lower()
+        weights[value] = max(weight, weights.get(value, weight))
+    return weights
 
 
 def _answer(source: SnapshotSource, request: _Request) -> bytes:
@@ -317,7 +337,7 @@ def _answer(source: SnapshotSource, request: _Request) -> bytes:
         return _response(405, _TEXT, b"Method Not Allowed\n", close=close, allow="GET, HEAD")
     if request.path == "/metrics":
         snapshot = source.snapshot
-        openmetrics = "application/openmetrics-text" in request.headers.get("accept", "")
+        openmetrics = prefers_openmetrics(request.headers.get("accept", ""))
         compressed = accepts_gzip(request.headers.get("accept-encoding", ""))
         body = snapshot.body(openmetrics=openmetrics, compressed=compressed)
         content_type = OPENMETRICS_CONTENT_TYPE if openmetrics else TEXT_CONTENT_TYPE

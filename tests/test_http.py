@@ -200,11 +200,51 @@ def test_a_repeated_content_length_with_the_same_value_is_one_length(server: Met
 def test_gzip_only_when_the_client_accepts_it(
     server: MetricsServer, accept: str, gzipped: bool
 ) -> None:
-    raw = f"GET /metrics HTTP/1.0\r\nAccept-Encoding: {accept}\r\n\r\n".encode()
-    ((status, headers, body),) = _responses(_exchange(server.port, raw))
-    assert status == 200
+    headers, body = _metrics(server, "Accept-Encoding", accept)
     assert (headers.get("content-encoding") == "gzip") is gzipped
     assert (gzip.decompress(body) if gzipped else body) == TEXT
+
+
+PROMETHEUS_ACCEPT = (  # what Prometheus 2.42 sends
+    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;"
+    "q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+)
+
+
+@pytest.mark.parametrize(
+    ("accept", "openmetrics"),
+    [
+        (PROMETHEUS_ACCEPT, True),
+        ("application/openmetrics-text", True),
+        ("Application/OpenMetrics-Text; version=1.0.0", True),
+        ("application/openmetrics-text, text/plain", True),  # a tie: the one named first
+        ("text/*;q=0.1, application/openmetrics-text;q=0.5", True),
+        ("", False),
+        ("*/*", False),
+        ("text/plain", False),
+        ("application/json", False),  # neither: the text format, as with no header
+        ("application/openmetrics-text;q=0", False),  # not acceptable (RFC 9110)
+        ("application/openmetrics-text;q=0.5, text/plain", False),
+        ("text/plain;version=0.0.4;q=0.9, application/openmetrics-text;q=0.8", False),
+        ("application/openmetrics-text;q=0.2, */*;q=0.3", False),
+        ("application/openmetrics-text;q=nonsense", False),
+    ],
+)
+def test_openmetrics_when_the_client_prefers_it(
+    server: MetricsServer, accept: str, openmetrics: bool
+) -> None:
+    headers, body = _metrics(server, "Accept", accept)
+    om, text = "application/openmetrics-text; version=1.0.0;", "text/plain; version=0.0.4;"
+    assert headers["content-type"].startswith(om if openmetrics else text)
+    assert body == (b"# EOF\n" if openmetrics else TEXT)  # no families: OpenMetrics' end alone
+
+
+def _metrics(server: MetricsServer, header: str, value: str) -> tuple[dict[str, str], bytes]:
+    """A 200 answer's headers and body to a GET of /metrics with one header."""
+    raw = f"GET /metrics HTTP/1.0\r\n{header}: {value}\r\n\r\n".encode()
+    ((status, headers, body),) = _responses(_exchange(server.port, raw))
+    assert status == 200
+    return headers, body
 
 
 def _server_side(srv: MetricsServer) -> list[Any]:
