@@ -224,7 +224,8 @@ class Refresher:
         that fails too (a value neither can write): the refresh fails with one line."""
         h = self.health
         try:
-            snapshot = Snapshot.of(families, fresh_until, self._renderer)
+            openmetrics = self.snapshot.served_openmetrics  # then asked of this one too
+            snapshot = Snapshot.of(families, fresh_until, self._renderer, openmetrics)
         except Exception as exc:
             h.render_failing += 1
             self._renderer = TextRenderer()

@@ -29,10 +29,10 @@ class Snapshot:
 
     The text format's gzip is made once, by the refresh, so a scrape only copies bytes and a
     burst of scrapers on a new snapshot does not compress it fifty times over. OpenMetrics
-    (what Prometheus asks for) is made on its first scrape from the text's lines, and kept
-    gzipped too. Neither is kept uncompressed (856 kB each at 10 M rows in the window, against
-    about 100 kB gzipped): a scrape that does not take gzip gets it decompressed, once a
-    snapshot."""
+    (what Prometheus asks for) is made from the text's lines, and kept gzipped too: by the
+    refresh once a scrape has asked for it, before that on its first scrape. Neither is kept
+    uncompressed (856 kB each at 10 M rows in the window, against about 100 kB gzipped): a
+    scrape that does not take gzip gets it decompressed, once a snapshot."""
 
     families: tuple[Family, ...]
     text_gzip: bytes
@@ -50,11 +50,16 @@ class Snapshot:
         families: Sequence[Family],
         fresh_until: float = math.inf,
         renderer: TextRenderer | None = None,
+        openmetrics: bool = False,
     ) -> Snapshot:
-        """Render ``families``; a refresher's ``renderer`` reuses its last rendering's lines."""
+        """Render ``families``; a refresher's ``renderer`` reuses its last rendering's lines.
+        With ``openmetrics``, make OpenMetrics now too (``served_openmetrics``)."""
         fams = tuple(families)
         text, lines = renderer.render(fams) if renderer else (generate_latest(Families(fams)), None)
-        return cls(fams, _gzip(text), fresh_until, lines)
+        snapshot = cls(fams, _gzip(text), fresh_until, lines)
+        if openmetrics:
+            snapshot.openmetrics_gzip  # noqa: B018  # made now, cached: not on the first scrape
+        return snapshot
 
     @property
     def fresh(self) -> bool:
@@ -74,6 +79,14 @@ class Snapshot:
     @cached_property
     def openmetrics(self) -> bytes:
         return gzip.decompress(self.openmetrics_gzip)
+
+    @property
+    def served_openmetrics(self) -> bool:
+        """Whether OpenMetrics was made for this snapshot (a scrape asked for it): the next
+        refresh makes it too, so that Prometheus's first scrape after it does not wait for it
+        on the event loop, where it held every other scrape (about 4 ms at 1 M rows in the
+        window, 2.4 of them gzip, which a refresh runs without the GIL)."""
+        return "openmetrics_gzip" in self.__dict__
 
     def body(self, *, openmetrics: bool, compressed: bool) -> bytes:
         """Return the exposition in the negotiated encoding."""

@@ -4,6 +4,7 @@ from its lines what the library's OpenMetrics generate_latest writes."""
 
 from __future__ import annotations
 
+import gzip
 import math
 import struct
 from collections.abc import Sequence
@@ -142,5 +143,24 @@ def test_a_refresh_renders_what_the_library_renders(dsn: str) -> None:
                 with cur.copy(generate.COPY_COST) as copy:
                     for row in traffic.batch(datetime.now(UTC), calls=200):
                         copy.write_row(row)
+    finally:
+        refresher.close()
+
+
+def test_once_a_scrape_asked_for_openmetrics_the_refresh_makes_it(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        generate.load(conn, 1_000)
+    refresher = Refresher(load_settings({"dsn": dsn}, env={}))
+    try:
+        for _ in range(2):
+            assert refresher.refresh()
+            assert "openmetrics_gzip" not in vars(refresher.snapshot)  # nobody asked for it
+        refresher.snapshot.body(openmetrics=True, compressed=True)  # Prometheus scrapes
+        for _ in range(2):
+            assert refresher.refresh()
+            snapshot = refresher.snapshot
+            assert "openmetrics_gzip" in vars(snapshot)  # made by the refresh, before a scrape
+            expected = _library_openmetrics(snapshot.families)
+            assert gzip.decompress(snapshot.body(openmetrics=True, compressed=True)) == expected
     finally:
         refresher.close()
