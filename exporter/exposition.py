@@ -61,7 +61,6 @@ class TextRenderer:
 
     def __init__(self) -> None:
         self._families: dict[str, _Rendered] = {}  # only the last rendering's families
-        self._headers: dict[tuple[str, str, str], str] = {}
 
     def render(self, families: Sequence[Family]) -> Rendering:
         last = self._families
@@ -120,14 +119,7 @@ class TextRenderer:
                 found = moved.get(tuple(s.labels.items()))
                 prefix = _prefix(fam, s) if found is None else _up_to_value(found)
             lines.append(f"{prefix}{floatToGoString(value)}\n")  # type: ignore[no-untyped-call]
-        return _Rendered(samples, values, self._header(fam), lines)
-
-    def _header(self, fam: Family) -> str:
-        key = (fam.name, fam.type, fam.documentation)
-        header = self._headers.get(key)
-        if header is None:
-            header = self._headers[key] = _library(Family(fam.name, fam.documentation, fam.type))
-        return header
+        return _Rendered(samples, values, _header(fam.name, fam.type, fam.documentation), lines)
 
 
 class _Rendered(NamedTuple):
@@ -143,12 +135,14 @@ class _Rendered(NamedTuple):
     lines: list[str]
 
 
-def openmetrics(families: Sequence[Family], lines: Sequence[list[str] | None]) -> bytes:
+def openmetrics(
+    families: Sequence[Family], lines: Sequence[list[str] | None] | None = None
+) -> bytes:
     """The OpenMetrics exposition of ``families`` as prometheus-client writes it, made from
-    their text rendering's sample ``lines`` (``Rendering.lines``) wherever the two formats
-    write the same line."""
+    their text rendering's sample ``lines`` (``Rendering.lines``; None: no rendering, every
+    family by the library) wherever the two formats write the same line."""
     out = []
-    for fam, fam_lines in zip(families, lines, strict=True):
+    for fam, fam_lines in zip(families, lines or [None] * len(families), strict=True):
         if fam_lines is not None and _same_lines(fam.name, fam.type) and not _exemplars(fam):
             out.append(_openmetrics_header(fam.name, fam.type, fam.documentation, fam.unit))
             out += fam_lines
@@ -174,7 +168,14 @@ def _same_lines(name: str, type: str) -> bool:
 
 
 @lru_cache(maxsize=1024)
+def _header(name: str, type: str, documentation: str) -> str:
+    """A family's HELP and TYPE in the text format, as the library writes them."""
+    return _library(Family(name, documentation, type))
+
+
+@lru_cache(maxsize=1024)
 def _openmetrics_header(name: str, type: str, documentation: str, unit: str) -> str:
+    """A family's HELP, TYPE (and UNIT) in OpenMetrics, as the library writes them."""
     return _openmetrics_library(Family(name, documentation, type, unit))
 
 

@@ -11,7 +11,6 @@ from functools import cached_property
 
 from prometheus_client import generate_latest
 from prometheus_client.metrics_core import Metric as Family
-from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
 from exporter.exposition import Families, TextRenderer, openmetrics
 
@@ -71,10 +70,7 @@ class Snapshot:
 
     @cached_property
     def openmetrics_gzip(self) -> bytes:
-        if self.lines is not None:
-            return _gzip(openmetrics(self.families, self.lines))
-        # prometheus-client's OpenMetrics renderer carries no annotations.
-        return _gzip(generate_openmetrics(Families(self.families)))  # type: ignore[no-untyped-call]
+        return _gzip(openmetrics(self.families, self.lines))
 
     @cached_property
     def openmetrics(self) -> bytes:

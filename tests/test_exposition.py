@@ -111,6 +111,7 @@ def test_every_rendering_equals_the_library(kinds: list[str], data: st.DataObjec
         rendering = renderer.render(families)
         assert rendering.text == generate_latest(Families(families))
         assert openmetrics(families, rendering.lines) == _library_openmetrics(families)
+        assert openmetrics(families) == _library_openmetrics(families)  # with no rendering
         for kind, fam, values in zip(kinds, families, series, strict=True):
             if kind in ("counter", "gauge"):  # each sample as given, whatever was reused
                 got = {(s.labels["quest"], s.labels["layer"]): _bits(s.value) for s in fam.samples}
