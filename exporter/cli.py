@@ -147,12 +147,12 @@ def _serve(settings: Settings) -> int:
         errno = exc.errno or 0  # asyncio wraps the system's message in a longer one
         reason = os.strerror(errno) if errno > 0 else (exc.strerror or str(exc))
         raise ConfigError(f"cannot listen on {where}:{settings.port}: {reason}") from None
-    exporter.run_until_signal()
+    code = exporter.run_until_signal()
     # A refresh stuck in a connection attempt (a host that does not answer) would hold the
     # process for the rest of its connect timeout, and log after "stopped": leave now.
     logging.shutdown()
     sys.stdout.flush()
-    os._exit(0)
+    os._exit(code)
 
 
 def _once(settings: Settings) -> int:
@@ -240,8 +240,7 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
 
     if args.interval_seconds is None:
         settings = settings.model_copy(update={"interval_seconds": DEMO_INTERVAL_SECONDS})
-    demo.run(settings, args.rows, args.data_dir, args.append_every)
-    return 0
+    return demo.run(settings, args.rows, args.data_dir, args.append_every)
 
 
 class _Terminated(KeyboardInterrupt):

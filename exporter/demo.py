@@ -49,8 +49,9 @@ def _append_forever(
                 event(log, logging.WARNING, "demo append failed", **error_fields(exc))
 
 
-def run(settings: Settings, rows: int, data_dir: Path | None, append_every: float) -> None:
-    """Run the demo until SIGINT/SIGTERM; stop the database and every thread on the way out."""
+def run(settings: Settings, rows: int, data_dir: Path | None, append_every: float) -> int:
+    """Run the demo until SIGINT/SIGTERM (0), or until its server stopped serving (1); stop
+    the database and every thread on the way out."""
     server = _embedded_server(data_dir)
     stop = threading.Event()
     try:
@@ -61,6 +62,8 @@ def run(settings: Settings, rows: int, data_dir: Path | None, append_every: floa
             else:
                 print(f"loading a synthetic ledger of {rows:,} LLM calls ...", flush=True)
                 plan = generate.load(conn, rows, progress=generate.Progress(rows).update)
+        # Before the appender's thread starts: the server process is forked with none running.
+        exporter = Exporter(settings.model_copy(update={"dsn": SecretStr(dsn)}))
         appender = threading.Thread(
             target=_append_forever,
             name="demo-append",
@@ -68,15 +71,15 @@ def run(settings: Settings, rows: int, data_dir: Path | None, append_every: floa
             args=(dsn, generate.LiveTraffic(plan), append_every, stop),
         )
         appender.start()
-        exporter = Exporter(settings.model_copy(update={"dsn": SecretStr(dsn)}))
         host = "localhost" if settings.listen in ("0.0.0.0", "::") else settings.listen
         print(
             f"scrape http://{host}:{exporter.server.port}/metrics  (Ctrl-C stops the demo)",
             flush=True,
         )
-        exporter.run_until_signal()
+        code = exporter.run_until_signal()
         stop.set()
         appender.join(timeout=5)
+        return code
     finally:
         stop.set()
         server.cleanup()

@@ -460,6 +460,12 @@ class MetricsServer:
         self._thread.start()
         return self
 
+    def publish(self, snapshot: Snapshot) -> None:
+        """Nothing to do: a scrape reads ``source.snapshot`` itself."""
+
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
     def _run(self) -> None:
         self._loop.call_later(self._sweep_every, self._sweep)
         self._loop.run_forever()

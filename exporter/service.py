@@ -17,6 +17,7 @@ from exporter.config import Settings
 from exporter.logs import event
 from exporter.refresh import Refresher
 from exporter.server import MetricsServer
+from exporter.serverprocess import ServerProcess, can_fork
 
 log = logging.getLogger(__name__)
 
@@ -34,16 +35,10 @@ class Exporter:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.refresher = Refresher(settings)
-        self.server = MetricsServer(
-            self.refresher,
-            settings.listen,
-            settings.port,
-            settings.web_config_file,
-            limits=settings.http,
-        )
+        self.server = _server(settings, self.refresher)
         self.scheduler = BackgroundScheduler(timezone=UTC)
         self.scheduler.add_job(
-            self.refresher.refresh,
+            self._refresh,
             "interval",
             seconds=settings.interval_seconds,
             id="refresh",
@@ -54,6 +49,10 @@ class Exporter:
         )
         self.scheduler.add_listener(self._skipped, EVENT_JOB_MAX_INSTANCES)
         self._stopped = threading.Event()
+
+    def _refresh(self) -> None:
+        self.refresher.refresh()
+        self.server.publish(self.refresher.snapshot)
 
     def _skipped(self, _: JobExecutionEvent) -> None:
         self.refresher.health.skipped += 1
@@ -70,6 +69,7 @@ class Exporter:
             port=self.server.port,
             tls=self.server.tls,
             interval_seconds=self.settings.interval_seconds,
+            server_process=isinstance(self.server, ServerProcess),
         )
         return self
 
@@ -83,8 +83,9 @@ class Exporter:
         self.server.stop()
         event(log, logging.INFO, "stopped")
 
-    def run_until_signal(self) -> None:
-        """Block until SIGINT or SIGTERM, then stop cleanly.
+    def run_until_signal(self) -> int:
+        """Block until SIGINT or SIGTERM, then stop cleanly (0); or until the server process
+        has exited, then stop with one line (1).
 
         Python runs a signal's handler in the main thread, between two of its bytecodes. The
         kernel may deliver the signal to another thread (the server's, the scheduler's), which
@@ -102,8 +103,26 @@ class Exporter:
         signal.signal(signal.SIGHUP, lambda *_: self.server.reload_soon())
         self.start()
         try:
-            while not received:
+            while not received and self.server.running():
                 time.sleep(0.1)
+            if not received:
+                server = self.server
+                code = server.exit_status() if isinstance(server, ServerProcess) else None
+                event(log, logging.ERROR, "the server stopped serving", exit_code=code)
+                return 1
             event(log, logging.INFO, "signal received", signal=received[0].name)
+            return 0
         finally:
             self.stop()
+
+
+def _server(settings: Settings, refresher: Refresher) -> MetricsServer | ServerProcess:
+    """The server: in a process of its own if the settings ask for it and a fork is safe
+    here, else in a thread of this one (with a line saying why, if they asked)."""
+    if settings.server_process:
+        if can_fork():
+            return ServerProcess(settings, refresher.snapshot)
+        event(log, logging.WARNING, "serving from a thread: other threads run, a fork is unsafe")
+    return MetricsServer(
+        refresher, settings.listen, settings.port, settings.web_config_file, settings.http
+    )

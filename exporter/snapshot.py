@@ -60,6 +60,14 @@ class Snapshot:
             snapshot.openmetrics_gzip  # noqa: B018  # made now, cached: not on the first scrape
         return snapshot
 
+    @classmethod
+    def received(cls, text_gzip: bytes, openmetrics_gzip: bytes, fresh_until: float) -> Snapshot:
+        """A snapshot rebuilt from its gzipped expositions (exporter/serverprocess.py): it can
+        be served, not rendered again (no families)."""
+        snapshot = cls((), text_gzip, fresh_until)
+        snapshot.__dict__["openmetrics_gzip"] = openmetrics_gzip  # as the cached_property keeps it
+        return snapshot
+
     @property
     def fresh(self) -> bool:
         return time.time() <= self.fresh_until

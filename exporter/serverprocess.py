@@ -1,0 +1,224 @@
+"""Serve ``/metrics`` from a process of its own, forked at start and fed each snapshot's bytes.
+
+In one process, a scrape waits for the GIL at each system call of its response while a refresh
+runs Python: Python hands the GIL back only after the switch interval, so a response's few
+calls cost a millisecond each (the convoy effect), and a rebuild's seconds of Python held 50
+scrapers to 1,500 responses a second, p99 70 ms, where the same server in a process of its own
+answered 50,000 a second, p99 2 ms (docs/operations.md). Forked before any thread starts,
+the server shares the parent's libraries and modules; what it holds of its own is the
+snapshot it serves and the pages it writes (about 5 MiB).
+
+The parent sends every new snapshot's gzipped text and OpenMetrics and its freshness over a
+socket pair; the child serves the last one it received. Either end going away ends the other:
+the child exits when the socket closes (the parent stopped or died), and the parent stops with
+one line when the child has exited (``Exporter.run_until_signal``): a supervisor restarts
+both, as it would a crashed exporter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import os
+import pickle
+import signal
+import socket
+import struct
+import threading
+import time
+from typing import BinaryIO, NamedTuple, NoReturn
+
+from exporter.config import Settings
+from exporter.logs import event
+from exporter.server import MetricsServer
+from exporter.snapshot import Snapshot
+
+log = logging.getLogger(__name__)
+
+_HEAD = struct.Struct("!dQQ")  # fresh_until, then the byte lengths of the two expositions
+_LENGTH = struct.Struct("!Q")
+REPORT_TIMEOUT_SECONDS = 60.0
+"""How long the parent waits for the child to say it serves (the web config's bcrypt and TLS
+files are loaded before)."""
+SEND_TIMEOUT_SECONDS = 10.0
+"""A server process that has not taken a snapshot in this long is stuck: it is stopped."""
+STOP_TIMEOUT_SECONDS = 5.0
+
+
+def can_fork() -> bool:
+    """Whether a server process can be forked safely here: a platform with ``fork``, and no
+    other thread running (a fork copies only the calling thread, and a lock another thread
+    held stays locked in the child)."""
+    return hasattr(os, "fork") and threading.active_count() == 1
+
+
+class ServerProcess:
+    """The parent's handle on the server process: what ``MetricsServer`` offers the exporter,
+    and ``publish``."""
+
+    def __init__(self, settings: Settings, snapshot: Snapshot) -> None:
+        """Fork the server, which binds and loads the web config as ``MetricsServer`` does;
+        raise what that raised (``OSError``: the address; ``ConfigError``: the web config)."""
+        parent, child = socket.socketpair()
+        gc.freeze()  # the child's collections then leave the parent's objects' pages shared
+        pid = os.fork()
+        if pid == 0:
+            parent.close()
+            _serve(child, settings, snapshot)
+        gc.unfreeze()
+        child.close()
+        self.pid = pid
+        self._conn = parent
+        self._sent: Snapshot | None = snapshot
+        self._status: int | None = None
+        self._lock = threading.Lock()
+        try:
+            parent.settimeout(REPORT_TIMEOUT_SECONDS)
+            report = _read_report(parent.makefile("rb"))
+            parent.settimeout(SEND_TIMEOUT_SECONDS)
+        except OSError as exc:
+            report = _Report(error=RuntimeError(f"the server process did not report: {exc}"))
+        if report.error is not None:
+            self.stop()
+            raise report.error
+        self.port, self.tls = report.port, report.tls
+
+    def start(self) -> ServerProcess:
+        """Serving already (since the fork): nothing to start."""
+        return self
+
+    def publish(self, snapshot: Snapshot) -> None:
+        """Send ``snapshot`` to the server if it is new. OpenMetrics is made here, whether or
+        not a scrape has asked for it: the server cannot make it from bytes."""
+        with self._lock:
+            if snapshot is self._sent or self._conn.fileno() < 0:
+                return
+            self._sent = snapshot
+            text, om = snapshot.text_gzip, snapshot.openmetrics_gzip
+            try:
+                self._conn.sendall(_HEAD.pack(snapshot.fresh_until, len(text), len(om)))
+                self._conn.sendall(text)
+                self._conn.sendall(om)
+            except OSError as exc:
+                # Gone, or not reading for SEND_TIMEOUT_SECONDS: a part may have been sent, so
+                # the stream is closed (which ends the process); run_until_signal says so.
+                event(log, logging.ERROR, "snapshot not sent to the server", error=repr(exc))
+                self._conn.close()
+
+    def reload_soon(self) -> None:
+        """Have the server read its web config again (SIGHUP, forwarded)."""
+        if self.exit_status() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGHUP)
+
+    def running(self) -> bool:
+        """Whether the server process serves the snapshots sent (False once it exited, or
+        once a snapshot could not be sent)."""
+        return self._conn.fileno() >= 0 and self.exit_status() is None
+
+    def exit_status(self) -> int | None:
+        """The server process' exit code (a signal's: minus its number), None while it runs."""
+        if self._status is None:
+            with contextlib.suppress(ChildProcessError):
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+                if pid == 0:
+                    return None
+                self._status = os.waitstatus_to_exitcode(status)
+            if self._status is None:  # reaped elsewhere
+                self._status = -1
+        return self._status
+
+    def stop(self) -> None:
+        """Close the socket, which ends the server process; kill it if it has not ended soon."""
+        with self._lock:
+            self._conn.close()
+        deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
+        while self.exit_status() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if self.exit_status() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.pid, 0)
+            self._status = -signal.SIGKILL
+
+
+class _Report(NamedTuple):
+    """What the child says once: where it serves, or why it cannot."""
+
+    port: int = 0
+    tls: bool = False
+    error: BaseException | None = None
+
+
+class _Received:
+    """The server's source in the child: the last snapshot received."""
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
+
+
+def _serve(conn: socket.socket, settings: Settings, snapshot: Snapshot) -> NoReturn:
+    """The child: serve until the parent closes the socket, then exit (never return into the
+    parent's code, whatever happens)."""
+    code = 1
+    try:
+        # Ctrl-C reaches the whole process group: the parent stops, and then this process.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        source = _Received(snapshot)  # the refresher's first (health only, until a refresh)
+        try:
+            server = MetricsServer(
+                source, settings.listen, settings.port, settings.web_config_file, settings.http
+            )
+        except Exception as exc:  # the address, the web config: the parent raises it
+            _report(conn, _Report(error=exc))
+            _exit(0)
+        signal.signal(signal.SIGHUP, lambda *_: server.reload_soon())
+        server.start()
+        _report(conn, _Report(server.port, server.tls))
+        received = conn.makefile("rb")
+        while (new := _receive(received)) is not None:
+            source.snapshot = new
+        server.stop()
+        code = 0
+    except BaseException as exc:  # a bug: one line, and the parent notices the exit
+        event(log, logging.ERROR, "server process failed", error=repr(exc))
+    _exit(code)
+
+
+def _exit(code: int) -> NoReturn:
+    logging.shutdown()
+    os._exit(code)
+
+
+def _receive(stream: BinaryIO) -> Snapshot | None:
+    """The next snapshot the parent sent; None once it closed the socket."""
+    head = stream.read(_HEAD.size)
+    if len(head) < _HEAD.size:
+        return None
+    fresh_until, text_length, om_length = _HEAD.unpack(head)
+    text, om = stream.read(text_length), stream.read(om_length)
+    if len(text) < text_length or len(om) < om_length:
+        return None
+    return Snapshot.received(text, om, fresh_until)
+
+
+def _report(conn: socket.socket, report: _Report) -> None:
+    data = pickle.dumps(report)
+    conn.sendall(_LENGTH.pack(len(data)) + data)
+
+
+def _read_report(stream: BinaryIO) -> _Report:
+    """The child's report, pickled (the parent's own child: trusted), so that an error keeps
+    its type (``OSError``'s errno, ``ConfigError``)."""
+    head = stream.read(_LENGTH.size)
+    data = stream.read(_LENGTH.unpack(head)[0]) if len(head) == _LENGTH.size else b""
+    try:
+        report = pickle.loads(data)
+    except (pickle.UnpicklingError, EOFError):  # none, or cut short: the child died
+        report = None
+    if not isinstance(report, _Report):
+        return _Report(error=RuntimeError("the server process exited before serving"))
+    return report
