@@ -78,6 +78,25 @@ def peak_rss_kib(pid: int) -> int:
     return _status_kib(pid, "VmHWM")
 
 
+def server_pid(pid: int) -> int | None:
+    """The exporter's server process (its one child: exporter/serverprocess.py), if any."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return int(children[0]) if children else None
+
+
+def private_kib(pid: int) -> int:
+    """What only this process holds: a forked server's own pages, not those it shares."""
+    rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    return sum(int(n) for n in re.findall(r"^Private_(?:Clean|Dirty):\s+(\d+) kB", rollup, re.M))
+
+
+def footprint_kib(pid: int, peak: bool = False) -> int:
+    """The exporter's resident memory: its process' (``peak``: the most it has had), plus
+    what its server process holds of its own."""
+    server = server_pid(pid)
+    return (peak_rss_kib(pid) if peak else rss_kib(pid)) + (private_kib(server) if server else 0)
+
+
 def _status_kib(pid: int, name: str) -> int:
     status = Path(f"/proc/{pid}/status").read_text()
     return int(re.search(rf"{name}:\s+(\d+) kB", status).group(1))  # type: ignore[union-attr]
@@ -333,7 +352,7 @@ def main() -> int:
             plan = generate.load(conn, args.rows, progress=generate.Progress(args.rows).update)
         with exporter_process(dsn, args.interval) as (url, pid), growing(dsn, plan):
             time.sleep(2 * args.interval)
-            before = rss_kib(pid)
+            before = footprint_kib(pid)
             seen_refreshes: set[float | None] = set()
 
             def seen(body: bytes) -> None:
@@ -343,7 +362,9 @@ def main() -> int:
                 for label, headers in RESPONSES:
                     print(f"wrk {label:<14} {wrk(url, args.scrapers, args.seconds, headers)}")
             result = hammer(url, args.scrapers, args.seconds, args.max_requests, seen)
-            after = rss_kib(pid)
+            after = footprint_kib(pid)
+            serving = server_pid(pid)
+            own = private_kib(serving) if serving else 0
         ms = 1000
         print(f"ledger rows        {args.rows:,}")
         print(f"scrapers           {args.scrapers}")
@@ -356,7 +377,10 @@ def main() -> int:
             f"{result.percentile(99) * ms:.2f} ms"
         )
         print(f"refreshes seen     {len(seen_refreshes)}")
-        print(f"exporter RSS       {before / 1024:.1f} MiB before, {after / 1024:.1f} MiB after")
+        print(
+            f"exporter RSS       {before / 1024:.1f} MiB before, {after / 1024:.1f} MiB after"
+            f" (of which its server process' own {own / 1024:.1f} MiB)"
+        )
         if shutil.which("wrk"):
             baseline(dsn, args.scrapers, args.seconds)
     finally:

@@ -21,9 +21,9 @@ instead) is loaded into an embedded PostgreSQL, and:
   row validity: spend, tokens and calls (its spend query), the same seven sums by series and
   model as ours (its model query), and the rows left out by reason (its excluded-rows query,
   a second scan; ours classifies them in the same scan); the mean latency of each;
-* peak RSS of a ``resource-exporter serve`` process that reconciled a few times, and of one
-  that reaches no database: the runtime alone (Python, libraries, price catalogue), so
-  that the difference is what the ledger costs.
+* peak RSS of a ``resource-exporter serve`` process that reconciled a few times (plus what
+  its server process holds of its own), and of one that reaches no database: the runtime
+  alone (Python, libraries, price catalogue), so that the difference is what the ledger costs.
 
 Medians (query-exporter: mean of its runs) and ratios are printed as a Markdown table, then
 where a steady refresh spends its time: each query's wait for PostgreSQL and its Python, each
@@ -53,7 +53,7 @@ import psycopg
 import yaml
 from psycopg.conninfo import conninfo_to_dict
 
-from bench.load import exporter_process, peak_rss_kib, refreshes, scrape
+from bench.load import exporter_process, footprint_kib, refreshes, scrape
 from exporter import generate
 from exporter import queries as q
 from exporter.config import env_var, load_settings
@@ -350,8 +350,9 @@ def query_exporter(dsn: str, name: str, runs: int, expected_seconds: float) -> f
 
 
 def peak_rss(dsn: str) -> float:
-    """Peak RSS (MiB) of the exporter process, scraped as Prometheus scrapes it (what it holds
-    to answer is counted), after a few refreshes, each a reconciliation:
+    """Peak RSS (MiB) of the exporter process, plus its server process' own memory, scraped
+    as Prometheus scrapes it (what it holds to answer is counted), after a few refreshes, each
+    a reconciliation:
     a serving exporter peaks at its (hourly) reconciliations, above its first refresh, which
     rebuilds nothing held before (at 10 M rows in the window 126.6 against 114.7 MiB)."""
     every_refresh = {env_var("reconcile_interval_seconds"): "0"}
@@ -359,7 +360,7 @@ def peak_rss(dsn: str) -> float:
         target = (refreshes(scrape(url)) or 0) + 3
         while (refreshes(scrape(url)) or 0) < target:
             time.sleep(0.5)
-        return peak_rss_kib(pid) / 1024
+        return footprint_kib(pid, peak=True) / 1024
 
 
 def runtime_rss() -> float:
@@ -367,7 +368,7 @@ def runtime_rss() -> float:
     the libraries, the price catalogue and the server, which ``peak_rss`` holds before it
     reads a row; the rest of ``peak_rss`` is what the ledger costs."""
     with exporter_process(unreachable_dsn(), interval=0.5, ready=refreshed(3)) as (_, pid):
-        return peak_rss_kib(pid) / 1024
+        return footprint_kib(pid, peak=True) / 1024
 
 
 def unreachable_dsn() -> str:

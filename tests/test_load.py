@@ -11,7 +11,17 @@ from decimal import Decimal
 
 import psycopg
 
-from bench.load import PROMETHEUS, exporter_process, growing, hammer, peak_rss_kib, rss_kib
+from bench.load import (
+    PROMETHEUS,
+    exporter_process,
+    footprint_kib,
+    growing,
+    hammer,
+    peak_rss_kib,
+    private_kib,
+    rss_kib,
+    server_pid,
+)
 from exporter import generate
 from tests.conftest import one
 from tests.ledger import Call, exclusion_reason, insert, key, parse, relax, valid
@@ -35,10 +45,10 @@ def test_concurrent_scrapes_during_refreshes(empty_dsn: str) -> None:
 
     with exporter_process(empty_dsn, interval=0.5) as (url, pid), growing(empty_dsn, plan):
         time.sleep(2)  # a few refreshes to warm up
-        rss_before = rss_kib(pid)
+        rss_before = footprint_kib(pid)
         asks: tuple[dict[str, str], ...] = ({}, PROMETHEUS)  # half the scrapers each
         result = hammer(url, SCRAPERS, SECONDS, MAX_REQUESTS, record, asks)
-        rss_after = rss_kib(pid)
+        rss_after = footprint_kib(pid)
     assert result.errors == []
     assert result.requests >= 200, "the scrapers barely ran"
     refreshes = sorted({refresh for refresh, _ in bodies})
@@ -100,12 +110,17 @@ def test_the_refresh_benchmark_measures_an_exporter_with_no_database() -> None:
     with exporter_process(unreachable_dsn(), interval=0.2, ready=refreshed(3)) as (url, pid):
         samples = parse(urllib.request.urlopen(url).read())
         peak, now = peak_rss_kib(pid), rss_kib(pid)
+        server = server_pid(pid)
+        assert server is not None
+        own, total = private_kib(server), footprint_kib(pid, peak=True)
     refreshes = samples[key("scidex_exporter_refreshes_total")]
     assert refreshes >= 3
     assert samples[key("scidex_exporter_refresh_failures_total")] == refreshes
     assert samples[key("scidex_exporter_database_up")] == 0
     assert not any(name == "scidex_spend_usd_total" for name, _ in samples)
     assert peak >= now > 0
+    assert 0 < own < now  # a forked server shares most of its pages
+    assert abs(total - (peak + own)) < 1024  # its own pages added (give or take a page or two)
 
 
 def test_a_refresh_says_where_it_spent_its_time(dsn: str) -> None:
