@@ -247,10 +247,10 @@ class Settings(_Section):
     """`DEBUG`, `INFO`, `WARNING` or `ERROR`."""
     web_config_file: Path | None = None
     """TLS and basic auth for `/metrics` (exporter-toolkit's web-config.yml format)."""
-    server_process: bool = True
+    server_process: bool = False
     """Serve `/metrics` from a process of its own, forked at start, so that a refresh's Python
-    never holds a scrape up; `false`: from a thread of the exporter's process (about 5 MiB
-    less, one process)."""
+    never holds a scrape up (p99 through rebuilds and many scrapers); it costs about 25 MiB
+    more (docs/operations.md). `false`: from a thread of the exporter's process."""
     http: HttpLimits = HttpLimits()
     """What one client of `/metrics` may cost (below)."""
     providers: tuple[ProviderRule, ...] = DEFAULT_PROVIDER_RULES

@@ -1,12 +1,14 @@
 """Serve ``/metrics`` from a process of its own, forked at start and fed each snapshot's bytes.
 
 In one process, a scrape waits for the GIL at each system call of its response while a refresh
-runs Python: Python hands the GIL back only after the switch interval, so a response's few
-calls cost a millisecond each (the convoy effect), and a rebuild's seconds of Python held 50
-scrapers to 1,500 responses a second, p99 70 ms, where the same server in a process of its own
-answered 50,000 a second, p99 2 ms (docs/operations.md). Forked before any thread starts,
-the server shares the parent's libraries and modules; what it holds of its own is the
-snapshot it serves and the pages it writes (about 5 MiB).
+runs Python: the refresh's thread keeps the GIL until the switch interval (1 ms) makes it let
+go, at each call (the convoy effect). Through rebuilds at 10 M rows in the window, 50 scrapers
+saw p99 31 to 36 ms served from a thread, 9 to 16 ms from a process of its own, with half as many
+requests again answered (docs/operations.md). Forked before any thread starts, the server
+shares the parent's libraries and modules at first; but a page either process writes becomes
+that process' own copy, and a refresh writes to most of the parent's (reference counts, its
+collector), so within a few refreshes the server holds about 25 MiB the parent no longer
+shares. Hence a setting (``server_process``), off by default.
 
 The parent sends every new snapshot's gzipped text and OpenMetrics and its freshness over a
 socket pair; the child serves the last one it received. Either end going away ends the other:
@@ -75,7 +77,8 @@ class ServerProcess:
         self._lock = threading.Lock()
         try:
             parent.settimeout(REPORT_TIMEOUT_SECONDS)
-            report = _read_report(parent.makefile("rb"))
+            with parent.makefile("rb") as stream:
+                report = _read_report(stream)
             parent.settimeout(SEND_TIMEOUT_SECONDS)
         except OSError as exc:
             report = _Report(error=RuntimeError(f"the server process did not report: {exc}"))

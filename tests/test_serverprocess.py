@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from exporter.config import load_settings
+from exporter.config import Settings, env_var, load_settings
 from exporter.server import MetricsServer
 from exporter.serverprocess import ServerProcess
 from exporter.service import Exporter
@@ -45,11 +45,16 @@ def ledger(dsn: str) -> str:
     return dsn
 
 
-@contextmanager
-def exporter(dsn: str, **settings: object) -> Iterator[Exporter]:
-    """An exporter on a free loopback port; refreshed once at start (then hourly)."""
+def settings(dsn: str, **values: object) -> Settings:
+    """A free loopback port; a refresh at start, then hourly."""
     given = {"dsn": dsn, "port": 0, "listen": "127.0.0.1", "interval_seconds": 3600}
-    running = Exporter(load_settings({**given, **settings}, env={})).start()
+    return load_settings({**given, **values}, env={})
+
+
+@contextmanager
+def exporter(dsn: str, **values: object) -> Iterator[Exporter]:
+    """A running exporter, with a server process unless ``values`` say otherwise."""
+    running = Exporter(settings(dsn, **{"server_process": True, **values})).start()
     try:
         yield running
     finally:
@@ -119,7 +124,7 @@ def test_a_scrape_is_answered_while_the_exporters_process_holds_the_gil(
         assert scraper.returncode != 0 and body == b""
 
 
-def test_serving_from_a_thread_when_another_thread_runs(
+def test_serving_from_a_thread_by_default_and_when_another_thread_runs(
     ledger: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="exporter")
@@ -134,9 +139,9 @@ def test_serving_from_a_thread_when_another_thread_runs(
         other.join()
     assert any("serving from a thread" in r.getMessage() for r in caplog.records)
     caplog.clear()
-    with exporter(ledger, server_process=False) as running:
-        assert isinstance(running.server, MetricsServer)
-    assert not caplog.records
+    running = Exporter(settings(ledger)).start()  # the default
+    running.stop()
+    assert isinstance(running.server, MetricsServer) and not caplog.records
 
 
 def _serve(tmp_path: Path) -> tuple[subprocess.Popen[str], int, int]:
@@ -150,6 +155,7 @@ def _serve(tmp_path: Path) -> tuple[subprocess.Popen[str], int, int]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        env={**os.environ, env_var("server_process"): "true"},
     )
     assert proc.stderr is not None
     for line in proc.stderr:
