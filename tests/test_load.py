@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import psycopg
+import pytest
 
 from bench.load import (
     PROMETHEUS,
@@ -23,6 +24,7 @@ from bench.load import (
     server_pid,
 )
 from exporter import generate
+from exporter.config import env_var
 from tests.conftest import one
 from tests.ledger import Call, exclusion_reason, insert, key, parse, relax, valid
 
@@ -103,23 +105,28 @@ def test_the_refresh_benchmark_s_baseline_queries_sum_the_ledger(dsn: str) -> No
         assert sum(r[7] for r in by_model) == 7  # the cache-read tokens
 
 
-def test_the_refresh_benchmark_measures_an_exporter_with_no_database() -> None:
-    """bench.refresh's runtime-alone RSS: a served exporter that only ever fails to connect."""
+@pytest.mark.parametrize("apart", [False, True], ids=["one process", "server process"])
+def test_the_refresh_benchmark_measures_an_exporter_with_no_database(apart: bool) -> None:
+    """bench.refresh's runtime-alone RSS: a served exporter that only ever fails to connect;
+    with a server process, what that holds of its own is counted too."""
     from bench.refresh import refreshed, unreachable_dsn
 
-    with exporter_process(unreachable_dsn(), interval=0.2, ready=refreshed(3)) as (url, pid):
+    env = {env_var("server_process"): str(apart).lower()}
+    with exporter_process(unreachable_dsn(), 0.2, refreshed(3), env) as (url, pid):
         samples = parse(urllib.request.urlopen(url).read())
         peak, now = peak_rss_kib(pid), rss_kib(pid)
         server = server_pid(pid)
-        assert server is not None
-        own, total = private_kib(server), footprint_kib(pid, peak=True)
+        assert (server is not None) is apart
+        own = private_kib(server) if server else 0
+        total = footprint_kib(pid, peak=True)
     refreshes = samples[key("scidex_exporter_refreshes_total")]
     assert refreshes >= 3
     assert samples[key("scidex_exporter_refresh_failures_total")] == refreshes
     assert samples[key("scidex_exporter_database_up")] == 0
     assert not any(name == "scidex_spend_usd_total" for name, _ in samples)
     assert peak >= now > 0
-    assert 0 < own < now  # a forked server shares most of its pages
+    if apart:
+        assert 0 < own < now  # a forked server shares some of its pages
     assert abs(total - (peak + own)) < 1024  # its own pages added (give or take a page or two)
 
 
@@ -171,3 +178,13 @@ def test_the_refresh_benchmark_compares_steady_refreshes_within_rounds(empty_dsn
     assert after - before == 2 * 3 * 50
     assert ratios == [1.0, median(b / a for a, b in zip(first, second, strict=True))]
     assert sizes[1].medians()[0] == median(second)
+
+
+def test_bench_load_reads_wrk_durations() -> None:
+    from bench.load import seconds
+
+    assert [seconds(d) for d in ("850.00us", "9.22ms", "1.21s", "2.00m")] == pytest.approx(
+        [0.00085, 0.00922, 1.21, 120.0]
+    )
+    with pytest.raises(ValueError, match="not a wrk duration"):
+        seconds("9.22 ms")
