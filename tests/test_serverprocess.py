@@ -9,6 +9,7 @@ import gzip
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -26,7 +27,9 @@ from exporter.config import Settings, env_var, load_settings
 from exporter.server import MetricsServer
 from exporter.serverprocess import ServerProcess
 from exporter.service import Exporter
+from tests.conftest import run_cli
 from tests.ledger import Call, Impact, insert, key, parse
+from tests.test_cli import wait_for_line
 from tests.test_service import get
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="a platform with fork")
@@ -144,18 +147,21 @@ def test_serving_from_a_thread_by_default_and_when_another_thread_runs(
     assert isinstance(running.server, MetricsServer) and not caplog.records
 
 
-def _serve(tmp_path: Path) -> tuple[subprocess.Popen[str], int, int]:
-    """``resource-exporter serve`` (no database: none is needed to serve); its pid, its
-    server process' pid and port."""
+APART = {**os.environ, env_var("server_process"): "true"}
+
+
+def _serve(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[str], int, int]:
+    """``resource-exporter serve`` with a server process (no database: none is needed to
+    serve); its pid, its server process' pid and port."""
     proc = subprocess.Popen(
         [
             *(sys.executable, "-m", "exporter", "serve", "--dsn", f"host={tmp_path} dbname=none"),
-            *("--listen", "127.0.0.1", "--port", "0", "--interval", "3600"),
+            *("--listen", "127.0.0.1", "--port", "0", "--interval", "3600", *args),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, env_var("server_process"): "true"},
+        env=APART,
     )
     assert proc.stderr is not None
     for line in proc.stderr:
@@ -203,6 +209,51 @@ def test_the_server_process_ends_with_the_exporter(tmp_path: Path) -> None:
         assert _gone(child)
         with pytest.raises(OSError):
             get(f"http://127.0.0.1:{port}/-/healthy")
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()  # type: ignore[union-attr]
+
+
+def test_the_server_process_says_why_it_cannot_serve_in_one_line(tmp_path: Path) -> None:
+    """What the server process met binding or loading the web config is the exporter's error,
+    as when a thread serves (tests/test_cli.py, tests/test_security.py)."""
+    dsn = f"host={tmp_path} dbname=none"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli(
+            "serve", "--dsn", dsn, "--listen", "127.0.0.1", "--port", str(port), env=APART
+        )
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"resource-exporter: cannot listen on 127.0.0.1:{port}: Address already in use"
+    )
+    config = tmp_path / "web.yml"
+    config.write_text("basic_auth_users:\n  a: plaintext\n", encoding="utf-8")
+    result = run_cli(
+        "serve", "--dsn", dsn, "--port", "0", "--web.config.file", str(config), env=APART
+    )
+    assert result.returncode == 2
+    assert "is not a bcrypt hash" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
+def test_sighup_reaches_the_server_process(tmp_path: Path) -> None:
+    import bcrypt
+
+    hashed = bcrypt.hashpw(b"pw", bcrypt.gensalt(rounds=4)).decode()
+    config = tmp_path / "web.yml"
+    config.write_text(f"basic_auth_users:\n  prometheus: '{hashed}'\n", encoding="utf-8")
+    proc, child, port = _serve(tmp_path, "--web.config.file", str(config))
+    try:
+        assert get(f"http://127.0.0.1:{port}/metrics")[0] == 401
+        proc.send_signal(signal.SIGHUP)  # the file is unchanged: only the signal reloads it
+        wait_for_line(proc, 'msg="web config reloaded" users=1', 30, "stderr")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+        assert _gone(child)
     finally:
         proc.kill()
         proc.wait()
