@@ -5,6 +5,7 @@ round."""
 from __future__ import annotations
 
 import ctypes
+import functools
 import gzip
 import logging
 import os
@@ -15,7 +16,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -145,6 +146,37 @@ def test_serving_from_a_thread_by_default_and_when_another_thread_runs(
     running = Exporter(settings(ledger)).start()  # the default
     running.stop()
     assert isinstance(running.server, MetricsServer) and not caplog.records
+
+
+@pytest.mark.parametrize("apart", [True, False], ids=["server process", "server thread"])
+def test_run_until_signal_stops_with_one_line_when_the_server_ends(
+    ledger: str, apart: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Liveness is the server's: once it has ended (killed, or its thread gone), the exporter
+    stops and says so, instead of refreshing for nobody."""
+    caplog.set_level(logging.INFO, logger="exporter")
+    running = Exporter(settings(ledger, server_process=apart))
+    server = running.server
+    end: Callable[[], object] = (
+        functools.partial(os.kill, server.pid, signal.SIGKILL)
+        if isinstance(server, ServerProcess)
+        else functools.partial(server._loop.call_soon_threadsafe, server._loop.stop)
+    )
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    timer = threading.Timer(0.5, end)  # once it serves: run_until_signal starts it
+    # Should it not notice, a SIGTERM ends it (0), so that the test fails rather than hangs.
+    deadline = threading.Timer(30, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    deadline.start()
+    try:
+        assert running.run_until_signal() == 1
+    finally:
+        deadline.cancel()
+        timer.join()
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+    (line,) = [r for r in caplog.records if r.getMessage() == "the server stopped serving"]
+    assert line.fields == {"exit_code": -signal.SIGKILL if apart else None}  # type: ignore[attr-defined]
 
 
 APART = {**os.environ, env_var("server_process"): "true"}
