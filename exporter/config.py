@@ -249,7 +249,7 @@ class Settings(_Section):
     """TLS and basic auth for `/metrics` (exporter-toolkit's web-config.yml format)."""
     server_process: bool = False
     """Serve `/metrics` from a process of its own, forked at start, so that a refresh's Python
-    never holds a scrape up (p99 through rebuilds and many scrapers); it costs about 25 MiB
+    never holds a scrape up (p99 through rebuilds and many scrapers); it costs about 14 MiB
     more (docs/operations.md). `false`: from a thread of the exporter's process."""
     http: HttpLimits = HttpLimits()
     """What one client of `/metrics` may cost (below)."""

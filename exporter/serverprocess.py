@@ -3,12 +3,12 @@
 In one process, a scrape waits for the GIL at each system call of its response while a refresh
 runs Python: the refresh's thread keeps the GIL until the switch interval (1 ms) makes it let
 go, at each call (the convoy effect). Through rebuilds at 10 M rows in the window, 50 scrapers
-saw p99 31 to 36 ms served from a thread, 9 to 16 ms from a process of its own, with half as many
-requests again answered (docs/operations.md). Forked before any thread starts, the server
-shares the parent's libraries and modules at first; but a page either process writes becomes
-that process' own copy, and a refresh writes to most of the parent's (reference counts, its
-collector), so within a few refreshes the server holds about 25 MiB the parent no longer
-shares. Hence a setting (``server_process``), off by default.
+saw p99 30 to 38 ms served from a thread, 8 to 10 ms from a process of its own, which answered
+more (docs/operations.md). Forked before any thread starts, the server shares the parent's
+libraries and modules at first; but a page either process writes becomes that process' own
+copy, and a refresh writes to many of the parent's (reference counts, allocations), so within
+a few refreshes the server holds about 14 MiB the parent no longer shares. Hence a setting
+(``server_process``), off by default.
 
 The parent sends every new snapshot's gzipped text and OpenMetrics and its freshness over a
 socket pair; the child serves the last one it received. Either end going away ends the other:
