@@ -63,10 +63,12 @@ class ServerProcess:
         """Fork the server, which binds and loads the web config as ``MetricsServer`` does;
         raise what that raised (``OSError``: the address; ``ConfigError``: the web config)."""
         parent, child = socket.socketpair()
-        # Every object so far (modules, the settings, the price catalogue) is left out of the
-        # cyclic collector's passes, in both processes and for good: a pass writes to every
-        # object it visits, and each page the parent writes stops being shared. The server
-        # held 14.5 MiB of its own instead of 25.0 at 10 M rows (docs/operations.md).
+        # Every object so far (modules, the settings, the price catalogue: they live as long
+        # as the process) is left out of the cyclic collector's passes, in both processes and
+        # for good: a pass writes to every object it visits, and each page the parent writes
+        # stops being shared. The server held 14.5 MiB of its own instead of 25.0 at 10 M rows
+        # (docs/operations.md); the cost, an object of these that becomes cyclic garbage later
+        # is never collected.
         gc.freeze()
         pid = os.fork()
         if pid == 0:
