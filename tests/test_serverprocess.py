@@ -81,6 +81,15 @@ def _published(url: str) -> None:
         time.sleep(0.02)
 
 
+def _served(url: str, expected: bytes) -> bytes:
+    """The body served once it is ``expected``, or at a deadline: the server process takes a
+    snapshot a moment after the parent has sent it."""
+    deadline = time.monotonic() + 30
+    while (body := get(url)[2]) != expected and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return body
+
+
 def test_the_server_process_serves_each_refreshs_snapshot(ledger: str) -> None:
     gc.unfreeze()
     with exporter(ledger) as running:
@@ -93,7 +102,7 @@ def test_the_server_process_serves_each_refreshs_snapshot(ledger: str) -> None:
         _published(url)
         for _ in range(2):
             snapshot = running.refresher.snapshot
-            assert get(url)[2] == snapshot.text
+            assert _served(url, snapshot.text) == snapshot.text
             _, headers, body = get(url, {"Accept-Encoding": "gzip"})
             assert headers["Content-Encoding"] == "gzip" and gzip.decompress(body) == snapshot.text
             openmetrics = {"Accept": "application/openmetrics-text; version=1.0.0"}
@@ -103,7 +112,8 @@ def test_the_server_process_serves_each_refreshs_snapshot(ledger: str) -> None:
             assert get(url.replace("/metrics", "/-/ready"))[0] == 200
             insert(ledger, [Call(NOW - timedelta(minutes=1), "t3", cost_usd=Decimal("4"))])
             running._refresh()  # what the scheduler runs: a refresh, then the snapshot sent
-        assert parse(get(url)[2])[SPEND] == 2.5 + 4 + 4
+        served = _served(url, running.refresher.snapshot.text)
+        assert parse(served)[SPEND] == 2.5 + 4 + 4
 
 
 SCRAPE = """
