@@ -464,6 +464,7 @@ class MetricsServer:
         """Nothing to do: a scrape reads ``source.snapshot`` itself."""
 
     def running(self) -> bool:
+        """Whether the loop's thread still serves (the exporter stops once it does not)."""
         return self._thread.is_alive()
 
     def _run(self) -> None:

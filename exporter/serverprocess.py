@@ -38,8 +38,7 @@ from exporter.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
 
-_HEAD = struct.Struct("!dQQ")  # fresh_until, then the byte lengths of the two expositions
-_LENGTH = struct.Struct("!Q")
+_LENGTH = struct.Struct("!Q")  # each message: its length, then its pickle
 REPORT_TIMEOUT_SECONDS = 60.0
 """How long the parent waits for the child to say it serves (the web config's bcrypt and TLS
 files are loaded before)."""
@@ -83,10 +82,12 @@ class ServerProcess:
         try:
             parent.settimeout(REPORT_TIMEOUT_SECONDS)
             with parent.makefile("rb") as stream:
-                report = _read_report(stream)
+                report = _receive(stream)
             parent.settimeout(SEND_TIMEOUT_SECONDS)
         except OSError as exc:
             report = _Report(error=RuntimeError(f"the server process did not report: {exc}"))
+        if not isinstance(report, _Report):  # none, or cut short: the child died
+            report = _Report(error=RuntimeError("the server process exited before serving"))
         if report.error is not None:
             self.stop()
             raise report.error
@@ -103,11 +104,11 @@ class ServerProcess:
             if snapshot is self._sent or self._conn.fileno() < 0:
                 return
             self._sent = snapshot
-            text, om = snapshot.text_gzip, snapshot.openmetrics_gzip
+            exposition = _Exposition(
+                snapshot.text_gzip, snapshot.openmetrics_gzip, snapshot.fresh_until
+            )
             try:
-                self._conn.sendall(_HEAD.pack(snapshot.fresh_until, len(text), len(om)))
-                self._conn.sendall(text)
-                self._conn.sendall(om)
+                _send(self._conn, exposition)
             except OSError as exc:
                 # Gone, or not reading for SEND_TIMEOUT_SECONDS: a part may have been sent, so
                 # the stream is closed (which ends the process); run_until_signal says so.
@@ -160,6 +161,14 @@ class _Report(NamedTuple):
     error: BaseException | None = None
 
 
+class _Exposition(NamedTuple):
+    """What the parent sends of each snapshot (``Snapshot.received``'s arguments)."""
+
+    text_gzip: bytes
+    openmetrics_gzip: bytes
+    fresh_until: float
+
+
 class _Received:
     """The server's source in the child: the last snapshot received."""
 
@@ -181,14 +190,14 @@ def _serve(conn: socket.socket, settings: Settings, snapshot: Snapshot) -> NoRet
                 source, settings.listen, settings.port, settings.web_config_file, settings.http
             )
         except Exception as exc:  # the address, the web config: the parent raises it
-            _report(conn, _Report(error=exc))
+            _send(conn, _Report(error=exc))
             _exit(0)
         signal.signal(signal.SIGHUP, lambda *_: server.reload_soon())
         server.start()
-        _report(conn, _Report(server.port, server.tls))
+        _send(conn, _Report(server.port, server.tls))
         received = conn.makefile("rb")
-        while (new := _receive(received)) is not None:
-            source.snapshot = new
+        while isinstance(sent := _receive(received), _Exposition):  # None: the socket closed
+            source.snapshot = Snapshot.received(*sent)
         server.stop()
         code = 0
     except BaseException as exc:  # a bug: one line, and the parent notices the exit
@@ -201,32 +210,22 @@ def _exit(code: int) -> NoReturn:
     os._exit(code)
 
 
-def _receive(stream: BinaryIO) -> Snapshot | None:
-    """The next snapshot the parent sent; None once it closed the socket."""
-    head = stream.read(_HEAD.size)
-    if len(head) < _HEAD.size:
-        return None
-    fresh_until, text_length, om_length = _HEAD.unpack(head)
-    text, om = stream.read(text_length), stream.read(om_length)
-    if len(text) < text_length or len(om) < om_length:
-        return None
-    return Snapshot.received(text, om, fresh_until)
+def _send(conn: socket.socket, message: _Report | _Exposition) -> None:
+    """One message: its length, then its pickle (a report's error keeps its type: ``OSError``'s
+    errno, ``ConfigError``)."""
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    conn.sendall(_LENGTH.pack(len(data)))
+    conn.sendall(data)
 
 
-def _report(conn: socket.socket, report: _Report) -> None:
-    data = pickle.dumps(report)
-    conn.sendall(_LENGTH.pack(len(data)) + data)
-
-
-def _read_report(stream: BinaryIO) -> _Report:
-    """The child's report, pickled (the parent's own child: trusted), so that an error keeps
-    its type (``OSError``'s errno, ``ConfigError``)."""
+def _receive(stream: BinaryIO) -> object:
+    """The next message (the other process: trusted); None once the socket is closed, or if a
+    message was cut short."""
     head = stream.read(_LENGTH.size)
-    data = stream.read(_LENGTH.unpack(head)[0]) if len(head) == _LENGTH.size else b""
+    if len(head) < _LENGTH.size:
+        return None
+    data = stream.read(_LENGTH.unpack(head)[0])
     try:
-        report = pickle.loads(data)
-    except (pickle.UnpicklingError, EOFError):  # none, or cut short: the child died
-        report = None
-    if not isinstance(report, _Report):
-        return _Report(error=RuntimeError("the server process exited before serving"))
-    return report
+        return pickle.loads(data)
+    except (pickle.UnpicklingError, EOFError):
+        return None
