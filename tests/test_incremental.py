@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from types import SimpleNamespace
 from typing import Any
+from uuid import UUID
 
 import psycopg
 import pytest
@@ -29,6 +30,15 @@ COLUMNS = "(ts, task_id, quest, layer, provider, input_tokens, output_tokens, co
 PROVIDERS = ["bedrock/x", "glm-4.6", "MiniMax-M2", "max/claude-opus-4", "local/llama"]
 
 
+def _task(n: int) -> str:
+    """Task ``n``'s id: every third a canonical UUID (the task store packs those; all zero
+    bytes and all 0xff among them), one of them uppercase (not canonical: kept as text)."""
+    if n % 3:
+        return f"t{n}"
+    bits = 2**128 - 1 if n == 30 else n * 0x0123456789ABCDEF0123456789ABCDEF % 2**128
+    return str(UUID(int=bits)).upper() if n == 9 else str(UUID(int=bits))
+
+
 def _rows(rng: random.Random, n: int) -> list[tuple[Any, ...]]:
     out = []
     for _ in range(n):
@@ -38,7 +48,7 @@ def _rows(rng: random.Random, n: int) -> list[tuple[Any, ...]]:
                 # Whole days, so rows of one task often tie on ts (ids break the tie); up to 8
                 # days ahead, for the tests that move the clock on.
                 NOW - timedelta(days=rng.randint(-8, 40)),
-                f"t{rng.randint(0, 30)}",
+                _task(rng.randint(0, 30)),
                 f"q{rng.randint(0, 5)}",
                 rng.choice(["Forge", "Agora"]),
                 rng.choice(PROVIDERS),
@@ -68,7 +78,7 @@ def _measure(conn: psycopg.Connection, rng: random.Random, n: int) -> None:
             " VALUES (%(task)s, %(score)s, CASE WHEN %(pending)s THEN NULL ELSE now() END)"
             " ON CONFLICT (task_id) DO UPDATE SET impact_score = excluded.impact_score,"
             " measured_at = now()",
-            {"task": f"t{rng.randint(0, 30)}", "score": score, "pending": pending},
+            {"task": _task(rng.randint(0, 30)), "score": score, "pending": pending},
         )
 
 

@@ -3,6 +3,7 @@ and refiled in it."""
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -12,7 +13,24 @@ from hypothesis import strategies as st
 
 from exporter.store import Task, TaskStore, micros
 
+UUID = "0a1b2c3d-4e5f-4071-8293-a4b5c6d7e8f9"
 TASK_IDS = [f"t{i}" for i in range(40)] + ["", "tâche-é", "a\u3000b", "t1 ", "T1"]
+# Canonical UUIDs, which the store packs (zero and 0xff bytes in them), and ids that look like
+# one but are not canonical, which it keeps as text: each must read back as it was written.
+TASK_IDS += [
+    UUID,
+    "00000000-0000-0000-0000-000000000000",
+    "ffffffff-ffff-ffff-ffff-ffffffffffff",
+    UUID.upper(),
+    "{" + UUID + "}",
+    UUID + "x",
+    UUID[:-1],
+    UUID.replace("-", ""),
+    UUID[:11] + " " + UUID[12:],  # fromhex skips spaces: an odd count of digits
+    UUID[:11] + "  " + UUID[13:],  # and here 15 bytes
+    UUID[:8] + "-4e5f-4071-8293-a4b5c6d7e8fg",
+    UUID[:7] + "-" + UUID[8:],  # a hyphen too many
+]
 IDS = st.sampled_from(TASK_IDS)
 FAMILIES = st.sampled_from(["anthropic", "openai", "max", "glm"])
 LABELS = st.sampled_from([None, "q-a", "q-b", "Forge", "Agora"])
@@ -145,3 +163,20 @@ def test_more_distinct_labels_than_two_byte_codes() -> None:
         got = store.get(f"task-{n}")
         assert got is not None
         assert (got.quest, got.layer) == (f"quest-{n}", "Forge" if n % 2 else f"layer-{n}")
+
+
+def test_a_uuid_is_held_in_17_bytes_and_every_id_reads_back_as_written() -> None:
+    """A canonical UUID costs 17 bytes of the id blob instead of 37; packed or not, every id
+    is found and reads back as it was written, also after the index grew around it."""
+    store = TaskStore()
+    store.ensure(UUID)
+    assert len(store._blob) == 17
+    store.ensure("t-7-0421704")
+    assert len(store._blob) == 17 + 12
+    many = [str(uuid.UUID(int=n * 2**64 + n)) for n in range(3000)]  # NUL bytes in most
+    for task_id in [*TASK_IDS, *many]:
+        store.ensure(task_id)
+    held = {*TASK_IDS, *many, "t-7-0421704"}
+    assert sorted(store) == sorted(held) and len(store) == len(held)
+    assert all(task_id in store for task_id in held)
+    assert UUID.upper() in store and UUID.replace("0a", "0A", 1) not in store
