@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bench.store import id_shapes, measure
 from exporter.store import Task, TaskStore, micros
 
 UUID = "0a1b2c3d-4e5f-4071-8293-a4b5c6d7e8f9"
@@ -180,3 +181,13 @@ def test_a_uuid_is_held_in_17_bytes_and_every_id_reads_back_as_written() -> None
     assert sorted(store) == sorted(held) and len(store) == len(held)
     assert all(task_id in store for task_id in held)
     assert UUID.upper() in store and UUID.replace("0a", "0A", 1) not in store
+
+
+def test_the_store_benchmark_sees_uuids_packed() -> None:
+    """bench.store's measurement (tracemalloc's, not the store's own accounting): a canonical
+    UUID's id takes 17 bytes, its uppercase form (held as text) 37 and the benchmark's
+    11-character ids 12, each plus the blob's spare room as it grows (up to an eighth)."""
+    shapes = {name: measure(ids, runs=1) for name, ids in id_shapes(3000).items()}
+    short, packed, text = (shapes[k].bytes_per_task for k in shapes)
+    assert 37 - 17 * 1.13 <= text - packed <= 37 * 1.13 - 17
+    assert 17 - 12 * 1.13 <= packed - short <= 17 * 1.13 - 12
