@@ -187,7 +187,7 @@ def test_the_store_benchmark_sees_uuids_packed() -> None:
     """bench.store's measurement (tracemalloc's, not the store's own accounting): a canonical
     UUID's id takes 17 bytes, its uppercase form (held as text) 37 and the benchmark's
     11-character ids 12, each plus the blob's spare room as it grows (up to an eighth)."""
-    shapes = {name: measure(ids, runs=1) for name, ids in id_shapes(3000).items()}
-    short, packed, text = (shapes[k].bytes_per_task for k in shapes)
+    shapes = {name: measure(ids, runs=1).bytes_per_task for name, ids in id_shapes(3000).items()}
+    short, packed, text = (shapes[k] for k in ("11 characters", "UUID", "UUID, uppercase"))
     assert 37 - 17 * 1.13 <= text - packed <= 37 * 1.13 - 17
     assert 17 - 12 * 1.13 <= packed - short <= 17 * 1.13 - 12
