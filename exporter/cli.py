@@ -88,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="timestamp of the newest row, ISO 8601 (default: now)",
     )
     gen.add_argument(
+        "--task-ids",
+        choices=("short", "uuid"),
+        default="short",
+        help="shape of the task ids: t-<seed>-<n>, or UUIDs made from them (default short)",
+    )
+    gen.add_argument(
         "--if-empty",
         action="store_true",
         help="do nothing when cost_ledger already has rows (first-start seeding)",
@@ -211,6 +217,7 @@ def _generate(args: argparse.Namespace) -> int:
             end=args.end,
             days=args.days,
             progress=progress.update if progress else None,
+            task_ids=args.task_ids,
         )
     print(f"loaded {args.rows:,} cost rows, {len(p.tasks):,} tasks, {len(p.quests)} quests")
     return 0

@@ -7,9 +7,11 @@ subscription calls, tasks that are still running or were never measured, and was
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import random
 import sys
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -175,6 +177,11 @@ class Task:
     tokens: int = 0
 
 
+TASK_IDS = ("short", "uuid")
+"""Shapes of generated task ids: ``t-<seed>-<n>`` (11 characters), or a canonical UUID made
+from it (as a platform whose task ids are UUIDs writes them; the task store packs these)."""
+
+
 @dataclass
 class LedgerPlan:
     """What one seeded generation will produce."""
@@ -185,15 +192,31 @@ class LedgerPlan:
     days: int
     quests: list[Quest] = field(default_factory=list)
     tasks: list[Task] = field(default_factory=list)
+    task_ids: str = "short"  # one of TASK_IDS
+
+    def task_id(self, name: str) -> str:
+        """The id of the task named ``name`` in this plan's shape of ids."""
+        if self.task_ids == "short":
+            return name
+        return str(uuid.UUID(bytes=hashlib.md5(name.encode()).digest(), version=4))
 
 
-def plan(rows: int, *, seed: int = 7, end: datetime | None = None, days: int = 30) -> LedgerPlan:
+def plan(
+    rows: int,
+    *,
+    seed: int = 7,
+    end: datetime | None = None,
+    days: int = 30,
+    task_ids: str = "short",
+) -> LedgerPlan:
     """Decide quests and tasks (and their call counts, summing to ``rows``)."""
+    if task_ids not in TASK_IDS:
+        raise ValueError(f"task_ids must be one of {', '.join(TASK_IDS)}, not {task_ids!r}")
     rng = random.Random(seed)
     end = (end or datetime.now(UTC)).astimezone(UTC)
     quests = [Quest(f"q-{topic}", 1.0 / (i + 1) ** 1.1) for i, topic in enumerate(_TOPICS)]
     weights = [q.weight for q in quests]
-    p = LedgerPlan(seed=seed, rows=rows, end=end, days=days, quests=quests)
+    p = LedgerPlan(seed=seed, rows=rows, end=end, days=days, quests=quests, task_ids=task_ids)
     remaining, n = rows, 0
     span = days * 86400.0
     while remaining > 0:
@@ -209,7 +232,7 @@ def plan(rows: int, *, seed: int = 7, end: datetime | None = None, days: int = 3
         calls = min(calls, max(1, int(left / 90)))
         p.tasks.append(
             Task(
-                task_id=f"t-{seed}-{n:07d}",
+                task_id=p.task_id(f"t-{seed}-{n:07d}"),
                 quest=quest,
                 layer=layer,
                 providers=providers,
@@ -348,9 +371,10 @@ def load(
     end: datetime | None = None,
     days: int = 30,
     progress: Callable[[int], None] | None = None,
+    task_ids: str = "short",
 ) -> LedgerPlan:
     """Create the schema and load a generated ledger with ``rows`` cost rows, in one transaction."""
-    p = plan(rows, seed=seed, end=end, days=days)
+    p = plan(rows, seed=seed, end=end, days=days, task_ids=task_ids)
     with conn.transaction(), conn.cursor() as cur:
         create_schema(conn)
         with cur.copy(COPY_COST) as copy:
@@ -400,7 +424,7 @@ class LiveTraffic:
                 self.serial += 1
                 self.active.append(
                     Task(
-                        task_id=f"live-{self.plan.seed}-{self.serial:06d}",
+                        task_id=self.plan.task_id(f"live-{self.plan.seed}-{self.serial:06d}"),
                         quest=rng.choices(self.plan.quests, weights)[0].name,
                         layer=rng.choices(LAYERS, LAYER_WEIGHTS)[0],
                         providers=[

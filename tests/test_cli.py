@@ -146,6 +146,32 @@ def test_generate_loads_the_requested_rows_deterministically(empty_dsn: str) -> 
         )
 
 
+def test_generate_makes_uuid_task_ids_of_the_same_ledger(empty_dsn: str) -> None:
+    """``--task-ids uuid``: the same ledger, each task id a canonical version-4 UUID (one per
+    task, the impacts' the same), every other column as with the short ids."""
+    args = ("generate", "--dsn", empty_dsn, "--rows", "3000", "--end", END.isoformat())
+    tables = "TRUNCATE cost_ledger, impact_ledger, quest_budget_allocations"
+    rest = (
+        "SELECT md5(string_agg(concat_ws('|', ts, quest, layer, provider, model, cost_usd),"
+        " ',' ORDER BY id)), count(DISTINCT task_id) FROM cost_ledger"
+    )
+    assert cli(*args).returncode == 0
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        short = one(conn, rest)
+        short_impacts = one(conn, "SELECT count(*), sum(impact_score) FROM impact_ledger")
+        conn.execute(tables)
+    result = cli(*args, "--task-ids", "uuid")
+    assert result.returncode == 0, result.stderr
+    uuid4 = "^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$"
+    with psycopg.connect(empty_dsn) as conn:
+        assert one(conn, rest) == short
+        assert one(conn, "SELECT count(*), sum(impact_score) FROM impact_ledger") == short_impacts
+        assert one(conn, "SELECT count(*) FROM cost_ledger WHERE task_id !~ %s", [uuid4]) == (0,)
+        orphans = "SELECT count(*) FROM impact_ledger i WHERE NOT EXISTS"
+        orphans += " (SELECT FROM cost_ledger c WHERE c.task_id = i.task_id)"
+        assert one(conn, orphans) == (0,)
+
+
 def test_once_prints_a_promtool_clean_exposition(empty_dsn: str, tmp_path: Path) -> None:
     assert cli("generate", "--dsn", empty_dsn, "--rows", "20000").returncode == 0
     result = cli("once", "--dsn", empty_dsn)

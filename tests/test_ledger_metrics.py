@@ -63,10 +63,14 @@ def assert_matches(got: dict[Any, float], want: dict[Any, float]) -> None:
 # --- whole-ledger comparisons ----------------------------------------------------------------
 
 
-def test_generated_ledger_matches_reference_model(dsn: str) -> None:
-    calls, impacts, budgets = from_plan(generate.plan(4000, seed=3, end=NOW))
+@pytest.mark.parametrize("task_ids", generate.TASK_IDS)
+def test_generated_ledger_matches_reference_model(dsn: str, task_ids: str) -> None:
+    """Every family against the reference model, with the generator's short task ids and with
+    UUIDs (which the exporter's task store packs)."""
+    calls, impacts, budgets = from_plan(generate.plan(4000, seed=3, end=NOW, task_ids=task_ids))
     insert(dsn, calls, impacts, budgets)
     assert len(calls) == 4000
+    assert all((len(c.task_id or "") == 36) == (task_ids == "uuid") for c in calls)
     assert {c.provider for c in calls} <= set(FAMILY_OF)
     want = expected(calls, impacts, budgets, NOW, TODAY, MIDNIGHT)
     assert any(k[0] == "scidex_task_wasted_tokens" for k in want)
