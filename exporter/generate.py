@@ -198,7 +198,8 @@ class LedgerPlan:
         """The id of the task named ``name`` in this plan's shape of ids."""
         if self.task_ids == "short":
             return name
-        return str(uuid.UUID(bytes=hashlib.md5(name.encode()).digest(), version=4))
+        digest = hashlib.md5(name.encode(), usedforsecurity=False).digest()
+        return str(uuid.UUID(bytes=digest, version=4))
 
 
 def plan(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import queue
 import re
@@ -19,6 +20,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from exporter import generate
+from exporter.cli import build_parser
 from tests.conftest import assert_promtool_clean, one, run_cli, temporary_database
 from tests.ledger import Sample, key, parse, relax
 
@@ -144,6 +147,13 @@ def test_generate_loads_the_requested_rows_deterministically(empty_dsn: str) -> 
             ).fetchone()
             == digest
         )
+
+
+def test_generate_offers_every_shape_of_task_ids() -> None:
+    """The command line names the shapes itself (it does not import the generator to serve)."""
+    (commands,) = (a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    (task_ids,) = (a for a in commands.choices["generate"]._actions if a.dest == "task_ids")
+    assert tuple(task_ids.choices or ()) == generate.TASK_IDS
 
 
 def test_generate_makes_uuid_task_ids_of_the_same_ledger(empty_dsn: str) -> None:
