@@ -90,9 +90,12 @@ def check_relations(conn: psycopg.Connection[Any], notes: list[str] | None = Non
         optional = OPTIONAL.get(relation, {})
         for column, accepted in (columns | optional).items():
             if column in found and found[column] not in accepted:
-                problems.append(
+                problem = (
                     f"{relation}.{column}: type {found[column]} is not one of {', '.join(accepted)}"
                 )
+                if accepted == TEXT:  # a uuid task id, say: its text is what the ledger means
+                    problem += f" (a view can cast it: {column}::text)"
+                problems.append(problem)
             elif column not in found and column in optional:
                 if notes is not None:
                     notes.append(f"{relation}.{column}: optional column not found (read as 0)")

@@ -286,7 +286,7 @@ def test_check_says_when_the_task_index_does_not_cover_the_lookup(dsn: str) -> N
 def test_check_names_each_problem(empty_dsn: str) -> None:
     with psycopg.connect(empty_dsn, autocommit=True) as conn:
         conn.execute(
-            "CREATE TABLE spend (id int, ts timestamp, task_id text, quest text,"
+            "CREATE TABLE spend (id int, ts timestamp, task_id uuid, quest text,"
             " layer text, provider text, input_tokens int, output_tokens int,"
             " cost_usd text)"
         )
@@ -299,6 +299,8 @@ def test_check_names_each_problem(empty_dsn: str) -> None:
     problems = [line.removeprefix("ledger contract: ") for line in result.stderr.splitlines()]
     assert problems == [
         "cost_ledger.ts: type timestamp without time zone is not one of timestamp with time zone",
+        "cost_ledger.task_id: type uuid is not one of text, character varying, character"
+        " (a view can cast it: task_id::text)",
         "cost_ledger.model: column is missing",
         "cost_ledger.cost_usd: type text is not one of numeric, double precision, real, bigint,"
         " integer, smallint",
