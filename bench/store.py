@@ -2,8 +2,8 @@
 
     python -m bench.store [--tasks 430000] [--runs 3]
 
-Fills a ``TaskStore`` as a rebuild does (each task: one row's sums, its labels, an impact)
-with as many tasks as 10 M rows in the window hold, for each shape of id: the benchmark
+Fills a ``TaskStore`` as a rebuild does (each task's sums, then each task's labels and
+impact) with as many tasks as 10 M rows in the window hold, for each shape of id: the benchmark
 ledger's (11 characters), canonical UUIDs (which the store packs into 16 bytes), and the same
 UUIDs in uppercase (not canonical: held as text). Prints, per shape, the bytes a task costs
 (what ``tracemalloc`` sees the store allocate, divided by its tasks) and the median time to
@@ -47,9 +47,12 @@ def id_shapes(tasks: int, seed: int = 1) -> dict[str, list[str]]:
 
 
 def fill(ids: list[str]) -> TaskStore:
+    """As a rebuild folds the window query: every task's sums, then every task's labels and
+    impact (its two branches), so each task is found twice."""
     store = TaskStore()
     for n, task_id in enumerate(ids):
         store.add(task_id, "anthropic", 1000 + n, 50, 0)
+    for n, task_id in enumerate(ids):
         store.label(task_id, START_US + n * (720 * HOUR_US // len(ids)), "q-a", "Forge")
         store.set_impact(task_id, 0.5)
     return store
