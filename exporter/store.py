@@ -131,6 +131,7 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _HOUR = 3_600_000_000  # microseconds
 _UUID = 0xFF  # the first byte of a UUID's key: a byte UTF-8 never holds
 _UUID_MARK = bytes([_UUID])
+_UUID_KEY = 17  # a UUID's key: the mark and its 16 bytes
 
 
 def _index_size(tasks: int) -> int:
@@ -162,7 +163,7 @@ def _key(task_id: str) -> bytes:
 
 def _held_key(blob: bytearray, start: int) -> bytes:
     """The ``_key`` the blob holds at ``start``."""
-    end = start + 17 if blob[start] == _UUID else blob.index(0, start) + 1
+    end = start + _UUID_KEY if blob[start] == _UUID else blob.index(0, start) + 1
     return bytes(blob[start:end])
 
 
@@ -292,7 +293,7 @@ class TaskStore:
     def _id(self, slot: int) -> str:
         blob, start = self._blob, self._start[slot]
         if blob[start] == _UUID:
-            return _uuid_text(blob[start + 1 : start + 17])
+            return _uuid_text(blob[start + 1 : start + _UUID_KEY])
         return blob[start : blob.index(0, start)].decode()
 
     def _find(self, key: bytes) -> tuple[int, int]:
