@@ -467,6 +467,9 @@ class MetricsServer:
         """Whether the loop's thread still serves (the exporter stops once it does not)."""
         return self._thread.is_alive()
 
+    def exit_status(self) -> None:
+        """None: a thread has no exit code (a server process has, ``ServerProcess``)."""
+
     def _run(self) -> None:
         self._loop.call_later(self._sweep_every, self._sweep)
         self._loop.run_forever()

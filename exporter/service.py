@@ -106,8 +106,7 @@ class Exporter:
             while not received and self.server.running():
                 time.sleep(0.1)
             if not received:
-                server = self.server
-                code = server.exit_status() if isinstance(server, ServerProcess) else None
+                code = self.server.exit_status()
                 event(log, logging.ERROR, "the server stopped serving", exit_code=code)
                 return 1
             event(log, logging.INFO, "signal received", signal=received[0].name)
