@@ -99,11 +99,16 @@ def private_kib(pid: int) -> int:
     return sum(int(n) for n in re.findall(r"^Private_(?:Clean|Dirty):\s+(\d+) kB", rollup, re.M))
 
 
+def server_own_kib(pid: int) -> int:
+    """What the exporter's server process holds of its own (0: it serves from a thread)."""
+    server = server_pid(pid)
+    return private_kib(server) if server else 0
+
+
 def footprint_kib(pid: int, peak: bool = False) -> int:
     """The exporter's resident memory: its process' (``peak``: the most it has had), plus
     what its server process holds of its own."""
-    server = server_pid(pid)
-    return (peak_rss_kib(pid) if peak else rss_kib(pid)) + (private_kib(server) if server else 0)
+    return (peak_rss_kib(pid) if peak else rss_kib(pid)) + server_own_kib(pid)
 
 
 def _status_kib(pid: int, name: str) -> int:
@@ -452,8 +457,7 @@ def main() -> int:
                     print(f"wrk {label:<14} {wrk(url, args.scrapers, args.seconds, headers)}")
             result = hammer(url, args.scrapers, args.seconds, args.max_requests, seen)
             after = footprint_kib(pid)
-            serving = server_pid(pid)
-            own = private_kib(serving) if serving else 0
+            own = server_own_kib(pid)
         ms = 1000
         print(f"ledger rows        {args.rows:,}")
         print(f"scrapers           {args.scrapers}")

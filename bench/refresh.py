@@ -473,7 +473,7 @@ def main() -> int:
     for item in args.setting:
         name, _, value = item.partition("=")
         SETTINGS[name] = value
-        os.environ[f"RESOURCE_EXPORTER_{name.upper()}"] = value  # the served exporter's too
+        os.environ[env_var(name)] = value  # the served exporter's too
     with ExitStack() as stack:
         ledgers = [
             stack.enter_context(ledger(int(s), args.days, args.task_ids))
