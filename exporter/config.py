@@ -233,7 +233,9 @@ class Settings(_Section):
     refresh, each reconciliation, the spans at midnight): it grows with the daily volume."""
     work_mem_mb: int = Field(64, ge=1, le=65536)
     """`work_mem` of the exporter's session: the window's per-task aggregate stays in memory
-    (one statement runs at a time)."""
+    (one statement runs at a time). Lower, PostgreSQL may sort what it hashes: at 16 MB (and
+    at its default 4 MB) the whole-ledger spend read of 1 M rows sorted them on disk, 1.1 s
+    instead of 0.28."""
     max_staleness_seconds: float = Field(900.0, gt=0)
     """A query's families are dropped when it has not succeeded for this long."""
     reconcile_interval_seconds: float = Field(3600.0, ge=0)
