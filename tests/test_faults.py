@@ -262,17 +262,17 @@ def test_rows_the_exporter_cannot_use_fail_that_query_and_change_nothing(
     try:
         assert refresher.refresh()
         insert(dsn, [Call(NOW - timedelta(minutes=5), "t2", cost_usd=Decimal("3"))])
-        real_add = spend_source._add
+        real_add = spend_source.Spans.add
         folded: list[Any] = []
 
-        def add_then_fail(target: Any, key: Any, row: Any) -> None:
+        def add_then_fail(spans: Any, row: Any, sums: Any) -> None:
             if folded:  # fail once a row has been folded into the final sums
                 raise TypeError("unsupported operand")
-            real_add(target, key, row)
+            real_add(spans, row, sums)
             if row.final:
                 folded.append(row)
 
-        monkeypatch.setattr(spend_source, "_add", add_then_fail)
+        monkeypatch.setattr(spend_source.Spans, "add", add_then_fail)
         assert refresher.refresh() is False
         (line,) = _log_lines(caplog, "query result not usable")
         assert line["query"] == "spend_totals" and line["error_kind"] == "TypeError"
@@ -284,6 +284,58 @@ def test_rows_the_exporter_cannot_use_fail_that_query_and_change_nothing(
         assert refresher.refresh()
         spend = {k: v for k, v in parse(refresher.snapshot.text).items() if k[0] == SPEND[0]}
         assert sorted(spend.values()) == [1, 1, 7]  # q-b, q-c and q-a, each counted once
+    finally:
+        refresher.close()
+
+
+def test_a_steady_read_that_fails_part_way_keeps_the_recent_sums(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A steady read folds its final rows into copies of the running sums and the recent
+    spans' sums: failing once one has folded, it keeps the last good spend (the counters and
+    this month's), and the next read counts each row once."""
+    now = datetime(2026, 11, 20, 15, 0, tzinfo=UTC)
+    insert(dsn, [Call(now - timedelta(hours=1), "t1", cost_usd=Decimal("4"))])
+    refresher = Refresher(load_settings({"dsn": dsn}, env={}))
+    quests = ("q-a", "q-b", "q-c")
+
+    def spend() -> list[tuple[float, float]]:
+        """Each quest's spend counter and spend this month."""
+        samples = parse(refresher.snapshot.text)
+        counter = "scidex_spend_usd_total"
+        return [
+            (
+                samples[key(counter, quest=q, layer="Forge", provider="bedrock")],
+                samples[key("scidex_quest_spend_month_usd", quest=q)],
+            )
+            for q in quests
+        ]
+
+    try:
+        assert refresher.refresh(now)
+        calls = [
+            Call(now - timedelta(minutes=5), "t2", quest=q, cost_usd=Decimal("3"))
+            for q in quests[1:]
+        ]
+        insert(dsn, calls)
+        assert refresher.refresh(now)  # the new rows are its tail, final in the next read
+        assert spend() == [(4, 4), (3, 3), (3, 3)]
+        real_add = spend_source.Spans.add
+        folded: list[Any] = []
+
+        def add_then_fail(spans: Any, row: Any, sums: Any) -> None:
+            if folded:
+                raise TypeError("unsupported operand")
+            real_add(spans, row, sums)
+            folded.append(row)
+
+        monkeypatch.setattr(spend_source.Spans, "add", add_then_fail)
+        assert refresher.refresh(now) is False
+        assert [row.final for row in folded] == [True]  # one of the two had folded
+        assert spend() == [(4, 4), (3, 3), (3, 3)]
+        monkeypatch.undo()
+        assert refresher.refresh(now)
+        assert spend() == [(4, 4), (3, 3), (3, 3)]
     finally:
         refresher.close()
 

@@ -294,6 +294,86 @@ def test_spend_today_and_this_month_move_at_midnight(dsn: str, long_history: boo
     incremental.close()
 
 
+_MODEL_COLUMNS = "model, cache_read_tokens, cache_write_tokens, reasoning_tokens"
+
+
+def _with_models(rng: random.Random, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """``_rows`` with a model column (raw, in two cases, or none) and cache and reasoning
+    tokens (or none)."""
+    return [
+        (
+            *row,
+            rng.choice([None, "m-1", "M-1"]),
+            rng.choice([None, 0, 70]),
+            rng.choice([None, 30]),
+            rng.choice([None, 9]),
+        )
+        for row in rows
+    ]
+
+
+def _spans(rows: list[tuple[Any, ...]], now: datetime, window_days: int) -> dict[str, Any]:
+    """The reference: the valid rows' spend (and tokens: fresh input, output with its
+    reasoning, cache reads and writes) in the label weights' whole days by raw layer and
+    (provider, model), this month's and today's spend by raw quest (UTC midnights)."""
+    today = datetime(now.year, now.month, now.day, tzinfo=UTC)
+    starts = today - timedelta(days=window_days), today.replace(day=1), today
+    out: dict[str, dict[Any, Any]] = {k: {} for k in ("layer", "cost", "tokens", "month", "today")}
+
+    def put(name: str, key: Any, value: Any) -> None:
+        out[name][key] = out[name].get(key, 0) + value
+
+    for row in rows:
+        ts, _, quest, layer, provider, fresh, output, cost, model, read, written, _ = row
+        if cost.is_nan() or cost < 0 or fresh < 0 or output < 0:
+            continue
+        if ts >= starts[0]:
+            put("layer", layer, cost)
+            put("cost", (provider, model), cost)
+            put("tokens", (provider, model), fresh + output + (read or 0) + (written or 0))
+        for name, start in zip(("month", "today"), starts[1:], strict=True):
+            if ts >= start:
+                put(name, quest, cost)
+    return out
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_the_recent_sums_are_kept_by_layer_model_and_quest(dsn: str, seed: int) -> None:
+    """What the families read of the recent spans is summed as rows fold, by raw layer and
+    model (the label weights) and by raw quest (this month's and today's spend), not kept per
+    series and span; after a whole-ledger read and after steady ones, it is the valid rows'."""
+    rng = random.Random(seed)
+    rows = _with_models(rng, _rows(rng, 300))
+    insert = (
+        f"INSERT INTO cost_ledger {COLUMNS[:-1]}, {_MODEL_COLUMNS})"
+        f" VALUES ({', '.join(['%s'] * len(rows[0]))})"
+    )
+    window_days = 10  # some rows before the label weights' days, in this month or not
+    refresher = Refresher(load_settings({"dsn": dsn, "window_days": window_days}, env={}))
+    try:
+        with psycopg.connect(dsn, autocommit=True) as writer:
+            writer.cursor().executemany(insert, rows)
+            _families(refresher)
+            for _ in range(3):  # new rows, read as the tail and then as final sums
+                batch = _with_models(rng, _rows(rng, 40))
+                writer.cursor().executemany(insert, batch)
+                rows += batch
+                _families(refresher)
+        _, params = refresher.statement(SPEND_TOTALS.name, Instants.at(NOW, refresher.settings))
+        assert params["after"] is not None  # the last refreshes read the new rows only
+        recent = refresher.source(SpendSource).totals.recent
+        got = {
+            "layer": recent.layer_cost,
+            "cost": recent.model_cost,
+            "tokens": recent.model_tokens,
+            "month": recent.month,
+            "today": recent.today,
+        }
+        assert got == _spans(rows, NOW, window_days)
+    finally:
+        refresher.close()
+
+
 def test_reconciliation_catches_ids_assigned_out_of_sequence(dsn: str) -> None:
     clock = [1_000_000.0]
     incremental = Refresher(
