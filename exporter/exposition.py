@@ -48,11 +48,17 @@ class Families:
 
 
 class Rendering(NamedTuple):
-    """A rendering's text, and each family's sample lines in it (None: the library wrote the
-    family whole), which OpenMetrics reuses."""
+    """A rendering's text, as the pieces it is joined from (each family's head and lines, held
+    by the renderer already: the snapshot compresses them without joining them), and each
+    family's sample lines in it (None: the library wrote the family whole), which OpenMetrics
+    reuses."""
 
-    text: bytes
+    pieces: list[str]
     lines: tuple[list[str] | None, ...]
+
+    @property
+    def text(self) -> bytes:
+        return "".join(self.pieces).encode("utf-8")
 
 
 class TextRenderer:
@@ -84,7 +90,7 @@ class TextRenderer:
             # A family the library wrote has no samples kept (an empty one: no lines either).
             lines.append(rendered.lines if rendered.samples else None)
         self._families = kept
-        return Rendering("".join(out).encode("utf-8"), tuple(lines))
+        return Rendering(out, tuple(lines))
 
     def _rendered(self, fam: Family, values: bytes | None, before: _Rendered | None) -> _Rendered:
         suffix = _SAMPLE_SUFFIX.get(fam.type)
@@ -141,6 +147,13 @@ def openmetrics(
     """The OpenMetrics exposition of ``families`` as prometheus-client writes it, made from
     their text rendering's sample ``lines`` (``Rendering.lines``; None: no rendering, every
     family by the library) wherever the two formats write the same line."""
+    return "".join(openmetrics_pieces(families, lines)).encode("utf-8")
+
+
+def openmetrics_pieces(
+    families: Sequence[Family], lines: Sequence[list[str] | None] | None = None
+) -> list[str]:
+    """``openmetrics``' exposition as the pieces it is joined from (``Rendering.pieces``)."""
     out = []
     for fam, fam_lines in zip(families, lines or [None] * len(families), strict=True):
         if fam_lines is not None and _same_lines(fam.name, fam.type) and not _exemplars(fam):
@@ -149,7 +162,7 @@ def openmetrics(
         else:
             out.append(_openmetrics_library(fam))
     out.append("# EOF\n")
-    return "".join(out).encode("utf-8")
+    return out
 
 
 def _exemplars(fam: Family) -> bool:

@@ -5,20 +5,23 @@ keeps its exposition gzipped only."""
 
 from __future__ import annotations
 
+import gzip
 import os
 import subprocess
 import sys
+import tracemalloc
 from collections.abc import Callable
 
 import pytest
 from prometheus_client import generate_latest
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
 from exporter.catalog import MetricSpec
 from exporter.config import DEFAULT_PROVIDER_RULES
 from exporter.exposition import Families, TextRenderer
 from exporter.families import family_of
 from exporter.memory import one_arena, pin_mmap_threshold
-from exporter.snapshot import Snapshot
+from exporter.snapshot import GZIP_LEVEL, Snapshot
 
 # In a fresh process: start the command line (it pins, then --help exits), or not; free a large
 # block (glibc then raises its threshold past 1 MiB, unless pinned); allocate eight blocks of
@@ -141,6 +144,28 @@ def test_a_snapshot_served_gzipped_keeps_its_exposition_gzipped_only() -> None:
     held = sum(len(v) for v in vars(snapshot).values() if isinstance(v, bytes))
     assert held < len(text) / 4  # 168 kB of text: neither it nor OpenMetrics is held as is
     assert snapshot.body(openmetrics=False, compressed=False) == text  # made when asked
+
+
+def test_a_rendering_is_compressed_without_being_joined_whole() -> None:
+    """A refresh's snapshot is gzipped from its rendering's pieces, a few hundred lines at a
+    time, to the bytes ``gzip.compress`` makes of the whole text; neither the text nor its
+    OpenMetrics is ever held whole (as a string, then as bytes) on the way."""
+    spec = MetricSpec("scidex_test_usd_total", "counter", "a test: ünïcode", ("quest", "layer"))
+    values: dict[tuple[str, ...], float] = {(f"q-é{i}", f"l-{i % 5}"): i / 4 for i in range(30_000)}
+    families = [family_of(spec, values)]
+    text = generate_latest(Families(families))
+    renderer = TextRenderer()
+    Snapshot.of(families, renderer=renderer)  # the renderer keeps its lines from now on
+    tracemalloc.start()
+    try:
+        snapshot = Snapshot.of(families, renderer=renderer, openmetrics=True)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < len(text)  # 1.8 MB of text: joined whole, as a string and as bytes, twice
+    assert snapshot.text_gzip == gzip.compress(text, compresslevel=GZIP_LEVEL, mtime=0)
+    assert snapshot.text == text
+    assert snapshot.openmetrics == generate_openmetrics(Families(families))  # type: ignore[no-untyped-call]
 
 
 @pytest.mark.parametrize(
