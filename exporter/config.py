@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -340,15 +339,24 @@ def unknown_environment(env: Mapping[str, str] | None = None) -> list[str]:
     return out
 
 
-def _from_file(path: Path) -> dict[str, tuple[Any, str]]:
+def read_yaml(path: Path, what: str) -> Any:
+    """The data of a YAML file; a file that cannot be read is a ``ConfigError`` naming ``what``
+    and the path. PyYAML is imported by the first file read: an exporter configured by its
+    environment alone (the compose stack's) never loads it, 0.8 MiB of its resident memory."""
+    import yaml
+
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
-        raise ConfigError(f"config file {path}: {exc.strerror}") from None
+        raise ConfigError(f"{what} {path}: {exc.strerror}") from None
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"config file {path}: not UTF-8 (byte {exc.start})") from None
+        raise ConfigError(f"{what} {path}: not UTF-8 (byte {exc.start})") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path}: not valid YAML: {exc}") from None
+        raise ConfigError(f"{what} {path}: not valid YAML: {exc}") from None
+
+
+def _from_file(path: Path) -> dict[str, tuple[Any, str]]:
+    data = read_yaml(path, "config file")
     if data is None:
         return {}
     if not isinstance(data, dict):

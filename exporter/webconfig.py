@@ -18,10 +18,9 @@ import threading
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from exporter.config import ConfigError
+from exporter.config import ConfigError, read_yaml
 
 _TLS_VERSIONS = {"TLS12": ssl.TLSVersion.TLSv1_2, "TLS13": ssl.TLSVersion.TLSv1_3}
 BCRYPT_HASH = re.compile(r"\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}")
@@ -47,15 +46,9 @@ class WebConfig(BaseModel):
 
 def load_web_config(path: Path) -> WebConfig:
     """Read and validate a web config file; errors name the file and the setting."""
+    data = read_yaml(path, "web config") or {}
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         config = WebConfig.model_validate(data)
-    except OSError as exc:
-        raise ConfigError(f"web config {path}: {exc.strerror}") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"web config {path}: not UTF-8 (byte {exc.start})") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"web config {path}: not valid YAML: {exc}") from None
     except ValidationError as exc:
         problems = "; ".join(
             f"'{'.'.join(map(str, e['loc']))}': "

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tracemalloc
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from prometheus_client import generate_latest
@@ -91,6 +92,20 @@ print(sum(isinstance(o, Provider) for o in gc.get_objects()))
 """
 
 
+# In a fresh process: load the settings as `serve` does, from the environment or from a config
+# file too, with what a serving exporter imports; print whether PyYAML was loaded.
+YAML_LOADED = """
+import sys
+from pathlib import Path
+from exporter import cli, service
+from exporter.config import load_settings
+
+config = Path(sys.argv[2]) if sys.argv[1] == "file" else None
+load_settings(env={"RESOURCE_EXPORTER_DSN": "host=/nonexistent"}, config_file=config)
+print("yaml" in sys.modules)
+"""
+
+
 def _run(script: str, mode: str, **env: str) -> subprocess.CompletedProcess[str]:
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_"))}
     return subprocess.run(
@@ -108,6 +123,22 @@ def _heap_growth(mode: str, **env: str) -> int:
 
 def _arenas(mode: str, **env: str) -> int:
     return sum(line.startswith("Arena ") for line in _run(ARENAS, mode, **env).stderr.splitlines())
+
+
+def test_an_exporter_configured_by_its_environment_never_loads_pyyaml(tmp_path: Path) -> None:
+    config = tmp_path / "exporter.yml"
+    config.write_text("interval_seconds: 15\n", encoding="utf-8")
+    run = [sys.executable, "-c", YAML_LOADED]
+    assert (
+        subprocess.run([*run, "env"], capture_output=True, text=True, check=True).stdout
+        == "False\n"
+    )
+    assert (
+        subprocess.run(
+            [*run, "file", str(config)], capture_output=True, text=True, check=True
+        ).stdout
+        == "True\n"
+    )
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc and /proc")
