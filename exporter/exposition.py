@@ -56,10 +56,6 @@ class Rendering(NamedTuple):
     pieces: list[str]
     lines: tuple[list[str] | None, ...]
 
-    @property
-    def text(self) -> bytes:
-        return "".join(self.pieces).encode("utf-8")
-
 
 class TextRenderer:
     """Renders families as ``generate_latest`` does, reusing the last rendering's text: a
@@ -143,17 +139,11 @@ class _Rendered(NamedTuple):
 
 def openmetrics(
     families: Sequence[Family], lines: Sequence[list[str] | None] | None = None
-) -> bytes:
-    """The OpenMetrics exposition of ``families`` as prometheus-client writes it, made from
-    their text rendering's sample ``lines`` (``Rendering.lines``; None: no rendering, every
-    family by the library) wherever the two formats write the same line."""
-    return "".join(openmetrics_pieces(families, lines)).encode("utf-8")
-
-
-def openmetrics_pieces(
-    families: Sequence[Family], lines: Sequence[list[str] | None] | None = None
 ) -> list[str]:
-    """``openmetrics``' exposition as the pieces it is joined from (``Rendering.pieces``)."""
+    """The OpenMetrics exposition of ``families`` as prometheus-client writes it, as the
+    pieces it is joined from (as ``Rendering.pieces``), made from their text rendering's sample
+    ``lines`` (``Rendering.lines``; None: no rendering, every family by the library) wherever
+    the two formats write the same line."""
     out = []
     for fam, fam_lines in zip(families, lines or [None] * len(families), strict=True):
         if fam_lines is not None and _same_lines(fam.name, fam.type) and not _exemplars(fam):

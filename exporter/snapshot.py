@@ -13,7 +13,7 @@ from functools import cached_property
 from prometheus_client import generate_latest
 from prometheus_client.metrics_core import Metric as Family
 
-from exporter.exposition import Families, TextRenderer, openmetrics_pieces
+from exporter.exposition import Families, TextRenderer, openmetrics
 
 TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OPENMETRICS_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
@@ -85,7 +85,7 @@ class Snapshot:
 
     @cached_property
     def openmetrics_gzip(self) -> bytes:
-        return _gzip(openmetrics_pieces(self.families, self.lines))
+        return _gzip(openmetrics(self.families, self.lines))
 
     @cached_property
     def openmetrics(self) -> bytes:
