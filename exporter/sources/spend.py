@@ -535,20 +535,16 @@ class SpendSource(Source):
         budget families read today's too)."""
         if self._spent is not None and self._spent[0] is labels:
             return self._spent[1], self._spent[2]
+
         # Summed exactly and converted once: float sums would depend on the keys' order, which
         # differs between a steady refresh and a full recomputation.
-        month: dict[tuple[str, ...], Decimal] = {}
-        today: dict[tuple[str, ...], Decimal] = {}
-        for by_quest, folded in (
-            (self.totals.recent.month, month),
-            (self.totals.recent.today, today),
-        ):
+        def folded(by_quest: dict[Any, Decimal]) -> Series:
+            exact: dict[tuple[str, ...], Decimal] = {}
             for quest, cost in by_quest.items():
-                _put(folded, (labels.q(quest),), cost)
-        spent = (
-            {k: as_float(v) for k, v in month.items()},
-            {k: as_float(v) for k, v in today.items()},
-        )
+                _put(exact, (labels.q(quest),), cost)
+            return {key: as_float(cost) for key, cost in exact.items()}
+
+        spent = folded(self.totals.recent.month), folded(self.totals.recent.today)
         self._spent = (labels, *spent)
         return spent
 
