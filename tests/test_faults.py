@@ -26,7 +26,8 @@ from tests.conftest import StoppableServer
 from tests.ledger import Call, Impact, insert, key, parse
 
 NOW = datetime.now(UTC)
-SPEND = key("scidex_spend_usd_total", quest="q-a", layer="Forge", provider="bedrock")
+SPEND_COUNTER = "scidex_spend_usd_total"
+SPEND = key(SPEND_COUNTER, quest="q-a", layer="Forge", provider="bedrock")
 
 
 class Clock:
@@ -302,10 +303,9 @@ def test_a_steady_read_that_fails_part_way_keeps_the_recent_sums(
     def spend() -> list[tuple[float, float]]:
         """Each quest's spend counter and spend this month."""
         samples = parse(refresher.snapshot.text)
-        counter = "scidex_spend_usd_total"
         return [
             (
-                samples[key(counter, quest=q, layer="Forge", provider="bedrock")],
+                samples[key(SPEND_COUNTER, quest=q, layer="Forge", provider="bedrock")],
                 samples[key("scidex_quest_spend_month_usd", quest=q)],
             )
             for q in quests

@@ -100,10 +100,10 @@ import os
 import sys
 from pathlib import Path
 from exporter import cli, service
-from exporter.config import load_settings
+from exporter.config import env_var, load_settings
 
 config = Path(os.environ["CONFIG_FILE"]) if sys.argv[1] == "file" else None
-load_settings(env={"RESOURCE_EXPORTER_DSN": "host=/nonexistent"}, config_file=config)
+load_settings(env={env_var("dsn"): "host=/nonexistent"}, config_file=config)
 print("yaml" in sys.modules)
 """
 
