@@ -6,9 +6,9 @@ connection (http.server) spent its time handing the GIL around: 50 concurrent sc
 p99 ten times this loop's. Only the bcrypt check of a new login leaves the loop (a small pool).
 
 What one client may cost is bounded (``http`` in exporter/config.py, docs/security.md): the
-bytes and the time of a request head, the responses in flight on a connection (none while the
-client does not read), the connections (the least useful one makes room for a new one), and
-the logins waiting for bcrypt (the rest are shed at once).
+bytes and the time of a request head, the responses in flight on a connection (a piece of
+one while the client does not read), the connections (the least useful one makes room for a
+new one), and the logins waiting for bcrypt (the rest are shed at once).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from email.utils import formatdate
 from functools import lru_cache
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from exporter.config import ConfigError, HttpLimits
 from exporter.logs import error_fields, event
@@ -64,6 +64,16 @@ def connection_cap(limits: HttpLimits) -> int:
     return max(8, min(10000, soft - FD_RESERVE))
 
 
+ANSWER_PIECE = 128 * 1024
+"""The most of an answer handed to the transport at once. The next piece goes once the kernel
+has taken all of the last one (a transport's high-water mark is 1 byte here; over TLS, a
+piece), so a connection whose client does not read holds at most what the kernel left of one
+piece (over TLS, two, and the socket's buffer under them). A whole answer handed over at once
+was copied into the transport's buffer whenever the kernel did not take it all: a client that
+asked for the uncompressed text (856 kB at 10 M rows in the window) and never read held most
+of it until the idle timeout, and so did each of an attacker's connections. Prometheus's
+gzipped answers (about 100 kB) still leave in one write."""
+
 _BARE_LF_END = re.compile(rb"\n\r?\n")
 """The end of a head whose lines end in a bare LF (RFC 9112 allows refusing it: 400)."""
 _CAP_LOG_SECONDS = 60.0
@@ -83,6 +93,13 @@ _TEXT = "text/plain; charset=utf-8"
 
 class SnapshotSource(Protocol):
     snapshot: Snapshot
+
+
+class _Response(NamedTuple):
+    """A status line and headers, and the body: the snapshot's own bytes, never copied whole."""
+
+    head: bytes
+    body: bytes = b""
 
 
 class _Request:
@@ -129,14 +146,23 @@ class _Connection(asyncio.Protocol):
         self.buffer = b""
         self.waiting = False  # a login is being checked; later requests wait their turn
         self.paused = False  # the client does not read: answer nothing more meanwhile
+        self.rest = memoryview(b"")  # what is still to be written of the answer being sent
+        self.closing = False  # that answer is the last: close once it is written
         self.last_active = time.monotonic()
         self.head_since: float | None = None  # when the first byte of an awaited head came
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        assert isinstance(transport, asyncio.Transport)  # a stream: TCP, or TLS over it
+        self.transport = transport
+        # Paused as soon as the kernel leaves a write unsent, resumed once it took it all (see
+        # ANSWER_PIECE). TLS keeps a buffer of its own before the socket's, where a session
+        # ticket may wait as the connection is made: a mark of one byte paused it at once, and
+        # TLS writes the ticket out only when it reads, which a paused connection does not.
+        tls = transport.get_extra_info("sslcontext") is not None
+        transport.set_write_buffer_limits(high=ANSWER_PIECE if tls else 1, low=0)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            # Responses leave in one write; do not let the kernel hold back a small one.
+            # A response leaves as it is written; do not let the kernel hold back a small one.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.server.admit(self)
 
@@ -145,6 +171,7 @@ class _Connection(asyncio.Protocol):
             log.debug("client went away: %r", exc)  # a scraper timed out or hung up
         self.server.connections.discard(self)
         self.transport = self.lingering = None
+        self.rest = memoryview(b"")  # the snapshot it was part of may go
 
     def pause_writing(self) -> None:
         """The client is not reading: stop reading and answering its requests meanwhile."""
@@ -155,7 +182,8 @@ class _Connection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.paused = False
         self.last_active = time.monotonic()
-        if self.transport is not None:
+        self.write_rest()
+        if self.transport is not None and not self.paused:
             self.transport.resume_reading()
             self.process()
 
@@ -244,32 +272,52 @@ class _Connection(asyncio.Protocol):
         except Exception as exc:  # one line per failed request, never a traceback
             peer = self.transport.get_extra_info("peername") if self.transport else None
             event(log, logging.ERROR, "request failed", client=peer, **error_fields(exc))
-            self.finish(b"")
+            self.finish(_Response(b""))
 
-    def send(self, request: _Request, response: bytes) -> None:
+    def send(self, request: _Request, response: _Response) -> None:
         if request.keep_alive:
             assert self.transport is not None
-            self.transport.write(response)
+            self.write(self.transport, response)
         else:
             self.finish(response)
 
-    def finish(self, response: bytes) -> None:
+    def write(self, transport: asyncio.Transport, response: _Response) -> None:
+        """Write the head and the body's first piece; the rest follows as the client reads
+        (``write_rest``), so the transport holds at most a piece."""
+        body = memoryview(response.body)
+        transport.write(response.head + body[:ANSWER_PIECE])
+        self.rest = body[ANSWER_PIECE:]
+        self.write_rest()
+
+    def write_rest(self) -> None:
+        """Hand the transport the rest of an answer, a piece at a time, until it says its
+        buffer is full (``pause_writing``); after a last answer, close once it is all written."""
+        transport = self.transport or self.lingering
+        if transport is None:
+            return
+        while self.rest and not self.paused:
+            piece, self.rest = self.rest[:ANSWER_PIECE], self.rest[ANSWER_PIECE:]
+            transport.write(piece)
+        if self.closing and not self.rest:
+            self.closing = False
+            if transport.can_write_eof():
+                transport.write_eof()
+            else:
+                transport.close()
+
+    def finish(self, response: _Response) -> None:
         """Write a last response and close once it is sent.
 
         Closing a socket with input it has not read makes the kernel reset the connection,
         which can destroy the response before the client reads it (a 431 to a head over the
         limit, sent on). So, as a web server's lingering close does, only the sending side
         closes; what the client still sends is read and dropped until it hangs up, or until
-        the idle timeout (TLS cannot half-close: closed at once)."""
+        the idle timeout (TLS cannot half-close: closed once the response is written)."""
         transport, self.transport = self.transport, None
         if transport is None:
             return
-        transport.write(response)
-        if transport.can_write_eof():
-            transport.write_eof()
-            self.lingering, self.buffer = transport, b""
-        else:
-            transport.close()
+        self.lingering, self.buffer, self.closing = transport, b"", True
+        self.write(transport, response)
 
     def abort(self) -> bool:
         """Drop the connection at once, answering or lingering; False if it is gone."""
@@ -280,7 +328,7 @@ class _Connection(asyncio.Protocol):
         return True
 
 
-def _unauthorized(request: _Request) -> bytes:
+def _unauthorized(request: _Request) -> _Response:
     return _response(
         401,
         _TEXT,
@@ -329,7 +377,7 @@ def _weights(header: str) -> dict[str, float]:
     return weights
 
 
-def _answer(source: SnapshotSource, request: _Request) -> bytes:
+def _answer(source: SnapshotSource, request: _Request) -> _Response:
     """The response to an authorized request."""
     close = not request.keep_alive
     head_only = request.method == "HEAD"
@@ -364,8 +412,8 @@ def _response(
     allow: str | None = None,
     authenticate: str | None = None,
     retry_after: int | None = None,
-) -> bytes:
-    """Status line, headers and body as one buffer: one write, one TCP segment when small."""
+) -> _Response:
+    """Status line, headers and body; they leave in one write when the body is small."""
     lines = [
         f"HTTP/1.1 {status} {_REASONS[status]}",
         "Server: resource-exporter",
@@ -384,7 +432,7 @@ def _response(
     if close:
         lines.append("Connection: close")
     head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-    return head if head_only else head + body
+    return _Response(head) if head_only else _Response(head, body)
 
 
 @lru_cache(maxsize=2)

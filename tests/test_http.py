@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from exporter.config import HttpLimits
-from exporter.server import FD_RESERVE, MetricsServer, connection_cap
+from exporter.server import ANSWER_PIECE, FD_RESERVE, MetricsServer, connection_cap
 from exporter.snapshot import Snapshot
 
 TEXT = b"# HELP x_usd X.\n# TYPE x_usd gauge\nx_usd 1.5\n"
@@ -277,6 +277,87 @@ def test_a_client_that_pipelines_and_never_reads_costs_bounded_memory() -> None:
                 chunk = sock.recv(1 << 20)
                 assert chunk
                 received += len(chunk)
+    finally:
+        srv.stop()
+
+
+HUGE = b"# many series\n" * 1_200_000
+"""16.8 MB: several times what the kernel's buffers take of an answer on loopback while the
+client does not read (about 4 MB: the sender's buffer grows to 4 MB, the receiver's stays
+at its default)."""
+_ASK_FOR_TEXT = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"  # no Accept-Encoding: the text
+
+
+def _huge_server() -> MetricsServer:
+    source = SimpleNamespace(snapshot=Snapshot((), gzip.compress(HUGE, mtime=0)))
+    return MetricsServer(source, "127.0.0.1", 0).start()
+
+
+def read_exactly(sock: socket.socket, size: int) -> bytes:
+    chunks, left = [], size
+    while left:
+        chunk = sock.recv(min(left, 1 << 20))
+        assert chunk, "closed early"
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def read_response(sock: socket.socket) -> tuple[dict[str, str], bytes]:
+    """One Content-Length framed response, read a byte at a time up to its body."""
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        byte = sock.recv(1)
+        assert byte, "closed early"
+        head += byte
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:] if x)}
+    assert lines[0].split(" ")[1] == "200"
+    return headers, read_exactly(sock, int(headers["content-length"]))
+
+
+def test_clients_that_ask_for_a_large_answer_and_never_read_hold_a_piece_of_it_each() -> None:
+    """Each connection that asked for the text and does not read holds at most a piece of the
+    answer in its transport's buffer, not the rest of a 16.8 MB answer (a copy of it, before),
+    and reading resumes the answer intact."""
+    srv = _huge_server()
+    socks = []
+    try:
+        for _ in range(4):
+            sock = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+            sock.sendall(_ASK_FOR_TEXT + b"GET /-/healthy HTTP/1.1\r\nHost: x\r\n\r\n")
+            socks.append(sock)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not (
+            len(_server_side(srv)) == 4 and all(c.paused for c in _server_side(srv))
+        ):
+            time.sleep(0.05)
+        time.sleep(0.3)
+        held = sorted(c.transport.get_write_buffer_size() for c in _server_side(srv))
+        assert len(held) == 4
+        assert held[-1] <= ANSWER_PIECE + 1024, held  # the head is under 1 kB
+        # Reading resumes the answer, whole and in order, then the one pipelined behind it.
+        for sock in socks[:2]:
+            headers, body = read_response(sock)
+            assert "content-encoding" not in headers
+            assert int(headers["content-length"]) == len(HUGE)
+            assert body == HUGE
+            assert read_response(sock)[1] == b"OK\n"
+    finally:
+        for sock in socks:
+            sock.close()
+        srv.stop()
+
+
+def test_a_large_last_answer_is_written_whole_before_the_connection_closes() -> None:
+    srv = _huge_server()
+    try:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+            sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            time.sleep(0.5)  # the answer waits for the client: the transport is paused
+            headers, body = read_response(sock)
+            assert headers["connection"] == "close" and body == HUGE
+            assert sock.recv(1) == b""  # and then the server closed
     finally:
         srv.stop()
 

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -30,6 +31,7 @@ from exporter.server import MetricsServer
 from exporter.snapshot import Snapshot
 from exporter.webconfig import BasicAuth, load_web_config
 from tests.conftest import one, require_binary, run_cli
+from tests.test_http import HUGE, read_response
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -248,6 +250,44 @@ def test_the_web_config_is_read_again_when_it_or_its_certificate_changes(
         _wait(lambda: any(r.getMessage() == "web config not reloaded" for r in caplog.records))
         assert status("bob") == 200  # the last good configuration still serves
     finally:
+        server.stop()
+
+
+def test_tls_clients_that_ask_for_a_large_answer_and_never_read_hold_little(
+    certs: Path,
+) -> None:
+    """Over TLS too, connections that asked for a 16.8 MB text and do not read hold a few
+    pieces of it each (Python's allocations while they wait: the encrypted rest of the answer
+    in the socket's buffer, before), and reading resumes the answer intact."""
+    config = _web_config(
+        certs, "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n"
+    )
+    source = SimpleNamespace(snapshot=Snapshot((), gzip.compress(HUGE, mtime=0)))
+    source.snapshot.text  # noqa: B018  # decompressed once, before the count
+    server = MetricsServer(source, "127.0.0.1", 0, web_config=config).start()
+    ctx = ssl.create_default_context(cafile=str(certs / "server.crt"))
+    socks: list[ssl.SSLSocket] = []
+    tracemalloc.start()
+    try:
+        for _ in range(4):
+            raw = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            sock = ctx.wrap_socket(raw, server_hostname="127.0.0.1")
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            socks.append(sock)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not (
+            len(server.connections) == 4 and all(c.paused for c in list(server.connections))
+        ):
+            time.sleep(0.05)
+        time.sleep(0.3)
+        held, _ = tracemalloc.get_traced_memory()
+        assert held < 4 * (1 << 20), held
+        headers, body = read_response(socks[0])
+        assert "content-encoding" not in headers and body == HUGE
+    finally:
+        tracemalloc.stop()
+        for sock in socks:
+            sock.close()
         server.stop()
 
 
