@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from prometheus_client import generate_latest
+from prometheus_client.metrics_core import Metric as Family
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
 from exporter.catalog import MetricSpec
@@ -170,14 +171,19 @@ def test_a_snapshot_served_gzipped_keeps_its_exposition_gzipped_only() -> None:
     assert snapshot.body(openmetrics=False, compressed=False) == text  # made when asked
 
 
+def _many_series() -> tuple[list[Family], bytes]:
+    """30,000 series of one family, and their text as prometheus-client renders it (1.8 MB)."""
+    spec = MetricSpec("scidex_test_usd_total", "counter", "a test: ünïcode", ("quest", "layer"))
+    values: dict[tuple[str, ...], float] = {(f"q-é{i}", f"l-{i % 5}"): i / 4 for i in range(30_000)}
+    families = [family_of(spec, values)]
+    return families, generate_latest(Families(families))
+
+
 def test_a_rendering_is_compressed_without_being_joined_whole() -> None:
     """A refresh's snapshot is gzipped from its rendering's pieces, a few hundred lines at a
     time, to the bytes ``gzip.compress`` makes of the whole text; neither the text nor its
     OpenMetrics is ever held whole (as a string, then as bytes) on the way."""
-    spec = MetricSpec("scidex_test_usd_total", "counter", "a test: ünïcode", ("quest", "layer"))
-    values: dict[tuple[str, ...], float] = {(f"q-é{i}", f"l-{i % 5}"): i / 4 for i in range(30_000)}
-    families = [family_of(spec, values)]
-    text = generate_latest(Families(families))
+    families, text = _many_series()
     renderer = TextRenderer()
     Snapshot.of(families, renderer=renderer)  # the renderer keeps its lines from now on
     tracemalloc.start()
@@ -188,6 +194,26 @@ def test_a_rendering_is_compressed_without_being_joined_whole() -> None:
         tracemalloc.stop()
     assert peak < len(text)  # 1.8 MB of text: joined whole, as a string and as bytes, twice
     assert snapshot.text_gzip == gzip.compress(text, compresslevel=GZIP_LEVEL, mtime=0)
+    assert snapshot.text == text
+    assert snapshot.openmetrics == generate_openmetrics(Families(families))  # type: ignore[no-untyped-call]
+
+
+def test_an_exposition_is_decompressed_into_one_buffer_of_its_length() -> None:
+    """A scraper that does not take gzip gets the text (or OpenMetrics) decompressed, once a
+    snapshot, into one buffer of its length: ``gzip.decompress`` allocated about three times
+    the text at once (zlib's blocks, then their join)."""
+    families, text = _many_series()
+    snapshot = Snapshot.of(families, renderer=TextRenderer(), openmetrics=True)
+    peaks = []
+    for openmetrics in (False, True):
+        tracemalloc.start()
+        try:
+            body = snapshot.body(openmetrics=openmetrics, compressed=False)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        peaks.append(peak / len(body))
+    assert max(peaks) < 1.1, peaks
     assert snapshot.text == text
     assert snapshot.openmetrics == generate_openmetrics(Families(families))  # type: ignore[no-untyped-call]
 
