@@ -68,11 +68,11 @@ ANSWER_PIECE = 128 * 1024
 """The most of an answer handed to the transport at once. The next piece goes once the kernel
 has taken all of the last one (a transport's high-water mark is 1 byte here; over TLS, a
 piece), so a connection whose client does not read holds at most what the kernel left of one
-piece (over TLS, two, and the socket's buffer under them). A whole answer handed over at once
-was copied into the transport's buffer whenever the kernel did not take it all: a client that
-asked for the uncompressed text (856 kB at 10 M rows in the window) and never read held most
-of it until the idle timeout, and so did each of an attacker's connections. Prometheus's
-gzipped answers (about 100 kB) still leave in one write."""
+piece (over TLS about 300 kB: a piece, and the socket's buffer under it). A whole answer
+handed over at once was copied into the transport's buffer whenever the kernel did not take
+it all: a client that asked for the uncompressed text (856 kB at 10 M rows in the window) and
+never read held most of it until the idle timeout, and so did each of an attacker's
+connections. Prometheus's gzipped answers (about 100 kB) still leave in one write."""
 
 _BARE_LF_END = re.compile(rb"\n\r?\n")
 """The end of a head whose lines end in a bare LF (RFC 9112 allows refusing it: 400)."""
