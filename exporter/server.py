@@ -65,14 +65,20 @@ def connection_cap(limits: HttpLimits) -> int:
 
 
 ANSWER_PIECE = 128 * 1024
-"""The most of an answer handed to the transport at once. The next piece goes once the kernel
-has taken all of the last one (a transport's high-water mark is 1 byte here; over TLS, a
-piece), so a connection whose client does not read holds at most what the kernel left of one
-piece (over TLS about 300 kB: a piece, and the socket's buffer under it). A whole answer
-handed over at once was copied into the transport's buffer whenever the kernel did not take
-it all: a client that asked for the uncompressed text (856 kB at 10 M rows in the window) and
-never read held most of it until the idle timeout, and so did each of an attacker's
-connections. Prometheus's gzipped answers (about 100 kB) still leave in one write."""
+"""The most of an answer handed to the transport at once; the next piece goes once the
+transport holds less than ``WRITE_BUFFER``, so a connection whose client does not read holds
+at most ``WRITE_BUFFER`` and a piece (192 kB; over TLS about as much again in the socket's
+buffer under TLS's). A whole answer handed over at once was copied into the transport's
+buffer whenever the kernel did not take it all: a client that asked for the uncompressed text
+(856 kB at 10 M rows in the window) and never read held most of it until the idle timeout,
+and so did each of an attacker's connections. Prometheus's gzipped answers (about 100 kB)
+still leave in one write."""
+
+WRITE_BUFFER = 64 * 1024
+"""A transport's high-water mark: above it, the connection pauses (``pause_writing``).
+asyncio's own for a socket (TLS's is 512 kB). Pausing as soon as the kernel left anything
+unsent (a mark of 1 byte) cost Prometheus's scrapes at 1 M rows about 1 ms of p99, pausing
+and resuming reading that often (docs/operations.md)."""
 
 _BARE_LF_END = re.compile(rb"\n\r?\n")
 """The end of a head whose lines end in a bare LF (RFC 9112 allows refusing it: 400)."""
@@ -154,12 +160,7 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)  # a stream: TCP, or TLS over it
         self.transport = transport
-        # Paused as soon as the kernel leaves a write unsent, resumed once it took it all (see
-        # ANSWER_PIECE). TLS keeps a buffer of its own before the socket's, where a session
-        # ticket may wait as the connection is made: a mark of one byte paused it at once, and
-        # TLS writes the ticket out only when it reads, which a paused connection does not.
-        tls = transport.get_extra_info("sslcontext") is not None
-        transport.set_write_buffer_limits(high=ANSWER_PIECE if tls else 1, low=0)
+        transport.set_write_buffer_limits(high=WRITE_BUFFER)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             # A response leaves as it is written; do not let the kernel hold back a small one.
@@ -282,11 +283,16 @@ class _Connection(asyncio.Protocol):
             self.finish(response)
 
     def write(self, transport: asyncio.Transport, response: _Response) -> None:
-        """Write the head and the body's first piece; the rest follows as the client reads
-        (``write_rest``), so the transport holds at most a piece."""
-        body = memoryview(response.body)
-        transport.write(response.head + body[:ANSWER_PIECE])
-        self.rest = body[ANSWER_PIECE:]
+        """Write a response whole if its body is at most a piece (in one write: Prometheus's
+        gzipped answers), else its head and first piece, the rest following as the client
+        reads (``write_rest``), so the transport holds at most a piece."""
+        head, body = response
+        if len(body) <= ANSWER_PIECE:
+            transport.write(head + body)
+            return
+        view = memoryview(body)
+        transport.write(head + view[:ANSWER_PIECE])
+        self.rest = view[ANSWER_PIECE:]
         self.write_rest()
 
     def write_rest(self) -> None:
@@ -318,6 +324,7 @@ class _Connection(asyncio.Protocol):
             return
         self.lingering, self.buffer, self.closing = transport, b"", True
         self.write(transport, response)
+        self.write_rest()  # and close once it is all written
 
     def abort(self) -> bool:
         """Drop the connection at once, answering or lingering; False if it is gone."""
