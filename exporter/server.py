@@ -6,7 +6,7 @@ connection (http.server) spent its time handing the GIL around: 50 concurrent sc
 p99 ten times this loop's. Only the bcrypt check of a new login leaves the loop (a small pool).
 
 What one client may cost is bounded (``http`` in exporter/config.py, docs/security.md): the
-bytes and the time of a request head, the responses in flight on a connection (a piece of
+bytes and the time of a request head, the responses in flight on a connection (192 kB of
 one while the client does not read), the connections (the least useful one makes room for a
 new one), and the logins waiting for bcrypt (the rest are shed at once).
 """
@@ -102,7 +102,8 @@ class SnapshotSource(Protocol):
 
 
 class _Response(NamedTuple):
-    """A status line and headers, and the body: the snapshot's own bytes, never copied whole."""
+    """A status line and headers, and the body (the snapshot's own bytes: one larger than a
+    piece is written from them a piece at a time, never copied whole)."""
 
     head: bytes
     body: bytes = b""
@@ -285,7 +286,7 @@ class _Connection(asyncio.Protocol):
     def write(self, transport: asyncio.Transport, response: _Response) -> None:
         """Write a response whole if its body is at most a piece (in one write: Prometheus's
         gzipped answers), else its head and first piece, the rest following as the client
-        reads (``write_rest``), so the transport holds at most a piece."""
+        reads (``write_rest``), so the transport holds at most ``WRITE_BUFFER`` and a piece."""
         head, body = response
         if len(body) <= ANSWER_PIECE:
             transport.write(head + body)
@@ -420,7 +421,7 @@ def _response(
     authenticate: str | None = None,
     retry_after: int | None = None,
 ) -> _Response:
-    """Status line, headers and body; they leave in one write when the body is small."""
+    """Status line, headers and body; in one write when the body is at most a piece."""
     lines = [
         f"HTTP/1.1 {status} {_REASONS[status]}",
         "Server: resource-exporter",
