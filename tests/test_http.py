@@ -322,7 +322,7 @@ def read_response(sock: socket.socket) -> tuple[dict[str, str], bytes]:
     return headers, read_exactly(sock, int(headers["content-length"]))
 
 
-def test_clients_that_ask_for_a_large_answer_and_never_read_hold_a_piece_of_it_each() -> None:
+def test_clients_that_ask_for_a_large_answer_and_never_read_hold_a_bounded_part_each() -> None:
     """Each connection that asked for the text and does not read holds at most the high-water
     mark and a piece of the answer in its transport's buffer, not the rest of a 16.8 MB answer
     (a copy of it, before), and reading resumes the answer intact."""
