@@ -368,6 +368,30 @@ def test_a_large_last_answer_is_written_whole_before_the_connection_closes() -> 
         srv.stop()
 
 
+def test_large_answers_pipelined_behind_each_other_arrive_whole_and_in_order() -> None:
+    """Each answer waits until the one before is written, however many pauses that takes; a
+    HEAD among them carries no body, and the last one closes the connection once written."""
+    srv = _huge_server()
+    try:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+            sock.sendall(
+                _ASK_FOR_TEXT
+                + b"HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
+                + b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )
+            time.sleep(0.3)  # the first answer waits for the client
+            assert read_response(sock)[1] == HUGE
+            head = b""
+            while not head.endswith(b"\r\n\r\n"):
+                head += sock.recv(1)
+            assert head.startswith(b"HTTP/1.1 200") and b"Content-Length: %d" % len(HUGE) in head
+            headers, body = read_response(sock)
+            assert headers["connection"] == "close" and body == HUGE
+            assert sock.recv(1) == b""
+    finally:
+        srv.stop()
+
+
 def test_a_client_that_trickles_a_head_is_dropped_at_the_head_deadline() -> None:
     source = SimpleNamespace(snapshot=Snapshot((), gzip.compress(TEXT, mtime=0)))
     limits = HttpLimits(head_timeout_seconds=0.6, idle_timeout_seconds=30)
