@@ -22,6 +22,7 @@ from exporter.server import (
     connection_cap,
 )
 from exporter.snapshot import Snapshot
+from tests.wire import HUGE, read_head, read_response
 
 TEXT = b"# HELP x_usd X.\n# TYPE x_usd gauge\nx_usd 1.5\n"
 
@@ -287,39 +288,12 @@ def test_a_client_that_pipelines_and_never_reads_costs_bounded_memory() -> None:
         srv.stop()
 
 
-HUGE = b"# many series\n" * 1_200_000
-"""16.8 MB: several times what the kernel's buffers take of an answer on loopback while the
-client does not read (about 4 MB: the sender's buffer grows to 4 MB, the receiver's stays
-at its default)."""
 _ASK_FOR_TEXT = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"  # no Accept-Encoding: the text
 
 
 def _huge_server() -> MetricsServer:
     source = SimpleNamespace(snapshot=Snapshot((), gzip.compress(HUGE, mtime=0)))
     return MetricsServer(source, "127.0.0.1", 0).start()
-
-
-def read_exactly(sock: socket.socket, size: int) -> bytes:
-    chunks, left = [], size
-    while left:
-        chunk = sock.recv(min(left, 1 << 20))
-        assert chunk, "closed early"
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
-
-
-def read_response(sock: socket.socket) -> tuple[dict[str, str], bytes]:
-    """One Content-Length framed response, read a byte at a time up to its body."""
-    head = b""
-    while not head.endswith(b"\r\n\r\n"):
-        byte = sock.recv(1)
-        assert byte, "closed early"
-        head += byte
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {k.lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:] if x)}
-    assert lines[0].split(" ")[1] == "200"
-    return headers, read_exactly(sock, int(headers["content-length"]))
 
 
 def test_clients_that_ask_for_a_large_answer_and_never_read_hold_a_bounded_part_each() -> None:
@@ -381,9 +355,7 @@ def test_large_answers_pipelined_behind_each_other_arrive_whole_and_in_order() -
             )
             time.sleep(0.3)  # the first answer waits for the client
             assert read_response(sock)[1] == HUGE
-            head = b""
-            while not head.endswith(b"\r\n\r\n"):
-                head += sock.recv(1)
+            head = read_head(sock)
             assert head.startswith(b"HTTP/1.1 200") and b"Content-Length: %d" % len(HUGE) in head
             headers, body = read_response(sock)
             assert headers["connection"] == "close" and body == HUGE

@@ -31,7 +31,7 @@ from exporter.server import MetricsServer
 from exporter.snapshot import Snapshot
 from exporter.webconfig import BasicAuth, load_web_config
 from tests.conftest import one, require_binary, run_cli
-from tests.test_http import HUGE, read_response
+from tests.wire import HUGE, read_response
 
 ROOT = Path(__file__).resolve().parent.parent
 
