@@ -21,15 +21,14 @@ from exporter.server import (
     MetricsServer,
     connection_cap,
 )
-from exporter.snapshot import Snapshot
-from tests.wire import HUGE, read_head, read_response
+from tests.wire import ASK_FOR_TEXT, HUGE, read_head, read_response, serving, wait_until_paused
 
 TEXT = b"# HELP x_usd X.\n# TYPE x_usd gauge\nx_usd 1.5\n"
 
 
 @pytest.fixture
 def server() -> Iterator[MetricsServer]:
-    source = SimpleNamespace(snapshot=Snapshot((), gzip.compress(TEXT, mtime=0)))
+    source = serving(TEXT)
     srv = MetricsServer(source, "127.0.0.1", 0, limits=HttpLimits(idle_timeout_seconds=1.2)).start()
     try:
         yield srv
@@ -79,8 +78,7 @@ def test_keep_alive_serves_many_requests_on_one_connection(server: MetricsServer
 def test_pipelined_requests_are_answered_in_order(server: MetricsServer) -> None:
     data = _exchange(
         server.port,
-        b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
-        b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n"
+        ASK_FOR_TEXT + b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n"
         b"HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
         b"GET /-/healthy HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
     )
@@ -146,12 +144,12 @@ def test_silent_clients_are_dropped_after_the_idle_timeout(server: MetricsServer
 
 def test_a_client_that_stops_reading_does_not_hold_up_others() -> None:
     big = b"# many series\n" * 300_000  # 4 MB: more than the socket buffers hold
-    source = SimpleNamespace(snapshot=Snapshot((), gzip.compress(big, mtime=0)))
+    source = serving(big)
     srv = MetricsServer(source, "127.0.0.1", 0, limits=HttpLimits(idle_timeout_seconds=1.2)).start()
     try:
         stalled = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
         stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        stalled.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 20)  # and never reads
+        stalled.sendall(ASK_FOR_TEXT * 20)  # and never reads
         started = time.perf_counter()
         for _ in range(5):
             assert _exchange(srv.port, b"GET /-/healthy HTTP/1.0\r\n\r\n").endswith(b"OK\n")
@@ -165,7 +163,7 @@ def test_a_client_that_stops_reading_does_not_hold_up_others() -> None:
 
 def test_stop_closes_open_connections_and_the_port(server: MetricsServer) -> None:
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
-    sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    sock.sendall(ASK_FOR_TEXT)
     assert sock.recv(65536).startswith(b"HTTP/1.1 200 OK")
     port = server.port
     server.stop()
@@ -260,16 +258,14 @@ def _server_side(srv: MetricsServer) -> list[Any]:
 
 def test_a_client_that_pipelines_and_never_reads_costs_bounded_memory() -> None:
     big = b"# series\n" * 2_000  # 18 kB a response
-    source = SimpleNamespace(snapshot=Snapshot((), gzip.compress(big, mtime=0)))
+    source = serving(big)
     srv = MetricsServer(source, "127.0.0.1", 0).start()
     try:
         with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             # 2,000 requests in one write, never read: 36 MB of answers if all were made.
-            sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 2000)
-            deadline = time.monotonic() + 10
-            while not any(c.paused for c in _server_side(srv)) and time.monotonic() < deadline:
-                time.sleep(0.05)
+            sock.sendall(ASK_FOR_TEXT * 2000)
+            wait_until_paused(srv, 1)
             (conn,) = _server_side(srv)
             assert conn.paused
             time.sleep(0.3)
@@ -288,12 +284,8 @@ def test_a_client_that_pipelines_and_never_reads_costs_bounded_memory() -> None:
         srv.stop()
 
 
-_ASK_FOR_TEXT = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"  # no Accept-Encoding: the text
-
-
 def _huge_server() -> MetricsServer:
-    source = SimpleNamespace(snapshot=Snapshot((), gzip.compress(HUGE, mtime=0)))
-    return MetricsServer(source, "127.0.0.1", 0).start()
+    return MetricsServer(serving(HUGE), "127.0.0.1", 0).start()
 
 
 def test_clients_that_ask_for_a_large_answer_and_never_read_hold_a_bounded_part_each() -> None:
@@ -305,13 +297,9 @@ def test_clients_that_ask_for_a_large_answer_and_never_read_hold_a_bounded_part_
     try:
         for _ in range(4):
             sock = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
-            sock.sendall(_ASK_FOR_TEXT + b"GET /-/healthy HTTP/1.1\r\nHost: x\r\n\r\n")
+            sock.sendall(ASK_FOR_TEXT + b"GET /-/healthy HTTP/1.1\r\nHost: x\r\n\r\n")
             socks.append(sock)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and not (
-            len(_server_side(srv)) == 4 and all(c.paused for c in _server_side(srv))
-        ):
-            time.sleep(0.05)
+        wait_until_paused(srv, 4)
         time.sleep(0.3)
         held = sorted(c.transport.get_write_buffer_size() for c in _server_side(srv))
         assert len(held) == 4
@@ -349,7 +337,7 @@ def test_large_answers_pipelined_behind_each_other_arrive_whole_and_in_order() -
     try:
         with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
             sock.sendall(
-                _ASK_FOR_TEXT
+                ASK_FOR_TEXT
                 + b"HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
                 + b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
             )
@@ -365,7 +353,7 @@ def test_large_answers_pipelined_behind_each_other_arrive_whole_and_in_order() -
 
 
 def test_a_client_that_trickles_a_head_is_dropped_at_the_head_deadline() -> None:
-    source = SimpleNamespace(snapshot=Snapshot((), gzip.compress(TEXT, mtime=0)))
+    source = serving(TEXT)
     limits = HttpLimits(head_timeout_seconds=0.6, idle_timeout_seconds=30)
     srv = MetricsServer(source, "127.0.0.1", 0, limits=limits).start()
     try:
@@ -398,7 +386,7 @@ def test_a_client_that_trickles_a_head_is_dropped_at_the_head_deadline() -> None
 def test_at_the_connection_cap_tricklers_make_room_and_a_scrape_gets_in(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    source = SimpleNamespace(snapshot=Snapshot((), gzip.compress(TEXT, mtime=0)))
+    source = serving(TEXT)
     limits = HttpLimits(max_connections=10)
     srv = MetricsServer(source, "127.0.0.1", 0, limits=limits).start()
     tricklers = []

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ast
 import base64
-import gzip
 import http.client
 import logging
 import os
@@ -17,7 +16,6 @@ import time
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import bcrypt
@@ -28,10 +26,9 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from exporter.config import ConfigError, HttpLimits, load_settings
 from exporter.refresh import Refresher
 from exporter.server import MetricsServer
-from exporter.snapshot import Snapshot
 from exporter.webconfig import BasicAuth, load_web_config
 from tests.conftest import one, require_binary, run_cli
-from tests.wire import HUGE, read_response
+from tests.wire import ASK_FOR_TEXT, HUGE, read_response, serving, wait_until_paused
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -165,7 +162,7 @@ def test_failed_logins_are_shed_and_do_not_delay_a_known_one(tmp_path: Path) -> 
     and a login that succeeded before is answered while the checks are still running."""
     hashed = bcrypt.hashpw(b"right", bcrypt.gensalt(rounds=13)).decode()  # ~0.5 s a check
     config = _web_config(tmp_path, f"basic_auth_users:\n  prometheus: '{hashed}'\n")
-    source = SimpleNamespace(snapshot=Snapshot((), gzip.compress(b"x_usd 1\n", mtime=0)))
+    source = serving(b"x_usd 1\n")
     limits = HttpLimits(auth_workers=1, auth_queue=1)
     server = MetricsServer(source, "127.0.0.1", 0, web_config=config, limits=limits).start()
 
@@ -217,7 +214,7 @@ def test_the_web_config_is_read_again_when_it_or_its_certificate_changes(
         return f"{tls}basic_auth_users:\n  {name}: '{hashed}'\n"
 
     config = _web_config(tmp_path, users("alice"))
-    source = SimpleNamespace(snapshot=Snapshot((), gzip.compress(b"x_usd 1\n", mtime=0)))
+    source = serving(b"x_usd 1\n")
     limits = HttpLimits(idle_timeout_seconds=1.2)  # the files are looked at every 0.2 s
     server = MetricsServer(source, "127.0.0.1", 0, web_config=config, limits=limits).start()
     ctx = ssl.create_default_context()
@@ -262,7 +259,7 @@ def test_tls_clients_that_ask_for_a_large_answer_and_never_read_hold_little(
     config = _web_config(
         certs, "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n"
     )
-    source = SimpleNamespace(snapshot=Snapshot((), gzip.compress(HUGE, mtime=0)))
+    source = serving(HUGE)
     source.snapshot.text  # noqa: B018  # decompressed once, before the count
     server = MetricsServer(source, "127.0.0.1", 0, web_config=config).start()
     ctx = ssl.create_default_context(cafile=str(certs / "server.crt"))
@@ -272,13 +269,9 @@ def test_tls_clients_that_ask_for_a_large_answer_and_never_read_hold_little(
         for _ in range(4):
             raw = socket.create_connection(("127.0.0.1", server.port), timeout=10)
             sock = ctx.wrap_socket(raw, server_hostname="127.0.0.1")
-            sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            sock.sendall(ASK_FOR_TEXT)
             socks.append(sock)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and not (
-            len(server.connections) == 4 and all(c.paused for c in list(server.connections))
-        ):
-            time.sleep(0.05)
+        wait_until_paused(server, 4)
         time.sleep(0.3)
         held, _ = tracemalloc.get_traced_memory()
         assert held < 4 * (1 << 20), held
@@ -308,7 +301,7 @@ def test_no_handshake_fails_while_the_certificate_is_swapped(tmp_path: Path) -> 
         (tmp_path / pair).mkdir()
         _make_cert(tmp_path / pair)
     config = _web_config(tmp_path, _tls_config("a"))
-    source = SimpleNamespace(snapshot=Snapshot((), gzip.compress(b"x_usd 1\n", mtime=0)))
+    source = serving(b"x_usd 1\n")
     server = MetricsServer(source, "127.0.0.1", 0, web_config=config).start()
     ctx = ssl.create_default_context()
     ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
@@ -355,7 +348,7 @@ def test_client_certificates_are_required_and_their_ca_reloaded(tmp_path: Path) 
         (tmp_path / pair).mkdir()
         _make_cert(tmp_path / pair)  # self-signed: each client's certificate is its own CA
     config = _web_config(tmp_path, _tls_config("server"))
-    source = SimpleNamespace(snapshot=Snapshot((), gzip.compress(b"x_usd 1\n", mtime=0)))
+    source = serving(b"x_usd 1\n")
     server = MetricsServer(source, "127.0.0.1", 0, web_config=config).start()
 
     def status(client: str | None) -> int | None:
