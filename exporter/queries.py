@@ -166,8 +166,9 @@ class Periods:
         )
         return f"CASE {whens} END"
 
-    def group_by(self, *positions: int) -> str:
-        """A GROUP BY of the select list's ``positions`` and the period's flags."""
+    def group_by(self, *positions: int | str) -> str:
+        """A GROUP BY of the select list's ``positions`` (or expressions) and the period's
+        flags."""
         return ", ".join((*map(str, positions), *self.flags))
 
     @staticmethod

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import tempfile
 import tracemalloc
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -622,32 +623,53 @@ def test_the_window_families_read_the_window_not_the_history(dsn: str) -> None:
 
 
 def test_excluded_rows_are_classified_only_when_there_are_some(dsn: str) -> None:
-    """The reason scan is skipped on a clean range: a full recomputation reads the ledger once."""
+    """The main scan reads the ledger once, excluded rows or not, and says whether it saw any;
+    only then does a refresh send the statement that reads why (a second scan)."""
     rng = random.Random(5)
-    with psycopg.connect(dsn, autocommit=True) as writer:
-        _insert(writer, _rows(rng, 500))
-        writer.execute("UPDATE cost_ledger SET cost_usd = 0.5, output_tokens = 10")  # all valid
+    settings = load_settings({"dsn": dsn, "reconcile_interval_seconds": 0}, env={})
+    params = {"after": None, "safe": 10**9, **Instants.at(NOW, settings).params()}
+    refresher = Refresher(settings)
+    try:
+        with psycopg.connect(dsn, autocommit=True) as writer:
+            _insert(writer, _rows(rng, 500))
+            writer.execute("UPDATE cost_ledger SET cost_usd = 0.5, output_tokens = 10")  # valid
 
-        def ledger_reads() -> tuple[float, list[str | None]]:
-            plan = _explain_analyze(
-                writer,
-                SPEND_TOTALS.sql,
-                {
-                    "after": None,
-                    "safe": 10**9,
-                    **Instants.at(NOW, load_settings({}, env={})).params(),
-                },
-            )
-            scans = _scans(plan, "cost_ledger")
-            whole = [n for n in scans if n["Node Type"] == "Seq Scan" and n["Actual Loops"]]
-            return _rows_read(plan, "cost_ledger"), [n.get("Filter") for n in whole]
+            def ledger_reads() -> tuple[float, list[str | None], set[str], bool]:
+                plan = _explain_analyze(writer, SPEND_TOTALS.sql, params)
+                scans = _scans(plan, "cost_ledger")
+                whole = [n for n in scans if n["Node Type"] == "Seq Scan" and n["Actual Loops"]]
+                rows = writer.execute(SPEND_TOTALS.sql, params, prepare=False).fetchall()
+                sent = _sent(refresher)
+                return (
+                    _rows_read(plan, "cost_ledger"),
+                    [n.get("Filter") for n in whole],
+                    {kind for kind, *_ in rows},
+                    b"IS NOT TRUE" in sent,  # the reasons' statement, and only it
+                )
 
-        clean, filters = ledger_reads()
-        assert filters == [None]  # one scan of the whole ledger, with no id test per row
-        writer.execute("UPDATE cost_ledger SET cost_usd = 'NaN' WHERE id = 7")
-        dirty, _ = ledger_reads()
-    assert clean == 500 + 1  # the ledger once, and the largest id from the end of its index
-    assert dirty == 2 * 500 + 1
+            clean = ledger_reads()
+            writer.execute("UPDATE cost_ledger SET cost_usd = 'NaN' WHERE id = 7")
+            dirty = ledger_reads()
+    finally:
+        refresher.close()
+    # The ledger once with no id test per row, and the largest id from the end of its index.
+    assert clean == (500 + 1, [None], {"sum", "largest"}, False)
+    assert dirty == (500 + 1, [None], {"sum", "excluded", "largest"}, True)
+
+
+def _sent(refresher: Refresher) -> bytes:
+    """What a refresh sends PostgreSQL: libpq's trace of the refresher's connection."""
+    assert refresher.refresh(NOW)  # connected
+    conn = refresher._conn
+    assert conn is not None
+    with tempfile.TemporaryFile() as trace:
+        conn.pgconn.trace(trace.fileno())
+        try:
+            assert refresher.refresh(NOW)
+        finally:
+            conn.pgconn.untrace()
+        trace.seek(0)
+        return trace.read()
 
 
 def test_every_statement_is_planned_with_its_parameters(dsn: str) -> None:
