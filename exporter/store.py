@@ -5,9 +5,9 @@ At ten million rows in the window the exporter holds about 430,000 tasks. As Pyt
 a task is a slot number in a few ``array``s: its id is a few bytes of one blob (a UUID its 16
 bytes and a mark, not 36 characters), found through an open-addressing index of slot numbers,
 its dollars are int64 (exporter/summary.py's amounts; the rare one that does not fit is kept
-aside), and a task that used several provider families chains one row per family in three
-more arrays. Rows are folded straight into the arrays; a task is read as a ``Task`` object,
-made on demand.
+aside), and a task that used several provider families chains one row per family but its
+first in a few more arrays (the first family's sums are the task's totals less the rows'). Rows
+are folded straight into the arrays; a task is read as a ``Task`` object, made on demand.
 
 Each task's latest row is also filed by its hour, so the tasks whose latest row is in a span
 (the ones leaving the window, or crossing the grace cutoff) are found without a sorted index.
@@ -267,9 +267,12 @@ class TaskStore:
         self._family = array("i")  # a family code, _NO_FAMILY, or -2 - the first share row
         self._impact = array("d")  # NaN: none measured
         self._labels = _Codes()
-        self._shares = _Triples()  # one row per family of a task that used several
+        # A task that used several families: one row per family but its first, whose sums are
+        # the task's totals less the rows' (a row fewer per such task: 28 bytes each).
+        self._shares = _Triples()
         self._share_family = array("i")
         self._share_next = array("i")
+        self._share_first = array("i")  # a task's first row: the first family's code
         self._share_free: list[int] = []
         self._hours: dict[int, array[int]] = {}
         # The id ``_slot`` last found, and its slot: a rebuild's row adds to, labels and sets
@@ -399,9 +402,12 @@ class TaskStore:
         held = self._family[slot]
         if held == _NO_FAMILY:
             self._family[slot] = code
-        elif held >= 0 and held != code:  # a second family: split what it has so far
-            held = self._family[slot] = -2 - self._new_share(held, self._totals.get(slot), _END)
-        if held < 0 and held != _NO_FAMILY:
+        elif held >= 0:
+            if held != code:  # a second family: a row of its own, the first's code with it
+                row = self._new_share(code, values, _END)
+                self._share_first[row] = held
+                self._family[slot] = -2 - row
+        elif self._share_first[-2 - held] != code:  # several already; not the first family
             row = -2 - held
             while self._share_family[row] != code and self._share_next[row] != _END:
                 row = self._share_next[row]
@@ -438,6 +444,7 @@ class TaskStore:
             row = self._shares.append()
             self._share_family.append(family)
             self._share_next.append(after)
+            self._share_first.append(_NO_FAMILY)
         self._shares.set(row, values)
         return row
 
@@ -476,13 +483,19 @@ class TaskStore:
         held = self._family[slot]
         if held >= 0:
             task.family = values[held]
-        elif held != _NO_FAMILY:
-            task.shares = {}
+        elif held != _NO_FAMILY:  # several: the first family's sums are what the rows leave
             row = -2 - held
+            first = values[self._share_first[row]]
+            others: dict[str, Share] = {}
+            left = Share(cost, tokens, listed)
             while row != _END:
-                family = values[self._share_family[row]]
-                task.shares[family] = Share(*self._shares.get(row))  # type: ignore[index]
+                share = Share(*self._shares.get(row))
+                others[values[self._share_family[row]]] = share  # type: ignore[index]
+                left = Share(
+                    left.cost - share.cost, left.tokens - share.tokens, left.listed - share.listed
+                )
                 row = self._share_next[row]
+            task.shares = {first: left, **others}  # type: ignore[dict-item]
         return task
 
     # -- impacts and time -------------------------------------------------------------------

@@ -118,6 +118,37 @@ def test_the_store_holds_what_task_objects_hold(
     assert sorted(store.within(None, high)) == sorted(before)
 
 
+@settings(max_examples=500)
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(
+                st.just("add"), st.sampled_from(["t0", "t1"]), FAMILIES, AMOUNTS, TOKENS, AMOUNTS
+            ),
+            st.tuples(st.just("pop"), st.sampled_from(["t0", "t1"])),
+        ),
+        max_size=40,
+    )
+)
+def test_a_task_s_families_in_any_order(ops: list[tuple[object, ...]]) -> None:
+    """A task that used several families holds a row for each but its first, whose sums are
+    the task's totals less the rows': every family's sums read back as Task objects add them,
+    however the families interleave (the first again after others), and after a task is
+    dropped and its rows reused by another."""
+    store = TaskStore()
+    tasks: dict[str, Task] = {}
+    for op, task_id, *args in ops:
+        assert isinstance(task_id, str)
+        if op == "add":
+            store.add(task_id, *args)  # type: ignore[arg-type]
+            tasks.setdefault(task_id, Task()).add(*args)  # type: ignore[arg-type]
+        else:
+            store.pop(task_id)
+            tasks.pop(task_id, None)
+        for held in ("t0", "t1"):
+            assert _fields(store.get(held)) == _fields(tasks.get(held)), (op, held)
+
+
 @pytest.mark.parametrize("expected", [0, 5000])
 def test_many_tasks_come_and_go(expected: int) -> None:
     """Past the first index sizes (or sized for them all), with most tasks dropped and their
