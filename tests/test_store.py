@@ -71,6 +71,35 @@ def _fields(task: Task | None) -> tuple[object, ...] | None:
     )
 
 
+def _apply(
+    op: tuple[object, ...], store: TaskStore, tasks: dict[str, Task], impacts: dict[str, float]
+) -> None:
+    """One of OPS, on the store and on Task objects (and their impacts) alike."""
+    name, task_id, *args = op
+    assert isinstance(task_id, str)
+    if name == "add":
+        store.add(task_id, *args)  # type: ignore[arg-type]
+        tasks.setdefault(task_id, Task()).add(*args)  # type: ignore[arg-type]
+    elif name == "label":
+        store.label(task_id, *args)  # type: ignore[arg-type]
+        tasks.setdefault(task_id, Task()).label(*args)  # type: ignore[arg-type]
+    elif name == "pop":
+        store.pop(task_id)
+        tasks.pop(task_id, None)
+        impacts.pop(task_id, None)
+    elif name == "ensure":
+        store.ensure(task_id)
+        tasks.setdefault(task_id, Task())
+    else:
+        (impact,) = args
+        store.set_impact(task_id, impact)  # type: ignore[arg-type]
+        tasks.setdefault(task_id, Task())
+        if impact is None:
+            impacts.pop(task_id, None)
+        else:
+            impacts[task_id] = impact  # type: ignore[assignment]
+
+
 @settings(max_examples=1000)
 @given(OPS, TIMES, TIMES, st.integers(0, 60))
 def test_the_store_holds_what_task_objects_hold(
@@ -79,29 +108,8 @@ def test_the_store_holds_what_task_objects_hold(
     store = TaskStore(expected)  # however many it was told to expect
     tasks: dict[str, Task] = {}
     impacts: dict[str, float] = {}
-    for op, task_id, *args in ops:
-        assert isinstance(task_id, str)
-        if op == "add":
-            store.add(task_id, *args)  # type: ignore[arg-type]
-            tasks.setdefault(task_id, Task()).add(*args)  # type: ignore[arg-type]
-        elif op == "label":
-            store.label(task_id, *args)  # type: ignore[arg-type]
-            tasks.setdefault(task_id, Task()).label(*args)  # type: ignore[arg-type]
-        elif op == "pop":
-            store.pop(task_id)
-            tasks.pop(task_id, None)
-            impacts.pop(task_id, None)
-        elif op == "ensure":
-            store.ensure(task_id)
-            tasks.setdefault(task_id, Task())
-        else:
-            (impact,) = args
-            store.set_impact(task_id, impact)  # type: ignore[arg-type]
-            tasks.setdefault(task_id, Task())
-            if impact is None:
-                impacts.pop(task_id, None)
-            else:
-                impacts[task_id] = impact  # type: ignore[assignment]
+    for op in ops:
+        _apply(op, store, tasks, impacts)
     assert len(store) == len(tasks)
     assert sorted(store) == sorted(tasks)
     assert sorted((k, _fields(t), i) for k, t, i in store.items()) == sorted(
@@ -137,14 +145,8 @@ def test_a_task_s_families_in_any_order(ops: list[tuple[object, ...]]) -> None:
     dropped and its rows reused by another."""
     store = TaskStore()
     tasks: dict[str, Task] = {}
-    for op, task_id, *args in ops:
-        assert isinstance(task_id, str)
-        if op == "add":
-            store.add(task_id, *args)  # type: ignore[arg-type]
-            tasks.setdefault(task_id, Task()).add(*args)  # type: ignore[arg-type]
-        else:
-            store.pop(task_id)
-            tasks.pop(task_id, None)
+    for op in ops:
+        _apply(op, store, tasks, {})
         for held in ("t0", "t1"):
             assert _fields(store.get(held)) == _fields(tasks.get(held)), (op, held)
 
