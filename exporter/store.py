@@ -272,7 +272,7 @@ class TaskStore:
         self._shares = _Triples()
         self._share_family = array("i")
         self._share_next = array("i")
-        self._share_first = array("i")  # a task's first row: the first family's code
+        self._share_first = array("i")  # at a task's first row: its first family's code
         self._share_free: list[int] = []
         self._hours: dict[int, array[int]] = {}
         # The id ``_slot`` last found, and its slot: a rebuild's row adds to, labels and sets

@@ -67,7 +67,6 @@ _RECENT = (
     " c.ts >= %(today_start)s AS in_today"
 )
 _SPANS = ("in_window", "in_month", "in_today")
-_SUMS = ", ".join(Sums._fields)
 
 
 @cache
@@ -271,9 +270,9 @@ class SpendTotals:
 
 @dataclass
 class Reading:
-    """The rows of SPEND_TOTALS (then RECENT_SUMS' and SPLIT_TOTALS'), folded as they arrive,
-    so that a read of the whole ledger never holds its rows: the totals change only when every
-    row has folded (``SpendTotals.take``)."""
+    """The rows of SPEND_TOTALS (then EXCLUDED_ROWS', RECENT_SUMS' and SPLIT_TOTALS'), folded as
+    they arrive, so that a read of the whole ledger never holds its rows: the totals change only
+    when every row has folded (``SpendTotals.take``)."""
 
     full: bool
     final: dict[Key, Sums] = field(default_factory=dict)
