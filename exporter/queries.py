@@ -114,12 +114,17 @@ class Columns:
 
         ``names`` picks some of them: every aggregate widens the hashed or sorted groups.
         """
+        exprs = self.aggregates(names)
+        return ",\n           ".join(f"{exprs[name]} AS {name}" for name in names)
+
+    def aggregates(self, names: Sequence[str] = SUMS) -> dict[str, str]:
+        """The aggregate expression of each of these sums, by name."""
         exprs = {
             "calls": "count(*)",
             "cost": f"sum({COST})",
             **{col: f"sum({self._count(col)})" for col in TOKENS},
         }
-        return ",\n           ".join(f"{exprs[name]} AS {name}" for name in names)
+        return {name: exprs[name] for name in names}
 
 
 REASONS = tuple(reason for reason, _ in Columns().checks)

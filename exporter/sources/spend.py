@@ -40,6 +40,62 @@ from exporter.prices import PriceBook
 from exporter.queries import AFTER, BUDGET_DAYS, MOVED, REASONS, Columns, Periods, Query
 from exporter.sources.base import Build, Excluded, Refresh, Source, Statement, streamed
 
+# Which recent spans a row falls in (by its time): the label guard's window (whole days), this
+# month, today. They move once a day, at midnight, when the source reads the whole ledger again;
+# between midnights the spans' sums follow the new rows like the counters.
+_RECENT = {
+    "in_window": "c.ts >= %(weights_start)s",
+    "in_month": "c.ts >= %(month_start)s",
+    "in_today": "c.ts >= %(today_start)s",
+}
+_SPANS = tuple(_RECENT)
+
+# The columns every spend statement returns, in this order, with the NULL a statement without
+# one returns (typed where the type is always the same, as the planner then sizes it; a label's
+# or sum's type is the ledger's): ``Reading.fold`` reads them by name, a GROUP BY by position
+# (``_by``), and a statement gives only those it has (``_select``).
+_OUTPUT = {
+    "kind": "NULL::text",
+    "final": "NULL::boolean",
+    "quest": "NULL",
+    "layer": "NULL",
+    "provider": "NULL",
+    "model": "NULL",
+    "period": "NULL::timestamptz",
+    "reason": "NULL::text",
+    **dict.fromkeys(_SPANS, "NULL::boolean"),
+    **dict.fromkeys(Sums._fields, "NULL"),
+    "max_id": "NULL::bigint",
+    "segment": "NULL::integer",
+}
+# A row's part (final: id <= %(safe)s, folded into the running totals; else the tail, added for
+# this refresh only) and series, as most statements group them.
+_SERIES = {
+    "final": "c.id <= %(safe)s",
+    "quest": "c.quest",
+    "layer": "c.layer",
+    "provider": "c.provider",
+    "model": "c.model",
+}
+
+
+def _select(**given: str) -> str:
+    """A spend statement's select list: each ``given`` expression as its output column, NULL
+    as every other one."""
+    unknown = given.keys() - _OUTPUT.keys()
+    if unknown:
+        raise ValueError(f"not a spend statement column: {sorted(unknown)}")
+    return ",\n           ".join(
+        f"{given.get(name, null)} AS {name}" for name, null in _OUTPUT.items()
+    )
+
+
+def _by(*names: str) -> str:
+    """These output columns by their positions in the select list (a GROUP BY's references)."""
+    positions = {name: i for i, name in enumerate(_OUTPUT, 1)}
+    return ", ".join(str(positions[name]) for name in names)
+
+
 # Cumulative sums of the rows after id %(after)s (an index range scan of the primary key), split
 # into rows that are final (id <= %(safe)s: folded into the exporter's running totals) and the
 # tail (added to them for this refresh only). after = NULL recomputes the whole ledger (any id,
@@ -59,16 +115,6 @@ from exporter.sources.base import Build, Excluded, Refresh, Source, Statement, s
 # at 10 M rows, 0.91 at 1 M (where the branch's cost alone put the statement past
 # jit_above_cost); without JIT about as long (1.01 and 0.99). The largest id is read from the
 # end of the primary key, not aggregated over every row.
-# Which recent spans a row falls in (by its time): the label guard's window (whole days), this
-# month, today. They move once a day, at midnight, when the source reads the whole ledger again;
-# between midnights the spans' sums follow the new rows like the counters.
-_RECENT = (
-    "c.ts >= %(weights_start)s AS in_window, c.ts >= %(month_start)s AS in_month,"
-    " c.ts >= %(today_start)s AS in_today"
-)
-_SPANS = ("in_window", "in_month", "in_today")
-
-
 @cache
 def spend_totals(cols: Columns, periods: Periods, spans: bool = True) -> Query:
     """SPEND_TOTALS for a relation with these optional columns.
@@ -78,25 +124,27 @@ def spend_totals(cols: Columns, periods: Periods, spans: bool = True) -> Query:
     three more booleans per row of the whole history cost more than a scan of the window.
     """
     valid = f"{cols.valid} IS TRUE"  # grouped as a boolean (two groups), not by the CASE
-    if spans:
-        recent, group_by = _RECENT, periods.group_by(2, 3, 4, 5, 6, valid, 9, 10, 11)
-    else:
-        recent = ", ".join(f"NULL::boolean AS {span}" for span in _SPANS)
-        group_by = periods.group_by(2, 3, 4, 5, 6, valid)
-    nulls = ", ".join("NULL" for _ in Sums._fields)
+    recent = _RECENT if spans else {}
+    rows = _select(
+        kind=f"CASE WHEN {valid} THEN 'sum' ELSE 'excluded' END",
+        **_SERIES,
+        period=periods.column,
+        **recent,
+        **cols.aggregates(),
+    )
+    largest = _select(
+        kind="'largest'", max_id=f"(SELECT max(c.id) FROM cost_ledger c WHERE {AFTER})"
+    )
+    group_by = periods.group_by(_by(*_SERIES), valid, *([_by(*_SPANS)] if spans else []))
     return Query(
         "spend_totals",
         f"""
-    SELECT CASE WHEN {valid} THEN 'sum' ELSE 'excluded' END AS kind,
-           c.id <= %(safe)s AS final, c.quest, c.layer, c.provider, c.model,
-           {periods.column} AS period, NULL AS reason, {recent}, {cols.sums()},
-           NULL::bigint AS max_id, NULL::integer AS segment
+    SELECT {rows}
     FROM cost_ledger c
     WHERE {AFTER}
     GROUP BY {group_by}
     UNION ALL
-    SELECT 'largest', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, {nulls},
-           (SELECT max(c.id) FROM cost_ledger c WHERE {AFTER}), NULL
+    SELECT {largest}
     """,
     )
 
@@ -104,17 +152,14 @@ def spend_totals(cols: Columns, periods: Periods, spans: bool = True) -> Query:
 # The rows SPEND_TOTALS left out, by reason, in the same snapshot: read only when it saw some.
 @cache
 def excluded_rows(cols: Columns) -> Query:
-    nulls = ", ".join(f"NULL AS {name}" for name in Sums._fields[1:])
+    keys = dict(_SERIES, model=_OUTPUT["model"], reason=cols.reason)  # by reason, not model
     return Query(
         "spend_totals",
         f"""
-    SELECT 'sum' AS kind, c.id <= %(safe)s AS final, c.quest, c.layer, c.provider,
-           NULL AS model, NULL AS period, {cols.reason} AS reason, NULL AS in_window,
-           NULL AS in_month, NULL AS in_today, count(*) AS calls, {nulls},
-           NULL::bigint AS max_id, NULL::integer AS segment
+    SELECT {_select(kind="'sum'", **keys, **cols.aggregates(["calls"]))}
     FROM cost_ledger c
     WHERE {AFTER} AND {cols.valid} IS NOT TRUE
-    GROUP BY 2, 3, 4, 5, 8
+    GROUP BY {_by("final", "quest", "layer", "provider", "reason")}
     """,
     )
 
@@ -126,12 +171,10 @@ def recent_sums(cols: Columns) -> Query:
     return Query(
         "spend_totals",
         f"""
-    SELECT 'recent' AS kind, c.id <= %(safe)s AS final, c.quest, c.layer, c.provider, c.model,
-           NULL AS period, NULL AS reason, {_RECENT}, {cols.sums()}, NULL::bigint AS max_id,
-           NULL::integer AS segment
+    SELECT {_select(kind="'recent'", **_SERIES, **_RECENT, **cols.aggregates())}
     FROM cost_ledger c
     WHERE c.ts >= %(recent_start)s AND {cols.valid}
-    GROUP BY 2, 3, 4, 5, 6, 9, 10, 11
+    GROUP BY {_by(*_SERIES, *_SPANS)}
     """,
     )
 
@@ -141,16 +184,17 @@ def recent_sums(cols: Columns) -> Query:
 # group per row and sorts the whole ledger), and they are a few quests' rows.
 @cache
 def split_totals(cols: Columns, periods: Periods) -> Query:
-    nulls = ", ".join(f"NULL::boolean AS {span}" for span in _SPANS)
+    segment = "width_bucket(c.ts, %(bounds)s::timestamptz[])"
+    rows = _select(
+        kind="'split'", **_SERIES, period=periods.column, **cols.aggregates(), segment=segment
+    )
     return Query(
         "spend_totals",
         f"""
-    SELECT 'split' AS kind, c.id <= %(safe)s AS final, c.quest, c.layer, c.provider, c.model,
-           {periods.column} AS period, NULL AS reason, {nulls}, {cols.sums()},
-           NULL::bigint AS max_id, width_bucket(c.ts, %(bounds)s::timestamptz[]) AS segment
+    SELECT {rows}
     FROM cost_ledger c
     WHERE {AFTER} AND {MOVED} AND {cols.valid}
-    GROUP BY {periods.group_by(2, 3, 4, 5, 6, 20)}
+    GROUP BY {periods.group_by(_by(*_SERIES, "segment"))}
     """,
     )
 
