@@ -6,7 +6,7 @@ constant fragments like these, and values always travel as bind parameters.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
@@ -134,6 +134,33 @@ REASONS = tuple(reason for reason, _ in Columns().checks)
 # independent of row order (a counter must never step back by an ulp), and the exporter adds
 # them as Decimal. For a numeric column the cast is no operation at all.
 COST = "c.cost_usd::numeric"
+
+
+@dataclass(frozen=True)
+class Output:
+    """The columns a source's statements return, in order, each with the NULL a statement
+    without it returns (typed where its type is always the same: the planner then sizes it, and
+    the branches of a UNION agree; a ledger column's type is the ledger's).
+
+    Rows are read by column name; a statement names the columns it has (``select``) and groups
+    by their positions (``by``), never by a position typed by hand.
+    """
+
+    nulls: Mapping[str, str]
+
+    def select(self, **given: str) -> str:
+        """A select list: each ``given`` expression as its column, NULL as every other one."""
+        unknown = given.keys() - self.nulls.keys()
+        if unknown:
+            raise ValueError(f"not an output column: {sorted(unknown)}")
+        return ",\n           ".join(
+            f"{given.get(name, null)} AS {name}" for name, null in self.nulls.items()
+        )
+
+    def by(self, *names: str) -> str:
+        """These columns by their positions in the select list (a GROUP BY's references)."""
+        positions = {name: i for i, name in enumerate(self.nulls, 1)}
+        return ", ".join(str(positions[name]) for name in names)
 
 
 @dataclass(frozen=True)

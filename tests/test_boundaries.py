@@ -219,8 +219,9 @@ def _crossed(pg_server: str, sql_type: str, sums: tuple[Any, ...]) -> tuple[Any,
     columns = ", ".join(["%s::numeric"] + [f"%s::{sql_type}" for _ in sums[1:]])  # cost: numeric
     names = "cost, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens"
     source = f"(SELECT * FROM (VALUES ({columns})) s({names}))"
+    crossing = ", ".join(f"{expr} AS {name}" for name, expr in _crossing("v").items())
     with psycopg.connect(pg_server) as conn:
-        return tuple(one(conn, f"SELECT {_crossing('v')} FROM {_fitted(source, 'v')}", sums))
+        return tuple(one(conn, f"SELECT {crossing} FROM {_fitted(source, 'v')}", sums))
 
 
 def test_window_sums_cross_as_int8_only_while_whole_and_within_int64(pg_server: str) -> None:

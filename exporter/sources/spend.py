@@ -37,7 +37,16 @@ from exporter.incremental import ZERO, Count, Sums
 from exporter.labels import LabelCleaner
 from exporter.models import model_label, model_name, model_ref
 from exporter.prices import PriceBook
-from exporter.queries import AFTER, BUDGET_DAYS, MOVED, REASONS, Columns, Periods, Query
+from exporter.queries import (
+    AFTER,
+    BUDGET_DAYS,
+    MOVED,
+    REASONS,
+    Columns,
+    Output,
+    Periods,
+    Query,
+)
 from exporter.sources.base import Build, Excluded, Refresh, Source, Statement, streamed
 
 # Which recent spans a row falls in (by its time): the label guard's window (whole days), this
@@ -50,24 +59,23 @@ _RECENT = {
 }
 _SPANS = tuple(_RECENT)
 
-# The columns every spend statement returns, in this order, with the NULL a statement without
-# one returns (typed where the type is always the same, as the planner then sizes it; a label's
-# or sum's type is the ledger's): ``Reading.fold`` reads them by name, a GROUP BY by position
-# (``_by``), and a statement gives only those it has (``_select``).
-_OUTPUT = {
-    "kind": "NULL::text",
-    "final": "NULL::boolean",
-    "quest": "NULL",
-    "layer": "NULL",
-    "provider": "NULL",
-    "model": "NULL",
-    "period": "NULL::timestamptz",
-    "reason": "NULL::text",
-    **dict.fromkeys(_SPANS, "NULL::boolean"),
-    **dict.fromkeys(Sums._fields, "NULL"),
-    "max_id": "NULL::bigint",
-    "segment": "NULL::integer",
-}
+# The columns every spend statement returns (``Reading.fold`` reads them by name).
+_OUTPUT = Output(
+    {
+        "kind": "NULL::text",
+        "final": "NULL::boolean",
+        "quest": "NULL",
+        "layer": "NULL",
+        "provider": "NULL",
+        "model": "NULL",
+        "period": "NULL::timestamptz",
+        "reason": "NULL::text",
+        **dict.fromkeys(_SPANS, "NULL::boolean"),
+        **dict.fromkeys(Sums._fields, "NULL"),
+        "max_id": "NULL::bigint",
+        "segment": "NULL::integer",
+    }
+)
 # A row's part (final: id <= %(safe)s, folded into the running totals; else the tail, added for
 # this refresh only) and series, as most statements group them.
 _SERIES = {
@@ -77,23 +85,6 @@ _SERIES = {
     "provider": "c.provider",
     "model": "c.model",
 }
-
-
-def _select(**given: str) -> str:
-    """A spend statement's select list: each ``given`` expression as its output column, NULL
-    as every other one."""
-    unknown = given.keys() - _OUTPUT.keys()
-    if unknown:
-        raise ValueError(f"not a spend statement column: {sorted(unknown)}")
-    return ",\n           ".join(
-        f"{given.get(name, null)} AS {name}" for name, null in _OUTPUT.items()
-    )
-
-
-def _by(*names: str) -> str:
-    """These output columns by their positions in the select list (a GROUP BY's references)."""
-    positions = {name: i for i, name in enumerate(_OUTPUT, 1)}
-    return ", ".join(str(positions[name]) for name in names)
 
 
 # Cumulative sums of the rows after id %(after)s (an index range scan of the primary key), split
@@ -125,17 +116,19 @@ def spend_totals(cols: Columns, periods: Periods, spans: bool = True) -> Query:
     """
     valid = f"{cols.valid} IS TRUE"  # grouped as a boolean (two groups), not by the CASE
     recent = _RECENT if spans else {}
-    rows = _select(
+    rows = _OUTPUT.select(
         kind=f"CASE WHEN {valid} THEN 'sum' ELSE 'excluded' END",
         **_SERIES,
         period=periods.column,
         **recent,
         **cols.aggregates(),
     )
-    largest = _select(
+    largest = _OUTPUT.select(
         kind="'largest'", max_id=f"(SELECT max(c.id) FROM cost_ledger c WHERE {AFTER})"
     )
-    group_by = periods.group_by(_by(*_SERIES), valid, *([_by(*_SPANS)] if spans else []))
+    group_by = periods.group_by(
+        _OUTPUT.by(*_SERIES), valid, *([_OUTPUT.by(*_SPANS)] if spans else [])
+    )
     return Query(
         "spend_totals",
         f"""
@@ -152,14 +145,14 @@ def spend_totals(cols: Columns, periods: Periods, spans: bool = True) -> Query:
 # The rows SPEND_TOTALS left out, by reason, in the same snapshot: read only when it saw some.
 @cache
 def excluded_rows(cols: Columns) -> Query:
-    keys = dict(_SERIES, model=_OUTPUT["model"], reason=cols.reason)  # by reason, not model
+    keys = dict(_SERIES, model=_OUTPUT.nulls["model"], reason=cols.reason)  # by reason, not model
     return Query(
         "spend_totals",
         f"""
-    SELECT {_select(kind="'sum'", **keys, **cols.aggregates(["calls"]))}
+    SELECT {_OUTPUT.select(kind="'sum'", **keys, **cols.aggregates(["calls"]))}
     FROM cost_ledger c
     WHERE {AFTER} AND {cols.valid} IS NOT TRUE
-    GROUP BY {_by("final", "quest", "layer", "provider", "reason")}
+    GROUP BY {_OUTPUT.by("final", "quest", "layer", "provider", "reason")}
     """,
     )
 
@@ -171,10 +164,10 @@ def recent_sums(cols: Columns) -> Query:
     return Query(
         "spend_totals",
         f"""
-    SELECT {_select(kind="'recent'", **_SERIES, **_RECENT, **cols.aggregates())}
+    SELECT {_OUTPUT.select(kind="'recent'", **_SERIES, **_RECENT, **cols.aggregates())}
     FROM cost_ledger c
     WHERE c.ts >= %(recent_start)s AND {cols.valid}
-    GROUP BY {_by(*_SERIES, *_SPANS)}
+    GROUP BY {_OUTPUT.by(*_SERIES, *_SPANS)}
     """,
     )
 
@@ -185,7 +178,7 @@ def recent_sums(cols: Columns) -> Query:
 @cache
 def split_totals(cols: Columns, periods: Periods) -> Query:
     segment = "width_bucket(c.ts, %(bounds)s::timestamptz[])"
-    rows = _select(
+    rows = _OUTPUT.select(
         kind="'split'", **_SERIES, period=periods.column, **cols.aggregates(), segment=segment
     )
     return Query(
@@ -194,7 +187,7 @@ def split_totals(cols: Columns, periods: Periods) -> Query:
     SELECT {rows}
     FROM cost_ledger c
     WHERE {AFTER} AND {MOVED} AND {cols.valid}
-    GROUP BY {periods.group_by(_by(*_SERIES, "segment"))}
+    GROUP BY {periods.group_by(_OUTPUT.by(*_SERIES, "segment"))}
     """,
     )
 

@@ -17,7 +17,7 @@ from prometheus_client.metrics_core import Metric as Family
 
 from exporter import catalog as c
 from exporter.families import LabelGuard, Series, as_float
-from exporter.queries import OPTIONAL_TOKENS, Columns, Periods, Query
+from exporter.queries import OPTIONAL_TOKENS, Columns, Output, Periods, Query
 from exporter.sources.base import Build, Refresh, Source, Statement, streamed
 from exporter.summary import AMOUNT_DIGITS, WindowRow, rounded
 from exporter.tasks import Now, WindowTasks, pricer
@@ -63,7 +63,7 @@ def _counts(alias: str) -> list[str]:
     return [f"coalesce({alias}.{name}, 0)" for name in _KEPT[1:]]
 
 
-def _crossing(alias: str) -> str:
+def _crossing(alias: str) -> dict[str, str]:
     """The sums of a row of ``_fitted(..., alias)`` as they cross to the exporter.
 
     When they fit, as int8 (the ``*_i8`` columns: the cost in summary's units, an optional
@@ -73,13 +73,13 @@ def _crossing(alias: str) -> str:
     they are.
     """
     whole = [f"{alias}.cost * 1e{AMOUNT_DIGITS}", *_counts(alias)]
-    return ", ".join(
-        [
-            f"CASE WHEN {alias}.fits THEN ({v})::int8 END AS {n}_i8"
+    return {
+        **{
+            f"{n}_i8": f"CASE WHEN {alias}.fits THEN ({v})::int8 END"
             for v, n in zip(whole, _KEPT, strict=True)
-        ]
-        + [f"CASE WHEN NOT {alias}.fits THEN {alias}.{n} END AS {n}" for n in _KEPT]
-    )
+        },
+        **{n: f"CASE WHEN NOT {alias}.fits THEN {alias}.{n} END" for n in _KEPT},
+    }
 
 
 def _us(ts: str) -> str:
@@ -90,9 +90,46 @@ def _us(ts: str) -> str:
     return f"(extract(epoch FROM {ts}) * 1000000)::int8"
 
 
-_NO_SUMS = ", ".join(
-    [f"NULL::int8 AS {n}_i8" for n in _KEPT] + [f"NULL::numeric AS {n}" for n in _KEPT]
+# The columns every window statement returns (the kinds above).
+_OUTPUT = Output(
+    {
+        "kind": "NULL::text",
+        "part": "NULL::integer",
+        "task_id": "NULL",
+        "provider": "NULL",
+        "model": "NULL",
+        "period": "NULL::timestamptz",
+        "quest": "NULL",
+        "layer": "NULL",
+        "last_us": "NULL::int8",
+        "impact": "NULL::float8",
+        **{f"{n}_i8": "NULL::int8" for n in _KEPT},
+        **dict.fromkeys(_KEPT, "NULL::numeric"),
+    }
 )
+
+
+def _sums(alias: str, task_id: str) -> dict[str, str]:
+    """The columns of a 'sum' row from ``alias``, a ``_fitted`` group of task ``task_id``."""
+    series = {name: f"{alias}.{name}" for name in ("provider", "model", "period")}
+    return {"task_id": task_id, **series, **_crossing(alias)}
+
+
+def _latest(part: str, task_id: str, row: str) -> str:
+    """The columns of a 'label' row from ``row``, the latest valid row of a task's part."""
+    return _OUTPUT.select(
+        kind="'label'",
+        part=part,
+        task_id=task_id,
+        quest=f"{row}.quest",
+        layer=f"{row}.layer",
+        last_us=_us(f"{row}.ts"),
+    )
+
+
+def _part(alias: str) -> str:
+    """A rebuild's part of a group whose ``final`` says whether its ids are up to %(safe)s."""
+    return f"CASE WHEN {alias}.final THEN 0 ELSE 2 END"
 
 
 # A numeric impact past float8's range does not convert to the statement's float8 (an error,
@@ -118,10 +155,9 @@ def _latest_impact(task_id: str) -> str:
 
 
 def _impacts(tasks: str) -> str:
+    impact = _latest_impact("k.task_id")
     return f"""
-    SELECT 'impact', NULL, k.task_id, NULL, NULL, NULL, NULL, NULL, NULL,
-           {_latest_impact("k.task_id")},
-           {_NO_SUMS}
+    SELECT {_OUTPUT.select(kind="'impact'", task_id="k.task_id", impact=impact)}
     FROM ({tasks}) k
     """
 
@@ -129,7 +165,7 @@ def _impacts(tasks: str) -> str:
 # The database's clock (the transaction's start): impacts measured after it, less the lag, are
 # read by the next steady refresh.
 _CLOCK = f"""
-    SELECT 'clock', NULL, NULL, NULL, NULL, NULL, NULL, NULL, {_us("now()")}, NULL, {_NO_SUMS}
+    SELECT {_OUTPUT.select(kind="'clock'", last_us=_us("now()"))}
     """
 
 
@@ -159,6 +195,15 @@ def window_tasks(cols: Columns, periods: Periods) -> Query:
         )""",
         "b",
     )
+    label = _OUTPUT.select(
+        kind="'label'",
+        part=_part("w"),
+        task_id="w.task_id",
+        quest="CASE WHEN latest.found THEN latest.quest ELSE w.quest END",
+        layer="CASE WHEN latest.found THEN latest.layer ELSE w.layer END",
+        last_us=_us("w.last_ts"),
+        impact=_latest_impact("w.task_id"),
+    )
     return Query(
         "window_tasks",
         f"""
@@ -187,20 +232,14 @@ def window_tasks(cols: Columns, periods: Periods) -> Query:
                           WHERE c.task_id = t.task_id AND c.ts < %(window_start)s
                             AND {cols.valid})
         )
-        SELECT 'sum' AS kind, CASE WHEN w.final THEN 0 ELSE 2 END AS part, w.task_id,
-               w.provider, w.model, w.period, NULL AS quest, NULL AS layer,
-               NULL::int8 AS last_us, NULL::float8 AS impact, {_crossing("w")}
+        SELECT {_OUTPUT.select(kind="'sum'", part=_part("w"), **_sums("w", "w.task_id"))}
         FROM {_fitted("win", "w")}
         UNION ALL
-        SELECT 'sum', CASE WHEN b.final THEN 0 ELSE 2 END, t.task_id, b.provider, b.model,
-               b.period, NULL, NULL, NULL, NULL, {_crossing("b")}
+        SELECT {_OUTPUT.select(kind="'sum'", part=_part("b"), **_sums("b", "t.task_id"))}
         FROM earlier t
         CROSS JOIN LATERAL {earlier_sums}
         UNION ALL
-        SELECT 'label', CASE WHEN w.final THEN 0 ELSE 2 END, w.task_id, NULL, NULL, NULL,
-               CASE WHEN latest.found THEN latest.quest ELSE w.quest END,
-               CASE WHEN latest.found THEN latest.layer ELSE w.layer END,
-               {_us("w.last_ts")}, {_latest_impact("w.task_id")}, {_NO_SUMS}
+        SELECT {label}
         FROM win_tasks w
         LEFT JOIN LATERAL (
             SELECT true AS found, c.quest, c.layer
@@ -245,16 +284,12 @@ def window_tail(cols: Columns, periods: Periods) -> Query:
             FROM cost_ledger c
             WHERE c.id > %(after)s AND c.task_id IS NOT NULL AND {cols.valid}
         )
-        SELECT 'sum' AS kind, s.part, s.task_id, s.provider, s.model, s.period,
-               NULL AS quest, NULL AS layer, NULL::int8 AS last_us,
-               NULL::float8 AS impact, {_crossing("s")}
+        SELECT {_OUTPUT.select(kind="'sum'", part="s.part", **_sums("s", "s.task_id"))}
         FROM {tail_sums}
         UNION ALL
-        (SELECT DISTINCT ON (part, task_id)
-                'label', part, task_id, NULL, NULL, NULL, quest, layer, {_us("ts")}, NULL,
-                {_NO_SUMS}
-         FROM tail
-         ORDER BY part, task_id, ts DESC, id DESC)
+        (SELECT DISTINCT ON (t.part, t.task_id) {_latest("t.part", "t.task_id", "t")}
+         FROM tail t
+         ORDER BY t.part, t.task_id, t.ts DESC, t.id DESC)
         """,
     )
 
@@ -287,14 +322,11 @@ def window_history(cols: Columns, periods: Periods) -> Query:
         "window_tasks",
         f"""
         WITH entering AS (SELECT json_array_elements_text(%(entering)s::json) AS task_id)
-        SELECT 'sum' AS kind, 0 AS part, f.task_id, h.provider, h.model, h.period,
-               NULL AS quest, NULL AS layer, NULL::int8 AS last_us,
-               NULL::float8 AS impact, {_crossing("h")}
+        SELECT {_OUTPUT.select(kind="'sum'", part="0", **_sums("h", "f.task_id"))}
         FROM entering f
         CROSS JOIN LATERAL {history_sums}
         UNION ALL
-        SELECT 'label', 0, f.task_id, NULL, NULL, NULL, h.quest, h.layer, {_us("h.ts")}, NULL,
-               {_NO_SUMS}
+        SELECT {_latest("0", "f.task_id", "h")}
         FROM entering f
         CROSS JOIN LATERAL (
             SELECT c.quest, c.layer, c.ts
