@@ -20,6 +20,13 @@ runs only ``wrk`` while refreshing, against an exporter serving from a thread of
 process and one serving from a server process (``server_process``), alternating, and prints
 them side by side with the ratio of their p99s and their peak memory. With ``--setting
 reconcile_interval_seconds=0 --interval 1`` every refresh is a rebuild.
+
+    python -m bench.load --soak --interval 30 --seconds 3600 [--setting NAME=VALUE ...]
+
+runs one exporter as deployed for the whole time (an hour of the defaults holds one
+reconciliation), new rows arriving at the ledger's own rate, and ``wrk`` scraping as Prometheus
+does; it prints the p99 of the whole run, the refreshes it held (the longest are the rebuilds)
+and the exporter's peak memory.
 """
 
 from __future__ import annotations
@@ -53,8 +60,6 @@ from exporter import catalog, generate
 from exporter.config import env_var
 from exporter.refresh import Refresher
 
-_REFRESHES = re.compile(rb"^" + catalog.REFRESHES.name.encode() + rb" (\S+)$", re.M)
-
 
 @contextmanager
 def database(server: str | None, name: str) -> Iterator[str]:
@@ -83,10 +88,15 @@ def database(server: str | None, name: str) -> Iterator[str]:
             )
 
 
+def sample(body: bytes, metric: catalog.MetricSpec) -> float | None:
+    """The value of an unlabelled metric's sample in an exposition."""
+    m = re.search(rb"^" + re.escape(metric.name.encode()) + rb" (\S+)$", body, re.M)
+    return float(m.group(1)) if m else None
+
+
 def refreshes(body: bytes) -> float | None:
     """The refresh count an exposition reports (which refresh it comes from)."""
-    m = _REFRESHES.search(body)
-    return float(m.group(1)) if m else None
+    return sample(body, catalog.REFRESHES)
 
 
 @dataclass
@@ -433,6 +443,68 @@ def _runs(runs: list[WrkRun]) -> str:
     return f"{rates} req/s, p99 {' / '.join(r.p99 for r in runs)}"
 
 
+@dataclass
+class Durations:
+    """How long each refresh a run saw took, by refresh count (from the expositions)."""
+
+    seconds: dict[float, float] = field(default_factory=dict)
+
+    def note(self, body: bytes) -> None:
+        count, took = refreshes(body), sample(body, catalog.REFRESH_DURATION)
+        if count is not None and took is not None:
+            self.seconds[count] = took
+
+    def __str__(self) -> str:
+        took = sorted(self.seconds.values(), reverse=True)
+        if not took:
+            return "none"
+        longest = ", ".join(f"{t:.2f}" for t in took[:3])
+        return f"{len(took)}, median {statistics.median(took):.2f} s, longest {longest} s"
+
+
+def soak(
+    dsn: str, plan: generate.LedgerPlan, args: argparse.Namespace, env: Mapping[str, str]
+) -> None:
+    """The exporter as deployed, for ``--seconds`` (an hour holds one reconciliation at the
+    default settings): refreshing every ``--interval``, new rows arriving at the ledger's own
+    rate (``plan.rows`` in ``plan.days``), ``wrk`` scraping as Prometheus does all the while.
+    A scrape a second notes each refresh's duration, so the table shows the rebuilds the
+    p99 went through."""
+    rate = plan.rows / (plan.days * 86400)
+    durations = Durations()
+    stop = threading.Event()
+
+    def watch(url: str) -> None:
+        while not stop.wait(1.0):
+            try:
+                durations.note(scrape(url))
+            except OSError as exc:  # counted apart from wrk's errors; the run goes on
+                print(f"watch: {exc!r}", file=sys.stderr)
+
+    with (
+        exporter_process(dsn, args.interval, env=env) as (url, pid),
+        growing(dsn, plan, every=generate.LiveTraffic.CALLS / rate),
+    ):
+        time.sleep(2 * args.interval)
+        before = refreshes(scrape(url)) or 0
+        watcher = threading.Thread(target=watch, args=(url,), daemon=True)
+        watcher.start()
+        try:
+            run = wrk(url, args.scrapers, args.seconds, PROMETHEUS)
+        finally:
+            stop.set()
+            watcher.join(timeout=15)
+        peak = footprint_kib(pid, peak=True) / 1024
+    seen = Durations({n: t for n, t in durations.seconds.items() if n > before})
+    print(
+        f"\n{args.scrapers} connections scraping as Prometheus for {args.seconds:.0f} s (wrk), "
+        f"a refresh every {args.interval:g} s, {rate:.1f} new rows/s"
+    )
+    print("| requests/s | p50 | p99 | errors | refreshes | peak memory |")
+    print("|---|---|---|---|---|---|")
+    print(f"| {run.rate:,.0f} | {run.p50} | {run.p99} | {run.errors} | {seen} | {peak:.1f} MiB |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
@@ -454,20 +526,26 @@ def main() -> int:
     )
     parser.add_argument("--rounds", type=int, default=2, help="with --compare-servers")
     parser.add_argument(
+        "--soak",
+        action="store_true",
+        help="only wrk as Prometheus scrapes, for --seconds, rows arriving at the ledger's rate",
+    )
+    parser.add_argument(
         "--dsn",
-        help="with --compare-servers: a ledger loaded before by `resource-exporter generate"
-        " --rows N` (the same --rows; default seed), instead of a new one",
+        help="with --compare-servers or --soak: a ledger loaded before by `resource-exporter"
+        " generate --rows N` (the same --rows; default seed), instead of a new one",
     )
     args = parser.parse_args()
     env = {env_var(name): value for name, _, value in (s.partition("=") for s in args.setting)}
-    if args.compare_servers and args.dsn:
-        compare_servers(args.dsn, generate.plan(args.rows), args, env)
+    only = compare_servers if args.compare_servers else soak if args.soak else None
+    if only and args.dsn:
+        only(args.dsn, generate.plan(args.rows), args, env)
         return 0
     with database(None, "ledger") as dsn:
         with psycopg.connect(dsn, autocommit=True) as conn:
             plan = generate.load(conn, args.rows, progress=generate.Progress(args.rows).update)
-        if args.compare_servers:
-            compare_servers(dsn, plan, args, env)
+        if only:
+            only(dsn, plan, args, env)
             return 0
         with exporter_process(dsn, args.interval, env=env) as (url, pid), growing(dsn, plan):
             time.sleep(2 * args.interval)

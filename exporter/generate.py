@@ -410,13 +410,16 @@ def load(
 class LiveTraffic:
     """Append new spend to a loaded ledger so the demo's numbers move."""
 
+    CALLS = 25
+    """Rows an :meth:`append` writes."""
+
     def __init__(self, p: LedgerPlan, seed: int = 11) -> None:
         self.rng = random.Random(seed)
         self.plan = p
         self.active: list[Task] = []
         self.serial = 0
 
-    def batch(self, now: datetime, calls: int = 25) -> list[CostRow]:
+    def batch(self, now: datetime, calls: int = CALLS) -> list[CostRow]:
         """Return ``calls`` rows at ``now``: some tasks continue, some start."""
         rng, out = self.rng, []
         weights = [q.weight for q in self.plan.quests]

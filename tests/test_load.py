@@ -213,3 +213,21 @@ def test_bench_load_reads_wrk_durations() -> None:
     )
     with pytest.raises(ValueError, match="not a wrk duration"):
         seconds("9.22 ms")
+
+
+def test_bench_load_soak_notes_each_refresh_s_duration() -> None:
+    """The soak's table names the rebuilds it held: the longest refreshes it saw."""
+    from bench.load import Durations
+
+    durations = Durations()
+    for count, took in ((7, "0.05"), (8, "0.25"), (8, "0.25"), (9, "26.5"), (10, "0.04")):
+        durations.note(
+            b"# TYPE scidex_exporter_refreshes counter\n"
+            + f"scidex_exporter_refreshes_total {count}.0\n".encode()
+            + b'scidex_exporter_query_duration_seconds{query="spend"} 99.0\n'
+            + f"scidex_exporter_refresh_duration_seconds {took}\n# EOF\n".encode()
+        )
+    durations.note(b"scidex_exporter_refreshes_total 11.0\n")  # no duration: not noted
+    assert durations.seconds == {7.0: 0.05, 8.0: 0.25, 9.0: 26.5, 10.0: 0.04}
+    assert str(durations) == "4, median 0.15 s, longest 26.50, 0.25, 0.05 s"
+    assert str(Durations()) == "none"
