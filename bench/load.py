@@ -478,7 +478,7 @@ def soak(
         while not stop.wait(1.0):
             try:
                 durations.note(scrape(url))
-            except OSError as exc:  # counted apart from wrk's errors; the run goes on
+            except OSError as exc:  # printed apart from wrk's errors; the run goes on
                 print(f"watch: {exc!r}", file=sys.stderr)
 
     with (
