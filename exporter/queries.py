@@ -6,7 +6,7 @@ constant fragments like these, and values always travel as bind parameters.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
@@ -150,17 +150,21 @@ class Output:
 
     def select(self, **given: str) -> str:
         """A select list: each ``given`` expression as its column, NULL as every other one."""
-        unknown = given.keys() - self.nulls.keys()
-        if unknown:
-            raise ValueError(f"not an output column: {sorted(unknown)}")
+        self._known(given)
         return ",\n           ".join(
             f"{given.get(name, null)} AS {name}" for name, null in self.nulls.items()
         )
 
     def by(self, *names: str) -> str:
         """These columns by their positions in the select list (a GROUP BY's references)."""
+        self._known(names)
         positions = {name: i for i, name in enumerate(self.nulls, 1)}
         return ", ".join(str(positions[name]) for name in names)
+
+    def _known(self, names: Iterable[str]) -> None:
+        unknown = set(names) - self.nulls.keys()
+        if unknown:
+            raise ValueError(f"not an output column: {sorted(unknown)}")
 
 
 @dataclass(frozen=True)

@@ -18,3 +18,5 @@ def test_a_statement_names_its_columns_and_the_rest_are_their_nulls_in_order() -
     assert out.by("total", "kind") == "3, 1"
     with pytest.raises(ValueError, match="'totl'"):
         out.select(totl="sum(c.cost)")
+    with pytest.raises(ValueError, match="'totl'"):
+        out.by("kind", "totl")
